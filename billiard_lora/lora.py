@@ -1,0 +1,133 @@
+"""LoRA adapters through peft, saved and loaded through diffusers' LoRA format and converters.
+
+The whole idea of LoRA is one line in peft's layer: ``result + lora_B(lora_A(dropout(x))) * alpha / rank``. We never
+write that layer ourselves: ``model.add_adapter(LoraConfig(...))`` puts it on the attention projections.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import save_safetensors
+
+# The layers diffusers' DreamBooth-LoRA SDXL script adapts; the saved keys match that script's for the same settings.
+UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+METADATA_KEY = "billiard_lora.training_config"  # the run's settings, stored in the safetensors header
+
+
+def add_lora(model: torch.nn.Module, *, rank: int, alpha: int | None = None, dropout: float = 0.0,
+             use_dora: bool = False, target_modules: list[str] | None = None, init_lora_weights: Any = "gaussian"):
+    """Attach a trainable LoRA adapter named "default" to a diffusers UNet or a transformers CLIP text encoder."""
+    from peft import LoraConfig
+
+    is_text_encoder = type(model).__name__.startswith("CLIPText")
+    targets = target_modules or (TEXT_ENCODER_TARGET_MODULES if is_text_encoder else UNET_TARGET_MODULES)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                        use_dora=use_dora, init_lora_weights=init_lora_weights, target_modules=targets)
+    model.add_adapter(config)
+    return model
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters of ``model`` (everything else stays frozen)."""
+    return [p for n, p in model.named_parameters() if p.requires_grad]
+
+
+def peft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights with peft's key names (``...to_q.lora_A.weight``)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encoder_two=None,
+              metadata: dict[str, Any] | None = None, kohya: bool = False,
+              weight_name: str = LORA_WEIGHT_NAME) -> Path:
+    """Write the LoRA in diffusers format (what ``pipe.load_lora_weights(dir)`` reads), optionally kohya too.
+
+    Keys and the peft adapter metadata come from diffusers' own ``save_lora_weights``; we add the training config
+    to the safetensors header and write each file atomically.
+    """
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from safetensors import safe_open
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    layers: dict[str, Any] = {}
+    adapter_meta: dict[str, Any] = {}
+    for key, model in (("unet", unet), ("text_encoder", text_encoder_one), ("text_encoder_2", text_encoder_two)):
+        if model is None:
+            continue
+        model = _unwrap(model)
+        layers[f"{key}_lora_layers"] = convert_state_dict_to_diffusers(peft_state_dict(model))
+        adapter_meta[f"{key}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+    extra = {METADATA_KEY: json.dumps(metadata, default=str)} if metadata else {}
+
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:
+        StableDiffusionXLPipeline.save_lora_weights(tmp, **layers, **adapter_meta, weight_name=weight_name)
+        with safe_open(Path(tmp) / weight_name, framework="pt") as f:
+            header = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_safetensors(tensors, output_dir / weight_name, metadata={**header, **extra})
+
+    if kohya:
+        kohya_sd = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(tensors))
+        # diffusers writes alpha = rank; the real alpha matters when --lora_alpha differs from --rank.
+        alpha = next(iter(adapter_meta.values()))["lora_alpha"]
+        for k in kohya_sd:
+            if k.endswith(".alpha"):
+                kohya_sd[k] = torch.tensor(float(alpha))
+        save_safetensors(kohya_sd, output_dir / KOHYA_WEIGHT_NAME,
+                         metadata={"format": "pt", "ss_network_module": "networks.lora",
+                                   "ss_network_dim": str(next(iter(adapter_meta.values()))["r"]),
+                                   "ss_network_alpha": str(alpha), "ss_base_model_version": "sdxl_base_v1-0", **extra})
+    return output_dir / weight_name
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The training config stored in a LoRA file's header ({} if none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+
+
+def save_adapter_state(path: str | Path, models: dict[str, torch.nn.Module]) -> None:
+    """Exact training state of the adapters (peft keys, fp32, DoRA magnitudes included) for checkpoints."""
+    tensors = {f"{name}.{k}": v.detach().cpu() for name, m in models.items() if m is not None
+               for k, v in peft_state_dict(_unwrap(m)).items()}
+    save_safetensors(tensors, path, metadata={"format": "pt"})
+
+
+def load_adapter_state(path: str | Path, models: dict[str, torch.nn.Module]) -> None:
+    """Load what ``save_adapter_state`` wrote back into the same adapters, checking that every key fits."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    for name, m in models.items():
+        if m is None:
+            continue
+        prefix = f"{name}."
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        model = _unwrap(m)
+        expected = peft_state_dict(model)
+        if set(sub) != set(expected) or any(sub[k].shape != expected[k].shape for k in expected):
+            raise ValueError(f"{path}: the {name} LoRA in this checkpoint has a different shape "
+                             f"(rank, target modules or model) than the run being resumed")
+        set_peft_model_state_dict(model, sub, adapter_name="default")

@@ -1,0 +1,224 @@
+"""SDXL-architecture pipelines built in code: a tiny one for tests and CPU demos, a full-size one at random weights.
+
+Nothing here downloads anything. The tokenizers are byte-level BPE tokenizers whose vocabulary and merges our code
+writes (learned from a small built-in corpus), so stock ``StableDiffusionXLPipeline.from_pretrained(folder)`` loads a
+folder written by ``save_tiny_pipeline`` with ``HF_HUB_OFFLINE=1``.
+
+    python -m billiard_lora.tiny OUT_DIR            # tiny SDXL pipeline folder, a few MB, seeded
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# The words the tiny tokenizer learns merges from: enough for our prompts to become a handful of tokens each.
+_CORPUS = """
+a photo of messi playing billiard billiards pool snooker table cue ball balls green felt cushion pocket player
+man woman person famous football star actor singer in the style of room light dark wooden rail eight nine
+ronaldo einstein obama taylor swift beyonce queen elizabeth barack mona lisa astronaut chess tennis golf bowling
+high quality detailed realistic portrait close up wide shot standing leaning over shooting aiming at the with and
+sks ohwx dog cat painting drawing cartoon watercolor night day bar club tournament championship trophy crowd
+"""
+TINY_VOCAB_SIZE = 1000
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map that byte-level BPE vocabularies are written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_clip_vocab(vocab_size: int = TINY_VOCAB_SIZE) -> tuple[dict[str, int], list[str]]:
+    """Learn a CLIP-style BPE (``</w>`` word ends) on the built-in corpus; returns (vocab, merges), deterministic."""
+    symbols = list(bytes_to_unicode().values())
+    vocab_tokens = symbols + [s + "</w>" for s in symbols]  # 512 base tokens, as in CLIP
+    words = collections.Counter(_CORPUS.split())
+    # each word as a tuple of symbols, the last one carrying the end-of-word marker
+    splits = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in words}
+    merges: list[str] = []
+    budget = vocab_size - len(vocab_tokens) - 2  # two special tokens at the end
+    while len(merges) < budget:
+        pairs: collections.Counter = collections.Counter()
+        for w, parts in splits.items():
+            for a, b in zip(parts, parts[1:]):
+                pairs[(a, b)] += words[w]
+        if not pairs:
+            break
+        # most frequent pair; ties broken by the pair itself so the result never depends on dict order
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        merges.append(f"{a} {b}")
+        vocab_tokens.append(a + b)
+        for w, parts in splits.items():
+            out, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] == a and parts[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            splits[w] = tuple(out)
+    vocab_tokens += [BOS, EOS]
+    return {tok: i for i, tok in enumerate(vocab_tokens)}, merges
+
+
+def build_tokenizers():
+    """The two SDXL tokenizers (CLIP-L style, and OpenCLIP-bigG style whose pad token is "!") from our vocabulary."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_clip_vocab()
+    tok1 = CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split(" ")) for m in merges], model_max_length=77)
+    tok2 = CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split(" ")) for m in merges], pad_token="!", model_max_length=77)
+    return tok1, tok2
+
+
+@dataclass(frozen=True)
+class SDXLShape:
+    """The sizes that define an SDXL-architecture model; ``TINY`` for tests, ``FULL`` is SDXL base 1.0."""
+
+    unet_channels: tuple[int, ...]
+    unet_transformer_depth: tuple[int, ...]
+    unet_head_dim: tuple[int, ...]
+    unet_layers_per_block: int
+    addition_time_embed_dim: int
+    unet_norm_groups: int
+    vae_channels: tuple[int, ...]
+    vae_norm_groups: int
+    te1: dict
+    te2: dict
+    sample_size: int  # latent size the UNet config advertises (image size / 8 for SDXL)
+
+
+# CLIP text-encoder shapes: SDXL's are CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (penultimate layer used).
+_TE_TINY = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, projection_dim=32)
+TINY = SDXLShape(
+    unet_channels=(32, 64), unet_transformer_depth=(1, 2), unet_head_dim=(2, 4), unet_layers_per_block=2,
+    addition_time_embed_dim=8, unet_norm_groups=32,
+    vae_channels=(8, 16, 16, 16), vae_norm_groups=8,  # four levels: the real 8x pixel-to-latent ratio
+    te1=dict(_TE_TINY, hidden_act="quick_gelu"), te2=dict(_TE_TINY, hidden_act="gelu"),
+    sample_size=8,
+)
+# A mid-size SDXL-shaped config for CPU benchmarks (issue: blocks (64, 128, 256), transformer depth (1, 1, 2)).
+SMALL = SDXLShape(
+    unet_channels=(64, 128, 256), unet_transformer_depth=(1, 1, 2), unet_head_dim=(2, 4, 8), unet_layers_per_block=2,
+    addition_time_embed_dim=32, unet_norm_groups=32,
+    vae_channels=(32, 64, 64, 64), vae_norm_groups=32,
+    te1=dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4, projection_dim=128,
+             hidden_act="quick_gelu"),
+    te2=dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4, projection_dim=128,
+             hidden_act="gelu"),
+    sample_size=32,
+)
+# stabilityai/stable-diffusion-xl-base-1.0: 2.57 B-parameter UNet, CLIP-L (123 M) and OpenCLIP-bigG (695 M).
+FULL = SDXLShape(
+    unet_channels=(320, 640, 1280), unet_transformer_depth=(1, 2, 10), unet_head_dim=(5, 10, 20),
+    unet_layers_per_block=2, addition_time_embed_dim=256, unet_norm_groups=32,
+    vae_channels=(128, 256, 512, 512), vae_norm_groups=32,
+    te1=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+             projection_dim=768, hidden_act="quick_gelu"),
+    te2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+             projection_dim=1280, hidden_act="gelu"),
+    sample_size=128,
+)
+SHAPES = {"tiny": TINY, "small": SMALL, "full": FULL}
+
+
+def build_components(shape: SDXLShape = TINY, *, seed: int = 0, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32, vocab_size: int | None = None) -> dict:
+    """Random-weight SDXL components of ``shape`` as the ``StableDiffusionXLPipeline(**components)`` keyword dict.
+
+    Built directly on ``device`` (the full-size UNet alone is 10 GB in float32) and seeded, so two calls agree.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok1, tok2 = build_tokenizers()
+    vocab_size = vocab_size or (49408 if shape is FULL else len(tok1))
+    te_common = dict(vocab_size=vocab_size, max_position_embeddings=77, layer_norm_eps=1e-5,
+                     bos_token_id=tok1.bos_token_id, eos_token_id=tok1.eos_token_id, pad_token_id=tok1.pad_token_id)
+    cross_dim = shape.te1["hidden_size"] + shape.te2["hidden_size"]
+    with torch.device(device):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=shape.sample_size, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(shape.unet_channels) - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (len(shape.unet_channels) - 1) + ("UpBlock2D",),
+            block_out_channels=shape.unet_channels, layers_per_block=shape.unet_layers_per_block,
+            transformer_layers_per_block=shape.unet_transformer_depth, attention_head_dim=shape.unet_head_dim,
+            cross_attention_dim=cross_dim, use_linear_projection=True, norm_num_groups=shape.unet_norm_groups,
+            # SDXL's micro-conditioning: 6 size/crop numbers embedded and concatenated with the pooled text embedding
+            addition_embed_type="text_time", addition_time_embed_dim=shape.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=6 * shape.addition_time_embed_dim + shape.te2["projection_dim"],
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=shape.vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(shape.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(shape.vae_channels), layers_per_block=2 if shape is FULL else 1,
+            norm_num_groups=shape.vae_norm_groups, sample_size=shape.sample_size * 8,
+            scaling_factor=0.13025, force_upcast=False,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_common, **shape.te1))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_common, **shape.te2))
+    # SDXL base's scheduler config; training builds a DDPMScheduler from the same config.
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                       prediction_type="epsilon", interpolation_type="linear")
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        m.eval()
+        if dtype != torch.float32:
+            m.to(dtype)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                tokenizer=tok1, tokenizer_2=tok2, scheduler=scheduler)
+
+
+def build_pipeline(shape: SDXLShape = TINY, **kwargs):
+    """A ``StableDiffusionXLPipeline`` of random weights (see ``build_components``)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(**build_components(shape, **kwargs))
+
+
+def save_tiny_pipeline(out_dir: str | Path, *, seed: int = 0, shape: str = "tiny") -> Path:
+    """Write an SDXL pipeline folder (safetensors) that stock diffusers loads offline; returns the folder."""
+    out = Path(out_dir)
+    pipe = build_pipeline(SHAPES[shape], seed=seed)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # Also the classic vocab.json + merges.txt pair, for tools that build a CLIP tokenizer from those two files.
+    vocab, merges = build_clip_vocab()
+    for sub in ("tokenizer", "tokenizer_2"):
+        (out / sub / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        (out / sub / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    # Mark what this is so nobody mistakes it for real weights.
+    (out / "BILLIARD_LORA_TINY.json").write_text(json.dumps({"shape": shape, "seed": seed, "random_weights": True}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m billiard_lora.tiny", description=__doc__.splitlines()[0])
+    p.add_argument("out_dir", help="folder to write the pipeline to")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", choices=["tiny", "small"], default="tiny",
+                   help="tiny: seconds on CPU; small: SDXL-shaped CPU benchmark size")
+    args = p.parse_args(argv)
+    out = save_tiny_pipeline(args.out_dir, seed=args.seed, shape=args.shape)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {args.shape} SDXL pipeline ({size / 1e6:.1f} MB, random weights, seed {args.seed}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

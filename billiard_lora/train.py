@@ -1,0 +1,828 @@
+"""DreamBooth + LoRA training of SDXL: ``train(config) -> output_dir``, readable top to bottom.
+
+    python -m billiard_lora.train --pretrained_model_name_or_path=... --instance_prompt="a photo of sks dog" ...
+    accelerate launch -m billiard_lora.train ...        # several GPUs (or CPU processes)
+
+The flags are those of diffusers' ``train_dreambooth_lora_sdxl.py``. What differs, on purpose: images are audited
+before any model loads; random flips and crops are re-drawn every epoch; every random number comes from a
+generator seeded by (seed, epoch, batch, process), so a resumed run continues exactly as an uninterrupted one;
+checkpoints hold only the LoRA (not a 10 GB UNet) and appear atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io as _io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .config import TrainConfig, parse_args
+from .errors import UserError, cli_entry
+from .io import atomic_write_json, atomic_write_text, publish_dir
+
+Callback = Callable[[dict], None]
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks it complete
+ADAPTER_STATE_FILE = "adapter_state.safetensors"
+
+
+# ============================================================================ the loop
+def train(config: TrainConfig, *, components=None, callback: Callback | None = None) -> Path:
+    """Train a DreamBooth LoRA for SDXL as ``config`` says; returns the output folder with the LoRA in it.
+
+    ``components`` (a ``models.Components``) skips loading, for notebooks and tests that already hold a model.
+    ``callback`` receives a dict per event: step (loss, lr), validation (images, path), done.
+    """
+    from accelerate.utils import set_seed
+
+    # ---- 1. settings and data, checked before anything heavy happens or anything is written
+    config = config.replace(seed=config.seed if config.seed is not None else random.SystemRandom().randint(0, 2**31 - 1))
+    out = Path(config.output_dir)
+    check_output_dir(config, out)
+    instance_images = load_training_images(config)
+    config = resolve_hardware(config)
+
+    accelerator = make_accelerator(config, out)
+    set_seed(config.seed)
+    say = _printer(accelerator)
+    for note in config.fallbacks:
+        say(f"warning: {note}")
+
+    # ---- 2. models: frozen base in the compute dtype, LoRA adapters in fp32
+    if components is None:
+        from .models import load_components
+
+        components = load_components(config.pretrained_model_name_or_path,
+                                     pretrained_vae_model_name_or_path=config.pretrained_vae_model_name_or_path,
+                                     revision=config.revision, variant=config.variant, cache_dir=config.cache_dir)
+    c = components
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # SDXL's own VAE overflows in fp16 (black images); the fp16-fix VAE does not, so only that one is cast.
+    vae_dtype = weight_dtype if config.pretrained_vae_model_name_or_path else torch.float32
+    device = accelerator.device
+    for m in (c.unet, c.vae, c.text_encoder_one, c.text_encoder_two):
+        m.requires_grad_(False)
+    for m, dtype in ((c.unet, weight_dtype), (c.vae, vae_dtype), (c.text_encoder_one, weight_dtype),
+                     (c.text_encoder_two, weight_dtype)):
+        m.to(device)
+        if m.dtype != dtype:
+            m.to(dtype=dtype)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    class_images = ensure_class_images(config, c, accelerator, weight_dtype) if config.with_prior_preservation else []
+
+    from .lora import add_lora, lora_parameters
+
+    lora_kw = dict(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, use_dora=config.use_dora)
+    add_lora(c.unet, **lora_kw)
+    text_encoders = [c.text_encoder_one, c.text_encoder_two] if config.train_text_encoder else []
+    for te in text_encoders:
+        add_lora(te, **lora_kw)
+    trainable = [c.unet, *text_encoders]
+    for m in trainable:
+        for p in lora_parameters(m):
+            p.data = p.data.float()  # fp32 master weights for the adapter; autocast does the fp16/bf16 math
+    if config.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        for te in text_encoders:
+            te.gradient_checkpointing_enable()
+
+    # ---- 3. data: prompt embeddings computed once per distinct caption when the text encoders are frozen
+    prompt_cache = None
+    if not config.train_text_encoder:
+        captions = {im.caption for im in instance_images} | {im.caption for im in class_images}
+        prompt_cache = PromptCache.build(sorted(captions), c, device)
+    dataset = DreamBoothDataset(instance_images, class_images, config)
+    sampler = EpochShuffleSampler(len(dataset), config.seed)
+    # Its own generator: creating a DataLoader iterator then draws from it, not from the global RNG that
+    # LoRA dropout uses (otherwise a resumed run would draw different dropout masks).
+    dataloader = DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler, collate_fn=collate,
+                            num_workers=config.dataloader_num_workers, generator=torch.Generator().manual_seed(config.seed))
+
+    # ---- 4. optimizer and schedule
+    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / config.gradient_accumulation_steps)
+    max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    optimizer = make_optimizer(config, c.unet, text_encoders, accelerator.num_processes)
+    from diffusers.optimization import get_scheduler
+
+    # accelerate steps a prepared scheduler once per process, hence the factor (as in diffusers' script)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes,
+                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
+    unet, optimizer, dataloader, lr_scheduler, *text_encoders = accelerator.prepare(
+        c.unet, optimizer, dataloader, lr_scheduler, *text_encoders)
+    te_one, te_two = (text_encoders if text_encoders else (c.text_encoder_one, c.text_encoder_two))
+    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)  # now per process
+    register_checkpoint_hooks(accelerator, {"unet": unet, "text_encoder": text_encoders[0] if text_encoders else None,
+                                            "text_encoder_2": text_encoders[1] if text_encoders else None})
+
+    # ---- 5. resume
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    checkpoint = find_checkpoint(out, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        check_checkpoint_compatible(checkpoint, config)
+        accelerator.load_state(str(checkpoint))
+        global_step = json.loads((checkpoint / STATE_FILE).read_text())["global_step"]
+        first_epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
+        skip_batches = step_in_epoch * config.gradient_accumulation_steps
+        say(f"resuming from {checkpoint} at step {global_step} (epoch {first_epoch}, skipping {skip_batches} batches)")
+    elif config.resume_from_checkpoint:
+        say(f"no checkpoint found in {out}; starting a new run")
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out / "config.json")
+        init_trackers(accelerator, config)
+    history = load_history(out) if checkpoint is not None else []
+    history = [h for h in history if h["step"] <= global_step]
+
+    validate = lambda step: run_validation(config, c, unet, te_one, te_two, accelerator, weight_dtype, step, callback)
+    if global_step == 0 and config.validation_prompt:
+        validate(0)  # a baseline: what the base model makes before any training
+
+    # ---- 6. the loop: noise -> timesteps -> predict -> loss -> step
+    say(f"training on {len(instance_images)} images ({len(class_images)} class images), {max_train_steps} steps, "
+        f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
+        f"{accelerator.num_processes} process(es), {accelerator.mixed_precision} precision, device {device}")
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
+    timer = Timer(device)
+    noise_scheduler = c.noise_scheduler
+    accum_loss, accum_n = 0.0, 0
+    for epoch in range(first_epoch, num_epochs):
+        batches: Any = dataloader
+        start = 0
+        if epoch == first_epoch and skip_batches:
+            from accelerate import skip_first_batches
+
+            batches, start = skip_first_batches(dataloader, skip_batches), skip_batches
+        batches.set_epoch(epoch)  # reaches EpochShuffleSampler: this epoch's order, crops and flips
+        for batch_index, batch in enumerate(batches, start=start):
+            with accelerator.accumulate(*[unet, *text_encoders]):
+                # One generator per micro-batch, seeded by where we are: nothing to restore on resume.
+                gen = seeded_generator(config.seed, epoch, batch_index, accelerator.process_index, device)
+                latents = encode_latents(c.vae, batch["pixel_values"], gen, weight_dtype)  # (B, 4, H/8, W/8)
+                noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
+                if config.noise_offset:
+                    # https://www.crosslabs.org//blog/diffusion-with-offset-noise: learn overall brightness too
+                    noise += config.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
+                                                               generator=gen, device=device, dtype=latents.dtype)
+                bsz = latents.shape[0]
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen,
+                                          device=device).long()
+                # the forward diffusion process: noise the latents to the sampled timestep
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+                from .conditioning import batch_time_ids, encode_prompt
+
+                time_ids = batch_time_ids(batch["original_sizes"], batch["crop_top_lefts"], config.resolution,
+                                          dtype=weight_dtype, device=device)  # (B, 6)
+                if prompt_cache is not None:
+                    prompt_embeds, pooled = prompt_cache.lookup(batch["captions"])  # (B, 77, 2048), (B, 1280)
+                else:
+                    prompt_embeds, pooled = encode_prompt([te_one, te_two], c.tokenizers, batch["captions"])
+                model_pred = unet(noisy_latents, timesteps, prompt_embeds.to(weight_dtype),
+                                  added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled.to(weight_dtype)},
+                                  return_dict=False)[0]
+
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, config)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(global_step, out, config)
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_([p for m in (unet, *text_encoders) for p in lora_params(m)],
+                                                config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                accum_loss += loss.detach().item()
+                accum_n += 1
+
+            if not accelerator.sync_gradients:
+                continue
+            # ---- one optimizer step done: log, checkpoint, validate
+            global_step += 1
+            timer.step(bsz * accum_n * accelerator.num_processes)
+            row = {"step": global_step, "epoch": epoch, "loss": accum_loss / accum_n, "lr": lr_scheduler.get_last_lr()[0]}
+            accum_loss, accum_n = 0.0, 0
+            history.append(row)
+            progress.update(1)
+            progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+            accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=global_step)
+            if callback and accelerator.is_main_process:
+                callback({"event": "step", **row})
+            if global_step % config.checkpointing_steps == 0:
+                save_checkpoint(accelerator, out, global_step, config, c, unet, text_encoders, history)
+            if config.validation_prompt and should_validate(config, global_step, steps_per_epoch):
+                validate(global_step)
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+
+    # ---- 7. save: the LoRA (diffusers + kohya), the config, loss history and plot, model card, summary
+    accelerator.wait_for_everyone()
+    final_images = None
+    if config.validation_prompt and not (history and should_validate(config, global_step, steps_per_epoch)):
+        final_images = validate(global_step)
+    if accelerator.is_main_process:
+        save_final(out, config, c, unet, text_encoders, history, accelerator)
+        summary = timer.summary(global_step)
+        atomic_write_json(out / "summary.json", summary)
+        say(f"done: {global_step} steps in {summary['seconds']:.1f} s, {summary['images_per_second']:.2f} images/s, "
+            f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['memory_kind']}); LoRA in {out}")
+        if callback:
+            callback({"event": "done", "output_dir": str(out), "summary": summary, "images": final_images})
+    accelerator.end_training()
+    return out
+
+
+# ============================================================================ settings and environment
+def check_output_dir(config: TrainConfig, out: Path) -> None:
+    """Refuse to mix a new run into a folder that already holds something, unless resuming or told to."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir={out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not (config.resume_from_checkpoint or config.overwrite_output_dir):
+        raise UserError(f"--output_dir={out} is not empty: pass --resume_from_checkpoint=latest to continue that run, "
+                        f"--overwrite_output_dir to write over it, or choose another folder")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"--output_dir={out}: {probe} is not writable; choose a folder you can write to")
+
+
+def resolve_hardware(config: TrainConfig) -> TrainConfig:
+    """Turn requests this machine cannot honour into warned, recorded fallbacks (never a crash)."""
+    notes = list(config.fallbacks)
+    changes: dict[str, Any] = {}
+    cuda = torch.cuda.is_available()
+    if config.mixed_precision == "fp16" and not cuda:
+        notes.append("--mixed_precision=fp16 needs a CUDA GPU; training in fp32 on this machine instead")
+        changes["mixed_precision"] = "no"
+    if config.allow_tf32 and not cuda:
+        notes.append("--allow_tf32 has no effect without a CUDA GPU; ignored")
+        changes["allow_tf32"] = False
+    if config.use_8bit_adam and config.optimizer.lower() == "adamw" and not _bnb_works("cuda" if cuda else "cpu"):
+        notes.append("--use_8bit_adam: bitsandbytes has no working 8-bit optimizer here; using torch AdamW instead")
+        changes["use_8bit_adam"] = False
+    if config.report_to in ("tensorboard", "all"):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            notes.append("--report_to=tensorboard: the tensorboard package is not installed; not logging to it")
+            changes["report_to"] = "none"
+    return config.replace(**changes, fallbacks=notes) if changes else config
+
+
+def _bnb_works(device: str) -> bool:
+    """Whether bitsandbytes' 8-bit AdamW can take a step on ``device`` (tried on a 4096-element tensor)."""
+    try:
+        import logging
+
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        import bitsandbytes as bnb
+
+        p = torch.nn.Parameter(torch.zeros(4096, device=device))
+        p.grad = torch.ones_like(p)
+        bnb.optim.AdamW8bit([p], lr=1e-3).step()
+        return True
+    except Exception:  # no backend, no GPU library, an old CPU: any failure means "not here"
+        return False
+
+
+def make_accelerator(config: TrainConfig, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / config.logging_dir))
+    log_with = None if config.report_to == "none" else "tensorboard"
+    # Several processes without a GPU (accelerate launch --multi_gpu on a CPU machine): accelerate only sets up
+    # its gloo process group when told the run is on CPU.
+    cpu_distributed = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu_distributed,
+                       mixed_precision=config.mixed_precision, log_with=log_with, project_config=project)
+
+
+def init_trackers(accelerator, config: TrainConfig) -> None:
+    if config.report_to == "none":
+        return
+    # TensorBoard's hparams take only scalars and strings.
+    flat = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers("dreambooth-lora-sdxl", config=flat)
+
+
+def _printer(accelerator) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        if accelerator.is_main_process:
+            print(msg, file=sys.stderr if msg.startswith("warning") else sys.stdout, flush=True)
+
+    return say
+
+
+# ============================================================================ data
+@dataclass
+class TrainImage:
+    """One decoded training image with its caption; ``key`` identifies its content (file bytes), not its index."""
+
+    image: Any  # PIL.Image.Image, RGB
+    caption: str
+    key: str
+
+
+def load_training_images(config: TrainConfig) -> list[TrainImage]:
+    """Resolve the dataset, audit every file (the gate: broken files stop the run here), decode the good ones."""
+    from .audit import audit
+    from .data import load_example, resolve_source
+
+    source = resolve_source(config.dataset_name, config.instance_data_dir, image_column=config.image_column,
+                            caption_column=config.caption_column, kaggle_class=config.kaggle_class,
+                            splits=config.splits, cache_dir=config.cache_dir)
+    report = audit(source, config.resolution)
+    images = []
+    for ex in report.raise_for_bad(skip_bad=config.skip_bad_images):
+        img = load_example(ex)  # decoded once, held in memory: a file that changes mid-run cannot break the run
+        raw = Path(ex.path).read_bytes() if ex.path is not None else img.tobytes()
+        images.append(TrainImage(img, ex.caption or config.instance_prompt, hashlib.sha256(raw).hexdigest()[:16]))
+    if not images:
+        raise UserError(f"no usable training images in {source.description}")
+    return images
+
+
+class DreamBoothDataset(Dataset):
+    """Instance images (and class images for prior preservation), cropped and flipped afresh each epoch.
+
+    Indices come from ``EpochShuffleSampler`` as (epoch, index) pairs, so the random crop and flip of an image
+    depend only on (seed, epoch, index): a resumed run sees exactly the crops an uninterrupted one would.
+    """
+
+    def __init__(self, instance: Sequence[TrainImage], class_images: Sequence[TrainImage], config: TrainConfig):
+        self.instance = list(instance) * config.repeats
+        self.class_images = list(class_images)
+        self.config = config
+
+    def __len__(self) -> int:
+        return max(len(self.instance), len(self.class_images))
+
+    def _prepare(self, item: TrainImage, rng: random.Random) -> dict:
+        from .data import prepare_image
+
+        cfg = self.config
+        flip = cfg.random_flip and rng.random() < 0.5
+        pixels, original_size, crop = prepare_image(item.image, cfg.resolution, center_crop=cfg.center_crop, flip=flip,
+                                                    crop_rng=rng, interpolation=cfg.image_interpolation_mode)
+        return {"pixel_values": pixels, "original_size": original_size, "crop_top_left": crop, "caption": item.caption}
+
+    def __getitem__(self, epoch_and_index: tuple[int, int]) -> dict:
+        epoch, index = epoch_and_index
+        rng = random.Random(f"{self.config.seed}:{epoch}:{index}")
+        example = {"instance": self._prepare(self.instance[index % len(self.instance)], rng)}
+        if self.class_images:
+            example["class"] = self._prepare(self.class_images[index % len(self.class_images)], rng)
+        return example
+
+
+class EpochShuffleSampler(Sampler):
+    """A new permutation each epoch, from (seed, epoch) alone; yields (epoch, index) pairs."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter([(self.epoch, int(i)) for i in torch.randperm(self.n, generator=g)])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack a batch; with prior preservation, class examples follow instance ones (one forward pass for both)."""
+    parts = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
+    return {
+        "pixel_values": torch.stack([p["pixel_values"] for p in parts]).contiguous(memory_format=torch.contiguous_format),
+        "original_sizes": [p["original_size"] for p in parts],
+        "crop_top_lefts": [p["crop_top_left"] for p in parts],
+        "captions": [p["caption"] for p in parts],
+    }
+
+
+class PromptCache:
+    """Prompt embeddings of each distinct caption, computed once (the text encoders are frozen)."""
+
+    def __init__(self, table: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.table = table
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, captions: Sequence[str], components, device) -> "PromptCache":
+        from .conditioning import encode_prompt
+
+        table = {}
+        for cap in captions:
+            embeds, pooled = encode_prompt(components.text_encoders, components.tokenizers, [cap])
+            table[cap] = (embeds[0].to(device), pooled[0].to(device))
+        return cls(table)
+
+    def lookup(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.stack([self.table[c][0] for c in captions]), torch.stack([self.table[c][1] for c in captions]))
+
+
+def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator, weight_dtype) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled VAE latents, sampled from the posterior with our generator."""
+    with torch.no_grad():
+        dist = vae.encode(pixel_values.to(vae.device, dtype=vae.dtype)).latent_dist
+        latents = dist.sample(generator=generator) * vae.config.scaling_factor
+    return latents.to(weight_dtype)
+
+
+def seeded_generator(seed: int, epoch: int, batch_index: int, process: int, device) -> torch.Generator:
+    """A generator whose seed is a hash of where training is; the same place always draws the same numbers."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{batch_index}:{process}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:7], "little"))
+
+
+# ============================================================================ loss and optimizer
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler,
+                   config: TrainConfig) -> torch.Tensor:
+    """MSE to the target, optionally Min-SNR weighted (arXiv 2303.09556), plus the prior-preservation term."""
+    from diffusers.training_utils import compute_snr
+
+    prior_loss = 0.0
+    if config.with_prior_preservation:
+        # the batch is [instance..., class...]: split it and score the class half separately
+        model_pred, pred_prior = torch.chunk(model_pred, 2, dim=0)
+        target, target_prior = torch.chunk(target, 2, dim=0)
+        timesteps, _ = torch.chunk(timesteps, 2, dim=0)
+        prior_loss = F.mse_loss(pred_prior.float(), target_prior.float(), reduction="mean")
+    if config.snr_gamma is None:
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    else:
+        snr = compute_snr(noise_scheduler, timesteps)
+        weights = torch.clamp(snr, max=config.snr_gamma)
+        weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
+        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * weights).mean()
+    return loss + config.prior_loss_weight * prior_loss
+
+
+def lora_params(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_processes: int) -> torch.optim.Optimizer:
+    """AdamW (torch or bitsandbytes 8-bit) or Prodigy over the LoRA parameters, text encoders at their own rate."""
+    lr, te_lr = config.learning_rate, config.text_encoder_lr
+    if config.scale_lr:
+        factor = config.gradient_accumulation_steps * config.train_batch_size * num_processes
+        lr, te_lr = lr * factor, te_lr * factor
+    name = config.optimizer.lower()
+    if name == "prodigy":
+        te_lr = lr  # Prodigy adapts one learning rate; diffusers' script uses the same for both
+    groups = [{"params": lora_params(unet), "lr": lr, "weight_decay": config.adam_weight_decay}]
+    te_params = [p for te in text_encoders for p in lora_params(te)]
+    if te_params:
+        groups.append({"params": te_params, "lr": te_lr, "weight_decay": config.adam_weight_decay_text_encoder})
+    betas = (config.adam_beta1, config.adam_beta2)
+    if name == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError:
+            raise UserError("--optimizer=Prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        if lr <= 0.1:
+            warnings.warn(f"Prodigy usually wants --learning_rate around 1.0; got {lr}", stacklevel=2)
+        return prodigyopt.Prodigy(groups, lr=lr, betas=betas, beta3=config.prodigy_beta3, eps=config.adam_epsilon,
+                                  decouple=config.prodigy_decouple,
+                                  use_bias_correction=config.prodigy_use_bias_correction,
+                                  safeguard_warmup=config.prodigy_safeguard_warmup)
+    if config.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=config.adam_epsilon)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=config.adam_epsilon)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: stop, keeping every earlier checkpoint and file."""
+
+    def __init__(self, step: int, out: Path, config: TrainConfig):
+        ckpt = find_checkpoint(out, "latest")
+        kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was saved yet"
+        vae_hint = ("" if config.pretrained_vae_model_name_or_path else
+                    "; in fp16 use --pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix")
+        super().__init__(f"the loss became NaN/inf at step {step + 1}: likely fp16 overflow (try --mixed_precision=bf16"
+                         f"{vae_hint}) or a learning rate too high (--learning_rate={config.learning_rate}); {kept}")
+
+
+# ============================================================================ checkpoints
+def register_checkpoint_hooks(accelerator, models: dict[str, Any]) -> None:
+    """Make ``accelerator.save_state`` store only the LoRA adapters (a few MB) instead of whole models."""
+    from .lora import load_adapter_state, save_adapter_state
+
+    def save_hook(model_list, weights, output_dir):
+        if accelerator.is_main_process:
+            save_adapter_state(Path(output_dir) / ADAPTER_STATE_FILE, models)
+        while weights:
+            weights.pop()  # accelerate would otherwise write every model's full state dict
+
+    def load_hook(model_list, input_dir):
+        try:
+            load_adapter_state(Path(input_dir) / ADAPTER_STATE_FILE, models)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        while model_list:
+            model_list.pop()  # already loaded
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def lora_signature(config: TrainConfig) -> dict:
+    """What must match for a checkpoint to resume this run."""
+    return {"pretrained_model_name_or_path": config.pretrained_model_name_or_path, "rank": config.rank,
+            "lora_alpha": config.alpha, "use_dora": config.use_dora, "train_text_encoder": config.train_text_encoder}
+
+
+def save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, c, unet, text_encoders, history) -> None:
+    """Write ``checkpoint-N`` atomically: built under a hidden name, renamed when complete."""
+    from .lora import save_lora
+
+    final = out / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = out / f".{CHECKPOINT_PREFIX}{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if config.checkpoints_total_limit:
+            prune_checkpoints(out, config.checkpoints_total_limit - 1)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        te = [accelerator.unwrap_model(t) for t in text_encoders] or [None, None]
+        # a ready-to-use LoRA file in each checkpoint, so generation can compare how training evolved
+        save_lora(tmp, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
+                  metadata={**config.to_dict(), "global_step": step})
+        _write_history(tmp, history)
+        atomic_write_json(tmp / STATE_FILE, {"global_step": step, "signature": lora_signature(config)})
+        publish_dir(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder without its state file was interrupted and is ignored)."""
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    for old in list_checkpoints(out)[: max(0, len(list_checkpoints(out)) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out: Path, resume: str | None) -> Path | None:
+    """The checkpoint ``--resume_from_checkpoint`` names: a path, a folder name inside output_dir, or 'latest'."""
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(out)
+        return ckpts[-1] if ckpts else None
+    p = Path(resume)
+    if not p.is_absolute() and not p.exists():
+        p = out / resume
+    if not (p / STATE_FILE).is_file():
+        raise UserError(f"--resume_from_checkpoint={resume}: {p} is not a complete checkpoint "
+                        f"(no {STATE_FILE}); use 'latest' or one of: "
+                        f"{', '.join(x.name for x in list_checkpoints(out)) or 'none found'}")
+    return p
+
+
+def check_checkpoint_compatible(checkpoint: Path, config: TrainConfig) -> None:
+    saved = json.loads((checkpoint / STATE_FILE).read_text()).get("signature", {})
+    now = lora_signature(config)
+    diff = [k for k in now if k in saved and saved[k] != now[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(f"{checkpoint} was made with {k}={saved[k]!r} but this run has {k}={now[k]!r}; "
+                        f"resume with the same settings or start a new --output_dir")
+
+
+# ============================================================================ validation and outputs
+def should_validate(config: TrainConfig, step: int, steps_per_epoch: int) -> bool:
+    if config.validation_steps:
+        return step % config.validation_steps == 0
+    return step % (config.validation_epochs * steps_per_epoch) == 0
+
+
+def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, weight_dtype, step: int,
+                   callback: Callback | None):
+    """Generate ``num_validation_images`` for the validation prompt (seeds seed+i) and save them as a grid."""
+    if not accelerator.is_main_process:
+        return None
+    from .models import pipeline_from_components
+    from .viz import image_grid, save_image
+
+    pipe = pipeline_from_components(c, unet=accelerator.unwrap_model(unet), text_encoder_one=accelerator.unwrap_model(te_one),
+                                    text_encoder_two=accelerator.unwrap_model(te_two))
+    pipe.set_progress_bar_config(disable=True)
+    device = accelerator.device
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
+    images = []
+    with torch.no_grad(), autocast:
+        for i in range(config.num_validation_images):
+            g = torch.Generator(device=device).manual_seed(config.seed + i)
+            images.append(pipe(config.validation_prompt, num_inference_steps=config.validation_inference_steps,
+                               height=config.resolution, width=config.resolution, generator=g,
+                               crops_coords_top_left=(config.crops_coords_top_left_h, config.crops_coords_top_left_w),
+                               ).images[0])
+    out = Path(config.output_dir) / "validation"
+    grid = image_grid(images, 1, len(images), labels=[f"seed {config.seed + i}" for i in range(len(images))])
+    path = out / f"step-{step:06d}.png"
+    save_image(grid, path, metadata={"prompt": config.validation_prompt, "step": str(step), "seed": str(config.seed),
+                                     "steps": str(config.validation_inference_steps)})
+    if callback:
+        callback({"event": "validation", "step": step, "images": images, "path": str(path)})
+    return images
+
+
+def _write_history(folder: Path, history: list[dict]) -> None:
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "lr"])
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(folder / "loss_history.csv", buf.getvalue())
+
+
+def load_history(out: Path) -> list[dict]:
+    p = out / "loss_history.csv"
+    ckpt = find_checkpoint(out, "latest")
+    if ckpt is not None and (ckpt / "loss_history.csv").exists():
+        p = ckpt / "loss_history.csv"
+    if not p.exists():
+        return []
+    with open(p) as fh:
+        return [{"step": int(r["step"]), "epoch": int(r["epoch"]), "loss": float(r["loss"]), "lr": float(r["lr"])}
+                for r in csv.DictReader(fh)]
+
+
+def save_final(out: Path, config: TrainConfig, c, unet, text_encoders, history, accelerator) -> None:
+    from .lora import save_lora
+    from .viz import plot_loss
+
+    te = [accelerator.unwrap_model(t) for t in text_encoders] or [None, None]
+    save_lora(out, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
+              metadata=config.to_dict(), kohya=config.output_kohya_format)
+    config.save(out / "config.json")
+    _write_history(out, history)
+    if history:
+        plot_loss(history, out / "loss.png")
+    write_model_card(out, config)
+
+
+def write_model_card(out: Path, config: TrainConfig) -> None:
+    """README.md beside the LoRA: what it is, how it was trained, how to use it in diffusers, ComfyUI and A1111."""
+    grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
+    sample = f"![validation samples](validation/{grids[-1].name})\n" if grids else "(no validation prompt was set)\n"
+    kohya = ("`pytorch_lora_weights_kohya.safetensors` (kohya/webui format)" if config.output_kohya_format else
+             "convert it with `python -m billiard_lora.lora convert` or train with `--output_kohya_format`")
+    vae = config.pretrained_vae_model_name_or_path
+    vae_load = (f'vae = AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)\n' if vae else "")
+    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in config.to_dict().items()
+                         if k in ("instance_prompt", "resolution", "rank", "lora_alpha", "learning_rate", "max_train_steps",
+                                  "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "mixed_precision",
+                                  "lr_scheduler", "seed", "train_text_encoder", "with_prior_preservation", "fallbacks"))
+    text = f"""---
+base_model: {config.pretrained_model_name_or_path}
+instance_prompt: {config.instance_prompt}
+tags: [stable-diffusion-xl, text-to-image, diffusers, lora, dreambooth, billiard-lora]
+---
+# DreamBooth LoRA for SDXL: "{config.instance_prompt}"
+
+LoRA weights for `{config.pretrained_model_name_or_path}`{f" (trained with the VAE `{vae}`)" if vae else ""},
+trained with [billiard-lora](https://github.com/) (DreamBooth + LoRA). Use the instance prompt
+**{config.instance_prompt}** to call up the subject.
+
+{sample}
+## Settings
+| setting | value |
+|---|---|
+{settings}
+
+The full configuration is in `config.json` and in the metadata of the safetensors file.
+
+## Use it in diffusers
+```python
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+{vae_load}pipe = StableDiffusionXLPipeline.from_pretrained("{config.pretrained_model_name_or_path}", {"vae=vae, " if vae else ""}torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("{out.name}")  # this folder
+image = pipe("{config.instance_prompt}", num_inference_steps=25).images[0]
+```
+Or: `python -m billiard_lora.generate --lora {out.name}`.
+
+## Use it in ComfyUI or AUTOMATIC1111
+Copy {kohya} into `ComfyUI/models/loras/` or `stable-diffusion-webui/models/Lora/`, then load it with a LoRA
+loader node (ComfyUI) or `<lora:pytorch_lora_weights_kohya:1>` in the prompt (A1111).
+"""
+    atomic_write_text(out / "README.md", text)
+
+
+class Timer:
+    """Wall time, images/s and peak memory of the run (CUDA allocator peak, or the process's peak RSS)."""
+
+    def __init__(self, device):
+        self.device, self.t0, self.images = device, time.perf_counter(), 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def step(self, images: int) -> None:
+        self.images += images
+
+    def summary(self, steps: int) -> dict:
+        seconds = time.perf_counter() - self.t0
+        if self.device.type == "cuda":
+            peak, kind = torch.cuda.max_memory_allocated(self.device) / 2**30, "CUDA max allocated"
+        else:
+            import resource
+
+            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "CPU peak RSS"
+        return {"steps": steps, "seconds": seconds, "images": self.images,
+                "images_per_second": self.images / seconds if seconds else 0.0, "peak_memory_gb": peak,
+                "memory_kind": kind}
+
+
+# ============================================================================ prior preservation
+def ensure_class_images(config: TrainConfig, c, accelerator, weight_dtype) -> list[TrainImage]:
+    """Class images for prior preservation: use what ``class_data_dir`` holds, generate the missing ones once."""
+    from .data import load_image
+    from .models import pipeline_from_components
+
+    class_dir = Path(config.class_data_dir or Path(config.output_dir) / "class_images")
+    exts = {".jpg", ".jpeg", ".png", ".webp"}
+    existing = lambda: sorted(p for p in class_dir.glob("*") if p.suffix.lower() in exts and not p.name.startswith("."))
+    missing = config.num_class_images - len(existing()) if class_dir.is_dir() else config.num_class_images
+    if missing > 0 and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        class_dir.mkdir(parents=True, exist_ok=True)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            config.prior_generation_precision or "", weight_dtype)
+        pipe = pipeline_from_components(c)
+        pipe.set_progress_bar_config(disable=True)
+        start = len(existing())
+        autocast = torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        with torch.no_grad(), autocast:
+            for first in tqdm(range(0, missing, config.sample_batch_size), desc="generating class images"):
+                n = min(config.sample_batch_size, missing - first)
+                gens = [torch.Generator(accelerator.device).manual_seed(config.seed + start + first + i) for i in range(n)]
+                images = pipe([config.class_prompt] * n, num_inference_steps=config.validation_inference_steps,
+                              height=config.resolution, width=config.resolution, generator=gens).images
+                for i, img in enumerate(images):
+                    buf = _io.BytesIO()
+                    img.save(buf, format="JPEG", quality=95)
+                    digest = hashlib.sha1(buf.getvalue()).hexdigest()[:12]
+                    from .io import atomic_write_bytes
+
+                    atomic_write_bytes(class_dir / f"{start + first + i:05d}-{digest}.jpg", buf.getvalue())
+        del pipe
+    accelerator.wait_for_everyone()
+    paths = existing()[: config.num_class_images]
+    return [TrainImage(load_image(p), config.class_prompt, hashlib.sha256(p.read_bytes()).hexdigest()[:16])
+            for p in paths]
+
+
+# ============================================================================ command line
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny SDXL pipeline folder built once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """An SDXL-architecture pipeline folder of random weights (a few MB), as `python -m billiard_lora.tiny` writes."""
+    from billiard_lora.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture()
+def tiny_components(tiny_model_dir):
+    """Freshly loaded components (training changes them, so every test gets its own)."""
+    from billiard_lora.models import load_components
+
+    return load_components(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def shared_billiards() -> Path:
+    """The team's real billiards photos (Kaggle layout); tests that need them skip where they are absent."""
+    from billiard_lora.paths import shared_billiards_dir
+
+    d = shared_billiards_dir()
+    if d is None:
+        pytest.skip("../shared/data/sports-billiards is not present (set BILLIARD_LORA_SHARED_DATA to point at it)")
+    return d
