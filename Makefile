@@ -30,8 +30,9 @@ venv-dev: $(VENV)/.dev
 demo: venv
 	$(PY) -m billiard_lora.demo
 
+# Notebooks run in smoke mode (tiny model, few steps) under nbval; cells with assertions check their results.
 test: venv-dev
-	$(PY) -m pytest -q
+	BILLIARD_LORA_SMOKE=1 $(PY) -m pytest -q --nbval-lax tests notebooks
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -210,6 +210,24 @@ def _kaggle_layout_source(
     return ImageSource(examples, root, desc, columns, "kaggle")
 
 
+def kaggle_class_counts(root: str | Path) -> dict[str, dict[str, int]]:
+    """Images per class and split of a Kaggle-layout folder ({class: {split: n}}), from sports.csv or the folders."""
+    root = Path(root)
+    counts: dict[str, dict[str, int]] = {}
+    rows = _read_kaggle_csv(root / "sports.csv") if (root / "sports.csv").is_file() else None
+    if rows is not None:
+        for r in rows:
+            per = counts.setdefault(r["labels"], {})
+            per[r["data set"]] = per.get(r["data set"], 0) + 1
+    else:
+        for split in KAGGLE_SPLITS:
+            for c in _subdirs(root / split) if (root / split).is_dir() else []:
+                counts.setdefault(c, {})[split] = len(list_images(root / split / c))
+    if not counts:
+        raise UserError(f"{root} is not in the Kaggle layout (train|valid|test/<class>/ folders or sports.csv)")
+    return counts
+
+
 def _read_kaggle_csv(csv_path: Path) -> list[dict[str, str]] | None:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)

@@ -11,6 +11,7 @@ checkpoints hold only the LoRA (not a 10 GB UNet) and appear atomically.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io as _io
@@ -393,7 +394,8 @@ class DreamBoothDataset(Dataset):
         flip = cfg.random_flip and rng.random() < 0.5
         pixels, original_size, crop = prepare_image(item.image, cfg.resolution, center_crop=cfg.center_crop, flip=flip,
                                                     crop_rng=rng, interpolation=cfg.image_interpolation_mode)
-        return {"pixel_values": pixels, "original_size": original_size, "crop_top_left": crop, "caption": item.caption}
+        return {"pixel_values": pixels, "original_size": original_size, "crop_top_left": crop, "caption": item.caption,
+                "flipped": flip}
 
     def __getitem__(self, epoch_and_index: tuple[int, int]) -> dict:
         epoch, index = epoch_and_index
@@ -568,8 +570,23 @@ def lora_signature(config: TrainConfig) -> dict:
             "lora_alpha": config.alpha, "use_dora": config.use_dora, "train_text_encoder": config.train_text_encoder}
 
 
+@contextlib.contextmanager
+def writing(what: Path) -> Iterator[None]:
+    """A failed write (disk full, permissions) becomes one clear line; files written earlier stay as they were."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"could not write {what}: {exc.strerror or exc}; earlier checkpoints and files are intact "
+                        f"(free some space or fix permissions, then --resume_from_checkpoint=latest)") from None
+
+
 def save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, c, unet, text_encoders, history) -> None:
     """Write ``checkpoint-N`` atomically: built under a hidden name, renamed when complete."""
+    with writing(out / f"{CHECKPOINT_PREFIX}{step}"):
+        _save_checkpoint(accelerator, out, step, config, unet, text_encoders, history)
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, unet, text_encoders, history) -> None:
     from .lora import save_lora
 
     final = out / f"{CHECKPOINT_PREFIX}{step}"
@@ -695,13 +712,14 @@ def save_final(out: Path, config: TrainConfig, c, unet, text_encoders, history, 
     from .viz import plot_loss
 
     te = [accelerator.unwrap_model(t) for t in text_encoders] or [None, None]
-    save_lora(out, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
-              metadata=config.to_dict(), kohya=config.output_kohya_format)
-    config.save(out / "config.json")
-    _write_history(out, history)
-    if history:
-        plot_loss(history, out / "loss.png")
-    write_model_card(out, config)
+    with writing(out):
+        save_lora(out, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
+                  metadata=config.to_dict(), kohya=config.output_kohya_format)
+        config.save(out / "config.json")
+        _write_history(out, history)
+        if history:
+            plot_loss(history, out / "loss.png")
+        write_model_card(out, config)
 
 
 def write_model_card(out: Path, config: TrainConfig) -> None:

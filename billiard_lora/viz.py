@@ -195,7 +195,45 @@ def plot_loss(
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        from .io import atomic_path
+
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    return fig
+
+
+def tensor_to_image(pixels: Any) -> Image.Image:
+    """A (3, H, W) tensor in [-1, 1] (what the trainer feeds the VAE) back to a PIL image."""
+    arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def plot_counts(counts: dict[str, int], *, title: str = "", highlight: str | None = None, top: int | None = None) -> Figure:
+    """A horizontal bar chart of counts (e.g. images per class), largest first, one bar optionally highlighted."""
+    from matplotlib.figure import Figure
+
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    fig = Figure(figsize=(7, max(2.0, 0.16 * len(items) + 0.8)), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    names, values = [k for k, _ in items][::-1], [v for _, v in items][::-1]
+    colors = ["tab:red" if n == highlight else "tab:blue" for n in names]
+    ax.barh(names, values, color=colors)
+    ax.tick_params(axis="y", labelsize=6 if len(items) > 30 else 9)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def plot_histograms(series: dict[str, Sequence[float]], *, bins: int = 20, title: str = "") -> Figure:
+    """One histogram per named series, side by side (e.g. widths, heights, aspect ratios)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2 * len(series), 2.8), dpi=100, layout="constrained")
+    for i, (name, values) in enumerate(series.items()):
+        ax = fig.add_subplot(1, len(series), i + 1)
+        ax.hist(list(values), bins=bins, color="tab:blue")
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     return fig

@@ -1,0 +1,128 @@
+"""Crash safety: kill -9 at any moment loses nothing, NaN losses and failed writes stop cleanly, tokens never leak."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from billiard_lora.errors import UserError
+from billiard_lora.train import find_checkpoint, list_checkpoints, train
+from test_train import REPO, make_images, tiny_config
+
+
+def _train_cmd(model: Path, data: Path, out: Path, resume: bool) -> list[str]:
+    args = [sys.executable, "-m", "billiard_lora.train", f"--pretrained_model_name_or_path={model}",
+            f"--instance_data_dir={data}", f"--output_dir={out}", "--instance_prompt=a photo of sks billiard",
+            "--resolution=32", "--train_batch_size=2", "--gradient_accumulation_steps=2", "--max_train_steps=8",
+            "--checkpointing_steps=1", "--seed=0", "--report_to=none", "--learning_rate=1e-3", "--random_flip",
+            "--lr_warmup_steps=0", "--lora_dropout=0.1"]
+    return args + (["--resume_from_checkpoint=latest"] if resume else [])
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_at_random_moments_then_resume_gives_the_same_lora(tiny_model_dir, tmp_path):
+    data = make_images(tmp_path / "data", n=5)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    ref = tmp_path / "uninterrupted"
+    subprocess.run(_train_cmd(tiny_model_dir, data, ref, False), env=env, check=True, capture_output=True, timeout=600)
+
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(6):
+        proc = subprocess.Popen(_train_cmd(tiny_model_dir, data, out, resume=attempt > 0), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Wait for training to make progress (a new checkpoint), then kill at a random moment soon after:
+        # sometimes between steps, sometimes in the middle of writing the next checkpoint.
+        seen = len(list_checkpoints(out))
+        deadline = time.time() + 120
+        while proc.poll() is None and len(list_checkpoints(out)) <= seen and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.15))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        else:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+        if (out / "pytorch_lora_weights.safetensors").exists() and kills >= 3:
+            break
+        if kills >= 3:
+            r = subprocess.run(_train_cmd(tiny_model_dir, data, out, resume=True), env=env, capture_output=True,
+                               text=True, timeout=600)
+            assert r.returncode == 0, r.stderr[-2000:]
+            break
+    assert kills >= 1, "the run finished before it could be killed; the test did not test anything"
+    a = load_file(str(ref / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after {kills} kill(s) and resumes"
+    assert (ref / "loss_history.csv").read_text() == (out / "loss_history.csv").read_text()
+
+
+def test_interrupted_checkpoint_is_ignored_by_latest(tiny_model_dir, tmp_path):
+    out = train(tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "out", max_train_steps=2,
+                            checkpointing_steps=1))
+    # what a kill in the middle of saving checkpoint 3 leaves behind: a hidden partial folder, or a folder without
+    # its state file
+    (out / ".checkpoint-3.partial").mkdir()
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "optimizer.bin").write_bytes(b"\0" * 10)
+    assert find_checkpoint(out, "latest") == out / "checkpoint-2"
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "out", max_train_steps=20,
+                      checkpointing_steps=1, learning_rate=1e30, adam_epsilon=1e-30)
+    with pytest.raises(UserError, match=r"NaN/inf at step \d+.*learning rate.*last good checkpoint is"):
+        train(cfg)
+    out = tmp_path / "out"
+    assert list_checkpoints(out), "the checkpoints written before the loss diverged must remain"
+    assert not (out / "pytorch_lora_weights.safetensors").exists(), "no final LoRA from a diverged run"
+
+
+def test_a_failed_write_is_one_clear_error_and_earlier_files_survive(tiny_model_dir, tmp_path, monkeypatch):
+    import billiard_lora.lora as lora_mod
+
+    real = lora_mod.save_lora
+    calls = {"n": 0}
+
+    def flaky_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # the first checkpoint saves; the second hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_mod, "save_lora", flaky_save)
+    with pytest.raises(UserError, match="could not write .*No space left on device"):
+        train(tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "out", max_train_steps=3,
+                          checkpointing_steps=1))
+    out = tmp_path / "out"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
+    assert load_file(str(out / "checkpoint-1" / "pytorch_lora_weights.safetensors"))
+
+
+def test_tokens_never_reach_outputs_or_logs(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    secrets = {"HF_TOKEN": "hf_FAKEtoken1234567890", "KAGGLE_KEY": "kagglefakekey0987654321",
+               "KAGGLE_USERNAME": "someone"}
+    for k, v in secrets.items():
+        monkeypatch.setenv(k, v)
+    out = train(tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "out", max_train_steps=2,
+                            checkpointing_steps=1, output_kohya_format=True, report_to="tensorboard"))
+    printed = capsys.readouterr()
+    for secret in (secrets["HF_TOKEN"], secrets["KAGGLE_KEY"]):
+        assert secret not in printed.out + printed.err
+        for f in out.rglob("*"):
+            if f.is_file():
+                assert secret.encode() not in f.read_bytes(), f"{f} contains a token"
