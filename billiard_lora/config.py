@@ -63,6 +63,9 @@ class TrainConfig:
     crops_coords_top_left_w: int = _f(0, "Crop left (width) coordinate for SDXL's micro-conditioning at validation.")
     image_interpolation_mode: str = _f("lanczos", "Resize filter: lanczos, bicubic, bilinear or nearest.")
     dataloader_num_workers: int = _f(0, "Data-loading worker processes (0: in the main process).")
+    cache_latents: bool = _f(
+        True, "(billiard-lora) Encode each distinct view (image, crop, flip) with the VAE once and reuse it; "
+              "results are identical, only faster. --cache_latents=false re-encodes every step.")
     skip_bad_images: bool = _f(
         False, "(billiard-lora) Train on the readable images when some files are broken, instead of stopping.")
 

@@ -108,6 +108,11 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     if not config.train_text_encoder:
         captions = {im.caption for im in instance_images} | {im.caption for im in class_images}
         prompt_cache = PromptCache.build(sorted(captions), c, device)
+        if device.type == "cuda":
+            # frozen and no longer needed until validation: 1.6 GB of fp16 weights off the GPU
+            c.text_encoder_one.to("cpu")
+            c.text_encoder_two.to("cpu")
+    latent_cache = LatentCache(c.vae, enabled=config.cache_latents)
     dataset = DreamBoothDataset(instance_images, class_images, config)
     sampler = EpochShuffleSampler(len(dataset), config.seed)
     # Its own generator: creating a DataLoader iterator then draws from it, not from the global RNG that
@@ -180,7 +185,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             with accelerator.accumulate(*[unet, *text_encoders]):
                 # One generator per micro-batch, seeded by where we are: nothing to restore on resume.
                 gen = seeded_generator(config.seed, epoch, batch_index, accelerator.process_index, device)
-                latents = encode_latents(c.vae, batch["pixel_values"], gen, weight_dtype)  # (B, 4, H/8, W/8)
+                latents = latent_cache.sample(batch["pixel_values"], batch["keys"], gen, weight_dtype)  # (B, 4, H/8, W/8)
                 noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
                 if config.noise_offset:
                     # https://www.crosslabs.org//blog/diffusion-with-offset-noise: learn overall brightness too
@@ -394,8 +399,10 @@ class DreamBoothDataset(Dataset):
         flip = cfg.random_flip and rng.random() < 0.5
         pixels, original_size, crop = prepare_image(item.image, cfg.resolution, center_crop=cfg.center_crop, flip=flip,
                                                     crop_rng=rng, interpolation=cfg.image_interpolation_mode)
+        # the view's identity for the latent cache: the file's content, never its index in the dataloader
+        key = f"{item.key}:{cfg.resolution}:{crop[0]},{crop[1]}:{int(flip)}:{cfg.image_interpolation_mode}"
         return {"pixel_values": pixels, "original_size": original_size, "crop_top_left": crop, "caption": item.caption,
-                "flipped": flip}
+                "flipped": flip, "key": key}
 
     def __getitem__(self, epoch_and_index: tuple[int, int]) -> dict:
         epoch, index = epoch_and_index
@@ -431,6 +438,7 @@ def collate(examples: list[dict]) -> dict:
         "original_sizes": [p["original_size"] for p in parts],
         "crop_top_lefts": [p["crop_top_left"] for p in parts],
         "captions": [p["caption"] for p in parts],
+        "keys": [p["key"] for p in parts],
     }
 
 
@@ -455,12 +463,45 @@ class PromptCache:
         return (torch.stack([self.table[c][0] for c in captions]), torch.stack([self.table[c][1] for c in captions]))
 
 
-def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator, weight_dtype) -> torch.Tensor:
-    """Pixels in [-1, 1] -> scaled VAE latents, sampled from the posterior with our generator."""
-    with torch.no_grad():
-        dist = vae.encode(pixel_values.to(vae.device, dtype=vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator) * vae.config.scaling_factor
-    return latents.to(weight_dtype)
+class LatentCache:
+    """The VAE posterior (mean, std) of each distinct training view, computed once.
+
+    Keyed by content (file hash, resolution, crop, flip), never by dataloader index. Each view is encoded alone, so
+    its latent never depends on which images shared its batch: cached or not, resumed or not, the numbers agree.
+    Latents are then sampled from the cached posterior with our generator, exactly as the VAE itself would.
+    """
+
+    def __init__(self, vae, enabled: bool = True):
+        self.vae, self.enabled = vae, enabled
+        self.table: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def _posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(pixels[None].to(self.vae.device, dtype=self.vae.dtype)).latent_dist
+        return dist.mean[0], dist.std[0]
+
+    def posterior(self, pixel_values: torch.Tensor, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        means, stds = [], []
+        for pixels, key in zip(pixel_values, keys):
+            if key in self.table:
+                self.hits += 1
+                mean, std = self.table[key]
+            else:
+                self.misses += 1
+                mean, std = self._posterior(pixels)
+                if self.enabled:
+                    self.table[key] = (mean, std)
+            means.append(mean)
+            stds.append(std)
+        return torch.stack(means), torch.stack(stds)
+
+    def sample(self, pixel_values: torch.Tensor, keys: Sequence[str], generator: torch.Generator,
+               weight_dtype: torch.dtype) -> torch.Tensor:
+        """Scaled latents (B, 4, H/8, W/8) drawn from each view's posterior."""
+        mean, std = self.posterior(pixel_values, keys)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return ((mean + std * eps) * self.vae.config.scaling_factor).to(weight_dtype)
 
 
 def seeded_generator(seed: int, epoch: int, batch_index: int, process: int, device) -> torch.Generator:
@@ -670,7 +711,7 @@ def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, we
     device = accelerator.device
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     images = []
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, on_device([pipe.text_encoder, pipe.text_encoder_2], device):
         for i in range(config.num_validation_images):
             g = torch.Generator(device=device).manual_seed(config.seed + i)
             images.append(pipe(config.validation_prompt, num_inference_steps=config.validation_inference_steps,
@@ -685,6 +726,19 @@ def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, we
     if callback:
         callback({"event": "validation", "step": step, "images": images, "path": str(path)})
     return images
+
+
+@contextlib.contextmanager
+def on_device(modules: Sequence[torch.nn.Module], device) -> Iterator[None]:
+    """Bring modules to ``device`` for a while (e.g. offloaded text encoders for validation), then put them back."""
+    before = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, d in zip(modules, before):
+            m.to(d)
 
 
 def _write_history(folder: Path, history: list[dict]) -> None:

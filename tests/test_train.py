@@ -172,6 +172,15 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tiny_model_dir, tmp_path):
     assert hist_a == hist_b
 
 
+def test_latent_cache_changes_nothing_but_speed(tiny_model_dir, tmp_path):
+    data = make_images(tmp_path / "data", n=3)
+    kw = dict(max_train_steps=4, random_flip=True, train_batch_size=2)
+    cached = train(tiny_config(tiny_model_dir, data, tmp_path / "cached", **kw))
+    uncached = train(tiny_config(tiny_model_dir, data, tmp_path / "uncached", cache_latents=False, **kw))
+    a, b = lora_tensors(cached), lora_tensors(uncached)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_checkpoints_total_limit_keeps_the_newest(tiny_model_dir, tmp_path):
     out = train(tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "out", max_train_steps=4,
                             checkpointing_steps=1, checkpoints_total_limit=2))
