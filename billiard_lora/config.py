@@ -120,6 +120,9 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
     train_text_encoder: bool = _f(False, "Also train LoRA on both text encoders.")
+    init_lora_weights: str = _f(
+        "gaussian", "(billiard-lora) LoRA initialisation: gaussian (diffusers' default), pissa or pissa_niter_<n> "
+                    "(SVD-based: starts on the weights' principal directions; see lora_tools), olora, true, false.")
 
     # ---- outputs, checkpoints, validation, logging
     checkpointing_steps: int = _f(500, "Save a full training-state checkpoint every N optimizer steps.")
@@ -175,6 +178,9 @@ class TrainConfig:
             raise UserError(f"--learning_rate={self.learning_rate} must be positive")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserError(f"--lora_dropout={self.lora_dropout} must be in [0, 1)")
+        from .lora_tools import validate_init_lora_weights
+
+        validate_init_lora_weights(self.init_lora_weights, use_dora=self.use_dora)
         if self.report_to not in ("tensorboard", "none", "all"):
             raise UserError(f"--report_to={self.report_to!r}: this trainer logs to tensorboard or none")
 

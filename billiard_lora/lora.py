@@ -55,28 +55,50 @@ def _unwrap(model):
 
 def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encoder_two=None,
               metadata: dict[str, Any] | None = None, kohya: bool = False,
-              weight_name: str = LORA_WEIGHT_NAME) -> Path:
+              weight_name: str = LORA_WEIGHT_NAME, pissa_initial: dict[str, dict] | None = None) -> Path:
     """Write the LoRA in diffusers format (what ``pipe.load_lora_weights(dir)`` reads), optionally kohya too.
 
     Keys and the peft adapter metadata come from diffusers' own ``save_lora_weights``; we add the training config
-    to the safetensors header and write each file atomically.
+    to the safetensors header and write each file atomically. ``pissa_initial`` (component -> adapter state right
+    after a PiSSA/OLoRA init, which rewrote the base weights) saves the *difference* training made instead, a
+    rank-2r LoRA for the unmodified base model (see ``lora_tools.save_pissa_lora``).
     """
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-    from safetensors import safe_open
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    extra = {METADATA_KEY: json.dumps(metadata, default=str)} if metadata else {}
+    if pissa_initial is not None:
+        from .lora_tools import save_pissa_lora
+
+        save_pissa_lora(output_dir, pissa_initial, metadata=metadata, weight_name=weight_name, unet=unet,
+                        text_encoder=text_encoder_one, text_encoder_2=text_encoder_two)
+    else:
+        _save_diffusers(output_dir, weight_name, unet, text_encoder_one, text_encoder_two, extra)
+    if kohya:
+        # per component, with the webui key names (ComfyUI, A1111) and each layer's true alpha
+        from .lora_tools import load_lora_file, to_kohya
+
+        kohya_sd, header = to_kohya(load_lora_file(output_dir / weight_name))
+        save_safetensors(kohya_sd, output_dir / KOHYA_WEIGHT_NAME, metadata={**header, **extra})
+    return output_dir / weight_name
+
+
+def _save_diffusers(output_dir: Path, weight_name: str, unet, text_encoder_one, text_encoder_two,
+                    extra: dict[str, str]) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors import safe_open
+
     layers: dict[str, Any] = {}
     adapter_meta: dict[str, Any] = {}
     for key, model in (("unet", unet), ("text_encoder", text_encoder_one), ("text_encoder_2", text_encoder_two)):
         if model is None:
             continue
         model = _unwrap(model)
-        layers[f"{key}_lora_layers"] = convert_state_dict_to_diffusers(peft_state_dict(model))
+        state = convert_state_dict_to_diffusers(peft_state_dict(model))
+        if key != "unet":
+            state = {_clip_canonical(k): v for k, v in state.items()}
+        layers[f"{key}_lora_layers"] = state
         adapter_meta[f"{key}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    extra = {METADATA_KEY: json.dumps(metadata, default=str)} if metadata else {}
-
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:
         StableDiffusionXLPipeline.save_lora_weights(tmp, **layers, **adapter_meta, weight_name=weight_name)
         with safe_open(Path(tmp) / weight_name, framework="pt") as f:
@@ -84,18 +106,11 @@ def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encod
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     save_safetensors(tensors, output_dir / weight_name, metadata={**header, **extra})
 
-    if kohya:
-        kohya_sd = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(tensors))
-        # diffusers writes alpha = rank; the real alpha matters when --lora_alpha differs from --rank.
-        alpha = next(iter(adapter_meta.values()))["lora_alpha"]
-        for k in kohya_sd:
-            if k.endswith(".alpha"):
-                kohya_sd[k] = torch.tensor(float(alpha))
-        save_safetensors(kohya_sd, output_dir / KOHYA_WEIGHT_NAME,
-                         metadata={"format": "pt", "ss_network_module": "networks.lora",
-                                   "ss_network_dim": str(next(iter(adapter_meta.values()))["r"]),
-                                   "ss_network_alpha": str(alpha), "ss_base_model_version": "sdxl_base_v1-0", **extra})
-    return output_dir / weight_name
+
+def _clip_canonical(key: str) -> str:
+    """CLIP text-encoder keys as every loader spells them (``text_model.encoder.layers.N...``): transformers 5's
+    CLIPTextModel dropped the ``.text_model`` wrapper, transformers 4 and the webuis expect it."""
+    return "text_model." + key if key.startswith(("encoder.", "embeddings.", "final_layer_norm")) else key
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -131,3 +146,9 @@ def load_adapter_state(path: str | Path, models: dict[str, torch.nn.Module]) -> 
             raise ValueError(f"{path}: the {name} LoRA in this checkpoint has a different shape "
                              f"(rank, target modules or model) than the run being resumed")
         set_peft_model_state_dict(model, sub, adapter_name="default")
+
+
+if __name__ == "__main__":  # python -m billiard_lora.lora inspect|convert|resize|merge ...
+    from .lora_tools import main
+
+    raise SystemExit(main())

@@ -87,9 +87,13 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
 
     class_images = ensure_class_images(config, c, accelerator, weight_dtype) if config.with_prior_preservation else []
 
-    from .lora import add_lora, lora_parameters
+    from .lora import add_lora, lora_parameters, peft_state_dict
+    from .lora_tools import is_mutating_init, validate_init_lora_weights
 
-    lora_kw = dict(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, use_dora=config.use_dora)
+    init = validate_init_lora_weights(config.init_lora_weights, use_dora=config.use_dora)
+    lora_kw = dict(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, use_dora=config.use_dora,
+                   init_lora_weights=init)
+    torch.manual_seed(config.seed)  # the init draws random numbers: a resumed run must rebuild the same adapter
     add_lora(c.unet, **lora_kw)
     text_encoders = [c.text_encoder_one, c.text_encoder_two] if config.train_text_encoder else []
     for te in text_encoders:
@@ -98,6 +102,12 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     for m in trainable:
         for p in lora_parameters(m):
             p.data = p.data.float()  # fp32 master weights for the adapter; autocast does the fp16/bf16 math
+    # PiSSA/OLoRA moved part of each base weight into the adapter: what we save is the change training makes
+    # relative to this starting point, a LoRA that fits the unmodified base model.
+    pissa_initial = None
+    if is_mutating_init(init):
+        pissa_initial = {name: {k: v.detach().clone() for k, v in peft_state_dict(m).items()}
+                         for name, m in zip(("unet", "text_encoder", "text_encoder_2"), trainable)}
     if config.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing()
         for te in text_encoders:
@@ -241,7 +251,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             if callback and accelerator.is_main_process:
                 callback({"event": "step", **row})
             if global_step % config.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, config, c, unet, text_encoders, history)
+                save_checkpoint(accelerator, out, global_step, config, unet, text_encoders, history, pissa_initial)
             if config.validation_prompt and should_validate(config, global_step, steps_per_epoch):
                 validate(global_step)
             if global_step >= max_train_steps:
@@ -256,7 +266,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     if config.validation_prompt and not (history and should_validate(config, global_step, steps_per_epoch)):
         final_images = validate(global_step)
     if accelerator.is_main_process:
-        save_final(out, config, c, unet, text_encoders, history, accelerator)
+        save_final(out, config, unet, text_encoders, history, accelerator, pissa_initial)
         summary = timer.summary(global_step)
         atomic_write_json(out / "summary.json", summary)
         say(f"done: {global_step} steps in {summary['seconds']:.1f} s, {summary['images_per_second']:.2f} images/s, "
@@ -608,7 +618,8 @@ def register_checkpoint_hooks(accelerator, models: dict[str, Any]) -> None:
 def lora_signature(config: TrainConfig) -> dict:
     """What must match for a checkpoint to resume this run."""
     return {"pretrained_model_name_or_path": config.pretrained_model_name_or_path, "rank": config.rank,
-            "lora_alpha": config.alpha, "use_dora": config.use_dora, "train_text_encoder": config.train_text_encoder}
+            "lora_alpha": config.alpha, "use_dora": config.use_dora, "train_text_encoder": config.train_text_encoder,
+            "init_lora_weights": config.init_lora_weights}
 
 
 @contextlib.contextmanager
@@ -621,13 +632,15 @@ def writing(what: Path) -> Iterator[None]:
                         f"(free some space or fix permissions, then --resume_from_checkpoint=latest)") from None
 
 
-def save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, c, unet, text_encoders, history) -> None:
+def save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, unet, text_encoders, history,
+                    pissa_initial=None) -> None:
     """Write ``checkpoint-N`` atomically: built under a hidden name, renamed when complete."""
     with writing(out / f"{CHECKPOINT_PREFIX}{step}"):
-        _save_checkpoint(accelerator, out, step, config, unet, text_encoders, history)
+        _save_checkpoint(accelerator, out, step, config, unet, text_encoders, history, pissa_initial)
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, unet, text_encoders, history) -> None:
+def _save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, unet, text_encoders, history,
+                     pissa_initial) -> None:
     from .lora import save_lora
 
     final = out / f"{CHECKPOINT_PREFIX}{step}"
@@ -642,7 +655,7 @@ def _save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, une
         te = [accelerator.unwrap_model(t) for t in text_encoders] or [None, None]
         # a ready-to-use LoRA file in each checkpoint, so generation can compare how training evolved
         save_lora(tmp, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
-                  metadata={**config.to_dict(), "global_step": step})
+                  metadata={**config.to_dict(), "global_step": step}, pissa_initial=pissa_initial)
         _write_history(tmp, history)
         atomic_write_json(tmp / STATE_FILE, {"global_step": step, "signature": lora_signature(config)})
         publish_dir(tmp, final)
@@ -761,14 +774,14 @@ def load_history(out: Path) -> list[dict]:
                 for r in csv.DictReader(fh)]
 
 
-def save_final(out: Path, config: TrainConfig, c, unet, text_encoders, history, accelerator) -> None:
+def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, accelerator, pissa_initial=None) -> None:
     from .lora import save_lora
     from .viz import plot_loss
 
     te = [accelerator.unwrap_model(t) for t in text_encoders] or [None, None]
     with writing(out):
         save_lora(out, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
-                  metadata=config.to_dict(), kohya=config.output_kohya_format)
+                  metadata=config.to_dict(), kohya=config.output_kohya_format, pissa_initial=pissa_initial)
         config.save(out / "config.json")
         _write_history(out, history)
         if history:

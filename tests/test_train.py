@@ -318,3 +318,24 @@ def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
     pipe.load_lora_weights(str(out))
     assert np.isfinite(sample(pipe)).all()
+
+
+def test_pissa_init_saves_a_lora_for_the_unmodified_base(tiny_model_dir, tiny_components, tmp_path):
+    """PiSSA rewrites the base weights at init; the saved file must still reproduce the trained model on stock SDXL."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from billiard_lora.models import pipeline_from_components
+
+    out = train(tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "out", learning_rate=1e-2,
+                            init_lora_weights="pissa_niter_4", output_kohya_format=True), components=tiny_components)
+    trained = sample(pipeline_from_components(tiny_components))
+    fresh = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    base = sample(fresh)
+    fresh.load_lora_weights(str(out))
+    assert np.abs(trained - base).max() > 1e-4
+    np.testing.assert_allclose(sample(fresh), trained, atol=1e-4)
+
+
+def test_unknown_init_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="--init_lora_weights"):
+        tiny_config(tiny_model_dir, tmp_path, tmp_path / "o", init_lora_weights="svd")

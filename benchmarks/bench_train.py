@@ -1,0 +1,186 @@
+"""Training (and generation) speed and memory of billiard-lora, printed as JSON.
+
+    python benchmarks/bench_train.py --shape small --resolution 256            # CPU, SDXL-shaped small model
+    python benchmarks/bench_train.py --shape full --resolution 1024 --device cuda --mixed_precision fp16 \
+        --use_8bit_adam --gradient_checkpointing                               # the seed's settings, real SDXL size
+
+Models are SDXL architectures at random weights built by ``billiard_lora.tiny`` (tiny / small / full = SDXL base
+1.0's 2.57 B-parameter UNet), so nothing is downloaded; speed and memory do not depend on the weights' values.
+It runs warm-up steps, then timed steps, of the real ``train()`` (data, caches, optimizer, accumulation), and
+reports optimizer steps/s, images/s, ms per micro-step, peak memory, and model-FLOP utilisation from a FLOP count
+of the UNet measured with ``torch.utils.flop_counter`` (forward x 2 for frozen-weight training, x 3 with gradient
+checkpointing, which recomputes the forward). With ``--generation`` it also times SDXL sampling: base, LoRA
+unfused, LoRA fused. No timed assertions anywhere: these are numbers to read and record in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from billiard_lora import paths  # noqa: E402
+from billiard_lora.config import TrainConfig  # noqa: E402
+from billiard_lora.models import Components  # noqa: E402
+from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
+from billiard_lora.train import train  # noqa: E402
+
+
+def components(shape: str, device: str) -> Components:
+    from diffusers import DDPMScheduler
+
+    c = build_components(SHAPES[shape], device=device, seed=0)
+    return Components(c["tokenizer"], c["tokenizer_2"], c["text_encoder"], c["text_encoder_2"], c["vae"], c["unet"],
+                      DDPMScheduler.from_config(c["scheduler"].config))
+
+
+def unet_forward_flops(c: Components, resolution: int, batch: int, device: str) -> float:
+    """FLOPs of one UNet forward at this resolution and batch, counted by torch (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = c.unet
+    lat = resolution // 8
+    dtype = next(unet.parameters()).dtype
+    te2_dim = c.text_encoder_two.config.projection_dim
+    cross = unet.config.cross_attention_dim
+    x = torch.randn(batch, 4, lat, lat, device=device, dtype=dtype)
+    t = torch.full((batch,), 500, device=device)
+    emb = torch.randn(batch, 77, cross, device=device, dtype=dtype)
+    cond = {"text_embeds": torch.randn(batch, te2_dim, device=device, dtype=dtype),
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, device=device,
+                                     dtype=dtype)}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, t, emb, added_cond_kwargs=cond)
+    return float(counter.get_total_flops())
+
+
+def peak_memory(device: str) -> dict:
+    if device.startswith("cuda"):
+        return {"cuda_max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
+                "cuda_max_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+    return {"cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def bench_training(args) -> dict:
+    c = components(args.shape, args.device)
+    fwd = unet_forward_flops(c, args.resolution, args.train_batch_size, args.device)
+    step_times: list[float] = []
+
+    def on_event(e: dict) -> None:
+        if e["event"] == "step":
+            step_times.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(
+            pretrained_model_name_or_path=f"random-{args.shape}", instance_prompt="a photo of messi playing billiard",
+            dataset_name=str(paths.DEFAULT_DATA_DIR), output_dir=str(Path(tmp) / "run"), resolution=args.resolution,
+            train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+            gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+            use_8bit_adam=args.use_8bit_adam, rank=args.rank, max_train_steps=args.warmup + args.steps,
+            checkpointing_steps=10**9, learning_rate=1e-4, lr_warmup_steps=0, snr_gamma=5.0, seed=0,
+            report_to="none", cache_latents=not args.no_cache_latents)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        train(config, components=c, callback=on_event)
+        total = time.perf_counter() - t0
+    timed = step_times[args.warmup - 1:] if args.warmup > 0 else [t0] + step_times
+    per_step = (timed[-1] - timed[0]) / (len(timed) - 1)
+    micro = args.gradient_accumulation_steps
+    images_per_step = args.train_batch_size * micro
+    train_flops = fwd * (3 if args.gradient_checkpointing else 2)  # per micro-batch
+    result = {
+        "what": "training", "shape": args.shape, "resolution": args.resolution, "device": device_name(args.device),
+        "batch": args.train_batch_size, "gradient_accumulation_steps": micro,
+        "gradient_checkpointing": args.gradient_checkpointing, "mixed_precision": args.mixed_precision,
+        "use_8bit_adam": args.use_8bit_adam, "cache_latents": not args.no_cache_latents,
+        "timed_steps": len(timed) - 1, "optimizer_steps_per_s": 1 / per_step, "images_per_s": images_per_step / per_step,
+        "ms_per_micro_step": 1000 * per_step / micro, "unet_forward_tflop": fwd / 1e12,
+        "train_tflop_per_micro_step": train_flops / 1e12, "wall_s_including_setup": total, **peak_memory(args.device),
+    }
+    if args.peak_tflops:
+        result["mfu"] = (train_flops / (per_step / micro)) / (args.peak_tflops * 1e12)
+    return result
+
+
+def bench_generation(args) -> dict:
+    from billiard_lora.generate import LoraSpec, generate, load_lora
+    from billiard_lora.lora import add_lora, save_lora
+
+    from diffusers import StableDiffusionXLPipeline
+
+    c = build_components(SHAPES[args.shape], device=args.device, seed=0,
+                         dtype=torch.float16 if args.device.startswith("cuda") else torch.float32)
+    pipe = StableDiffusionXLPipeline(**c)
+    kw = dict(num_inference_steps=args.gen_steps, height=args.resolution, width=args.resolution, progress=False)
+
+    def timed() -> float:
+        generate(pipe, ["warm-up"], [0], **kw)
+        t = time.perf_counter()
+        generate(pipe, ["a photo of messi playing billiard"], list(range(args.gen_images)), **kw)
+        return (time.perf_counter() - t) / args.gen_images
+
+    base = timed()
+    with tempfile.TemporaryDirectory() as tmp:
+        unet_copy = build_components(SHAPES[args.shape], device="cpu", seed=0)["unet"]
+        add_lora(unet_copy, rank=args.rank)
+        save_lora(tmp, unet=unet_copy)
+        load_lora(pipe, LoraSpec(tmp))
+        unfused = timed()
+        pipe.fuse_lora()
+        fused = timed()
+    return {"what": "generation", "shape": args.shape, "resolution": args.resolution, "steps": args.gen_steps,
+            "device": device_name(args.device), "s_per_image_base": base, "s_per_image_lora_unfused": unfused,
+            "s_per_image_lora_fused": fused, "fused_overhead_pct": 100 * (fused / base - 1),
+            "unfused_overhead_pct": 100 * (unfused / base - 1)}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=list(SHAPES), default="small")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--train_batch_size", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=3)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument("--no_cache_latents", action="store_true")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps timed")
+    p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (H100 bf16 dense: ~790)")
+    p.add_argument("--generation", action="store_true", help="also time sampling: base, LoRA unfused, fused")
+    p.add_argument("--gen_steps", type=int, default=10)
+    p.add_argument("--gen_images", type=int, default=3)
+    p.add_argument("--json", default=None, help="also append the results to this JSON-lines file")
+    args = p.parse_args()
+    results = [bench_training(args)]
+    if args.generation:
+        results.append(bench_generation(args))
+    for r in results:
+        line = json.dumps(r)
+        print(line, flush=True)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
