@@ -94,14 +94,24 @@ def load_components(pretrained_model_name_or_path: str, *, pretrained_vae_model_
     return Components(tok1, tok2, te1, te2, vae, unet, scheduler)
 
 
+def _dtype_kw(dtype: torch.dtype | None) -> dict[str, Any]:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (0.36+); pass whichever this version takes."""
+    if dtype is None:
+        return {}
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (exists where `dtype` is the name)
+
+        return {"dtype": dtype}
+    except ImportError:
+        return {"torch_dtype": dtype}
+
+
 def load_vae(name: str, *, cache_dir: str | None = None, torch_dtype: torch.dtype | None = None):
     """A standalone VAE folder or hub id (the seed uses madebyollin/sdxl-vae-fp16-fix); a pipeline's vae/ also works."""
     from diffusers import AutoencoderKL
 
     with _friendly_errors("VAE", name):
-        kw = dict(cache_dir=cache_dir, use_safetensors=True)
-        if torch_dtype is not None:
-            kw["torch_dtype"] = torch_dtype
+        kw = dict(cache_dir=cache_dir, use_safetensors=True, **_dtype_kw(torch_dtype))
         if _is_local(name) and (Path(name).expanduser() / "vae" / "config.json").exists():
             return AutoencoderKL.from_pretrained(name, subfolder="vae", **kw)
         return AutoencoderKL.from_pretrained(name, **kw)
@@ -113,9 +123,8 @@ def load_pipeline(pretrained_model_name_or_path: str = SDXL_BASE, *, pretrained_
     """Load ``StableDiffusionXLPipeline`` (base + optional separate VAE), cast to ``torch_dtype``, moved to ``device``."""
     from diffusers import StableDiffusionXLPipeline
 
-    kw: dict[str, Any] = dict(revision=revision, variant=variant, cache_dir=cache_dir, use_safetensors=True)
-    if torch_dtype is not None:
-        kw["torch_dtype"] = torch_dtype
+    kw: dict[str, Any] = dict(revision=revision, variant=variant, cache_dir=cache_dir, use_safetensors=True,
+                              **_dtype_kw(torch_dtype))
     if pretrained_vae_model_name_or_path is not None:
         kw["vae"] = load_vae(pretrained_vae_model_name_or_path, cache_dir=cache_dir, torch_dtype=torch_dtype)
     with _friendly_errors("SDXL pipeline", pretrained_model_name_or_path):
@@ -137,3 +146,113 @@ def pipeline_from_components(components: Components, *, unet=None, text_encoder_
         text_encoder_2=text_encoder_two or c.text_encoder_two, tokenizer=c.tokenizer_one, tokenizer_2=c.tokenizer_two,
         unet=unet or c.unet, scheduler=scheduler,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation models: CLIP (CLIP-I, CLIP-T) and DINO (DINO, PRES, memorisation), as in the DreamBooth paper
+
+CLIP_VIT_B32 = "openai/clip-vit-base-patch32"  # the paper's CLIP for CLIP-I and CLIP-T
+CLIP_VIT_L14 = "openai/clip-vit-large-patch14"  # a stronger option (SDXL's first text encoder is its text half)
+DINO_VIT_S16 = "facebook/dino-vits16"  # the paper's DINO ViT-S/16
+# facebook/dino-vits16 keeps its safetensors weights only in the Hub's conversion pull request, not on main; naming
+# that revision lets use_safetensors=True load it, and load it offline from a cache filled once.
+_SAFETENSORS_REVISIONS = {DINO_VIT_S16: "refs/pr/1"}
+_DINO_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers")  # ViTs whose first token is a trained CLS token
+
+
+def load_clip(name_or_path: str = CLIP_VIT_B32, *, cache_dir: str | None = None, revision: str | None = None):
+    """``(CLIPModel, CLIPProcessor)`` in float32 on CPU, eval mode; the processor's image half is the PIL one."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    common = _eval_model_kwargs(name_or_path, cache_dir, revision)
+    with _eval_model_errors("CLIP model", name_or_path, common.get("revision")):
+        _require_model_type(name_or_path, "CLIP model", ("clip",), "--clip_model", common)
+        model = _load_all_weights(CLIPModel, name_or_path, "CLIP model", common)
+        tokenizer, image_processor = _tokenizer(name_or_path, common), _image_processor(name_or_path, common)
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def load_dino(name_or_path: str = DINO_VIT_S16, *, cache_dir: str | None = None, revision: str | None = None):
+    """``(model, image processor)`` of a DINO ViT (``ViTModel`` without pooler, or DINOv2), float32 on CPU, eval."""
+    from transformers import AutoModel, ViTModel
+
+    common = _eval_model_kwargs(name_or_path, cache_dir, revision)
+    with _eval_model_errors("DINO model", name_or_path, common.get("revision")):
+        model_type = _require_model_type(name_or_path, "DINO model", _DINO_MODEL_TYPES, "--dino_model", common)
+        if model_type == "vit":
+            # DINO's embedding is the CLS token after the final layer norm; the checkpoints carry no pooler head.
+            model = _load_all_weights(ViTModel, name_or_path, "DINO model", common, add_pooling_layer=False)
+        else:
+            model = _load_all_weights(AutoModel, name_or_path, "DINO model", common)
+        image_processor = _image_processor(name_or_path, common)
+    return model, image_processor
+
+
+def _eval_model_kwargs(name: str, cache_dir: str | None, revision: str | None) -> dict[str, Any]:
+    if _is_local(name):
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").is_file():
+            raise UserError(f"model folder {folder} has no config.json: expected a folder written by save_pretrained")
+        if not any(folder.glob("*.safetensors")):
+            raise UserError(f"model folder {folder} has no .safetensors weights (pickled .bin files are not read: "
+                            f"they can run code when loaded); re-save it with save_pretrained(safe_serialization=True)")
+        return dict(cache_dir=cache_dir)
+    return dict(cache_dir=cache_dir, revision=revision or _SAFETENSORS_REVISIONS.get(name))
+
+
+@contextlib.contextmanager
+def _eval_model_errors(what: str, name: str, revision: str | None) -> Iterator[None]:
+    """``_friendly_errors`` plus where a pinned revision's files are (its hint names only the main branch)."""
+    try:
+        with _friendly_errors(what, name):
+            yield
+    except UserError as exc:
+        if revision and not _is_local(name):
+            raise UserError(f"{exc}; its safetensors weights are at revision {revision}: "
+                            f"huggingface-cli download {name} --revision {revision}") from None
+        raise
+
+
+def _require_model_type(name: str, what: str, allowed: tuple[str, ...], flag: str, common: dict[str, Any]) -> str:
+    """The config's model_type, refused unless allowed: from_pretrained would load a foreign model as random weights."""
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(name, **common).model_type
+    if model_type not in allowed:
+        raise UserError(f"{flag} '{name}' is a '{model_type}' model, not a {what} ({' or '.join(allowed)})")
+    return model_type
+
+
+def _load_all_weights(cls, name: str, what: str, common: dict[str, Any], **kw):
+    """``cls.from_pretrained`` (safetensors only) that refuses a checkpoint leaving weights at their random init."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the per-key load report is noise; missing keys are checked below
+    hf_logging.disable_progress_bar()  # a bar for a second's loading; evaluation shows its own progress
+    try:
+        model, info = cls.from_pretrained(name, use_safetensors=True, output_loading_info=True, **common, **kw)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"{what} '{name}' lacks {len(missing)} weights its architecture needs (e.g. {missing[0]}); "
+                        f"pass a complete {what} checkpoint")
+    return model.eval()
+
+
+def _tokenizer(name: str, common: dict[str, Any]):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, **common)
+
+
+def _image_processor(name: str, common: dict[str, Any]):
+    """The PIL image processor: torchvision is optional, and one backend gives the same numbers on every machine."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    backend = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
+    return AutoImageProcessor.from_pretrained(name, **common, **backend)

@@ -222,3 +222,47 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiny evaluation models (CLIP and DINO stand-ins) for offline tests of billiard_lora.evaluate
+
+TINY_EVAL_IMAGE_SIZE = 32  # pixels the tiny CLIP / DINO see (8x8 patches -> 16 patches + CLS)
+_TINY_VIT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+
+
+def save_tiny_clip(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random-weight ``CLIPModel`` folder (model, our tokenizer, a PIL image processor) that ``load_clip`` reads."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    tokenizer = build_tokenizers()[0]
+    text = dict(_TINY_VIT, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(_TINY_VIT, image_size=TINY_EVAL_IMAGE_SIZE, patch_size=8)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    size = TINY_EVAL_IMAGE_SIZE
+    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": size},
+                                                                    crop_size={"height": size, "width": size}),
+                              tokenizer=tokenizer)
+    return _save_eval_model(out_dir, model, processor, "clip", seed)
+
+
+def save_tiny_dino(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random-weight DINO-style ``ViTModel`` folder (no pooler, ImageNet normalisation) that ``load_dino`` reads."""
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    torch.manual_seed(seed)
+    model = ViTModel(ViTConfig(**_TINY_VIT, image_size=TINY_EVAL_IMAGE_SIZE, patch_size=8), add_pooling_layer=False)
+    size = TINY_EVAL_IMAGE_SIZE
+    processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.485, 0.456, 0.406],
+                                     image_std=[0.229, 0.224, 0.225])
+    return _save_eval_model(out_dir, model.eval(), processor, "dino", seed)
+
+
+def _save_eval_model(out_dir: str | Path, model, processor, kind: str, seed: int) -> Path:
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "BILLIARD_LORA_TINY.json").write_text(json.dumps({"kind": kind, "seed": seed, "random_weights": True}))
+    return out

@@ -1,0 +1,601 @@
+"""Images from SDXL + LoRA(s): prompts x seeds x LoRA scales, deterministic, saved with their settings inside.
+
+    python -m billiard_lora.generate --lora outputs/messi_billiard_LoRA      # famous people playing billiards
+    python -m billiard_lora.generate --lora RUN --sweep --compare --checkpoints RUN --seeds 0 1 2
+
+Every image comes from its own ``torch.Generator`` seeded with its seed, so an image depends only on (prompt, seed,
+settings, LoRA scale), never on what else was generated in the same call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from .errors import UserError, cli_entry
+from .lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, read_metadata
+from .models import SDXL_BASE, SDXL_VAE_FP16_FIX, load_pipeline
+from .viz import image_grid, save_image
+
+DEFAULT_INSTANCE_PROMPT = "a photo of messi playing billiard"  # the seed project's instance prompt
+# Who else plays billiards. "{subject}" is the subject of the instance prompt (messi), so the list starts with the
+# trained prompt itself and mixes in variations of it.
+DEFAULT_SUBJECTS = (
+    "{subject}", "cristiano ronaldo", "albert einstein", "taylor swift", "barack obama", "serena williams",
+    "{subject} in a tuxedo", "marilyn monroe", "lebron james", "queen elizabeth ii", "{subject} as a cartoon character",
+    "an astronaut",
+)
+DEFAULT_SCALES = (0.0, 0.3, 0.6, 0.9, 1.2)
+CHECKPOINT_PREFIX = "checkpoint-"  # train.py's checkpoint folders: checkpoint-N/pytorch_lora_weights.safetensors
+# "a photo of | messi | playing billiard": the first "... of" is the framing, then the subject, then the action.
+_SUBJECT_PATTERN = re.compile(r"^(?P<pre>.*?\bof\s+)?(?P<subject>.+?)\s+(?P<rest>playing\s+billiards?\b.*)$",
+                              re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def famous_prompts(instance_prompt: str | None = None, n: int = 8) -> list[str]:
+    """Up to ``n`` prompts of famous people playing billiards, phrased like the instance prompt (deterministic)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    instance = (instance_prompt or "").strip() or DEFAULT_INSTANCE_PROMPT
+    m = _SUBJECT_PATTERN.match(instance)
+    if m:
+        pre, rest = m["pre"] or "", m["rest"]
+        prompts = [f"{pre}{s.format(subject=m['subject'])} {rest}" for s in DEFAULT_SUBJECTS]
+    else:  # no subject to swap ("a photo of sks billiard"): keep the trained prompt and add who is playing
+        prompts = [instance] + [f"{instance}, {s} playing billiards" for s in DEFAULT_SUBJECTS if "{" not in s]
+    return list(dict.fromkeys(prompts))[:n]
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"--prompts_file {p} does not exist (expected a text file with one prompt per line)")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in prompts if line and not line.startswith("#")]
+    if not prompts:
+        raise UserError(f"--prompts_file {p} holds no prompts (one per line; # starts a comment)")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading the pipeline and LoRAs
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA to load: a training output folder or a .safetensors file, its weight, and an adapter name."""
+
+    path: str
+    scale: float = 1.0
+    name: str | None = None  # adapter name; derived from the path when None
+
+
+def parse_lora_arg(text: str) -> LoraSpec:
+    """``DIR_OR_FILE[:SCALE]`` -> LoraSpec; the part after the last colon is a scale only if it is a number."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return _nonempty(LoraSpec(path, float(tail)), text)
+        except ValueError:  # "C:\\runs\\x" or "run:v2": the colon belongs to the path
+            pass
+    return _nonempty(LoraSpec(text), text)
+
+
+def _nonempty(spec: LoraSpec, text: str) -> LoraSpec:
+    if not spec.path.strip():
+        raise UserError(f"--lora '{text}': expected DIR_OR_FILE[:SCALE], e.g. outputs/messi_billiard_LoRA:0.8")
+    return spec
+
+
+def resolve_lora_file(path: str | Path) -> Path:
+    """The LoRA weights file for a training output / checkpoint folder or a .safetensors file; UserError if none."""
+    p = Path(path).expanduser()
+    expected = f"a training output folder holding {LORA_WEIGHT_NAME} (or a checkpoint-N folder), or a .safetensors file"
+    if p.is_dir():
+        if (p / LORA_WEIGHT_NAME).is_file():
+            return p / LORA_WEIGHT_NAME
+        hint = ""
+        others = sorted(f.name for f in p.glob("*.safetensors"))
+        steps = _checkpoint_dirs(p)
+        if others:
+            hint = f"; it holds {', '.join(others[:3])}: pass that file instead"
+        elif steps:
+            hint = f"; training may not have finished: try {steps[-1][1]}"
+        raise UserError(f"LoRA folder {p} has no {LORA_WEIGHT_NAME}: expected {expected}{hint}")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise UserError(f"LoRA file {p} is not a .safetensors file: expected {expected} (pickled .bin/.pt "
+                            f"files can run code when loaded, so they are not read)")
+        return p
+    raise UserError(f"LoRA '{path}' does not exist: expected {expected}")
+
+
+def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_VAE_FP16_FIX,
+                             loras: Sequence[LoraSpec | str] = (), fuse: bool = False,
+                             device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None):
+    """SDXL, a separate VAE unless ``vae`` is None, and LoRAs loaded and weighted; cuda/fp16 if present, else cpu/fp32.
+
+    ``fuse=True`` merges the weighted LoRAs into the base weights (faster sampling); their scales are then baked in,
+    so ``lora_scale``, scale sweeps, base-vs-LoRA and checkpoint grids refuse a fused pipeline.
+    """
+    specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
+    files = [resolve_lora_file(s.path) for s in specs]  # fail on a typo before minutes of model loading
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch_dtype is None:
+        torch_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    pipe = load_pipeline(model, pretrained_vae_model_name_or_path=vae, torch_dtype=torch_dtype, device=device)
+    for spec, file in zip(specs, files):
+        load_lora(pipe, spec, file=file, activate=False)
+    if specs:
+        names = [s.name for s in pipe.billiard_loras.values()]
+        pipe.set_adapters(names, adapter_weights=[s.scale for s in pipe.billiard_loras.values()])
+        if fuse:
+            # fuse_lora merges each adapter at its current scaling, i.e. with the set_adapters weights above.
+            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+    return pipe
+
+
+def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool = True) -> str:
+    """Load one LoRA as a named adapter, the only active one if ``activate``; UserError if it does not fit the model."""
+    file = file or resolve_lora_file(spec.path)
+    expected = _count_lora_layers(file)
+    taken = {n for names in pipe.get_list_adapters().values() for n in names}
+    name = _unique_name(spec.name or _default_name(file), taken)
+    try:
+        with _quiet_loading():
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except (RuntimeError, ValueError, KeyError) as exc:  # size mismatch / no module matches / not LoRA keys
+        raise _does_not_fit(pipe, file, _first_line(exc)) from None
+    loaded = _count_loaded_layers(pipe, name)
+    if loaded == 0 or loaded < expected:  # diffusers only warns when part of a LoRA finds no module to attach to
+        unload_lora(pipe, name)
+        reason = (f"only {loaded} of its {expected} LoRA layers exist in this model" if loaded
+                  else "none of its LoRA layers exist in this model")
+        raise _does_not_fit(pipe, file, reason)
+    if not hasattr(pipe, "billiard_loras"):
+        pipe.billiard_loras = {}  # adapter name -> LoraSpec: the weights set_adapters was given, for restoring
+    pipe.billiard_loras[name] = LoraSpec(str(spec.path), spec.scale, name)
+    if activate:
+        pipe.set_adapters([name], adapter_weights=[spec.scale])
+    return name
+
+
+def unload_lora(pipe, name: str) -> None:
+    """Delete one adapter (and its record) so the next LoRA loaded does not stack on it."""
+    with _quiet_loading():  # peft warns which adapter it activates instead; callers set the active ones
+        pipe.delete_adapters(name)
+    getattr(pipe, "billiard_loras", {}).pop(name, None)
+
+
+def active_loras(pipe) -> list[LoraSpec]:
+    """The LoRAs shaping this pipeline's images now, with their own scales (1.0 for adapters loaded elsewhere)."""
+    known = getattr(pipe, "billiard_loras", {})
+    names = pipe.get_active_adapters()
+    return [known.get(n) or LoraSpec("", 1.0, n) for n in names]
+
+
+def _count_lora_layers(file: Path) -> int:
+    """How many adapted layers the file describes (one down/A matrix each), in diffusers, peft or kohya naming."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises its own error type for a truncated or foreign file
+        raise UserError(f"LoRA file {file} cannot be read as safetensors ({_first_line(exc)})") from None
+    return sum(k.endswith(("lora.down.weight", "lora_down.weight", "lora_A.weight")) for k in keys)
+
+
+def _count_loaded_layers(pipe, name: str) -> int:
+    modules = (getattr(pipe, c, None) for c in ("unet", "text_encoder", "text_encoder_2"))
+    return sum(1 for m in modules if m is not None for layer in m.modules()
+               if isinstance(getattr(layer, "lora_A", None), torch.nn.ModuleDict) and name in layer.lora_A)
+
+
+def _does_not_fit(pipe, file: Path, reason: str) -> UserError:
+    base = getattr(pipe.config, "_name_or_path", None) or "this pipeline"
+    return UserError(f"LoRA {file} does not fit the base model '{base}' ({reason}); {_trained_on(file)}")
+
+
+def _trained_on(file: Path) -> str:
+    """Which base model the LoRA's own metadata names (ours, then kohya's keys)."""
+    from safetensors import safe_open
+
+    try:
+        name = read_metadata(file).get("pretrained_model_name_or_path")
+        if not name:
+            with safe_open(str(file), framework="pt") as f:
+                header = f.metadata() or {}
+            name = header.get("ss_sd_model_name") or header.get("ss_base_model_version")
+    except Exception:  # unreadable metadata only loses the hint
+        name = None
+    return f"its metadata says it was trained on '{name}'" if name else "its metadata does not name a base model"
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide diffusers'/peft's loading chatter ("No LoRA keys ... text_encoder"): we check what loaded ourselves."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _default_name(file: Path) -> str:
+    # A training run's file is named pytorch_lora_weights*: the run's folder says more about it.
+    stem = file.parent.name if file.name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME) else file.stem
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "lora"
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    # peft keeps adapters in ModuleDicts, whose keys may not contain dots.
+    name, candidate, i = name.replace(".", "_"), name.replace(".", "_"), 2
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # torch's load_state_dict error starts with "Error(s) in loading state_dict for X:"; the mismatch follows.
+    line = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(exc).__name__)
+    return re.sub(r"torch\.Size\((\[.*?\])\)", r"\1", line)[:240]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class GeneratedImage:
+    """One image and everything needed to make it again."""
+
+    image: Image.Image
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    steps: int
+    guidance_scale: float
+    lora_scale: float | None  # multiplier on every LoRA's own weight; None when no LoRA is active
+    lora_names: tuple[str, ...]
+    width: int
+    height: int
+    lora_weights: tuple[float, ...] = ()  # each LoRA's own weight, in lora_names order
+    model: str = ""
+    fused: bool = False  # LoRAs merged into the weights at load time
+
+    def metadata(self) -> dict[str, str]:
+        """Settings as PNG text chunks (all strings; empty where not applicable)."""
+        values: dict[str, Any] = dict(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, seed=self.seed, steps=self.steps,
+            guidance_scale=self.guidance_scale, lora_scale=self.lora_scale, lora_names=",".join(self.lora_names),
+            lora_weights=",".join(f"{w:g}" for w in self.lora_weights), width=self.width, height=self.height,
+            model=self.model, fused=self.fused,
+        )
+        return {k: "" if v is None else str(v) for k, v in values.items()}
+
+
+def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, negative_prompt: str | None = None,
+             num_inference_steps: int = 30, guidance_scale: float = 5.0, height: int | None = None,
+             width: int | None = None, lora_scale: float | None = None, progress: bool = True) -> list[GeneratedImage]:
+    """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight."""
+    from tqdm.auto import tqdm
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise UserError("give at least one non-empty prompt")
+    _check_settings(seeds, num_inference_steps, height, width)
+    # SDXL zeroes the unconditional embedding only for None; "" would encode an empty prompt instead.
+    negative_prompt = negative_prompt or None
+    pipe.set_progress_bar_config(disable=True)  # one bar over images below, not one per image
+    loras = active_loras(pipe)
+    fused = _is_fused(pipe)
+    recorded_scale = (1.0 if lora_scale is None else lora_scale) if loras else None
+    results = []
+    with _lora_scale(pipe, loras, lora_scale):
+        jobs = [(p, s) for p in prompts for s in seeds]
+        for prompt, seed in tqdm(jobs, desc="images", unit="image", disable=not progress):
+            # A CPU generator per image: the same seed gives the same starting noise on any GPU or CPU, and an
+            # image never depends on the ones generated before it.
+            generator = torch.Generator("cpu").manual_seed(seed)
+            image = pipe(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, height=height, width=width, generator=generator).images[0]
+            results.append(GeneratedImage(
+                image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=num_inference_steps,
+                guidance_scale=guidance_scale, lora_scale=recorded_scale,
+                lora_names=tuple(s.name for s in loras), width=image.width, height=image.height,
+                lora_weights=tuple(s.scale for s in loras), model=getattr(pipe.config, "_name_or_path", ""),
+                fused=fused,
+            ))
+    return results
+
+
+def _check_settings(seeds: list[int], steps: int, height: int | None, width: int | None) -> None:
+    if not seeds:
+        raise UserError("give at least one seed")
+    if steps < 1:
+        raise UserError(f"the number of inference steps must be at least 1, got {steps}")
+    for flag, v in (("height", height), ("width", width)):
+        if v is not None and (v <= 0 or v % 8):
+            raise UserError(f"{flag} must be a positive multiple of 8 (the VAE downsamples by 8), got {v}")
+
+
+def _is_fused(pipe) -> bool:
+    return getattr(pipe, "num_fused_loras", 0) > 0
+
+
+def _require_unfused(pipe, what: str) -> None:
+    if _is_fused(pipe):
+        raise UserError(f"{what} needs LoRA weights it can change, but this pipeline's LoRAs are fused at their "
+                        f"load-time scales; load it without fuse (--fuse)")
+
+
+@contextlib.contextmanager
+def _lora_scale(pipe, loras: list[LoraSpec], scale: float | None) -> Iterator[None]:
+    """Multiply each active adapter's weight by ``scale`` for the duration, then restore the weights.
+
+    Through ``set_adapters`` rather than ``cross_attention_kwargs={"scale": s}``: in diffusers 0.42 the latter,
+    called with 0, resets every adapter to weight 1.0 afterwards (peft's unscale with 0 means "reset"), losing
+    the per-LoRA weights set at load time.
+    """
+    if scale is None:
+        yield
+        return
+    _require_unfused(pipe, "a LoRA scale")
+    if not loras:
+        raise UserError("a LoRA scale needs a LoRA: load one (--lora DIR) first")
+    names = [s.name for s in loras]
+    pipe.set_adapters(names, adapter_weights=[s.scale * scale for s in loras])
+    try:
+        yield
+    finally:
+        pipe.set_adapters(names, adapter_weights=[s.scale for s in loras])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Grids
+
+
+def _grid(results: list[GeneratedImage], row_labels: list[str], col_labels: list[str]) -> Image.Image:
+    return image_grid([r.image for r in results], len(row_labels), len(col_labels),
+                      row_labels=row_labels, col_labels=col_labels)
+
+
+def prompt_seed_grid(pipe, prompts: Sequence[str], seeds: Sequence[int], **kw) -> Image.Image:
+    """Rows = prompts, columns = seeds."""
+    results = generate(pipe, list(prompts), list(seeds), **kw)
+    return _grid(results, list(prompts), [f"seed {s}" for s in seeds])
+
+
+def scale_sweep(pipe, prompt: str, seeds: Sequence[int], scales: Sequence[float] = DEFAULT_SCALES, **kw) -> Image.Image:
+    """Rows = seeds, columns = LoRA scales (0 = base model) for one prompt."""
+    kw.pop("lora_scale", None)  # the sweep sets it
+    by_scale = [generate(pipe, [prompt], list(seeds), lora_scale=s, **kw) for s in scales]
+    cells = [by_scale[c][r] for r in range(len(seeds)) for c in range(len(scales))]
+    return _grid(cells, [f"seed {s}" for s in seeds], [f"LoRA x{s:g}" for s in scales])
+
+
+def base_vs_lora(pipe, prompts: Sequence[str], seed: int, **kw) -> Image.Image:
+    """Rows = prompts, columns = base model (LoRA scale 0) and LoRA, same seed."""
+    loras = active_loras(pipe)
+    if not loras:
+        raise UserError("base vs LoRA needs a LoRA: load one (--lora DIR) first")
+    base = _base_results(pipe, list(prompts), [seed], **kw)
+    tuned = generate(pipe, list(prompts), [seed], **kw)
+    cells = [r for pair in zip(base, tuned) for r in pair]
+    return _grid(cells, list(prompts), ["base", "LoRA " + ", ".join(s.name for s in loras)])
+
+
+def _base_results(pipe, prompts: list[str], seeds: list[int], **kw) -> list[GeneratedImage]:
+    """The base model's images: active LoRAs at scale 0 (same weights as without them), or as is if none."""
+    kw["lora_scale"] = 0.0 if active_loras(pipe) else None
+    return generate(pipe, prompts, seeds, **kw)
+
+
+def lora_checkpoints(output_dir: str | Path) -> list[tuple[str, Path]]:
+    """(label, LoRA file) for each ``checkpoint-N`` of a training run in step order, then the final LoRA."""
+    out = Path(output_dir).expanduser()
+    if not out.is_dir():
+        raise UserError(f"training output folder {out} does not exist")
+    found = [(f"step {step}", d / LORA_WEIGHT_NAME) for step, d in _checkpoint_dirs(out)
+             if (d / LORA_WEIGHT_NAME).is_file()]
+    if (out / LORA_WEIGHT_NAME).is_file():
+        found.append(("final", out / LORA_WEIGHT_NAME))
+    if not found:
+        raise UserError(f"{out} has no {CHECKPOINT_PREFIX}N/{LORA_WEIGHT_NAME} and no final {LORA_WEIGHT_NAME}: "
+                        f"expected a training output folder (train with --checkpointing_steps to get checkpoints)")
+    return found
+
+
+def _checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
+    dirs = [(int(d.name[len(CHECKPOINT_PREFIX):]), d) for d in out.glob(f"{CHECKPOINT_PREFIX}*")
+            if d.is_dir() and d.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(dirs)  # by step number: checkpoint-10 after checkpoint-9
+
+
+def checkpoint_grid(pipe, output_dir: str | Path, prompts: Sequence[str], seed: int, *, include_base: bool = True,
+                    **kw) -> Image.Image:
+    """Rows = base, each checkpoint ("step N") and the final LoRA, columns = prompts; same seed throughout."""
+    _require_unfused(pipe, "a checkpoint grid")
+    entries = lora_checkpoints(output_dir)
+    prompts = list(prompts)
+    previous = active_loras(pipe)
+    kw.pop("lora_scale", None)  # each checkpoint at its own full weight
+    rows, labels = [], []
+    if include_base:
+        rows += _base_results(pipe, prompts, [seed], **kw)
+        labels.append("base")
+    try:
+        for label, file in entries:
+            # Only this checkpoint is active (load_lora deactivates the others) and it is deleted before the next
+            # one loads, so checkpoints never stack on each other or on LoRAs the caller loaded.
+            name = load_lora(pipe, LoraSpec(str(file), 1.0, f"ckpt_{label.replace(' ', '_')}"), file=file)
+            try:
+                rows += generate(pipe, prompts, [seed], **kw)
+            finally:
+                unload_lora(pipe, name)
+            labels.append(label)
+    finally:
+        if previous:
+            pipe.set_adapters([s.name for s in previous], adapter_weights=[s.scale for s in previous])
+    return _grid(rows, labels, prompts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def slugify(text: str, max_len: int = 60) -> str:
+    """A file-name-safe lowercase slug of ``text``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].rstrip("-")
+    return slug or "image"
+
+
+def _free_path(path: Path, taken: Sequence[Path] = ()) -> Path:
+    """``path``, or ``stem-2``, ``stem-3`` ... if it exists: earlier results are never overwritten."""
+    candidate, i = path, 2
+    while candidate.exists() or candidate in taken:
+        candidate, i = path.with_name(f"{path.stem}-{i}{path.suffix}"), i + 1
+    return candidate
+
+
+def save_results(results: Sequence[GeneratedImage], out_dir: str | Path) -> list[Path]:
+    """One PNG per image, named ``<prompt slug>_seed<N>[_scale<S>].png``, its settings in the PNG's text chunks."""
+    out = Path(out_dir).expanduser()
+    paths: list[Path] = []
+    for r in results:
+        scale = f"_scale{r.lora_scale:g}" if r.lora_scale is not None else ""
+        path = _free_path(out / f"{slugify(r.prompt)}_seed{r.seed}{scale}.png", paths)
+        paths.append(save_image(r.image, path, r.metadata()))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through cli_entry instead of argparse's usage block
+        raise UserError(f"{message} (see python -m billiard_lora.generate --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m billiard_lora.generate`` flags."""
+    p = _Parser(prog="python -m billiard_lora.generate", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--model", default=SDXL_BASE, help="SDXL base model: hub id or local diffusers folder")
+    p.add_argument("--vae", default=SDXL_VAE_FP16_FIX, help="separate VAE (hub id or folder); 'none': the model's own")
+    p.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",
+                   help="training output folder or .safetensors (diffusers or kohya), optional weight; repeatable")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
+    p.add_argument("--prompts_file", help="text file, one prompt per line")
+    p.add_argument("--instance_prompt", help="default prompts are famous people phrased like this "
+                                             "(default: the LoRA's training instance prompt)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=int, default=30, help="inference steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--negative_prompt")
+    p.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the model (faster; scales fixed)")
+    p.add_argument("--grid", action="store_true", help="also a prompts x seeds grid of the images")
+    p.add_argument("--sweep", action="store_true", help="a LoRA-scale sweep grid per prompt (see --scales)")
+    p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="scales for --sweep")
+    p.add_argument("--compare", action="store_true", help="base model vs LoRA grid per seed")
+    p.add_argument("--checkpoints", metavar="DIR", help="grid of a training run's checkpoints per seed")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--out", default="outputs/generate", help="folder for the PNGs (never overwritten)")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if (args.sweep or args.compare) and not args.lora:
+        raise UserError("--sweep and --compare need a LoRA: add --lora DIR")
+    if args.fuse and (args.sweep or args.compare or args.checkpoints):
+        raise UserError("--fuse bakes the LoRA scale in: --sweep, --compare and --checkpoints need it unfused")
+    _check_settings(args.seeds, args.steps, args.height, args.width)
+
+
+def _default_instance_prompt(args: argparse.Namespace, lora_files: list[Path]) -> str | None:
+    """--instance_prompt, else the one the (first) LoRA or checkpoint run was trained with."""
+    if args.instance_prompt:
+        return args.instance_prompt
+    candidates = list(lora_files)
+    if args.checkpoints:
+        candidates += [f for _, f in lora_checkpoints(args.checkpoints)]
+    for f in candidates:
+        with contextlib.suppress(Exception):  # no or foreign metadata: try the next, then the default
+            if prompt := read_metadata(f).get("instance_prompt"):
+                return prompt
+    return None
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    """Generate images (and grids) from the command line; prints each file written."""
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    specs = [parse_lora_arg(a) for a in args.lora]
+    lora_files = [resolve_lora_file(s.path) for s in specs]
+    prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    prompts = prompts or famous_prompts(_default_instance_prompt(args, lora_files))
+
+    vae = None if str(args.vae).lower() == "none" else args.vae
+    pipe = load_generation_pipeline(args.model, vae=vae, loras=specs, fuse=args.fuse, device=args.device)
+    kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+              height=args.height, width=args.width)
+    out = Path(args.out)
+    # Grids carry the settings that made them; single images carry their own (GeneratedImage.metadata).
+    settings = {**{k: v for k, v in kw.items() if v is not None}, "model": args.model, "loras": args.lora,
+                "prompts": prompts}
+
+    def save_grid(grid: Image.Image, name: str, **extra) -> Path:
+        return save_image(grid, _free_path(out / name), {**settings, **extra})
+
+    written: list[Path] = []
+
+    if args.grid or not (args.sweep or args.compare or args.checkpoints):
+        results = generate(pipe, prompts, args.seeds, **kw)
+        written += save_results(results, out)
+        if args.grid:
+            grid = _grid(results, prompts, [f"seed {s}" for s in args.seeds])
+            written.append(save_grid(grid, "grid.png", seeds=args.seeds))
+    for prompt in prompts if args.sweep else []:
+        grid = scale_sweep(pipe, prompt, args.seeds, args.scales, **kw)
+        written.append(save_grid(grid, f"sweep_{slugify(prompt)}.png", prompt=prompt, seeds=args.seeds,
+                                 scales=args.scales))
+    for seed in args.seeds if args.compare else []:
+        written.append(save_grid(base_vs_lora(pipe, prompts, seed, **kw), f"compare_seed{seed}.png", seed=seed))
+    for seed in args.seeds if args.checkpoints else []:
+        grid = checkpoint_grid(pipe, args.checkpoints, prompts, seed, **kw)
+        written.append(save_grid(grid, f"checkpoints_seed{seed}.png", seed=seed, checkpoints=args.checkpoints))
+
+    for path in written:
+        print(path)
+    print(f"wrote {len(written)} file(s) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Behaviour of generation on the tiny SDXL pipeline and a LoRA trained on it for two steps (CPU, seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from billiard_lora.errors import UserError
+from billiard_lora.generate import (
+    GeneratedImage,
+    LoraSpec,
+    base_vs_lora,
+    checkpoint_grid,
+    famous_prompts,
+    generate,
+    load_generation_pipeline,
+    load_lora,
+    main,
+    parse_lora_arg,
+    prompt_seed_grid,
+    read_prompts_file,
+    resolve_lora_file,
+    save_results,
+    scale_sweep,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a photo of messi playing billiard"
+SIZE = 32
+FAST = dict(num_inference_steps=2, height=SIZE, width=SIZE, progress=False)
+
+
+def _images(folder: Path, n: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
+    return folder
+
+
+def _train(model_dir: Path, out: Path, **kw) -> Path:
+    from billiard_lora.config import TrainConfig
+    from billiard_lora.train import train
+
+    cfg = dict(pretrained_model_name_or_path=str(model_dir), instance_data_dir=str(_images(out.parent / "data")),
+               output_dir=str(out), instance_prompt=PROMPT, resolution=32, train_batch_size=2, max_train_steps=2,
+               checkpointing_steps=1, seed=0, report_to="none", learning_rate=1e-2, lr_warmup_steps=0)
+    return train(TrainConfig(**{**cfg, **kw}))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A training output folder: final LoRA (diffusers + kohya files), checkpoint-1 and checkpoint-2."""
+    return _train(tiny_model_dir, tmp_path_factory.mktemp("gen") / "run", output_kohya_format=True)
+
+
+def _pipe(model_dir: Path, loras=(), **kw):
+    return load_generation_pipeline(str(model_dir), vae=None, loras=loras, device="cpu", **kw)
+
+
+def _px(result_or_image) -> np.ndarray:
+    img = result_or_image.image if isinstance(result_or_image, GeneratedImage) else result_or_image
+    return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def _close(a, b) -> bool:
+    """Equal up to one uint8 step (float round-off of ~1e-6 can flip a rounding)."""
+    return np.abs(_px(a) - _px(b)).max() <= 1
+
+
+def _cell(grid: Image.Image, row: int, col: int, rows: int, cols: int) -> Image.Image:
+    """A grid cell, counted from the bottom-right corner (labels sit above and left of the cells)."""
+    left, top = grid.width - cols * SIZE, grid.height - rows * SIZE
+    return grid.crop((left + col * SIZE, top + row * SIZE, left + (col + 1) * SIZE, top + (row + 1) * SIZE))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts and arguments
+
+
+def test_famous_prompts_swap_the_subject_of_the_instance_prompt():
+    prompts = famous_prompts(PROMPT)
+    assert len(prompts) == 8 and len(set(prompts)) == 8
+    assert prompts[0] == PROMPT
+    assert "a photo of cristiano ronaldo playing billiard" in prompts
+    assert "a photo of messi in a tuxedo playing billiard" in prompts
+    assert all(p.startswith("a photo of ") and p.endswith(" playing billiard") for p in prompts)
+    assert famous_prompts(PROMPT) == prompts and famous_prompts() == prompts  # deterministic; seed prompt by default
+    assert famous_prompts("Ronaldo playing billiards in a bar", n=3) == [
+        "Ronaldo playing billiards in a bar", "cristiano ronaldo playing billiards in a bar",
+        "albert einstein playing billiards in a bar"]
+
+
+def test_famous_prompts_append_variations_when_there_is_no_subject_to_swap():
+    prompts = famous_prompts("a photo of sks billiard", n=5)
+    assert prompts[0] == "a photo of sks billiard" and len(prompts) == 5
+    assert all(p.startswith("a photo of sks billiard, ") and p.endswith("playing billiards") for p in prompts[1:])
+
+
+def test_parse_lora_arg_takes_a_trailing_number_as_scale():
+    assert parse_lora_arg("out/run") == LoraSpec("out/run", 1.0)
+    assert parse_lora_arg("out/run:0.7") == LoraSpec("out/run", 0.7)
+    assert parse_lora_arg("/a/b.safetensors:-0.5") == LoraSpec("/a/b.safetensors", -0.5)
+    assert parse_lora_arg("runs:v2") == LoraSpec("runs:v2", 1.0)  # not a number: part of the path
+    with pytest.raises(UserError, match="DIR_OR_FILE"):
+        parse_lora_arg(":0.5")
+
+
+def test_prompts_file_skips_blank_lines_and_comments(tmp_path):
+    (tmp_path / "p.txt").write_text("# famous people\n\na photo of messi playing billiard\n  snooker final  \n")
+    assert read_prompts_file(tmp_path / "p.txt") == [PROMPT, "snooker final"]
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(UserError, match="holds no prompts"):
+        read_prompts_file(tmp_path / "empty.txt")
+
+
+def test_missing_or_empty_lora_paths_fail_before_the_model_loads(tmp_path):
+    # The model path does not exist either: the LoRA must be checked first (seconds, not minutes of loading).
+    with pytest.raises(UserError, match=r"LoRA '.*nope' does not exist: expected a training output folder"):
+        load_generation_pipeline("/nonexistent/model", loras=[str(tmp_path / "nope")])
+    (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"has no pytorch_lora_weights.safetensors.*try .*checkpoint-3"):
+        resolve_lora_file(tmp_path / "run")
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="not a .safetensors file"):
+        resolve_lora_file(tmp_path / "w.bin")
+
+
+def test_lora_for_another_base_model_is_refused_and_the_pipeline_is_unharmed(tiny_model_dir, lora_run, tmp_path):
+    from billiard_lora.tiny import TINY, build_pipeline
+
+    # Same architecture, narrower text encoders: the cross-attention LoRA matrices have other shapes.
+    other_shape = dataclasses.replace(TINY, te1=dict(TINY.te1, hidden_size=16, num_attention_heads=2),
+                                      te2=dict(TINY.te2, hidden_size=16, num_attention_heads=2, projection_dim=16))
+    other_model = tmp_path / "other-sdxl"
+    build_pipeline(other_shape).save_pretrained(other_model)
+    foreign = _train(other_model, tmp_path / "other-run", max_train_steps=1, checkpointing_steps=1000)
+
+    with pytest.raises(UserError, match="does not fit the base model") as err:
+        _pipe(tiny_model_dir, loras=[str(foreign)])
+    assert f"trained on '{other_model}'" in str(err.value) and "size mismatch" in str(err.value)
+
+    pipe = _pipe(tiny_model_dir, loras=[str(lora_run)])
+    before = generate(pipe, PROMPT, 0, **FAST)[0]
+    stray = {"unet.foo.to_q.lora.down.weight": torch.zeros(4, 8), "unet.foo.to_q.lora.up.weight": torch.zeros(8, 4)}
+    save_file(stray, str(tmp_path / "nowhere.safetensors"))  # LoRA keys for a module this model does not have
+    # Mostly fitting keys plus one stray layer: diffusers loads the rest with only a warning.
+    fitting = load_file(str(lora_run / "pytorch_lora_weights.safetensors"))
+    save_file({**fitting, **stray}, str(tmp_path / "part.safetensors"))
+    for bad, reason in [(foreign, "size mismatch"), (tmp_path / "nowhere.safetensors", "not found"),
+                        (tmp_path / "part.safetensors", r"only \d+ of its \d+ LoRA layers")]:
+        with pytest.raises(UserError, match=f"does not fit the base model .*{reason}"):
+            load_lora(pipe, LoraSpec(str(bad)))
+    assert np.array_equal(_px(generate(pipe, PROMPT, 0, **FAST)[0]), _px(before))
+    assert pipe.get_active_adapters() == ["run"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def test_each_image_depends_only_on_its_prompt_and_seed(tiny_model_dir, lora_run):
+    pipe = _pipe(tiny_model_dir, loras=[str(lora_run)])
+    prompts = [PROMPT, "a photo of albert einstein playing billiard", "snooker"]
+    batch = generate(pipe, prompts, [0, 1, 2], **FAST)
+    assert [(r.prompt, r.seed) for r in batch] == [(p, s) for p in prompts for s in (0, 1, 2)]
+    alone = generate(pipe, prompts[1], 2, **FAST)[0]
+    assert np.array_equal(_px(alone), _px(batch[5]))
+    assert not np.array_equal(_px(batch[3]), _px(batch[4])), "different seeds must give different images"
+    r = batch[0]
+    assert (r.width, r.height, r.steps, r.lora_names, r.lora_scale) == (SIZE, SIZE, 2, ("run",), 1.0)
+
+
+def test_lora_scale_zero_is_the_base_model_and_one_is_the_default(tiny_model_dir, lora_run):
+    base = generate(_pipe(tiny_model_dir), PROMPT, 0, **FAST)[0]
+    assert base.lora_scale is None and base.lora_names == ()
+    pipe = _pipe(tiny_model_dir, loras=[str(lora_run)])
+    default = generate(pipe, PROMPT, 0, **FAST)[0]
+    assert np.abs(_px(default) - _px(base)).max() > 10, "the LoRA should change the image"
+    assert _close(generate(pipe, PROMPT, 0, lora_scale=0.0, **FAST)[0], base)
+    assert np.array_equal(_px(generate(pipe, PROMPT, 0, lora_scale=1.0, **FAST)[0]), _px(default))
+    half = generate(pipe, PROMPT, 0, lora_scale=0.5, **FAST)[0]
+    assert not _close(half, default) and not _close(half, base)
+    # The scale is temporary, and it multiplies the weight the LoRA was loaded with.
+    assert np.array_equal(_px(generate(pipe, PROMPT, 0, **FAST)[0]), _px(default))
+    at_half = generate(_pipe(tiny_model_dir, loras=[f"{lora_run}:0.5"]), PROMPT, 0, **FAST)[0]
+    assert _close(at_half, half) and at_half.lora_weights == (0.5,)
+
+
+def test_kohya_file_gives_the_same_images_as_the_diffusers_file(tiny_model_dir, lora_run):
+    ours = generate(_pipe(tiny_model_dir, loras=[str(lora_run)]), PROMPT, 0, **FAST)[0]
+    kohya = _pipe(tiny_model_dir, loras=[str(lora_run / "pytorch_lora_weights_kohya.safetensors")])
+    assert _close(generate(kohya, PROMPT, 0, **FAST)[0], ours)
+
+
+def test_fused_loras_match_unfused_and_refuse_scale_changes(tiny_model_dir, lora_run):
+    loras = [f"{lora_run}:0.6", f"{lora_run / 'checkpoint-1'}:0.5"]
+    unfused = generate(_pipe(tiny_model_dir, loras=loras), PROMPT, 0, **FAST)[0]
+    fused_pipe = _pipe(tiny_model_dir, loras=loras, fuse=True)
+    fused = generate(fused_pipe, PROMPT, 0, **FAST)[0]
+    assert _close(fused, unfused) and fused.fused and fused.lora_names == ("run", "checkpoint-1")
+    with pytest.raises(UserError, match="fused"):
+        generate(fused_pipe, PROMPT, 0, lora_scale=0.5, **FAST)
+    with pytest.raises(UserError, match="fused"):
+        base_vs_lora(fused_pipe, [PROMPT], 0, **FAST)
+
+
+def test_bad_generation_settings_are_clear_errors(tiny_model_dir):
+    pipe = _pipe(tiny_model_dir)
+    with pytest.raises(UserError, match="multiple of 8"):
+        generate(pipe, PROMPT, 0, num_inference_steps=2, height=30, width=32)
+    with pytest.raises(UserError, match="needs a LoRA"):
+        generate(pipe, PROMPT, 0, lora_scale=0.5, **FAST)
+    with pytest.raises(UserError, match="at least one seed"):
+        generate(pipe, PROMPT, [], **FAST)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Grids
+
+
+def test_grids_put_each_image_in_its_labelled_cell(tiny_model_dir, lora_run):
+    pipe = _pipe(tiny_model_dir, loras=[str(lora_run)])
+    prompts, seeds = [PROMPT, "snooker"], [0, 1, 2]
+    grid = prompt_seed_grid(pipe, prompts, seeds, **FAST)
+    assert grid.width > 3 * SIZE and grid.height > 2 * SIZE, "room for row and column labels"
+    header = np.asarray(grid.convert("L"))[: grid.height - 2 * SIZE, grid.width - 3 * SIZE:]
+    assert header.min() < 128, "column labels are drawn"
+    for r, c in [(0, 0), (1, 2), (0, 1)]:  # rows are prompts, columns seeds
+        assert np.array_equal(_px(_cell(grid, r, c, 2, 3)), _px(generate(pipe, prompts[r], seeds[c], **FAST)[0]))
+
+    sweep = scale_sweep(pipe, PROMPT, [0, 1], scales=(0.0, 0.5, 1.0), **FAST)
+    assert np.array_equal(_px(_cell(sweep, 1, 1, 2, 3)), _px(generate(pipe, PROMPT, 1, lora_scale=0.5, **FAST)[0]))
+    assert np.array_equal(_px(_cell(sweep, 0, 2, 2, 3)), _px(generate(pipe, PROMPT, 0, **FAST)[0]))
+
+    base = generate(_pipe(tiny_model_dir), "snooker", 3, **FAST)[0]
+    compare = base_vs_lora(pipe, prompts, 3, **FAST)
+    assert _close(_cell(compare, 1, 0, 2, 2), base)
+    assert np.array_equal(_px(_cell(compare, 1, 1, 2, 2)), _px(generate(pipe, "snooker", 3, **FAST)[0]))
+
+
+def test_checkpoint_grid_rows_follow_the_steps_and_never_stack(tiny_model_dir, lora_run):
+    prompts = [PROMPT, "snooker"]
+    pipe = _pipe(tiny_model_dir, loras=[f"{lora_run}:0.5"])  # the caller's own LoRA must neither stack nor vanish
+    before = generate(pipe, PROMPT, 7, **FAST)[0]
+    grid = checkpoint_grid(pipe, lora_run, prompts, 7, **FAST)
+    expected_rows = [
+        generate(_pipe(tiny_model_dir), prompts, 7, **FAST),                                         # base
+        generate(_pipe(tiny_model_dir, loras=[str(lora_run / "checkpoint-1")]), prompts, 7, **FAST),  # step 1
+        generate(_pipe(tiny_model_dir, loras=[str(lora_run / "checkpoint-2")]), prompts, 7, **FAST),  # step 2
+        generate(_pipe(tiny_model_dir, loras=[str(lora_run)]), prompts, 7, **FAST),                   # final
+    ]
+    for r, row in enumerate(expected_rows):
+        for c, want in enumerate(row):
+            assert _close(_cell(grid, r, c, 4, 2), want), f"row {r} col {c}"
+    assert not _close(expected_rows[0][0], expected_rows[1][0]), "step 1 should differ from the base model"
+    assert np.array_equal(_px(generate(pipe, PROMPT, 7, **FAST)[0]), _px(before))
+    assert pipe.get_list_adapters() == {"unet": ["run"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving and the command line
+
+
+def test_save_results_writes_the_settings_into_each_png(tiny_model_dir, lora_run, tmp_path):
+    pipe = _pipe(tiny_model_dir, loras=[f"{lora_run}:0.8"])
+    results = generate(pipe, [PROMPT, "snooker"], [0, 5], negative_prompt="blurry", lora_scale=0.5, **FAST)
+    paths = save_results(results, tmp_path)
+    assert paths[1].name == "a-photo-of-messi-playing-billiard_seed5_scale0.5.png"
+    for path, r in zip(paths, results):
+        with Image.open(path) as img:
+            text = dict(img.text)
+            assert np.array_equal(_px(img), _px(r))
+        assert text["prompt"] == r.prompt and text["seed"] == str(r.seed) and text["negative_prompt"] == "blurry"
+        assert (text["steps"], text["guidance_scale"], text["lora_scale"]) == ("2", "5.0", "0.5")
+        assert (text["lora_names"], text["lora_weights"]) == ("run", "0.8")
+    again = save_results(results[:1], tmp_path)
+    assert again[0] != paths[0] and again[0].name.endswith("-2.png"), "earlier images are never overwritten"
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "billiard_lora.generate", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_makes_famous_prompt_images_and_a_comparison(tiny_model_dir, lora_run, tmp_path):
+    out = tmp_path / "out"
+    r = _cli(["--model", str(tiny_model_dir), "--vae", str(tiny_model_dir / "vae"), "--lora", f"{lora_run}:0.8",
+              "--seeds", "1", "--steps", "2", "--height", "32", "--width", "32", "--grid", "--compare",
+              "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    pngs = sorted(out.glob("*.png"))
+    # 8 default prompts (from the LoRA's instance prompt) x 1 seed, a grid, a comparison
+    assert len(pngs) == 8 + 1 + 1 and (out / "grid.png").is_file() and (out / "compare_seed1.png").is_file()
+    assert all(str(p) in r.stdout for p in pngs)
+    prompts = {Image.open(p).text.get("prompt") for p in pngs}
+    assert {PROMPT, "a photo of cristiano ronaldo playing billiard"} <= prompts
+    assert Image.open(out / "a-photo-of-messi-playing-billiard_seed1_scale1.png").text["lora_weights"] == "0.8"
+
+    bad = _cli(["--model", str(tiny_model_dir), "--vae", "none", "--lora", str(tmp_path / "missing")])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and "missing' does not exist" in bad.stderr
+
+
+def test_cli_sweep_and_checkpoints(tiny_model_dir, lora_run, tmp_path, capsys):
+    common = ["--model", str(tiny_model_dir), "--vae", "none", "--steps", "2", "--height", "32", "--width", "32",
+              "--device", "cpu", "--out", str(tmp_path)]
+    assert main([*common, "--lora", str(lora_run), "--prompt", "snooker", "--sweep", "--scales", "0", "1",
+                 "--checkpoints", str(lora_run)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["checkpoints_seed0.png", "sweep_snooker.png"]
+    assert Image.open(tmp_path / "sweep_snooker.png").text["prompt"] == "snooker"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep"], "need a LoRA"),
+    (["--lora", "x", "--fuse", "--compare"], "--fuse"),
+    (["--height", "30"], "multiple of 8"),
+    (["--stepz", "3"], "unrecognized arguments"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    assert main(["--model", "/nonexistent", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
