@@ -126,3 +126,39 @@ def test_tokens_never_reach_outputs_or_logs(tiny_model_dir, tmp_path, monkeypatc
         for f in out.rglob("*"):
             if f.is_file():
                 assert secret.encode() not in f.read_bytes(), f"{f} contains a token"
+
+
+def test_broken_files_stop_training_before_any_model_loads_unless_skipped(tiny_model_dir, tmp_path, monkeypatch):
+    import billiard_lora.models as models
+
+    data = make_images(tmp_path / "data", n=3)
+    (data / "truncated.png").write_bytes((data / "img_0.png").read_bytes()[:200])
+    (data / "notes.jpg").write_text("not an image")
+
+    def must_not_load(*a, **k):
+        raise AssertionError("a model was loaded before the data were checked")
+
+    monkeypatch.setattr(models, "load_components", must_not_load)
+    with pytest.raises(UserError) as err:
+        train(tiny_config(tiny_model_dir, data, tmp_path / "out"))
+    msg = str(err.value)
+    assert "truncated.png" in msg and "notes.jpg" in msg and "--skip_bad_images" in msg
+    assert not (tmp_path / "out").exists(), "nothing may be written for a run that cannot start"
+    monkeypatch.undo()
+
+    with pytest.warns(UserWarning, match="skipping 2 bad image"):
+        out = train(tiny_config(tiny_model_dir, data, tmp_path / "out", skip_bad_images=True, max_train_steps=1))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_files_deleted_mid_run_do_not_stop_it(tiny_model_dir, tmp_path):
+    import shutil
+
+    data = make_images(tmp_path / "data", n=3)
+
+    def delete_the_data(event):
+        if event["event"] == "step" and event["step"] == 1:
+            shutil.rmtree(data)
+
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_train_steps=3), callback=delete_the_data)
+    assert not data.exists() and (out / "pytorch_lora_weights.safetensors").is_file()

@@ -1,0 +1,70 @@
+"""TrainConfig and its command line: diffusers' flag names, the seed's command, config files, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from billiard_lora.config import TrainConfig, parse_args
+from billiard_lora.errors import UserError
+
+SEED_COMMAND = """--pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1.0
+--pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix --dataset_name=billiard
+--output_dir=messi_billiard_LoRA --caption_column=prompt --mixed_precision=fp16
+--instance_prompt=a_photo_of_messi_playing_billiard --resolution=1024 --train_batch_size=1
+--gradient_accumulation_steps=3 --gradient_checkpointing --learning_rate=1e-4 --snr_gamma=5.0
+--lr_scheduler=constant --lr_warmup_steps=0 --mixed_precision=fp16 --use_8bit_adam --max_train_steps=500
+--checkpointing_steps=717 --seed=0""".split()
+
+
+def test_the_seed_command_parses_to_the_seed_recipe():
+    config = parse_args(SEED_COMMAND)
+    assert config == TrainConfig.seed_recipe(instance_prompt="a_photo_of_messi_playing_billiard")
+    assert config.gradient_checkpointing is True and config.use_8bit_adam is True and config.snr_gamma == 5.0
+
+
+def test_defaults_are_diffusers_defaults():
+    c = TrainConfig(instance_prompt="x")
+    assert (c.learning_rate, c.rank, c.train_batch_size, c.lr_warmup_steps, c.checkpointing_steps,
+            c.validation_epochs, c.num_class_images, c.adam_weight_decay, c.max_grad_norm, c.resolution) == \
+        (1e-4, 4, 4, 500, 500, 50, 100, 1e-4, 1.0, 1024)
+    assert c.alpha == c.rank  # lora_alpha defaults to rank, as in the script
+
+
+def test_repeated_flag_the_later_wins():
+    c = parse_args(["--instance_prompt=x", "--mixed_precision=fp16", "--mixed_precision=bf16"])
+    assert c.mixed_precision == "bf16"
+
+
+def test_config_file_then_flags_override(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("instance_prompt: a photo of sks dog\nrank: 16\nlearning_rate: 0.0005\n")
+    c = parse_args([f"--config={f}", "--rank=8"])
+    assert (c.instance_prompt, c.rank, c.learning_rate) == ("a photo of sks dog", 8, 5e-4)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"instance_prompt": "x", "learnig_rate": 1}')
+    with pytest.raises(UserError, match="did you mean 'learning_rate'"):
+        parse_args([f"--config={bad}"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resolution=1001"], "multiple of 8"),
+    ([], "missing --instance_prompt"),
+    (["--class_prompt=a dog"], "only used with --with_prior_preservation"),
+    (["--with_prior_preservation"], "needs --class_prompt"),
+    (["--lr_scheduler=cosin"], "did you mean 'cosine'"),
+    (["--optimizer=lion"], "choose AdamW or Prodigy"),
+    (["--rank=0"], "--rank=0 must be at least 1"),
+])
+def test_bad_settings_name_the_flag(flags, message):
+    args = flags if any(f.startswith("--instance_prompt") for f in flags) or message.startswith("missing") \
+        else ["--instance_prompt=x", *flags]
+    with pytest.raises(UserError, match=message):
+        parse_args(args)
+
+
+def test_unknown_flag_suggests_the_closest(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--instance_prompt=x", "--gradient_acumulation_steps=2"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "did you mean '--gradient_accumulation_steps'" in err and len(err.strip().splitlines()) == 1
