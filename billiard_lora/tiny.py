@@ -1,8 +1,8 @@
 """SDXL-architecture pipelines built in code: a tiny one for tests and CPU demos, a full-size one at random weights.
 
 Nothing here downloads anything. The tokenizers are byte-level BPE tokenizers whose vocabulary and merges our code
-writes (learned from a small built-in corpus), so stock ``StableDiffusionXLPipeline.from_pretrained(folder)`` loads a
-folder written by ``save_tiny_pipeline`` with ``HF_HUB_OFFLINE=1``.
+writes (learned from a small built-in corpus), so stock diffusers' ``StableDiffusionXLPipeline`` loads a folder
+written by ``save_tiny_pipeline`` with ``HF_HUB_OFFLINE=1``.
 
     python -m billiard_lora.tiny OUT_DIR            # tiny SDXL pipeline folder, a few MB, seeded
 """

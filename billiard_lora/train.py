@@ -791,49 +791,24 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
 
 def write_model_card(out: Path, config: TrainConfig) -> None:
     """README.md beside the LoRA: what it is, how it was trained, how to use it in diffusers, ComfyUI and A1111."""
+    from string import Template
+
     grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
-    sample = f"![validation samples](validation/{grids[-1].name})\n" if grids else "(no validation prompt was set)\n"
-    kohya = ("`pytorch_lora_weights_kohya.safetensors` (kohya/webui format)" if config.output_kohya_format else
-             "convert it with `python -m billiard_lora.lora convert` or train with `--output_kohya_format`")
     vae = config.pretrained_vae_model_name_or_path
-    vae_load = (f'vae = AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)\n' if vae else "")
-    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in config.to_dict().items()
-                         if k in ("instance_prompt", "resolution", "rank", "lora_alpha", "learning_rate", "max_train_steps",
-                                  "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "mixed_precision",
-                                  "lr_scheduler", "seed", "train_text_encoder", "with_prior_preservation", "fallbacks"))
-    text = f"""---
-base_model: {config.pretrained_model_name_or_path}
-instance_prompt: {config.instance_prompt}
-tags: [stable-diffusion-xl, text-to-image, diffusers, lora, dreambooth, billiard-lora]
----
-# DreamBooth LoRA for SDXL: "{config.instance_prompt}"
-
-LoRA weights for `{config.pretrained_model_name_or_path}`{f" (trained with the VAE `{vae}`)" if vae else ""},
-trained with [billiard-lora](https://github.com/) (DreamBooth + LoRA). Use the instance prompt
-**{config.instance_prompt}** to call up the subject.
-
-{sample}
-## Settings
-| setting | value |
-|---|---|
-{settings}
-
-The full configuration is in `config.json` and in the metadata of the safetensors file.
-
-## Use it in diffusers
-```python
-import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-{vae_load}pipe = StableDiffusionXLPipeline.from_pretrained("{config.pretrained_model_name_or_path}", {"vae=vae, " if vae else ""}torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("{out.name}")  # this folder
-image = pipe("{config.instance_prompt}", num_inference_steps=25).images[0]
-```
-Or: `python -m billiard_lora.generate --lora {out.name}`.
-
-## Use it in ComfyUI or AUTOMATIC1111
-Copy {kohya} into `ComfyUI/models/loras/` or `stable-diffusion-webui/models/Lora/`, then load it with a LoRA
-loader node (ComfyUI) or `<lora:pytorch_lora_weights_kohya:1>` in the prompt (A1111).
-"""
+    shown = ("instance_prompt", "resolution", "rank", "lora_alpha", "learning_rate", "max_train_steps",
+             "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "mixed_precision", "lr_scheduler", "seed",
+             "train_text_encoder", "with_prior_preservation", "init_lora_weights", "fallbacks")
+    template = Template((Path(__file__).parent / "templates" / "model_card.md").read_text())
+    text = template.substitute(
+        base_model=config.pretrained_model_name_or_path, instance_prompt=config.instance_prompt, folder=out.name,
+        vae_note=f" (trained with the VAE `{vae}`)" if vae else "",
+        sample=f"![validation samples](validation/{grids[-1].name})\n" if grids else "(no validation prompt was set)\n",
+        settings="\n".join(f"| `{k}` | `{v}` |" for k, v in config.to_dict().items() if k in shown),
+        vae=vae or "madebyollin/sdxl-vae-fp16-fix", vae_arg="vae=vae, " if vae else "",
+        vae_comment="" if vae else "# optional, SDXL's own VAE can overflow in fp16: ",
+        kohya=("`pytorch_lora_weights_kohya.safetensors` (kohya/webui format)" if config.output_kohya_format else
+               "the kohya file (train with `--output_kohya_format`, or `python -m billiard_lora.lora convert "
+               "pytorch_lora_weights.safetensors --to kohya --out .`)"))
     atomic_write_text(out / "README.md", text)
 
 
