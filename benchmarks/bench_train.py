@@ -92,8 +92,9 @@ def bench_training(args) -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        train(config, components=c, callback=on_event)
+        run = train(config, components=c, callback=on_event)
         total = time.perf_counter() - t0
+        used = json.loads((run / "config.json").read_text())  # what actually ran, after any hardware fallback
     timed = step_times[args.warmup - 1:] if args.warmup > 0 else [t0] + step_times
     per_step = (timed[-1] - timed[0]) / (len(timed) - 1)
     micro = args.gradient_accumulation_steps
@@ -102,8 +103,8 @@ def bench_training(args) -> dict:
     result = {
         "what": "training", "shape": args.shape, "resolution": args.resolution, "device": device_name(args.device),
         "batch": args.train_batch_size, "gradient_accumulation_steps": micro,
-        "gradient_checkpointing": args.gradient_checkpointing, "mixed_precision": args.mixed_precision,
-        "use_8bit_adam": args.use_8bit_adam, "cache_latents": not args.no_cache_latents,
+        "gradient_checkpointing": args.gradient_checkpointing, "mixed_precision": used["mixed_precision"],
+        "use_8bit_adam": used["use_8bit_adam"], "fallbacks": used["fallbacks"], "cache_latents": not args.no_cache_latents,
         "timed_steps": len(timed) - 1, "optimizer_steps_per_s": 1 / per_step, "images_per_s": images_per_step / per_step,
         "ms_per_micro_step": 1000 * per_step / micro, "unet_forward_tflop": fwd / 1e12,
         "train_tflop_per_micro_step": train_flops / 1e12, "wall_s_including_setup": total, **peak_memory(args.device),
