@@ -8,7 +8,6 @@ Exit code 0 when the set is trainable, 1 when it is not, 2 for a usage error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -24,7 +23,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from billiard_lora.data import KAGGLE_SPLITS, BadImageError, Example, ImageSource, open_image, resolve_source
-from billiard_lora.errors import UserError, cli_entry
+from billiard_lora.errors import ArgumentParser, UserError, cli_entry
 
 # 64-bit dHash distances on the team's 155 billiards photos (+24 other-sport photos): the known duplicate pair
 # train/052 ~ train/083 (083 adds a watermark and caption bar) is at 8; the closest unrelated pair is at 14.
@@ -351,15 +350,10 @@ def _warnings(r: AuditReport) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through cli_entry instead of argparse's usage block
-        raise UserError(f"{message} (see python -m billiard_lora.audit --help)")
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Audit DIR and print the summary; 0 when trainable, 1 when not."""
-    p = _Parser(prog="python -m billiard_lora.audit", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m billiard_lora.audit", description=__doc__.splitlines()[0])
     p.add_argument("dir", metavar="DIR", help="folder, Kaggle-layout folder, kaggle:owner/name, or default")
     p.add_argument("--resolution", type=int, default=1024, help="training resolution, for the upscale check")
     p.add_argument("--json", metavar="OUT", help="also write the full report as JSON here")

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import UserError, cli_entry
+from .errors import ArgumentParser, UserError, cli_entry
 from .generate import (LoraSpec, active_loras, generate, load_generation_pipeline, load_lora, lora_checkpoints,
                        read_prompts_file, slugify, unload_lora)
 from .io import atomic_path, atomic_write_json, atomic_write_text
@@ -855,14 +855,9 @@ def _write_outputs(result: dict, out_dir: Path, real: Sequence[Image.Image]) -> 
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through cli_entry instead of argparse's usage block
-        raise UserError(f"{message} (see python -m billiard_lora.evaluate --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m billiard_lora.evaluate`` flags."""
-    p = _Parser(prog="python -m billiard_lora.evaluate", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(prog="python -m billiard_lora.evaluate", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("output_dir", help="a training run's --output_dir (config.json, the LoRA, checkpoint-N/)")
     p.add_argument("--prompts_file", help="prompts instead of the 25 built-in ones, one per line; {} = the subject")
     p.add_argument("--num_prompts", type=int, default=len(PROMPT_TEMPLATES), help="how many built-in prompts")

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
-from .errors import UserError, cli_entry
+from .errors import ArgumentParser, UserError, cli_entry
 from .lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, read_metadata
 from .models import SDXL_BASE, SDXL_VAE_FP16_FIX, load_pipeline
 from .viz import image_grid, save_image
@@ -496,14 +496,9 @@ def save_results(results: Sequence[GeneratedImage], out_dir: str | Path) -> list
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through cli_entry instead of argparse's usage block
-        raise UserError(f"{message} (see python -m billiard_lora.generate --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m billiard_lora.generate`` flags."""
-    p = _Parser(prog="python -m billiard_lora.generate", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(prog="python -m billiard_lora.generate", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--model", default=SDXL_BASE, help="SDXL base model: hub id or local diffusers folder")
     p.add_argument("--vae", default=SDXL_VAE_FP16_FIX, help="separate VAE (hub id or folder); 'none': the model's own")
     p.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",

@@ -17,7 +17,6 @@ change it makes to the layer's weight is ``ΔW = B @ A * alpha / rank``. The for
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
@@ -31,7 +30,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .errors import UserError, cli_entry
+from .errors import ArgumentParser, UserError, cli_entry
 from .lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, METADATA_KEY
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -1099,15 +1098,10 @@ def save_pissa_lora(output_dir: str | Path, initial: Mapping[str, Mapping[str, t
 
 
 # ============================================================================ command line
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through cli_entry instead of argparse's usage block
-        raise UserError(f"{message} (see python -m billiard_lora.lora --help)")
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m billiard_lora.lora", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    p = ArgumentParser(prog="python -m billiard_lora.lora", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sp = sub.add_parser("inspect", help="format, base model, targets, ranks/alphas, parameters, training config")
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--json", action="store_true", help="print the full report (per-layer ranks, config) as JSON")
