@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from .errors import ArgumentParser, UserError, cli_entry
-from .lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, read_metadata
+from .lora import CHECKPOINT_PREFIX, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, read_metadata
 from .models import SDXL_BASE, SDXL_VAE_FP16_FIX, load_pipeline
 from .viz import image_grid, save_image
 
@@ -36,7 +36,6 @@ DEFAULT_SUBJECTS = (
     "an astronaut",
 )
 DEFAULT_SCALES = (0.0, 0.3, 0.6, 0.9, 1.2)
-CHECKPOINT_PREFIX = "checkpoint-"  # train.py's checkpoint folders: checkpoint-N/pytorch_lora_weights.safetensors
 # "a photo of | messi | playing billiard": the first "... of" is the framing, then the subject, then the action.
 _SUBJECT_PATTERN = re.compile(r"^(?P<pre>.*?\bof\s+)?(?P<subject>.+?)\s+(?P<rest>playing\s+billiards?\b.*)$",
                               re.IGNORECASE)

@@ -20,6 +20,7 @@ UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+CHECKPOINT_PREFIX = "checkpoint-"  # a training run's checkpoint-N/ folders, each with its own LoRA file
 METADATA_KEY = "billiard_lora.training_config"  # the run's settings, stored in the safetensors header
 
 

@@ -34,9 +34,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .config import TrainConfig, parse_args
 from .errors import UserError, cli_entry
 from .io import atomic_write_json, atomic_write_text, publish_dir
+from .lora import CHECKPOINT_PREFIX  # shared with generate/evaluate, which read these folders
 
 Callback = Callable[[dict], None]
-CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks it complete
 ADAPTER_STATE_FILE = "adapter_state.safetensors"
 
