@@ -36,10 +36,11 @@ from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
 from billiard_lora.train import train  # noqa: E402
 
 
-def components(shape: str, device: str) -> Components:
+def components(shape: str, device: str, dtype: torch.dtype = torch.float32) -> Components:
     from diffusers import DDPMScheduler
 
-    c = build_components(SHAPES[shape], device=device, seed=0)
+    # built in the training dtype, so the peak-memory figure never sees a float32 copy of the UNet
+    c = build_components(SHAPES[shape], device=device, seed=0, dtype=dtype)
     return Components(c["tokenizer"], c["tokenizer_2"], c["text_encoder"], c["text_encoder_2"], c["vae"], c["unet"],
                       DDPMScheduler.from_config(c["scheduler"].config))
 
@@ -71,8 +72,19 @@ def peak_memory(device: str) -> dict:
     return {"cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def load_model(args) -> Components:
+    """The model under test: a diffusers folder (``--model``), or a random-weight architecture (``--shape``)."""
+    if args.model:
+        from billiard_lora.models import load_components
+
+        return load_components(args.model, pretrained_vae_model_name_or_path=args.vae)
+    on_gpu = args.device.startswith("cuda")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision) if on_gpu else None
+    return components(args.shape, args.device, dtype or torch.float32)
+
+
 def bench_training(args) -> dict:
-    c = components(args.shape, args.device)
+    c = load_model(args)
     fwd = unet_forward_flops(c, args.resolution, args.train_batch_size, args.device)
     step_times: list[float] = []
 
@@ -82,13 +94,15 @@ def bench_training(args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(
-            pretrained_model_name_or_path=f"random-{args.shape}", instance_prompt="a photo of messi playing billiard",
+            pretrained_model_name_or_path=args.model or f"random-{args.shape}",
+            pretrained_vae_model_name_or_path=args.vae, instance_prompt="a photo of messi playing billiard",
             dataset_name=str(paths.DEFAULT_DATA_DIR), output_dir=str(Path(tmp) / "run"), resolution=args.resolution,
             train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-            gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+            gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_policy=args.gradient_checkpointing_policy, mixed_precision=args.mixed_precision,
             use_8bit_adam=args.use_8bit_adam, rank=args.rank, max_train_steps=args.warmup + args.steps,
             checkpointing_steps=10**9, learning_rate=1e-4, lr_warmup_steps=0, snr_gamma=5.0, seed=0,
-            report_to="none", cache_latents=not args.no_cache_latents)
+            report_to="none", cache_latents=not args.no_cache_latents, torch_compile=args.torch_compile)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -99,15 +113,20 @@ def bench_training(args) -> dict:
     per_step = (timed[-1] - timed[0]) / (len(timed) - 1)
     micro = args.gradient_accumulation_steps
     images_per_step = args.train_batch_size * micro
-    train_flops = fwd * (3 if args.gradient_checkpointing else 2)  # per micro-batch
+    # per micro-batch: forward + backward (about 2 forwards, frozen weights need no weight gradients), plus the
+    # recomputed forward of full checkpointing; selective checkpointing recomputes no matrix products
+    full_ckpt = args.gradient_checkpointing and args.gradient_checkpointing_policy == "full"
+    train_flops = fwd * (3 if full_ckpt else 2)
     result = {
-        "what": "training", "shape": args.shape, "resolution": args.resolution, "device": device_name(args.device),
+        "what": "training", "shape": args.model or args.shape, "torch_compile": args.torch_compile, "resolution": args.resolution, "device": device_name(args.device),
         "batch": args.train_batch_size, "gradient_accumulation_steps": micro,
-        "gradient_checkpointing": args.gradient_checkpointing, "mixed_precision": used["mixed_precision"],
+        "gradient_checkpointing": args.gradient_checkpointing and args.gradient_checkpointing_policy,
+        "mixed_precision": used["mixed_precision"],
         "use_8bit_adam": used["use_8bit_adam"], "fallbacks": used["fallbacks"], "cache_latents": not args.no_cache_latents,
         "timed_steps": len(timed) - 1, "optimizer_steps_per_s": 1 / per_step, "images_per_s": images_per_step / per_step,
         "ms_per_micro_step": 1000 * per_step / micro, "unet_forward_tflop": fwd / 1e12,
-        "train_tflop_per_micro_step": train_flops / 1e12, "wall_s_including_setup": total, **peak_memory(args.device),
+        "train_tflop_per_micro_step": train_flops / 1e12, "wall_s_including_setup": total,
+        "s_to_first_step": step_times[0] - t0 if step_times else None, **peak_memory(args.device),
     }
     if args.peak_tflops:
         result["mfu"] = (train_flops / (per_step / micro)) / (args.peak_tflops * 1e12)
@@ -133,9 +152,10 @@ def bench_generation(args) -> dict:
 
     base = timed()
     with tempfile.TemporaryDirectory() as tmp:
-        unet_copy = build_components(SHAPES[args.shape], device="cpu", seed=0)["unet"]
+        unet_copy = build_components(SHAPES[args.shape], device=args.device, seed=0, dtype=pipe.unet.dtype)["unet"]
         add_lora(unet_copy, rank=args.rank)
         save_lora(tmp, unet=unet_copy)
+        del unet_copy
         load_lora(pipe, LoraSpec(tmp))
         unfused = timed()
         pipe.fuse_lora()
@@ -155,11 +175,15 @@ def device_name(device: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=list(SHAPES), default="small")
+    p.add_argument("--model", default=None, help="a diffusers SDXL folder to load instead of building --shape")
+    p.add_argument("--vae", default=None, help="a separate VAE folder (as --pretrained_vae_model_name_or_path)")
+    p.add_argument("--torch_compile", default="none", choices=["none", "regional", "full"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--gradient_accumulation_steps", type=int, default=3)
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--gradient_checkpointing_policy", default="full", choices=["full", "selective"])
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--use_8bit_adam", action="store_true")
     p.add_argument("--no_cache_latents", action="store_true")

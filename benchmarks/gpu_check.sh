@@ -1,16 +1,89 @@
 #!/usr/bin/env bash
-# The prepared GPU measurement for issue 5: full-size SDXL architecture (random weights), 1024 px, the seed's
-# settings, then without gradient checkpointing, then generation (base / LoRA unfused / fused). One script, well
-# under 10 minutes on an H100/H200; prints one JSON line per measurement and appends them to $OUT/bench.jsonl.
-# Usage on the device machine:  bash benchmarks/gpu_check.sh   (needs the runtime requirements installed)
-set -euo pipefail
+# The prepared GPU measurement for issue 5, one script, well under 10 minutes on an H100/H200:
+#   0. a tiny-model smoke run of our trainer on CUDA (fp16, 8-bit Adam, checkpointing) - fails fast if a CUDA path breaks
+#   1. ours at the seed's settings on the full-size SDXL architecture (random weights), 1024 px
+#   2. diffusers' train_dreambooth_lora_sdxl.py, same model, same settings, same images (needs a copy: DIFFUSERS_SCRIPT)
+#   3. ours with selective checkpointing (keeps matmul/conv/attention outputs, recomputes the rest)
+#   4. ours without gradient checkpointing, then generation: base / LoRA unfused / LoRA fused
+#   5. ours at the seed's settings with --torch_compile regional (time-boxed to what is left of BUDGET_S)
+# The first 4 optimizer steps (one pass over the 12 embedded images: latent cache filled) are warm-up, not timed.
+# Each prints one JSON line (also appended to $OUT/bench.jsonl); one failing part does not stop the others.
+#
+# Usage on the GPU machine (no internet needed):  bash benchmarks/gpu_check.sh
+#   WHEELS=.whl       folder of wheels to install first (diffusers, peft, bitsandbytes), if the machine lacks them
+#   DIFFUSERS_SCRIPT  path to diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py (never committed here)
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp}"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-common=(--shape full --resolution 1024 --device cuda --mixed_precision fp16 --train_batch_size 1
-        --gradient_accumulation_steps 3 --peak_tflops "${PEAK_TFLOPS:-790}" --json "$OUT/bench.jsonl")
-# the seed's settings: checkpointing, fp16, 8-bit Adam, rank 4
-python benchmarks/bench_train.py "${common[@]}" --gradient_checkpointing --use_8bit_adam --warmup 2 --steps 5
-# faster where memory allows: no checkpointing
-python benchmarks/bench_train.py "${common[@]}" --use_8bit_adam --warmup 2 --steps 5 --generation --gen_steps 30 --gen_images 2
+OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
+WORK="${WORK:-/tmp/gpu_check_work}"; mkdir -p "$WORK"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY="${PYTHON:-python3}"
+if [ -n "${WHEELS:-}" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}" || { echo "wheel install failed"; exit 1; }
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+part() { echo "=== $1 ($(date +%T))"; }
+# run N SECONDS CMD...: CMD's whole output to $OUT/pN.log, its last lines here
+run() { local n=$1 t=$2; shift 2; timeout "$t" "$@" > "$OUT/p$n.log" 2>&1; local rc=$?
+        tr '\r' '\n' < "$OUT/p$n.log" | grep -v "it/s\]\|s/it\]\|^\s*$" | tail -4; [ $rc = 0 ] || echo "part $n: exit $rc"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+"$PY" -c "import torch, diffusers, transformers, peft, accelerate, bitsandbytes as b; print('torch', torch.__version__, \
+'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, \
+'accelerate', accelerate.__version__, 'bitsandbytes', b.__version__)"
+
+part "0. smoke: tiny model on CUDA"
+"$PY" -m billiard_lora.tiny "$WORK/tiny" | tail -1
+run 0 120 "$PY" -m billiard_lora.train --pretrained_model_name_or_path="$WORK/tiny" --dataset_name=default \
+  --instance_prompt="a photo of messi playing billiard" --output_dir="$WORK/smoke" --resolution=64 --train_batch_size=1 \
+  --gradient_accumulation_steps=3 --gradient_checkpointing --mixed_precision=fp16 --use_8bit_adam --max_train_steps=3 \
+  --checkpointing_steps=2 --seed=0 --report_to=none --overwrite_output_dir
+
+common=(--resolution 1024 --device cuda --mixed_precision fp16 --train_batch_size 1 --gradient_accumulation_steps 3
+        --peak_tflops "${PEAK_TFLOPS:-790}" --json "$OUT/bench.jsonl")
+part "1. ours, seed settings (checkpointing, fp16, 8-bit Adam, rank 4), full-size SDXL, 1024 px"
+run 1 240 "$PY" benchmarks/bench_train.py --shape full "${common[@]}" --gradient_checkpointing --use_8bit_adam \
+  --warmup 4 --steps 8
+
+if [ -n "${DIFFUSERS_SCRIPT:-}" ] && [ -f "$DIFFUSERS_SCRIPT" ]; then
+  part "2. diffusers' script, same settings"
+  timeout 90 "$PY" -m billiard_lora.tiny "$WORK/sdxl" --shape full --device cuda --dtype fp16 | tail -1
+  mkdir -p "$WORK/images" && cp data/default/*.png "$WORK/images/"
+  run 2 240 "$PY" benchmarks/time_diffusers_script.py --script "$DIFFUSERS_SCRIPT" --warmup 4 --json "$OUT/bench.jsonl" -- \
+    --pretrained_model_name_or_path="$WORK/sdxl" --pretrained_vae_model_name_or_path="$WORK/sdxl/vae" \
+    --instance_data_dir="$WORK/images" --output_dir="$WORK/theirs" --mixed_precision=fp16 \
+    --instance_prompt="a photo of messi playing billiard" --resolution=1024 --train_batch_size=1 \
+    --gradient_accumulation_steps=3 --gradient_checkpointing --learning_rate=1e-4 --snr_gamma=5.0 \
+    --lr_scheduler=constant --lr_warmup_steps=0 --use_8bit_adam --max_train_steps=12 --checkpointing_steps=717 \
+    --seed=0
+else
+  part "2. skipped: DIFFUSERS_SCRIPT not set"
+fi
+
+part "3. ours, seed settings but --gradient_checkpointing_policy selective"
+run 3 180 "$PY" benchmarks/bench_train.py --shape full "${common[@]}" --gradient_checkpointing \
+  --gradient_checkpointing_policy selective --use_8bit_adam --warmup 4 --steps 8
+
+part "4. ours without checkpointing, then generation"
+run 4 240 "$PY" benchmarks/bench_train.py --shape full "${common[@]}" --use_8bit_adam --warmup 4 --steps 8 \
+  --generation --gen_steps 30 --gen_images 2
+
+part "5. ours, seed settings, --torch_compile regional"
+left=$(( ${BUDGET_S:-560} - SECONDS )); echo "$left s left for it"
+[ "$left" -gt 60 ] && run 5 "$left" "$PY" benchmarks/bench_train.py --shape full "${common[@]}" --gradient_checkpointing \
+  --use_8bit_adam --torch_compile regional --warmup 4 --steps 8
+
+part "done"
+"$PY" - "$OUT/bench.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+for r in rows:
+    if r["what"] == "training":
+        print(f"{r.get('trainer', 'billiard-lora'):40s} ckpt={r['gradient_checkpointing']!s:9s} "
+              f"compile={r.get('torch_compile', '-'):8s} {r['optimizer_steps_per_s']:.3f} steps/s "
+              f"{r['images_per_s']:.2f} img/s {r['ms_per_micro_step']:.1f} ms/micro "
+              f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB alloc / {r.get('cuda_max_reserved_gb', 0):.2f} reserved "
+              f"mfu={r.get('mfu', float('nan')):.3f}")
+    else:
+        print(json.dumps(r))
+EOF

@@ -626,6 +626,38 @@ def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return int(resolution * width / height), resolution
 
 
+def plan_crop(
+    width: int, height: int, resolution: int, *, center_crop: bool, crop_rng: random.Random | None = None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where a view comes from, without touching pixels: ((w, h) after the resize, crop top-left (top, left))."""
+    w, h = resized_size(width, height, resolution)
+    if center_crop:
+        # Same rounding as torchvision's CenterCrop and diffusers' y1/x1.
+        return (w, h), (int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0)))
+    if crop_rng is None:
+        raise ValueError("a random crop needs crop_rng (a seeded random.Random) so it can be reproduced")
+    top = crop_rng.randint(0, h - resolution)
+    return (w, h), (top, crop_rng.randint(0, w - resolution))
+
+
+def render_view(image: Image.Image, resolution: int, size: tuple[int, int], crop: tuple[int, int], *, flip: bool,
+                interpolation: str = "lanczos") -> torch.Tensor:
+    """The pixels of a planned view: resize to ``size``, flip, crop at ``crop``; (3, R, R) in [-1, 1]."""
+    resample = INTERPOLATIONS.get(interpolation.lower())
+    if resample is None:
+        raise UserError(f"unknown interpolation {interpolation!r}; choose from {', '.join(INTERPOLATIONS)}")
+    if image.mode != "RGB":
+        image = load_image(image)
+    if size != image.size:  # torchvision skips an identity resize too
+        image = image.resize(size, resample=resample)
+    if flip:
+        image = ImageOps.mirror(image)
+    top, left = crop
+    image = image.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(image, dtype=np.uint8)  # (R, R, 3)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
 def prepare_image(
     image: Image.Image,
     resolution: int,
@@ -635,32 +667,18 @@ def prepare_image(
     crop_rng: random.Random | None = None,
     interpolation: str = "lanczos",
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """Resize, flip, crop to a square: (pixels (3, R, R) in [-1, 1], original (h, w), crop top-left (top, left))."""
-    resample = INTERPOLATIONS.get(interpolation.lower())
-    if resample is None:
+    """Resize, flip, crop to a square: (pixels (3, R, R) in [-1, 1], original (h, w), crop top-left (top, left)).
+
+    The crop is planned in the flipped image (same size as the unflipped one), as diffusers' script does.
+    """
+    if interpolation.lower() not in INTERPOLATIONS:
         raise UserError(f"unknown interpolation {interpolation!r}; choose from {', '.join(INTERPOLATIONS)}")
     if image.mode != "RGB":
         image = load_image(image)
     original_size = (image.height, image.width)  # SDXL's add_time_ids want (h, w)
-
-    size = resized_size(image.width, image.height, resolution)
-    if size != image.size:  # torchvision skips an identity resize too
-        image = image.resize(size, resample=resample)
-    if flip:
-        image = ImageOps.mirror(image)
-    w, h = image.size
-    if center_crop:
-        # Same rounding as torchvision's CenterCrop and diffusers' y1/x1.
-        top, left = int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
-    else:
-        if crop_rng is None:
-            raise ValueError("a random crop needs crop_rng (a seeded random.Random) so it can be reproduced")
-        top, left = crop_rng.randint(0, h - resolution), crop_rng.randint(0, w - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-
-    arr = np.asarray(image, dtype=np.uint8)  # (R, R, 3)
-    pixels = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, R, R) in [-1, 1]
-    return pixels, original_size, (top, left)
+    size, crop = plan_crop(image.width, image.height, resolution, center_crop=center_crop, crop_rng=crop_rng)
+    pixels = render_view(image, resolution, size, crop, flip=flip, interpolation=interpolation)
+    return pixels, original_size, crop
 
 
 def collate(items: Iterable[dict[str, Any]]) -> dict[str, Any]:

@@ -192,10 +192,14 @@ def build_pipeline(shape: SDXLShape = TINY, **kwargs):
     return StableDiffusionXLPipeline(**build_components(shape, **kwargs))
 
 
-def save_tiny_pipeline(out_dir: str | Path, *, seed: int = 0, shape: str = "tiny") -> Path:
-    """Write an SDXL pipeline folder (safetensors) that stock diffusers loads offline; returns the folder."""
+def save_tiny_pipeline(out_dir: str | Path, *, seed: int = 0, shape: str = "tiny", device: str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> Path:
+    """Write an SDXL pipeline folder (safetensors) that stock diffusers loads offline; returns the folder.
+
+    ``shape="full"`` writes SDXL base's architecture at random weights (5 GB in fp16): built fastest on a GPU.
+    """
     out = Path(out_dir)
-    pipe = build_pipeline(SHAPES[shape], seed=seed)
+    pipe = build_pipeline(SHAPES[shape], seed=seed, device=device, dtype=dtype)
     pipe.save_pretrained(out, safe_serialization=True)
     # Also the classic vocab.json + merges.txt pair, for tools that build a CLIP tokenizer from those two files.
     vocab, merges = build_clip_vocab()
@@ -211,10 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m billiard_lora.tiny", description=__doc__.splitlines()[0])
     p.add_argument("out_dir", help="folder to write the pipeline to")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", choices=["tiny", "small"], default="tiny",
-                   help="tiny: seconds on CPU; small: SDXL-shaped CPU benchmark size")
+    p.add_argument("--shape", choices=["tiny", "small", "full"], default="tiny",
+                   help="tiny: seconds on CPU; small: SDXL-shaped CPU benchmark size; full: SDXL base's size")
+    p.add_argument("--device", default="cpu", help="where to build it (cuda is much faster for --shape full)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="precision of the saved weights")
     args = p.parse_args(argv)
-    out = save_tiny_pipeline(args.out_dir, seed=args.seed, shape=args.shape)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    out = save_tiny_pipeline(args.out_dir, seed=args.seed, shape=args.shape, device=args.device, dtype=dtype)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {args.shape} SDXL pipeline ({size / 1e6:.1f} MB, random weights, seed {args.seed}) to {out}")
     return 0

@@ -109,9 +109,10 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         pissa_initial = {name: {k: v.detach().clone() for k, v in peft_state_dict(m).items()}
                          for name, m in zip(("unet", "text_encoder", "text_encoder_2"), trainable)}
     if config.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
+        c.unet.enable_gradient_checkpointing(checkpointing_function(config.gradient_checkpointing_policy))
         for te in text_encoders:
             te.gradient_checkpointing_enable()
+    compile_unet(c.unet, config.torch_compile)
 
     # ---- 3. data: prompt embeddings computed once per distinct caption when the text encoders are frozen
     prompt_cache = None
@@ -123,7 +124,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             c.text_encoder_one.to("cpu")
             c.text_encoder_two.to("cpu")
     latent_cache = LatentCache(c.vae, enabled=config.cache_latents)
-    dataset = DreamBoothDataset(instance_images, class_images, config)
+    dataset = DreamBoothDataset(instance_images, class_images, config, cached=latent_cache.__contains__)
     sampler = EpochShuffleSampler(len(dataset), config.seed)
     # Its own generator: creating a DataLoader iterator then draws from it, not from the global RNG that
     # LoRA dropout uses (otherwise a resumed run would draw different dropout masks).
@@ -224,25 +225,26 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                 else:
                     target = noise
                 loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, config)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(global_step, out, config)
 
                 accelerator.backward(loss)
+                # summed on the device: reading a value would make the CPU wait for the GPU every micro-step
+                accum_loss, accum_n = accum_loss + loss.detach(), accum_n + 1
                 if accelerator.sync_gradients:
+                    if not torch.isfinite(accum_loss):  # checked before the step: a NaN never reaches the adapter
+                        raise TrainingDiverged(global_step, out, config)
                     accelerator.clip_grad_norm_([p for m in (unet, *text_encoders) for p in lora_params(m)],
                                                 config.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                accum_loss += loss.detach().item()
-                accum_n += 1
 
             if not accelerator.sync_gradients:
                 continue
             # ---- one optimizer step done: log, checkpoint, validate
             global_step += 1
             timer.step(bsz * accum_n * accelerator.num_processes)
-            row = {"step": global_step, "epoch": epoch, "loss": accum_loss / accum_n, "lr": lr_scheduler.get_last_lr()[0]}
+            row = {"step": global_step, "epoch": epoch, "loss": float(accum_loss) / accum_n,
+                   "lr": lr_scheduler.get_last_lr()[0]}
             accum_loss, accum_n = 0.0, 0
             history.append(row)
             progress.update(1)
@@ -275,6 +277,53 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             callback({"event": "done", "output_dir": str(out), "summary": summary, "images": final_images})
     accelerator.end_training()
     return out
+
+
+def checkpointing_function(policy: str) -> Callable | None:
+    """The function the UNet's blocks are checkpointed with: None is diffusers' default (recompute everything).
+
+    'selective' is PyTorch's selective activation checkpointing: inside each checkpointed block the outputs of
+    matrix products, convolutions and attention are kept, everything else (norms, activations, adds) is recomputed
+    in the backward pass. The backward then costs about what it costs without checkpointing.
+    """
+    if policy == "full":
+        return None
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "convolution", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu")
+    keep = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+    def policy_fn(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    context = functools.partial(create_selective_checkpoint_contexts, policy_fn)
+
+    def selective(module, *args):
+        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context)
+
+    return selective
+
+
+def compile_unet(unet, mode: str) -> None:
+    """torch.compile the UNet in place (its state-dict keys, hence the saved LoRA, stay the same).
+
+    'regional' compiles the repeated blocks (transformer and ResNet blocks) one by one: blocks of the same shape
+    share one compiled graph, so compile time is a fraction of compiling the whole UNet for most of the gain.
+    """
+    if mode == "none":
+        return
+    if mode == "full":
+        unet.compile()
+        return
+    blocks = {"BasicTransformerBlock", "ResnetBlock2D"}
+    for module in unet.modules():
+        if type(module).__name__ in blocks:
+            module.compile()
 
 
 # ============================================================================ settings and environment
@@ -394,25 +443,32 @@ class DreamBoothDataset(Dataset):
     depend only on (seed, epoch, index): a resumed run sees exactly the crops an uninterrupted one would.
     """
 
-    def __init__(self, instance: Sequence[TrainImage], class_images: Sequence[TrainImage], config: TrainConfig):
+    def __init__(self, instance: Sequence[TrainImage], class_images: Sequence[TrainImage], config: TrainConfig,
+                 cached: Callable[[str], bool] | None = None):
         self.instance = list(instance) * config.repeats
         self.class_images = list(class_images)
         self.config = config
+        # ``cached(key)`` says the latent cache already holds a view: its pixels (a resize of a full photo on the
+        # CPU, tens of ms at 1024 px) are then not made at all. In DataLoader workers the cache is not visible and
+        # every view is rendered, which is slower but gives the same numbers.
+        self.cached = cached or (lambda key: False)
 
     def __len__(self) -> int:
         return max(len(self.instance), len(self.class_images))
 
     def _prepare(self, item: TrainImage, rng: random.Random) -> dict:
-        from .data import prepare_image
+        from .data import plan_crop, render_view
 
         cfg = self.config
         flip = cfg.random_flip and rng.random() < 0.5
-        pixels, original_size, crop = prepare_image(item.image, cfg.resolution, center_crop=cfg.center_crop, flip=flip,
-                                                    crop_rng=rng, interpolation=cfg.image_interpolation_mode)
+        image = item.image
+        size, crop = plan_crop(image.width, image.height, cfg.resolution, center_crop=cfg.center_crop, crop_rng=rng)
         # the view's identity for the latent cache: the file's content, never its index in the dataloader
         key = f"{item.key}:{cfg.resolution}:{crop[0]},{crop[1]}:{int(flip)}:{cfg.image_interpolation_mode}"
-        return {"pixel_values": pixels, "original_size": original_size, "crop_top_left": crop, "caption": item.caption,
-                "flipped": flip, "key": key}
+        pixels = None if self.cached(key) else render_view(image, cfg.resolution, size, crop, flip=flip,
+                                                           interpolation=cfg.image_interpolation_mode)
+        return {"pixel_values": pixels, "original_size": (image.height, image.width), "crop_top_left": crop,
+                "caption": item.caption, "flipped": flip, "key": key}
 
     def __getitem__(self, epoch_and_index: tuple[int, int]) -> dict:
         epoch, index = epoch_and_index
@@ -444,7 +500,8 @@ def collate(examples: list[dict]) -> dict:
     """Stack a batch; with prior preservation, class examples follow instance ones (one forward pass for both)."""
     parts = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
     return {
-        "pixel_values": torch.stack([p["pixel_values"] for p in parts]).contiguous(memory_format=torch.contiguous_format),
+        # a list: views the latent cache already holds come without pixels (None)
+        "pixel_values": [p["pixel_values"] for p in parts],
         "original_sizes": [p["original_size"] for p in parts],
         "crop_top_lefts": [p["crop_top_left"] for p in parts],
         "captions": [p["caption"] for p in parts],
@@ -491,7 +548,10 @@ class LatentCache:
         dist = self.vae.encode(pixels[None].to(self.vae.device, dtype=self.vae.dtype)).latent_dist
         return dist.mean[0], dist.std[0]
 
-    def posterior(self, pixel_values: torch.Tensor, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __contains__(self, key: str) -> bool:
+        return self.enabled and key in self.table
+
+    def posterior(self, pixel_values: Sequence[torch.Tensor | None], keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
         for pixels, key in zip(pixel_values, keys):
             if key in self.table:
@@ -506,7 +566,7 @@ class LatentCache:
             stds.append(std)
         return torch.stack(means), torch.stack(stds)
 
-    def sample(self, pixel_values: torch.Tensor, keys: Sequence[str], generator: torch.Generator,
+    def sample(self, pixel_values: Sequence[torch.Tensor | None], keys: Sequence[str], generator: torch.Generator,
                weight_dtype: torch.dtype) -> torch.Tensor:
         """Scaled latents (B, 4, H/8, W/8) drawn from each view's posterior."""
         mean, std = self.posterior(pixel_values, keys)
