@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The prepared GPU measurement for issue 5, one script, well under 10 minutes on an H100/H200:
+# The prepared GPU measurement for issue 5, one script, under 10 minutes on an H100/H200:
 #   0. a tiny-model smoke run of our trainer on CUDA (fp16, 8-bit Adam, checkpointing) - fails fast if a CUDA path breaks
-#   1. ours at the seed's settings on the full-size SDXL architecture (random weights), 1024 px
-#   2. diffusers' train_dreambooth_lora_sdxl.py, same model, same settings, same images (needs a copy: DIFFUSERS_SCRIPT)
-#   3. ours with selective checkpointing (keeps matmul/conv/attention outputs, recomputes the rest)
-#   4. ours without gradient checkpointing, then generation: base / LoRA unfused / LoRA fused
-#   5. ours at the seed's settings with --torch_compile regional (time-boxed to what is left of BUDGET_S)
-# The first 4 optimizer steps (one pass over the 12 embedded images: latent cache filled) are warm-up, not timed.
-# Each prints one JSON line (also appended to $OUT/bench.jsonl); one failing part does not stop the others.
+#   1. writes SDXL base's architecture at random weights (fp16) to a folder, the model both trainers load
+#   2. ours at the seed's settings, 1024 px
+#   3. diffusers' train_dreambooth_lora_sdxl.py, same model, same settings, same images (needs a copy: DIFFUSERS_SCRIPT)
+#   4. ours at the seed's settings + --torch_compile regional
+#   5. ours without gradient checkpointing
+#   6. generation: base / LoRA unfused / LoRA fused
+# Parts 4-6 are time-boxed to what is left of BUDGET_S (seconds since the start). The first 4 optimizer steps (one pass
+# over the 12 embedded images: latent cache filled, compilation done) are warm-up, not timed.
+# Each prints one JSON line (also appended to $OUT/bench.jsonl; whole logs in $OUT/pN.log); a failing part does not
+# stop the others.
 #
 # Usage on the GPU machine (no internet needed):  bash benchmarks/gpu_check.sh
-#   WHEELS=.whl       folder of wheels to install first (diffusers, peft, bitsandbytes), if the machine lacks them
+#   WHEELS=.whl       folder of wheels to install first where the machine lacks them (on the lent H100: diffusers,
+#                     peft, bitsandbytes, ImageHash, PyWavelets; see RESULTS.md for the download command)
 #   DIFFUSERS_SCRIPT  path to diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py (never committed here)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,16 +44,18 @@ run 0 120 "$PY" -m billiard_lora.train --pretrained_model_name_or_path="$WORK/ti
   --checkpointing_steps=2 --seed=0 --report_to=none --overwrite_output_dir
 
 common=(--resolution 1024 --device cuda --mixed_precision fp16 --train_batch_size 1 --gradient_accumulation_steps 3
-        --peak_tflops "${PEAK_TFLOPS:-790}" --json "$OUT/bench.jsonl")
-part "1. ours, seed settings (checkpointing, fp16, 8-bit Adam, rank 4), full-size SDXL, 1024 px"
-run 1 240 "$PY" benchmarks/bench_train.py --shape full "${common[@]}" --gradient_checkpointing --use_8bit_adam \
-  --warmup 4 --steps 8
+        --use_8bit_adam --warmup 4 --steps 8 --peak_tflops "${PEAK_TFLOPS:-790}" --json "$OUT/bench.jsonl")
+part "1. the model both trainers load: SDXL base's architecture at random weights, fp16, with its VAE as the separate VAE"
+timeout 90 "$PY" -m billiard_lora.tiny "$WORK/sdxl" --shape full --device cuda --dtype fp16 | tail -1
+mkdir -p "$WORK/images" && cp data/default/*.png "$WORK/images/"
+model=(--model "$WORK/sdxl" --vae "$WORK/sdxl/vae")  # the seed passes the fp16-fix VAE separately: VAE in fp16
+
+part "2. ours, seed settings (checkpointing, fp16, 8-bit Adam, rank 4), 1024 px"
+run 2 200 "$PY" benchmarks/bench_train.py "${model[@]}" "${common[@]}" --gradient_checkpointing
 
 if [ -n "${DIFFUSERS_SCRIPT:-}" ] && [ -f "$DIFFUSERS_SCRIPT" ]; then
-  part "2. diffusers' script, same settings"
-  timeout 90 "$PY" -m billiard_lora.tiny "$WORK/sdxl" --shape full --device cuda --dtype fp16 | tail -1
-  mkdir -p "$WORK/images" && cp data/default/*.png "$WORK/images/"
-  run 2 240 "$PY" benchmarks/time_diffusers_script.py --script "$DIFFUSERS_SCRIPT" --warmup 4 --json "$OUT/bench.jsonl" -- \
+  part "3. diffusers' script, same model, images and settings"
+  run 3 200 "$PY" benchmarks/time_diffusers_script.py --script "$DIFFUSERS_SCRIPT" --warmup 4 --json "$OUT/bench.jsonl" -- \
     --pretrained_model_name_or_path="$WORK/sdxl" --pretrained_vae_model_name_or_path="$WORK/sdxl/vae" \
     --instance_data_dir="$WORK/images" --output_dir="$WORK/theirs" --mixed_precision=fp16 \
     --instance_prompt="a photo of messi playing billiard" --resolution=1024 --train_batch_size=1 \
@@ -57,21 +63,20 @@ if [ -n "${DIFFUSERS_SCRIPT:-}" ] && [ -f "$DIFFUSERS_SCRIPT" ]; then
     --lr_scheduler=constant --lr_warmup_steps=0 --use_8bit_adam --max_train_steps=12 --checkpointing_steps=717 \
     --seed=0
 else
-  part "2. skipped: DIFFUSERS_SCRIPT not set"
+  part "3. skipped: DIFFUSERS_SCRIPT not set"
 fi
 
-part "3. ours, seed settings but --gradient_checkpointing_policy selective"
-run 3 180 "$PY" benchmarks/bench_train.py --shape full "${common[@]}" --gradient_checkpointing \
-  --gradient_checkpointing_policy selective --use_8bit_adam --warmup 4 --steps 8
+left() { echo $(( ${BUDGET_S:-560} - SECONDS )); }
+part "4. ours, seed settings + --torch_compile regional ($(left) s left)"
+[ "$(left)" -gt 90 ] && run 4 "$(left)" "$PY" benchmarks/bench_train.py "${model[@]}" "${common[@]}" --gradient_checkpointing \
+  --torch_compile regional
 
-part "4. ours without checkpointing, then generation"
-run 4 240 "$PY" benchmarks/bench_train.py --shape full "${common[@]}" --use_8bit_adam --warmup 4 --steps 8 \
-  --generation --gen_steps 30 --gen_images 2
+part "5. ours without checkpointing ($(left) s left)"
+[ "$(left)" -gt 60 ] && run 5 "$(left)" "$PY" benchmarks/bench_train.py "${model[@]}" "${common[@]}"
 
-part "5. ours, seed settings, --torch_compile regional"
-left=$(( ${BUDGET_S:-560} - SECONDS )); echo "$left s left for it"
-[ "$left" -gt 60 ] && run 5 "$left" "$PY" benchmarks/bench_train.py --shape full "${common[@]}" --gradient_checkpointing \
-  --use_8bit_adam --torch_compile regional --warmup 4 --steps 8
+part "6. generation: base / LoRA unfused / LoRA fused ($(left) s left)"
+[ "$(left)" -gt 40 ] && run 6 "$(left)" "$PY" benchmarks/bench_train.py --shape full --resolution 1024 --device cuda \
+  --no_training --gen_steps 30 --gen_images 2 --json "$OUT/bench.jsonl"
 
 part "done"
 "$PY" - "$OUT/bench.jsonl" <<'EOF'

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
@@ -257,6 +256,8 @@ def _as_examples(source_or_paths: ImageSource | str | Path | Iterable) -> tuple[
 
 
 def _dhash64(img: Image.Image) -> int:
+    import imagehash
+
     return int(str(imagehash.dhash(img)), 16)
 
 

@@ -90,18 +90,14 @@ class TrainConfig:
     max_train_steps: Optional[int] = _f(None, "Total optimizer steps; overrides num_train_epochs.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory by recomputing activations.")
-    gradient_checkpointing_policy: Literal["full", "selective"] = _f(
-        "full", "(billiard-lora) With --gradient_checkpointing: 'full' recomputes each block's forward in the "
-                "backward pass (least memory, as diffusers does); 'selective' keeps the outputs of matrix products, "
-                "convolutions and attention and recomputes only the cheap ops between them (norms, activations): "
-                "about the speed of no checkpointing, with part of its memory saving.")
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = _f(
         None, "Mixed precision; fp16 and bf16 need a GPU (on CPU fp16 falls back to fp32 with a warning).")
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere or newer GPUs.")
     torch_compile: Literal["none", "regional", "full"] = _f(
         "none", "(billiard-lora) torch.compile the UNet: 'regional' compiles each transformer and ResNet block "
-                "(identical blocks share their compiled code, so compiling takes about a minute on a GPU), 'full' the "
-                "whole UNet (slower to compile). The first steps are slow while it compiles; same results.")
+                "(blocks of the same shape share compiled code, so it compiles much faster than 'full', the whole "
+                "UNet). Same results; the first steps are slow while it compiles. Needs a C++ compiler on CPU, "
+                "triton on a GPU (else a warning and no compilation).")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
     learning_rate: float = _f(1e-4, "Learning rate of the UNet LoRA.")
@@ -170,9 +166,6 @@ class TrainConfig:
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise UserError(f"unknown --lr_scheduler={self.lr_scheduler!r}{_closest(self.lr_scheduler, LR_SCHEDULERS)}; "
                             f"choose one of {', '.join(LR_SCHEDULERS)}")
-        if self.gradient_checkpointing_policy not in ("full", "selective"):
-            raise UserError(f"unknown --gradient_checkpointing_policy={self.gradient_checkpointing_policy!r}; "
-                            "choose full or selective")
         if self.torch_compile not in COMPILE_MODES:
             raise UserError(f"unknown --torch_compile={self.torch_compile!r}; choose none, regional or full")
         if self.optimizer.lower() not in OPTIMIZERS:

@@ -77,11 +77,11 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     device = accelerator.device
     for m in (c.unet, c.vae, c.text_encoder_one, c.text_encoder_two):
         m.requires_grad_(False)
-    for m, dtype in ((c.unet, weight_dtype), (c.vae, vae_dtype), (c.text_encoder_one, weight_dtype),
-                     (c.text_encoder_two, weight_dtype)):
-        m.to(device)
-        if m.dtype != dtype:
-            m.to(dtype=dtype)
+    with quiet_diffusers():  # diffusers 0.42 warns on every .to(dtype), even with no float32-only modules
+        for m, dtype in ((c.unet, weight_dtype), (c.vae, vae_dtype), (c.text_encoder_one, weight_dtype),
+                         (c.text_encoder_two, weight_dtype)):
+            # one call: each tensor is converted on its way, so the GPU never holds a float32 copy of the UNet
+            m.to(device=device, dtype=dtype)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -109,7 +109,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         pissa_initial = {name: {k: v.detach().clone() for k, v in peft_state_dict(m).items()}
                          for name, m in zip(("unet", "text_encoder", "text_encoder_2"), trainable)}
     if config.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing(checkpointing_function(config.gradient_checkpointing_policy))
+        c.unet.enable_gradient_checkpointing()
         for te in text_encoders:
             te.gradient_checkpointing_enable()
     compile_unet(c.unet, config.torch_compile)
@@ -123,7 +123,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             # frozen and no longer needed until validation: 1.6 GB of fp16 weights off the GPU
             c.text_encoder_one.to("cpu")
             c.text_encoder_two.to("cpu")
-    latent_cache = LatentCache(c.vae, enabled=config.cache_latents)
+    latent_cache = LatentCache(c.vae, enabled=config.cache_latents, say=say)
     dataset = DreamBoothDataset(instance_images, class_images, config, cached=latent_cache.__contains__)
     sampler = EpochShuffleSampler(len(dataset), config.seed)
     # Its own generator: creating a DataLoader iterator then draws from it, not from the global RNG that
@@ -279,37 +279,20 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     return out
 
 
-def checkpointing_function(policy: str) -> Callable | None:
-    """The function the UNet's blocks are checkpointed with: None is diffusers' default (recompute everything).
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """diffusers' warnings off for a moment (errors still show)."""
+    from diffusers.utils import logging as diffusers_logging
 
-    'selective' is PyTorch's selective activation checkpointing: inside each checkpointed block the outputs of
-    matrix products, convolutions and attention are kept, everything else (norms, activations, adds) is recomputed
-    in the backward pass. The backward then costs about what it costs without checkpointing.
-    """
-    if policy == "full":
-        return None
-    import functools
-
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
-    aten = torch.ops.aten
-    names = ("mm", "addmm", "bmm", "convolution", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-             "_scaled_dot_product_flash_attention_for_cpu")
-    keep = {getattr(aten, n).default for n in names if hasattr(aten, n)}
-
-    def policy_fn(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
-
-    context = functools.partial(create_selective_checkpoint_contexts, policy_fn)
-
-    def selective(module, *args):
-        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context)
-
-    return selective
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
-def compile_unet(unet, mode: str) -> None:
+def compile_unet(unet, mode: str, **compile_kwargs) -> None:
     """torch.compile the UNet in place (its state-dict keys, hence the saved LoRA, stay the same).
 
     'regional' compiles the repeated blocks (transformer and ResNet blocks) one by one: blocks of the same shape
@@ -318,12 +301,12 @@ def compile_unet(unet, mode: str) -> None:
     if mode == "none":
         return
     if mode == "full":
-        unet.compile()
+        unet.compile(**compile_kwargs)
         return
     blocks = {"BasicTransformerBlock", "ResnetBlock2D"}
     for module in unet.modules():
         if type(module).__name__ in blocks:
-            module.compile()
+            module.compile(**compile_kwargs)
 
 
 # ============================================================================ settings and environment
@@ -353,6 +336,10 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
     if config.use_8bit_adam and config.optimizer.lower() == "adamw" and not _bnb_works("cuda" if cuda else "cpu"):
         notes.append("--use_8bit_adam: bitsandbytes has no working 8-bit optimizer here; using torch AdamW instead")
         changes["use_8bit_adam"] = False
+    if config.torch_compile != "none" and not _can_compile(cuda):
+        notes.append(f"--torch_compile={config.torch_compile} needs "
+                     f"{'triton' if cuda else 'a C++ compiler (g++ or clang++)'} here; training without compiling")
+        changes["torch_compile"] = "none"
     if config.report_to in ("tensorboard", "all"):
         try:
             import tensorboard  # noqa: F401
@@ -360,6 +347,15 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
             notes.append("--report_to=tensorboard: the tensorboard package is not installed; not logging to it")
             changes["report_to"] = "none"
     return config.replace(**changes, fallbacks=notes) if changes else config
+
+
+def _can_compile(cuda: bool) -> bool:
+    """Whether torch.compile's default backend (inductor) has its code generator here: triton, or a C++ compiler."""
+    if cuda:
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
 
 
 def _bnb_works(device: str) -> bool:
@@ -536,32 +532,48 @@ class LatentCache:
     Keyed by content (file hash, resolution, crop, flip), never by dataloader index. Each view is encoded alone, so
     its latent never depends on which images shared its batch: cached or not, resumed or not, the numbers agree.
     Latents are then sampled from the cached posterior with our generator, exactly as the VAE itself would.
+
+    Entries are kept in CPU memory (0.5 MB per 1024 px view), never on the GPU, and the cache stops growing at
+    ``max_bytes``: random crops of large photos rarely repeat, and must not fill memory as training goes on.
     """
 
-    def __init__(self, vae, enabled: bool = True):
-        self.vae, self.enabled = vae, enabled
+    def __init__(self, vae, enabled: bool = True, max_bytes: int = 4 * 2**30, say: Callable[[str], None] | None = None):
+        self.vae, self.enabled, self.max_bytes, self.say = vae, enabled, max_bytes, say
         self.table: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.bytes = 0
+        self.full = False
+
+    def __contains__(self, key: str) -> bool:
+        return self.enabled and key in self.table
 
     @torch.no_grad()
     def _posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels[None].to(self.vae.device, dtype=self.vae.dtype)).latent_dist
         return dist.mean[0], dist.std[0]
 
-    def __contains__(self, key: str) -> bool:
-        return self.enabled and key in self.table
+    def _store(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        size = mean.nbytes + std.nbytes
+        if self.bytes + size > self.max_bytes:
+            if not self.full and self.say:
+                self.say(f"note: the latent cache reached {self.max_bytes / 2**30:.1f} GB ({len(self.table)} views); "
+                         "new views are encoded each time they come up")
+            self.full = True
+            return
+        self.table[key] = (mean.to("cpu"), std.to("cpu"))
+        self.bytes += size
 
     def posterior(self, pixel_values: Sequence[torch.Tensor | None], keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
+        device = self.vae.device
         for pixels, key in zip(pixel_values, keys):
             if key in self.table:
                 self.hits += 1
-                mean, std = self.table[key]
+                mean, std = (t.to(device, non_blocking=True) for t in self.table[key])
             else:
                 self.misses += 1
                 mean, std = self._posterior(pixels)
                 if self.enabled:
-                    self.table[key] = (mean, std)
+                    self._store(key, mean, std)
             means.append(mean)
             stds.append(std)
         return torch.stack(means), torch.stack(stds)

@@ -249,6 +249,8 @@ def test_bad_settings_are_one_clear_error(tiny_model_dir, tmp_path):
         tiny_config(tiny_model_dir, data, tmp_path / "o", instance_prompt=None)
     with pytest.raises(UserError, match="--class_prompt"):
         tiny_config(tiny_model_dir, data, tmp_path / "o", class_prompt="a dog")
+    with pytest.raises(UserError, match="--torch_compile='fast'.*regional"):
+        tiny_config(tiny_model_dir, data, tmp_path / "o", torch_compile="fast")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("precious")
     with pytest.raises(UserError, match="not empty"):
@@ -339,3 +341,101 @@ def test_pissa_init_saves_a_lora_for_the_unmodified_base(tiny_model_dir, tiny_co
 def test_unknown_init_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="--init_lora_weights"):
         tiny_config(tiny_model_dir, tmp_path, tmp_path / "o", init_lora_weights="svd")
+
+
+def _unet_step(unet, seed=0):
+    """One forward + backward of a tiny UNet at 32 px; returns the loss and the LoRA gradients by name."""
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    x = torch.randn(1, 4, 4, 4, generator=g)
+    emb = torch.randn(1, 77, cross, generator=g)
+    cond = {"text_embeds": torch.randn(1, unet.config.projection_class_embeddings_input_dim - 6 *
+                                       unet.config.addition_time_embed_dim, generator=g),
+            "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    loss = unet(x, torch.tensor([500]), emb, added_cond_kwargs=cond).sample.square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def test_regional_compile_keeps_the_math_and_the_lora_keys(tiny_components):
+    """--torch_compile regional compiles blocks in place: same loss and LoRA gradients, same state-dict keys.
+
+    Traced with the aot_eager backend (dynamo + autograd tracing, no C++ compilation) to stay fast; inductor is
+    what training uses, measured in benchmarks/RESULTS.md.
+    """
+    import copy
+
+    import torch._dynamo
+
+    from billiard_lora.lora import add_lora
+    from billiard_lora.train import compile_unet
+
+    unet = tiny_components.unet
+    unet.requires_grad_(False)
+    torch.manual_seed(0)
+    add_lora(unet, rank=4)
+    for p in unet.parameters():
+        if p.requires_grad:  # non-zero B, so the LoRA path shapes the output and the gradients
+            p.data.normal_(0, 0.02)
+    unet.enable_gradient_checkpointing()
+    eager = copy.deepcopy(unet)
+    keys = list(unet.state_dict())
+    torch._dynamo.reset()
+    compile_unet(unet, "regional", backend="aot_eager")
+    assert any(getattr(m, "_compiled_call_impl", None) is not None for m in unet.modules())
+    assert list(unet.state_dict()) == keys
+    loss_c, grads_c = _unet_step(unet)
+    loss_e, grads_e = _unet_step(eager)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads_e.keys() and grads_c
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_cached_views_are_not_rendered_again(tiny_model_dir, tmp_path, monkeypatch):
+    """With the latent cache on, a view's pixels are made only until its latent is cached."""
+    import billiard_lora.data as data_mod
+
+    calls = {"n": 0}
+    real = data_mod.render_view
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(data_mod, "render_view", counting)
+    data = make_images(tmp_path / "data", n=2)
+    kw = dict(max_train_steps=6, train_batch_size=1, center_crop=True)  # 2 views, 6 samples
+    train(tiny_config(tiny_model_dir, data, tmp_path / "cached", **kw))
+    assert calls["n"] == 2
+    calls["n"] = 0
+    train(tiny_config(tiny_model_dir, data, tmp_path / "uncached", cache_latents=False, **kw))
+    assert calls["n"] == 6
+
+
+def test_compile_without_a_code_generator_falls_back_with_a_note(tiny_model_dir, tmp_path, monkeypatch):
+    import billiard_lora.train as train_mod
+
+    monkeypatch.setattr(train_mod.shutil, "which", lambda name: None)  # no C++ compiler on this "machine"
+    config = tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "o", torch_compile="regional")
+    resolved = train_mod.resolve_hardware(config)
+    assert resolved.torch_compile == "none"
+    assert any("--torch_compile=regional needs" in note for note in resolved.fallbacks)
+
+
+def test_latent_cache_lives_on_the_cpu_and_stops_growing_at_its_budget(tiny_components):
+    from billiard_lora.train import LatentCache
+
+    notes = []
+    vae = tiny_components.vae
+    pixels = torch.rand(3, 3, 32, 32) * 2 - 1
+    one_view = LatentCache(vae)._posterior(pixels[0])
+    budget = 2 * sum(t.nbytes for t in one_view)  # room for two views
+    cache = LatentCache(vae, max_bytes=budget, say=notes.append)
+    mean, std = cache.posterior(list(pixels), ["a", "b", "c"])
+    assert list(cache.table) == ["a", "b"] and cache.full and len(notes) == 1 and "latent cache reached" in notes[0]
+    assert all(t.device.type == "cpu" for pair in cache.table.values() for t in pair)
+    again_mean, again_std = cache.posterior([None, None, pixels[2]], ["a", "b", "c"])  # cached views need no pixels
+    assert torch.equal(again_mean, mean) and torch.equal(again_std, std)
+    assert (cache.hits, cache.misses) == (2, 4) and len(notes) == 1
