@@ -144,9 +144,23 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
         names = [s.name for s in pipe.billiard_loras.values()]
         pipe.set_adapters(names, adapter_weights=[s.scale for s in pipe.billiard_loras.values()])
         if fuse:
-            # fuse_lora merges each adapter at its current scaling, i.e. with the set_adapters weights above.
-            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+            fuse_loras(pipe)
     return pipe
+
+
+def fuse_loras(pipe) -> None:
+    """Merge the active LoRAs, at their weights, into the base weights and drop the adapter modules.
+
+    Sampling then runs exactly the base model's computation (peft's wrappers, even merged, add per-layer work);
+    what was fused is remembered for the images' metadata, and scale changes are refused from then on.
+    """
+    loras = active_loras(pipe)
+    # fuse_lora merges each adapter at its current scaling, i.e. with the set_adapters weights.
+    pipe.fuse_lora(adapter_names=[s.name for s in loras], lora_scale=1.0)
+    pipe.billiard_fused_loras = loras
+    with _quiet_loading():
+        pipe.unload_lora_weights()  # the merged weights stay
+    pipe.billiard_loras = {}
 
 
 def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool = True) -> str:
@@ -185,7 +199,7 @@ def active_loras(pipe) -> list[LoraSpec]:
     """The LoRAs shaping this pipeline's images now, with their own scales (1.0 for adapters loaded elsewhere)."""
     known = getattr(pipe, "billiard_loras", {})
     names = pipe.get_active_adapters()
-    return [known.get(n) or LoraSpec("", 1.0, n) for n in names]
+    return list(getattr(pipe, "billiard_fused_loras", [])) + [known.get(n) or LoraSpec("", 1.0, n) for n in names]
 
 
 def _count_lora_layers(file: Path) -> int:
@@ -342,7 +356,7 @@ def _check_settings(seeds: list[int], steps: int, height: int | None, width: int
 
 
 def _is_fused(pipe) -> bool:
-    return getattr(pipe, "num_fused_loras", 0) > 0
+    return bool(getattr(pipe, "billiard_fused_loras", None)) or getattr(pipe, "num_fused_loras", 0) > 0
 
 
 def _require_unfused(pipe, what: str) -> None:

@@ -208,6 +208,8 @@ def test_fused_loras_match_unfused_and_refuse_scale_changes(tiny_model_dir, lora
     fused_pipe = _pipe(tiny_model_dir, loras=loras, fuse=True)
     fused = generate(fused_pipe, PROMPT, 0, **FAST)[0]
     assert _close(fused, unfused) and fused.fused and fused.lora_names == ("run", "checkpoint-1")
+    # the adapters are merged and gone: sampling runs exactly the base model's layers
+    assert not any(hasattr(m, "lora_A") for m in fused_pipe.unet.modules())
     with pytest.raises(UserError, match="fused"):
         generate(fused_pipe, PROMPT, 0, lora_scale=0.5, **FAST)
     with pytest.raises(UserError, match="fused"):
