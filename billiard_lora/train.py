@@ -124,6 +124,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             c.text_encoder_one.to("cpu")
             c.text_encoder_two.to("cpu")
     latent_cache = LatentCache(c.vae, enabled=config.cache_latents, say=say)
+    time_id_cache = TimeIdCache(config.resolution, weight_dtype, device)
     dataset = DreamBoothDataset(instance_images, class_images, config, cached=latent_cache.__contains__)
     sampler = EpochShuffleSampler(len(dataset), config.seed)
     # Its own generator: creating a DataLoader iterator then draws from it, not from the global RNG that
@@ -208,10 +209,9 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                 # the forward diffusion process: noise the latents to the sampled timestep
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
-                from .conditioning import batch_time_ids, encode_prompt
+                from .conditioning import encode_prompt
 
-                time_ids = batch_time_ids(batch["original_sizes"], batch["crop_top_lefts"], config.resolution,
-                                          dtype=weight_dtype, device=device)  # (B, 6)
+                time_ids = time_id_cache.lookup(batch["original_sizes"], batch["crop_top_lefts"])  # (B, 6)
                 if prompt_cache is not None:
                     prompt_embeds, pooled = prompt_cache.lookup(batch["captions"])  # (B, 77, 2048), (B, 1280)
                 else:
@@ -526,6 +526,30 @@ class PromptCache:
         return (torch.stack([self.table[c][0] for c in captions]), torch.stack([self.table[c][1] for c in captions]))
 
 
+class TimeIdCache:
+    """SDXL's size/crop conditioning per distinct (original size, crop), made once on the device.
+
+    Building it from Python numbers each step would copy host memory to the GPU, and such a copy makes the CPU wait
+    for all queued GPU work: the next step's kernels could not be queued while this one runs.
+    """
+
+    def __init__(self, resolution: int, dtype: torch.dtype, device):
+        self.resolution, self.dtype, self.device = resolution, dtype, device
+        self.table: dict[tuple, torch.Tensor] = {}
+
+    def lookup(self, original_sizes: Sequence[Sequence[int]], crops: Sequence[Sequence[int]]) -> torch.Tensor:
+        from .conditioning import compute_time_ids
+
+        rows = []
+        for size, crop in zip(original_sizes, crops):
+            key = (*size, *crop)
+            if key not in self.table:
+                self.table[key] = compute_time_ids(size, crop, (self.resolution, self.resolution), dtype=self.dtype,
+                                                   device=self.device)
+            rows.append(self.table[key])
+        return torch.stack(rows)
+
+
 class LatentCache:
     """The VAE posterior (mean, std) of each distinct training view, computed once.
 
@@ -559,7 +583,9 @@ class LatentCache:
                          "new views are encoded each time they come up")
             self.full = True
             return
-        self.table[key] = (mean.to("cpu"), std.to("cpu"))
+        # pinned host memory when training on a GPU: copies back to it then need not wait for queued GPU work
+        pin = mean.device.type == "cuda"
+        self.table[key] = tuple(t.to("cpu").pin_memory() if pin else t.to("cpu") for t in (mean, std))
         self.bytes += size
 
     def posterior(self, pixel_values: Sequence[torch.Tensor | None], keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
