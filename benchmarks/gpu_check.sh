@@ -7,7 +7,8 @@
 #   4. ours at the seed's settings + --torch_compile regional
 #   5. ours without gradient checkpointing
 #   6. generation: base / LoRA unfused / LoRA fused
-# Parts 4-6 are time-boxed to what is left of BUDGET_S (seconds since the start). The first 4 optimizer steps (one pass
+#   7. ours at the seed's settings + --torch_compile full (the whole UNet: longer to compile)
+# Parts 4-7 are time-boxed to what is left of BUDGET_S (seconds since the start). The first 4 optimizer steps (one pass
 # over the 12 embedded images: latent cache filled, compilation done) are warm-up, not timed.
 # Each prints one JSON line (also appended to $OUT/bench.jsonl; whole logs in $OUT/pN.log); a failing part does not
 # stop the others.
@@ -29,8 +30,10 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 part() { echo "=== $1 ($(date +%T))"; }
 # run N SECONDS CMD...: CMD's whole output to $OUT/pN.log, its last lines here
-run() { local n=$1 t=$2; shift 2; timeout "$t" "$@" > "$OUT/p$n.log" 2>&1; local rc=$?
-        tr '\r' '\n' < "$OUT/p$n.log" | grep -v "it/s\]\|s/it\]\|^\s*$" | tail -4; [ $rc = 0 ] || echo "part $n: exit $rc"; }
+# (the device tool brings back at most 8 files: bench.jsonl, p2..p7.log and the caller's own log; p0.log stays behind)
+run() { local n=$1 t=$2; shift 2; local log="$OUT/p$n.log"; [ "$n" = 0 ] && log="$WORK/p0.log"
+        timeout "$t" "$@" > "$log" 2>&1; local rc=$?
+        tr '\r' '\n' < "$log" | grep -v "it/s\]\|s/it\]\|^\s*$" | tail -4; [ $rc = 0 ] || echo "part $n: exit $rc"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 "$PY" -c "import torch, diffusers, transformers, peft, accelerate, bitsandbytes as b; print('torch', torch.__version__, \
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, \
@@ -77,6 +80,10 @@ part "5. ours without checkpointing ($(left) s left)"
 part "6. generation: base / LoRA unfused / LoRA fused ($(left) s left)"
 [ "$(left)" -gt 40 ] && run 6 "$(left)" "$PY" benchmarks/bench_train.py --shape full --resolution 1024 --device cuda \
   --no_training --gen_steps 30 --gen_images 2 --json "$OUT/bench.jsonl"
+
+part "7. ours, seed settings + --torch_compile full ($(left) s left)"
+[ "$(left)" -gt 120 ] && run 7 "$(left)" "$PY" benchmarks/bench_train.py "${model[@]}" "${common[@]}" --gradient_checkpointing \
+  --torch_compile full
 
 part "done"
 "$PY" - "$OUT/bench.jsonl" <<'EOF'

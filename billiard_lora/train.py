@@ -279,6 +279,9 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     return out
 
 
+COMPILE_VARIANTS = 64  # compiled graphs allowed per block type (torch's default is 8)
+
+
 @contextlib.contextmanager
 def quiet_diffusers() -> Iterator[None]:
     """diffusers' warnings off for a moment (errors still show)."""
@@ -300,6 +303,13 @@ def compile_unet(unet, mode: str, **compile_kwargs) -> None:
     """
     if mode == "none":
         return
+    import torch._dynamo
+
+    # Each block variant (width, skip connection, resolution, training or validation) is a graph of its own, and
+    # SDXL's UNet has dozens: past torch's default of 8 per function, the rest would silently run uncompiled.
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), COMPILE_VARIANTS))
     if mode == "full":
         unet.compile(**compile_kwargs)
         return
