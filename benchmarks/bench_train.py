@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import sys
 import tempfile
 import time
@@ -28,12 +26,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from billiard_lora import paths  # noqa: E402
 from billiard_lora.config import TrainConfig  # noqa: E402
 from billiard_lora.models import Components  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
 from billiard_lora.train import train  # noqa: E402
+from common import device_name, emit, peak_memory  # noqa: E402
 
 
 def components(shape: str, device: str, dtype: torch.dtype = torch.float32) -> Components:
@@ -66,13 +66,6 @@ def unet_forward_flops(c: Components, resolution: int, batch: int) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(x, t, emb, added_cond_kwargs=cond)
     return float(counter.get_total_flops())
-
-
-def peak_memory(device: str) -> dict:
-    if device.startswith("cuda"):
-        return {"cuda_max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
-                "cuda_max_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
-    return {"cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def load_model(args) -> Components:
@@ -166,12 +159,6 @@ def bench_generation(args) -> dict:
             "unfused_overhead_pct": 100 * (unfused / base - 1)}
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=list(SHAPES), default="small")
@@ -199,12 +186,7 @@ def main() -> None:
     results = [] if args.no_training else [bench_training(args)]
     if args.generation or args.no_training:
         results.append(bench_generation(args))
-    for r in results:
-        line = json.dumps(r)
-        print(line, flush=True)
-        if args.json:
-            with open(args.json, "a") as fh:
-                fh.write(line + "\n")
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,15 @@ Prints one JSON line with the same field names (and appends it to ``--json``).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
 import runpy
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, emit, peak_memory  # noqa: E402
 
 
 def main() -> None:
@@ -76,25 +77,18 @@ def main() -> None:
     per_step = (timed[-1] - timed[0]) / (len(timed) - 1)
     micro = settings.gradient_accumulation_steps
     result = {
-        "what": "training", "trainer": "diffusers train_dreambooth_lora_sdxl.py", "shape": settings.pretrained_model_name_or_path,
+        "what": "training", "trainer": "diffusers train_dreambooth_lora_sdxl.py",
+        "shape": settings.pretrained_model_name_or_path,
         "resolution": settings.resolution, "batch": settings.train_batch_size, "gradient_accumulation_steps": micro,
         "gradient_checkpointing": settings.gradient_checkpointing, "mixed_precision": settings.mixed_precision,
         "use_8bit_adam": settings.use_8bit_adam,
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
+        "device": device_name("cuda" if cuda else "cpu"),
         "timed_steps": len(timed) - 1, "optimizer_steps_per_s": 1 / per_step,
         "images_per_s": settings.train_batch_size * micro / per_step, "ms_per_micro_step": 1000 * per_step / micro,
         "wall_s_including_setup": total, "s_to_first_step": stamps[0] - t0,
     }
-    if cuda:
-        result.update(cuda_max_allocated_gb=torch.cuda.max_memory_allocated() / 2**30,
-                      cuda_max_reserved_gb=torch.cuda.max_memory_reserved() / 2**30)
-    else:
-        result["cpu_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(line + "\n")
+    result.update(peak_memory("cuda" if cuda else "cpu"))
+    emit([result], args.json)
 
 
 if __name__ == "__main__":

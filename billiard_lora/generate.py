@@ -526,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--negative_prompt")
-    p.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the model (faster; scales fixed)")
+    p.add_argument("--fuse", action="store_true",
+                   help="merge the LoRAs into the model weights: base-model speed (unfused costs ~12%% more per step "
+                        "on CPU); scales fixed")
     p.add_argument("--grid", action="store_true", help="also a prompts x seeds grid of the images")
     p.add_argument("--sweep", action="store_true", help="a LoRA-scale sweep grid per prompt (see --scales)")
     p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="scales for --sweep")
