@@ -94,7 +94,8 @@ def bench_training(args) -> dict:
             pretrained_vae_model_name_or_path=args.vae, instance_prompt="a photo of messi playing billiard",
             dataset_name=str(paths.DEFAULT_DATA_DIR), output_dir=str(Path(tmp) / "run"), resolution=args.resolution,
             train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-            gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+            gradient_checkpointing=args.gradient_checkpointing,
+            auto_gradient_checkpointing=args.auto_gradient_checkpointing, mixed_precision=args.mixed_precision,
             use_8bit_adam=args.use_8bit_adam, rank=args.rank, max_train_steps=args.warmup + args.steps,
             checkpointing_steps=10**9, learning_rate=1e-4, lr_warmup_steps=0, snr_gamma=5.0, seed=0,
             report_to="none", cache_latents=not args.no_cache_latents, torch_compile=args.torch_compile)
@@ -110,11 +111,13 @@ def bench_training(args) -> dict:
     images_per_step = args.train_batch_size * micro
     # per micro-batch: forward + backward (about 2 forwards: frozen weights need no weight gradients), plus the
     # forward that checkpointing recomputes
-    train_flops = fwd * (3 if args.gradient_checkpointing else 2)
+    checkpointing = used["gradient_checkpointing"]  # what ran (--auto_gradient_checkpointing decides it)
+    train_flops = fwd * (3 if checkpointing else 2)
     result = {
         "what": "training", "shape": args.model or args.shape, "torch_compile": args.torch_compile, "resolution": args.resolution, "device": device_name(args.device),
         "batch": args.train_batch_size, "gradient_accumulation_steps": micro,
-        "gradient_checkpointing": args.gradient_checkpointing, "mixed_precision": used["mixed_precision"],
+        "gradient_checkpointing": checkpointing, "auto_gradient_checkpointing": args.auto_gradient_checkpointing,
+        "mixed_precision": used["mixed_precision"],
         "use_8bit_adam": used["use_8bit_adam"], "fallbacks": used["fallbacks"], "cache_latents": not args.no_cache_latents,
         "timed_steps": len(timed) - 1, "optimizer_steps_per_s": 1 / per_step, "images_per_s": images_per_step / per_step,
         "ms_per_micro_step": 1000 * per_step / micro, "unet_forward_tflop": fwd / 1e12,
@@ -170,6 +173,7 @@ def main() -> None:
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--gradient_accumulation_steps", type=int, default=3)
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--auto_gradient_checkpointing", action="store_true", help="let a trial step decide it")
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--use_8bit_adam", action="store_true")
     p.add_argument("--no_cache_latents", action="store_true")

@@ -108,11 +108,6 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     if is_mutating_init(init):
         pissa_initial = {name: {k: v.detach().clone() for k, v in peft_state_dict(m).items()}
                          for name, m in zip(("unet", "text_encoder", "text_encoder_2"), trainable)}
-    if config.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
-        for te in text_encoders:
-            te.gradient_checkpointing_enable()
-    compile_unet(c.unet, config.torch_compile)
 
     # ---- 3. data: prompt embeddings computed once per distinct caption when the text encoders are frozen
     prompt_cache = None
@@ -123,6 +118,17 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             # frozen and no longer needed until validation: 1.6 GB of fp16 weights off the GPU
             c.text_encoder_one.to("cpu")
             c.text_encoder_two.to("cpu")
+    if config.auto_gradient_checkpointing:
+        fits = fits_without_checkpointing(config, c, text_encoders, prompt_cache, accelerator, weight_dtype)
+        config = config.replace(gradient_checkpointing=not fits)  # what ran, as config.json will record it
+        say(f"--auto_gradient_checkpointing: a trial step {'fits' if fits else 'does not fit'} in memory without "
+            f"checkpointing; training {'without' if fits else 'with'} it")
+    if config.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        for te in text_encoders:
+            te.gradient_checkpointing_enable()
+    compile_unet(c.unet, config.torch_compile)
+
     latent_cache = LatentCache(c.vae, enabled=config.cache_latents, say=say)
     time_id_cache = TimeIdCache(config.resolution, weight_dtype, device)
     dataset = DreamBoothDataset(instance_images, class_images, config, cached=latent_cache.__contains__)
@@ -277,6 +283,58 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             callback({"event": "done", "output_dir": str(out), "summary": summary, "images": final_images})
     accelerator.end_training()
     return out
+
+
+def fits_without_checkpointing(config: TrainConfig, c, text_encoders, prompt_cache, accelerator, weight_dtype) -> bool:
+    """One forward and backward of a full-size batch without gradient checkpointing: does training fit in memory?
+
+    On a GPU the trial must also leave 15 % of the memory that was free before it (optimizer state, fragmentation
+    and validation come later); anywhere, running out of memory means no. Every process must fit. Gradients and
+    random-number states are put back, so training goes on exactly as if the trial had not run.
+    """
+    from .conditioning import compute_time_ids, encode_prompt
+
+    device = accelerator.device
+    cuda = device.type == "cuda"
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    batch = config.train_batch_size * (2 if config.with_prior_preservation else 1)
+    lat = config.resolution // 8
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
+    if cuda:
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(device)[0]
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    fits = True
+    try:
+        with accelerator.autocast():
+            if prompt_cache is not None:
+                embeds, pooled = prompt_cache.lookup([next(iter(prompt_cache.table))] * batch)
+            else:
+                embeds, pooled = encode_prompt(text_encoders, c.tokenizers, [config.instance_prompt] * batch)
+            ids = compute_time_ids((config.resolution,) * 2, (0, 0), (config.resolution,) * 2, dtype=weight_dtype,
+                                   device=device).expand(batch, 6)
+            noisy = torch.randn(batch, 4, lat, lat, device=device, dtype=weight_dtype)
+            timesteps = torch.full((batch,), 500, device=device)
+            pred = c.unet(noisy, timesteps, embeds.to(weight_dtype),
+                          added_cond_kwargs={"time_ids": ids, "text_embeds": pooled.to(weight_dtype)},
+                          return_dict=False)[0]
+        pred.float().square().mean().backward()
+        del pred
+        if cuda:
+            fits = torch.cuda.max_memory_allocated(device) - before <= 0.85 * free
+    except oom:
+        fits = False
+    finally:
+        for m in (c.unet, *text_encoders):
+            for p in lora_params(m):
+                p.grad = None
+        torch.set_rng_state(rng[0])
+        if cuda:
+            torch.cuda.set_rng_state_all(rng[1])
+            torch.cuda.empty_cache()
+    misfits = accelerator.reduce(torch.tensor([0 if fits else 1], device=device), reduction="sum")
+    return int(misfits.item()) == 0
 
 
 COMPILE_VARIANTS = 64  # compiled graphs allowed per block type (torch's default is 8)

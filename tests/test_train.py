@@ -442,3 +442,33 @@ def test_latent_cache_lives_on_the_cpu_and_stops_growing_at_its_budget(tiny_comp
     again_mean, again_std = cache.posterior([None, None, pixels[2]], ["a", "b", "c"])  # cached views need no pixels
     assert torch.equal(again_mean, mean) and torch.equal(again_std, std)
     assert (cache.hits, cache.misses) == (2, 4) and len(notes) == 1
+
+
+def test_auto_gradient_checkpointing_trains_without_it_when_the_trial_step_fits(tiny_model_dir, tmp_path):
+    data = make_images(tmp_path / "data", n=3)
+    kw = dict(lora_dropout=0.1)  # dropout draws from the global RNG: the trial must put it back
+    plain = train(tiny_config(tiny_model_dir, data, tmp_path / "plain", gradient_checkpointing=False, **kw))
+    auto = train(tiny_config(tiny_model_dir, data, tmp_path / "auto", gradient_checkpointing=True,
+                             auto_gradient_checkpointing=True, **kw))
+    assert json.loads((auto / "config.json").read_text())["gradient_checkpointing"] is False
+    a, b = lora_tensors(plain), lora_tensors(auto)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the trial step must leave no trace in training"
+
+
+def test_auto_gradient_checkpointing_turns_it_on_when_memory_runs_out(tiny_model_dir, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    real_forward = UNet2DConditionModel.forward
+
+    def forward(self, *args, **kwargs):  # a GPU too small for this model without checkpointing
+        if not self.is_gradient_checkpointing and torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    data = make_images(tmp_path / "data", n=3)
+    ckpt = train(tiny_config(tiny_model_dir, data, tmp_path / "ckpt", gradient_checkpointing=True))
+    auto = train(tiny_config(tiny_model_dir, data, tmp_path / "auto", auto_gradient_checkpointing=True))
+    assert json.loads((auto / "config.json").read_text())["gradient_checkpointing"] is True
+    a, b = lora_tensors(ckpt), lora_tensors(auto)
+    assert all(torch.equal(a[k], b[k]) for k in a)
