@@ -131,7 +131,10 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
 
     latent_cache = LatentCache(c.vae, enabled=config.cache_latents, say=say)
     time_id_cache = TimeIdCache(config.resolution, weight_dtype, device)
-    dataset = DreamBoothDataset(instance_images, class_images, config, cached=latent_cache.__contains__)
+    # Workers hold copies of the dataset that never see the cache fill up: only the main process skips pixels.
+    in_main_process = config.dataloader_num_workers == 0
+    dataset = DreamBoothDataset(instance_images, class_images, config,
+                                cached=latent_cache.__contains__ if in_main_process else None)
     sampler = EpochShuffleSampler(len(dataset), config.seed)
     # Its own generator: creating a DataLoader iterator then draws from it, not from the global RNG that
     # LoRA dropout uses (otherwise a resumed run would draw different dropout masks).
@@ -513,8 +516,7 @@ class DreamBoothDataset(Dataset):
         self.class_images = list(class_images)
         self.config = config
         # ``cached(key)`` says the latent cache already holds a view: its pixels (a resize of a full photo on the
-        # CPU, tens of ms at 1024 px) are then not made at all. In DataLoader workers the cache is not visible and
-        # every view is rendered, which is slower but gives the same numbers.
+        # CPU, tens of ms at 1024 px) are then not made at all.
         self.cached = cached or (lambda key: False)
 
     def __len__(self) -> int:

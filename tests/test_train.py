@@ -177,8 +177,9 @@ def test_latent_cache_changes_nothing_but_speed(tiny_model_dir, tmp_path):
     kw = dict(max_train_steps=4, random_flip=True, train_batch_size=2)
     cached = train(tiny_config(tiny_model_dir, data, tmp_path / "cached", **kw))
     uncached = train(tiny_config(tiny_model_dir, data, tmp_path / "uncached", cache_latents=False, **kw))
-    a, b = lora_tensors(cached), lora_tensors(uncached)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    in_worker = train(tiny_config(tiny_model_dir, data, tmp_path / "worker", dataloader_num_workers=1, **kw))
+    a, b, w = lora_tensors(cached), lora_tensors(uncached), lora_tensors(in_worker)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], w[k]) for k in a)
 
 
 def test_checkpoints_total_limit_keeps_the_newest(tiny_model_dir, tmp_path):
