@@ -129,7 +129,14 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             te.gradient_checkpointing_enable()
     compile_unet(c.unet, config.torch_compile)
 
-    latent_cache = LatentCache(c.vae, enabled=config.cache_latents, say=say)
+    def vae_off_gpu() -> None:  # every view is cached: the VAE is needed again only for validation images
+        if device.type == "cuda":
+            c.vae.to("cpu")
+            torch.cuda.empty_cache()  # and the blocks its 1024 px encodes held
+            say("all training views are cached: the VAE leaves the GPU until validation")
+
+    latent_cache = LatentCache(c.vae, device, enabled=config.cache_latents, say=say,
+                               views=count_views([*instance_images, *class_images], config), on_complete=vae_off_gpu)
     time_id_cache = TimeIdCache(config.resolution, weight_dtype, device)
     # Workers hold copies of the dataset that never see the cache fill up: only the main process skips pixels.
     in_main_process = config.dataloader_num_workers == 0
@@ -596,6 +603,18 @@ class PromptCache:
         return (torch.stack([self.table[c][0] for c in captions]), torch.stack([self.table[c][1] for c in captions]))
 
 
+def count_views(images: Sequence[TrainImage], config: TrainConfig) -> int:
+    """How many distinct views (crop position x flip) training can draw from these images."""
+    from .data import resized_size
+
+    total = 0
+    for im in images:
+        w, h = resized_size(im.image.width, im.image.height, config.resolution)
+        crops = 1 if config.center_crop else (w - config.resolution + 1) * (h - config.resolution + 1)
+        total += crops * (2 if config.random_flip else 1)
+    return total
+
+
 class TimeIdCache:
     """SDXL's size/crop conditioning per distinct (original size, crop), made once on the device.
 
@@ -631,8 +650,12 @@ class LatentCache:
     ``max_bytes``: random crops of large photos rarely repeat, and must not fill memory as training goes on.
     """
 
-    def __init__(self, vae, enabled: bool = True, max_bytes: int = 4 * 2**30, say: Callable[[str], None] | None = None):
+    def __init__(self, vae, device=None, *, enabled: bool = True, max_bytes: int = 4 * 2**30,
+                 say: Callable[[str], None] | None = None, views: int | None = None,
+                 on_complete: Callable[[], None] | None = None):
         self.vae, self.enabled, self.max_bytes, self.say = vae, enabled, max_bytes, say
+        self.device = torch.device(device) if device is not None else vae.device  # where latents are used
+        self.views, self.on_complete = views, on_complete  # how many distinct views exist; called once all are in
         self.table: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.hits = self.misses = self.bytes = 0
         self.full = False
@@ -643,7 +666,7 @@ class LatentCache:
     @torch.no_grad()
     def _posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels[None].to(self.vae.device, dtype=self.vae.dtype)).latent_dist
-        return dist.mean[0], dist.std[0]
+        return dist.mean[0].to(self.device), dist.std[0].to(self.device)
 
     def _store(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
         size = mean.nbytes + std.nbytes
@@ -657,10 +680,12 @@ class LatentCache:
         pin = mean.device.type == "cuda"
         self.table[key] = tuple(t.to("cpu").pin_memory() if pin else t.to("cpu") for t in (mean, std))
         self.bytes += size
+        if self.views is not None and len(self.table) == self.views and self.on_complete:
+            self.on_complete()
 
     def posterior(self, pixel_values: Sequence[torch.Tensor | None], keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
-        device = self.vae.device
+        device = self.device
         for pixels, key in zip(pixel_values, keys):
             if key in self.table:
                 self.hits += 1
@@ -892,7 +917,7 @@ def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, we
     device = accelerator.device
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     images = []
-    with torch.no_grad(), autocast, on_device([pipe.text_encoder, pipe.text_encoder_2], device):
+    with torch.no_grad(), autocast, on_device([pipe.text_encoder, pipe.text_encoder_2, pipe.vae], device):
         for i in range(config.num_validation_images):
             g = torch.Generator(device=device).manual_seed(config.seed + i)
             images.append(pipe(config.validation_prompt, num_inference_steps=config.validation_inference_steps,

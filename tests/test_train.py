@@ -473,3 +473,21 @@ def test_auto_gradient_checkpointing_turns_it_on_when_memory_runs_out(tiny_model
     assert json.loads((auto / "config.json").read_text())["gradient_checkpointing"] is True
     a, b = lora_tensors(ckpt), lora_tensors(auto)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_views_are_counted_and_a_complete_cache_says_so_once(tiny_components, tmp_path):
+    from billiard_lora.train import LatentCache, TrainImage, count_views
+
+    square, wide = TrainImage(Image.new("RGB", (64, 64)), "a", "s"), TrainImage(Image.new("RGB", (80, 64)), "b", "w")
+    config = tiny_config(tmp_path, tmp_path, tmp_path / "o", resolution=32)
+    assert count_views([square, wide], config) == 1 + 9  # the wide one resizes to 40x32: 9 crop positions
+    assert count_views([square, wide], config.replace(center_crop=True, random_flip=True)) == 4
+    done = []
+    cache = LatentCache(tiny_components.vae, "cpu", views=2, on_complete=lambda: done.append(True))
+    pixels = torch.rand(3, 3, 32, 32) * 2 - 1
+    cache.posterior(list(pixels[:2]), ["a", "a"])  # one distinct view so far
+    assert done == []
+    cache.posterior(list(pixels[1:]), ["b", "a"])
+    assert done == [True]
+    cache.posterior([None, None], ["a", "b"])
+    assert done == [True]
