@@ -98,7 +98,8 @@ def bench_training(args) -> dict:
             auto_gradient_checkpointing=args.auto_gradient_checkpointing, mixed_precision=args.mixed_precision,
             use_8bit_adam=args.use_8bit_adam, rank=args.rank, max_train_steps=args.warmup + args.steps,
             checkpointing_steps=10**9, learning_rate=1e-4, lr_warmup_steps=0, snr_gamma=5.0, seed=0,
-            report_to="none", cache_latents=not args.no_cache_latents, torch_compile=args.torch_compile)
+            report_to="none", cache_latents=not args.no_cache_latents, torch_compile=args.torch_compile,
+            torch_compile_mode=args.torch_compile_mode)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -114,7 +115,8 @@ def bench_training(args) -> dict:
     checkpointing = used["gradient_checkpointing"]  # what ran (--auto_gradient_checkpointing decides it)
     train_flops = fwd * (3 if checkpointing else 2)
     result = {
-        "what": "training", "shape": args.model or args.shape, "torch_compile": args.torch_compile, "resolution": args.resolution, "device": device_name(args.device),
+        "what": "training", "shape": args.model or args.shape, "torch_compile": args.torch_compile,
+        "torch_compile_mode": args.torch_compile_mode, "resolution": args.resolution, "device": device_name(args.device),
         "batch": args.train_batch_size, "gradient_accumulation_steps": micro,
         "gradient_checkpointing": checkpointing, "auto_gradient_checkpointing": args.auto_gradient_checkpointing,
         "mixed_precision": used["mixed_precision"],
@@ -168,6 +170,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="a diffusers SDXL folder to load instead of building --shape")
     p.add_argument("--vae", default=None, help="a separate VAE folder (as --pretrained_vae_model_name_or_path)")
     p.add_argument("--torch_compile", default="none", choices=["none", "regional", "full"])
+    p.add_argument("--torch_compile_mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--train_batch_size", type=int, default=1)

@@ -22,6 +22,7 @@ from .errors import UserError
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "prodigy")
 COMPILE_MODES = ("none", "regional", "full")
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 NOT_FLAGS = ("fallbacks",)  # fields that train() fills in; saved with the config, never read from the command line
 
 
@@ -102,6 +103,9 @@ class TrainConfig:
                 "(blocks of the same shape share compiled code, so it compiles much faster than 'full', the whole "
                 "UNet). Same results; the first steps are slow while it compiles. Needs a C++ compiler on CPU, "
                 "triton on a GPU (else a warning and no compilation).")
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
+        "default", "(billiard-lora) torch.compile's mode with --torch_compile: 'reduce-overhead' replays CUDA graphs "
+                   "(no per-kernel launch cost), 'max-autotune' also searches kernel configurations (slow to compile).")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
     learning_rate: float = _f(1e-4, "Learning rate of the UNet LoRA.")
@@ -170,6 +174,9 @@ class TrainConfig:
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise UserError(f"unknown --lr_scheduler={self.lr_scheduler!r}{_closest(self.lr_scheduler, LR_SCHEDULERS)}; "
                             f"choose one of {', '.join(LR_SCHEDULERS)}")
+        if self.torch_compile_mode not in TORCH_COMPILE_MODES:
+            raise UserError(f"unknown --torch_compile_mode={self.torch_compile_mode!r}; "
+                            f"choose one of {', '.join(TORCH_COMPILE_MODES)}")
         if self.torch_compile not in COMPILE_MODES:
             raise UserError(f"unknown --torch_compile={self.torch_compile!r}; choose none, regional or full")
         if self.optimizer.lower() not in OPTIMIZERS:

@@ -127,7 +127,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         c.unet.enable_gradient_checkpointing()
         for te in text_encoders:
             te.gradient_checkpointing_enable()
-    compile_unet(c.unet, config.torch_compile)
+    compile_unet(c.unet, config.torch_compile, mode=config.torch_compile_mode)
 
     def vae_off_gpu() -> None:  # every view is cached: the VAE is needed again only for validation images
         if device.type == "cuda":
@@ -363,13 +363,14 @@ def quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
-def compile_unet(unet, mode: str, **compile_kwargs) -> None:
+def compile_unet(unet, scope: str, **compile_kwargs) -> None:
     """torch.compile the UNet in place (its state-dict keys, hence the saved LoRA, stay the same).
 
-    'regional' compiles the repeated blocks (transformer and ResNet blocks) one by one: blocks of the same shape
-    share one compiled graph, so compile time is a fraction of compiling the whole UNet for most of the gain.
+    ``scope`` is --torch_compile; ``compile_kwargs`` go to torch.compile (mode, backend). 'regional' compiles the
+    repeated blocks (transformer and ResNet blocks) one by one: blocks of the same shape share one compiled graph,
+    so it compiles in a fraction of the time 'full' (the whole UNet) takes.
     """
-    if mode == "none":
+    if scope == "none":
         return
     import torch._dynamo
 
@@ -378,7 +379,7 @@ def compile_unet(unet, mode: str, **compile_kwargs) -> None:
     dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, limit, max(getattr(dynamo, limit), COMPILE_VARIANTS))
-    if mode == "full":
+    if scope == "full":
         unet.compile(**compile_kwargs)
         return
     blocks = {"BasicTransformerBlock", "ResnetBlock2D"}

@@ -492,3 +492,18 @@ def test_views_are_counted_and_a_complete_cache_says_so_once(tiny_components, tm
     assert done == [True]
     cache.posterior([None, None], ["a", "b"])
     assert done == [True]
+
+
+def test_compile_mode_reaches_torch_compile(tiny_components, monkeypatch):
+    from billiard_lora.train import compile_unet
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    compile_unet(tiny_components.unet, "regional", mode="reduce-overhead")
+    assert {name for name, _ in seen} == {"BasicTransformerBlock", "ResnetBlock2D"}
+    assert all(kw == {"mode": "reduce-overhead"} for _, kw in seen)
+    seen.clear()
+    compile_unet(tiny_components.unet, "full", mode="max-autotune")
+    assert seen == [("UNet2DConditionModel", {"mode": "max-autotune"})]
+    with pytest.raises(UserError, match="--torch_compile_mode='fastest'"):
+        TrainConfig(instance_prompt="x", torch_compile_mode="fastest")
