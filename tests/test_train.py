@@ -430,7 +430,7 @@ def test_compile_without_a_code_generator_falls_back_with_a_note(tiny_model_dir,
 
 
 def test_latent_cache_lives_on_the_cpu_and_stops_growing_at_its_budget(tiny_components):
-    from billiard_lora.train import LatentCache
+    from billiard_lora.caches import LatentCache
 
     notes = []
     vae = tiny_components.vae
@@ -477,7 +477,8 @@ def test_auto_gradient_checkpointing_turns_it_on_when_memory_runs_out(tiny_model
 
 
 def test_views_are_counted_and_a_complete_cache_says_so_once(tiny_components, tmp_path):
-    from billiard_lora.train import LatentCache, TrainImage, count_views
+    from billiard_lora.caches import LatentCache, count_views
+    from billiard_lora.train import TrainImage
 
     square, wide = TrainImage(Image.new("RGB", (64, 64)), "a", "s"), TrainImage(Image.new("RGB", (80, 64)), "b", "w")
     config = tiny_config(tmp_path, tmp_path, tmp_path / "o", resolution=32)
