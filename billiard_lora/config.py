@@ -316,7 +316,21 @@ def build_parser(prog: str = "python -m billiard_lora.train") -> argparse.Argume
                         parser._option_string_actions.pop(opt, None)
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings; flags given here override it.")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # torch.distributed.launch
+    # diffusers' flags this trainer does not take: recognised, so a copied command gets a reason, not "unrecognized"
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help=argparse.SUPPRESS)
+    for flag in UNSUPPORTED_FLAGS:
+        parser.add_argument(f"--{flag}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+# diffusers' train_dreambooth_lora_sdxl.py flags that are refused, and what to do instead
+UNSUPPORTED_FLAGS = {
+    "push_to_hub": "this trainer does not upload; after training run `hf upload REPO OUTPUT_DIR`",
+    "hub_model_id": "this trainer does not upload; after training run `hf upload REPO OUTPUT_DIR`",
+    "hub_token": "a token on the command line ends up in shell history and logs; run `hf auth login` once",
+    "dataset_config_name": "hub dataset configurations are not supported; give the dataset's folder or id instead",
+    "do_edm_style_training": "EDM-style training (Playground v2.5) is not supported; train an SDXL base model",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -324,7 +338,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
-    values = {k: v for k, v in vars(ns).items() if k not in ("config", "local_rank", *NOT_FLAGS)}
+    for flag, why in UNSUPPORTED_FLAGS.items():
+        if getattr(ns, flag) is not None:
+            raise UserError(f"--{flag}: {why}")
+    notes = []
+    if ns.enable_xformers_memory_efficient_attention:
+        notes.append("--enable_xformers_memory_efficient_attention: not needed, PyTorch's scaled-dot-product attention "
+                     "(flash / memory-efficient kernels) is used")
+    skip = ("config", "local_rank", "enable_xformers_memory_efficient_attention", *UNSUPPORTED_FLAGS, *NOT_FLAGS)
+    values = {k: v for k, v in vars(ns).items() if k not in skip}
+    if notes:
+        values["fallbacks"] = notes
     if ns.config:
         # File values fill in whatever the command line did not set explicitly.
         file_values = _read_config_file(ns.config)

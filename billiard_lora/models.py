@@ -62,7 +62,7 @@ def _friendly_errors(what: str, name: str) -> Iterator[None]:
         else:
             reach = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached or has no such repo"
             hint = (f"it is not a local folder and {reach}; download it once where there is network "
-                    f"(huggingface-cli download {name}) and point at that folder, or set HF_HOME to a cache that has it")
+                    f"(hf download {name} --local-dir DIR) and point at DIR, or set HF_HOME to a cache that has it")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load {what} '{name}': {hint} ({type(exc).__name__}: {first[:200]})") from None
 
@@ -209,7 +209,7 @@ def _eval_model_errors(what: str, name: str, revision: str | None) -> Iterator[N
     except UserError as exc:
         if revision and not _is_local(name):
             raise UserError(f"{exc}; its safetensors weights are at revision {revision}: "
-                            f"huggingface-cli download {name} --revision {revision}") from None
+                            f"hf download {name} --revision {revision}") from None
         raise
 
 

@@ -68,3 +68,21 @@ def test_unknown_flag_suggests_the_closest(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "did you mean '--gradient_accumulation_steps'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--push_to_hub", "does not upload.*hf upload"),
+    ("--hub_token=hf_secret123", "hf auth login"),
+    ("--do_edm_style_training", "EDM-style"),
+])
+def test_diffusers_flags_we_refuse_say_what_to_do_instead(flag, message):
+    with pytest.raises(UserError, match=message) as err:
+        parse_args(["--instance_prompt=x", flag])
+    assert "hf_secret123" not in str(err.value)  # a token is never echoed
+
+
+def test_xformers_flag_is_accepted_and_noted():
+    """diffusers users add it out of habit: PyTorch's SDPA already is the fast attention; the note is recorded."""
+    c = parse_args(["--instance_prompt=x", "--enable_xformers_memory_efficient_attention"])
+    assert any("scaled-dot-product attention" in note for note in c.fallbacks)
+    assert parse_args(["--instance_prompt=x"]).fallbacks == []
