@@ -110,7 +110,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         pissa_initial = {name: {k: v.detach().clone() for k, v in peft_state_dict(m).items()}
                          for name, m in zip(("unet", "text_encoder", "text_encoder_2"), trainable)}
 
-    # ---- 3. data: prompt embeddings computed once per distinct caption when the text encoders are frozen
+    # ---- 3. prompt embeddings, computed once per distinct caption when the text encoders are frozen
     prompt_cache = None
     if not config.train_text_encoder:
         captions = {im.caption for im in instance_images} | {im.caption for im in class_images}
@@ -119,6 +119,8 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             # frozen and no longer needed until validation: 1.6 GB of fp16 weights off the GPU
             c.text_encoder_one.to("cpu")
             c.text_encoder_two.to("cpu")
+
+    # ---- 4. how the UNet runs: gradient checkpointing (decided by a trial step if asked), compilation
     if config.auto_gradient_checkpointing:
         fits = fits_without_checkpointing(config, c, text_encoders, prompt_cache, accelerator, weight_dtype)
         config = config.replace(gradient_checkpointing=not fits)  # what ran, as config.json will record it
@@ -130,6 +132,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             te.gradient_checkpointing_enable()
     compile_unet(c.unet, config.torch_compile, mode=config.torch_compile_mode)
 
+    # ---- 5. latents: each view VAE-encoded once; the dataloader
     def vae_off_gpu() -> None:  # every view is cached: the VAE is needed again only for validation images
         if device.type == "cuda":
             c.vae.to("cpu")
@@ -149,7 +152,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     dataloader = DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler, collate_fn=collate,
                             num_workers=config.dataloader_num_workers, generator=torch.Generator().manual_seed(config.seed))
 
-    # ---- 4. optimizer and schedule
+    # ---- 6. optimizer and schedule
     steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / config.gradient_accumulation_steps)
     max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
@@ -168,7 +171,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     register_checkpoint_hooks(accelerator, {"unet": unet, "text_encoder": text_encoders[0] if text_encoders else None,
                                             "text_encoder_2": text_encoders[1] if text_encoders else None})
 
-    # ---- 5. resume
+    # ---- 7. resume
     global_step, first_epoch, skip_batches = 0, 0, 0
     checkpoint = find_checkpoint(out, config.resume_from_checkpoint)
     if checkpoint is not None:
@@ -192,7 +195,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     if global_step == 0 and config.validation_prompt:
         validate(0)  # a baseline: what the base model makes before any training
 
-    # ---- 6. the loop: noise -> timesteps -> predict -> loss -> step
+    # ---- 8. the loop: noise -> timesteps -> predict -> loss -> step
     say(f"training on {len(instance_images)} images ({len(class_images)} class images), {max_train_steps} steps, "
         f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
         f"{accelerator.num_processes} process(es), {accelerator.mixed_precision} precision, device {device}")
@@ -279,7 +282,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             break
     progress.close()
 
-    # ---- 7. save: the LoRA (diffusers + kohya), the config, loss history and plot, model card, summary
+    # ---- 9. save: the LoRA (diffusers + kohya), the config, loss history and plot, model card, summary
     accelerator.wait_for_everyone()
     final_images = None
     if config.validation_prompt and not (history and should_validate(config, global_step, steps_per_epoch)):
