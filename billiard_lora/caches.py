@@ -5,6 +5,11 @@ All three are exact: a run with the caches gives the same numbers as one that re
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -71,6 +76,76 @@ class TimeIdCache:
         return torch.stack(rows)
 
 
+def vae_fingerprint(vae) -> str:
+    """What decides a VAE's latents: its class, config, dtype and the exact weights of its encoder half."""
+    h = hashlib.sha256(f"{type(vae).__name__}:{vae.dtype}:".encode())
+    h.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, t in sorted(vae.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):  # the decoder never touches an encode
+            h.update(name.encode())
+            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class LatentStore:
+    """``--cache_latents_to_disk``: each view's posterior in a small safetensors file, in one folder per VAE.
+
+    A later run on the same images with the same VAE (another learning rate, a resumed run, more steps) reads them
+    instead of encoding, and sets beyond the in-memory cache's budget still encode each view once. A file that
+    cannot be read is encoded again; a write that fails (disk full, no permission) stops disk caching with one
+    note, never the training.
+    """
+
+    def __init__(self, root: str | Path, vae, say: Callable[[str], None] | None = None):
+        self.folder = Path(root).expanduser() / vae_fingerprint(vae)
+        self.say = say or (lambda msg: None)
+        self.reads = self.writes = 0
+        self.writable = True
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        from safetensors import safe_open
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("key") != key:
+                    raise ValueError("written for another view")
+                mean, std = f.get_tensor("mean"), f.get_tensor("std")
+        except Exception as exc:  # truncated, foreign or corrupt: the view is encoded again and the file rewritten
+            self.say(f"note: latent cache file {path} is unreadable ({exc}); encoding that view again")
+            return None
+        self.reads += 1
+        return mean, std
+
+    def save(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        if not self.writable:
+            return
+        path = self.path(key)
+        tmp = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.folder)
+            os.close(fd)
+            save_file({"mean": mean.detach().to("cpu").contiguous(), "std": std.detach().to("cpu").contiguous()},
+                      tmp, metadata={"key": key})
+            os.replace(tmp, path)  # whole or absent: another process writing the same view is harmless
+            self.writes += 1
+        except OSError as exc:
+            self.writable = False
+            self.say(f"note: cannot write the latent cache in {self.folder} ({exc.strerror or exc}); "
+                     "training goes on with the in-memory cache only")
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+
+
 class LatentCache:
     """The VAE posterior (mean, std) of each distinct training view, computed once.
 
@@ -80,53 +155,77 @@ class LatentCache:
 
     Entries are kept in CPU memory (0.5 MB per 1024 px view), never on the GPU, and the cache stops growing at
     ``max_bytes``: random crops of large photos rarely repeat, and must not fill memory as training goes on.
+    With a ``store`` (``LatentStore``) every view is also kept on disk, and views found there are not encoded.
     """
 
     def __init__(self, vae, device=None, *, enabled: bool = True, max_bytes: int = 4 * 2**30,
                  say: Callable[[str], None] | None = None, views: int | None = None,
-                 on_complete: Callable[[], None] | None = None):
+                 on_complete: Callable[[], None] | None = None, store: LatentStore | None = None):
         self.vae, self.enabled, self.max_bytes, self.say = vae, enabled, max_bytes, say
         self.device = torch.device(device) if device is not None else vae.device  # where latents are used
         self.views, self.on_complete = views, on_complete  # how many distinct views exist; called once all are in
+        self.store = store if enabled else None
         self.table: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # read from disk, no room in memory
         self.hits = self.misses = self.bytes = 0
         self.full = False
 
     def __contains__(self, key: str) -> bool:
-        return self.enabled and key in self.table
+        """Whether the view's latents are at hand (its pixels need not be made). A view on disk is read now, so
+        that a file found unreadable still leaves time to render and encode the view."""
+        if not self.enabled:
+            return False
+        if key in self.table or key in self.staged:
+            return True
+        return self._from_store(key) is not None
+
+    def _from_store(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        loaded = self.store.load(key) if self.store is not None else None
+        if loaded is not None and not self._store(key, *loaded):
+            self.staged[key] = loaded
+        return loaded
 
     @torch.no_grad()
     def _posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels[None].to(self.vae.device, dtype=self.vae.dtype)).latent_dist
         return dist.mean[0].to(self.device), dist.std[0].to(self.device)
 
-    def _store(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def _store(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> bool:
         size = mean.nbytes + std.nbytes
         if self.bytes + size > self.max_bytes:
             if not self.full and self.say:
+                again = "read from disk" if self.store is not None else "encoded"
                 self.say(f"note: the latent cache reached {self.max_bytes / 2**30:.1f} GB ({len(self.table)} views); "
-                         "new views are encoded each time they come up")
+                         f"new views are {again} each time they come up")
             self.full = True
-            return
+            return False
         # pinned host memory when training on a GPU: copies back to it then need not wait for queued GPU work
-        pin = mean.device.type == "cuda"
+        pin = self.device.type == "cuda"
         self.table[key] = tuple(t.to("cpu").pin_memory() if pin else t.to("cpu") for t in (mean, std))
         self.bytes += size
         if self.views is not None and len(self.table) == self.views and self.on_complete:
             self.on_complete()
+        return True
 
     def posterior(self, pixel_values: Sequence[torch.Tensor | None], keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
         device = self.device
         for pixels, key in zip(pixel_values, keys):
-            if key in self.table:
+            found = (self.table.get(key) or self.staged.pop(key, None)) if self.enabled else None
+            if found is None and self.store is not None:  # workers render every view: the disk is asked here
+                found = self.store.load(key)
+                if found is not None:
+                    self._store(key, *found)
+            if found is not None:
                 self.hits += 1
-                mean, std = (t.to(device, non_blocking=True) for t in self.table[key])
+                mean, std = (t.to(device, non_blocking=True) for t in found)
             else:
                 self.misses += 1
                 mean, std = self._posterior(pixels)
                 if self.enabled:
                     self._store(key, mean, std)
+                    if self.store is not None:
+                        self.store.save(key, mean, std)
             means.append(mean)
             stds.append(std)
         return torch.stack(means), torch.stack(stds)

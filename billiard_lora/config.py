@@ -68,6 +68,13 @@ class TrainConfig:
     cache_latents: bool = _f(
         True, "(billiard-lora) Encode each distinct view (image, crop, flip) with the VAE once and reuse it; "
               "results are identical, only faster. --cache_latents=false re-encodes every step.")
+    cache_latents_to_disk: bool = _f(
+        False, "(billiard-lora; kohya's name) Also keep each view's latents in a file under --latent_cache_dir: later runs on the "
+               "same images with the same VAE skip encoding, and sets beyond the 4 GB in-memory cache encode each "
+               "view once.")
+    latent_cache_dir: Optional[str] = _f(
+        None, "(billiard-lora) Folder for --cache_latents_to_disk (default: $BILLIARD_LORA_CACHE/latents, else "
+              "~/.cache/billiard_lora/latents); one subfolder per VAE, safe to delete.")
     skip_bad_images: bool = _f(
         False, "(billiard-lora) Train on the readable images when some files are broken, instead of stopping.")
 
@@ -193,6 +200,9 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"--{name}={v} must be at least 1")
+        if self.cache_latents_to_disk and not self.cache_latents:
+            raise UserError("--cache_latents_to_disk keeps the latent cache on disk: drop --cache_latents=false, "
+                            "or drop --cache_latents_to_disk")
         if self.learning_rate <= 0:
             raise UserError(f"--learning_rate={self.learning_rate} must be positive")
         if not 0.0 <= self.lora_dropout < 1.0:

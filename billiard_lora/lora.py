@@ -37,6 +37,23 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: int | None = None, dro
     return model
 
 
+def set_input_casting(models, enabled: bool) -> None:
+    """Whether peft casts each adapted layer's input to the adapter's dtype before the adapter's matmuls.
+
+    Training keeps the adapter in float32 and runs under fp16/bf16 autocast, which casts the matmul inputs back to
+    fp16/bf16 anyway: peft's cast is a copy of the activation (and, backwards, of its gradient) that changes no
+    value. Turning it off gives the same numbers with four fewer operations per adapted layer and pass (about 8 %
+    of a checkpointed SDXL micro-step's operations; eager steps on a fast GPU are bound by launching them).
+    Only for plain LoRA under autocast: outside autocast an fp16 input would meet fp32 weights.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = enabled
+
+
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The trainable LoRA parameters of ``model`` (everything else stays frozen)."""
     return [p for n, p in model.named_parameters() if p.requires_grad]

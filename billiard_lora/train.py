@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .caches import LatentCache, PromptCache, TimeIdCache, count_views
+from .caches import LatentCache, LatentStore, PromptCache, TimeIdCache, count_views
 from .config import TrainConfig, parse_args
 from .errors import UserError, cli_entry
 from .io import atomic_write_json, atomic_write_text, publish_dir
 from .lora import CHECKPOINT_PREFIX  # shared with generate/evaluate, which read these folders
+from .paths import cache_dir
 
 Callback = Callable[[dict], None]
 STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks it complete
@@ -55,6 +56,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     config = config.replace(seed=config.seed if config.seed is not None else random.SystemRandom().randint(0, 2**31 - 1))
     out = Path(config.output_dir)
     check_output_dir(config, out)
+    check_latent_cache_dir(config)
     instance_images = load_training_images(config)
     config = resolve_hardware(config)
 
@@ -88,7 +90,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
 
     class_images = ensure_class_images(config, c, accelerator, weight_dtype) if config.with_prior_preservation else []
 
-    from .lora import add_lora, lora_parameters, peft_state_dict
+    from .lora import add_lora, lora_parameters, peft_state_dict, set_input_casting
     from .lora_tools import is_mutating_init, validate_init_lora_weights
 
     init = validate_init_lora_weights(config.init_lora_weights, use_dora=config.use_dora)
@@ -103,6 +105,8 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     for m in trainable:
         for p in lora_parameters(m):
             p.data = p.data.float()  # fp32 master weights for the adapter; autocast does the fp16/bf16 math
+    skip_upcast = weight_dtype != torch.float32 and not config.use_dora  # training's forwards all run in autocast
+    set_input_casting(trainable, enabled=not skip_upcast)  # same numbers, fewer operations (see set_input_casting)
     # PiSSA/OLoRA moved part of each base weight into the adapter: what we save is the change training makes
     # relative to this starting point, a LoRA that fits the unmodified base model.
     pissa_initial = None
@@ -139,7 +143,11 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             torch.cuda.empty_cache()  # and the blocks its 1024 px encodes held
             say("all training views are cached: the VAE leaves the GPU until validation")
 
-    latent_cache = LatentCache(c.vae, device, enabled=config.cache_latents, say=say,
+    store = None
+    if config.cache_latents and config.cache_latents_to_disk:
+        store = LatentStore(latent_cache_root(config), c.vae, say=say)
+        say(f"latent cache on disk: {store.folder}")
+    latent_cache = LatentCache(c.vae, device, enabled=config.cache_latents, say=say, store=store,
                                views=count_views([*instance_images, *class_images], config), on_complete=vae_off_gpu)
     time_id_cache = TimeIdCache(config.resolution, weight_dtype, device)
     # Workers hold copies of the dataset that never see the cache fill up: only the main process skips pixels.
@@ -293,8 +301,11 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         atomic_write_json(out / "summary.json", summary)
         say(f"done: {global_step} steps in {summary['seconds']:.1f} s, {summary['images_per_second']:.2f} images/s, "
             f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['memory_kind']}); LoRA in {out}")
+        if store is not None:
+            say(f"latent cache on disk: {store.reads} views read, {store.writes} written ({store.folder})")
         if callback:
             callback({"event": "done", "output_dir": str(out), "summary": summary, "images": final_images})
+    set_input_casting(trainable, enabled=True)  # the caller's model, if it passed one, works outside autocast again
     accelerator.end_training()
     return out
 
@@ -405,6 +416,21 @@ def check_output_dir(config: TrainConfig, out: Path) -> None:
         raise UserError(f"--output_dir={out}: {probe} is not writable; choose a folder you can write to")
 
 
+def latent_cache_root(config: TrainConfig) -> Path:
+    return Path(config.latent_cache_dir).expanduser() if config.latent_cache_dir else cache_dir() / "latents"
+
+
+def check_latent_cache_dir(config: TrainConfig) -> None:
+    if not (config.cache_latents and config.cache_latents_to_disk):
+        return
+    root = latent_cache_root(config)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--latent_cache_dir={root} is a file; pass a folder")
+    probe = root if root.exists() else next((p for p in root.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"--latent_cache_dir={root}: {probe} is not writable; choose a folder you can write to")
+
+
 def resolve_hardware(config: TrainConfig) -> TrainConfig:
     """Turn requests this machine cannot honour into warned, recorded fallbacks (never a crash)."""
     notes = list(config.fallbacks)
@@ -466,6 +492,11 @@ def make_accelerator(config: TrainConfig, out: Path):
     # Several processes without a GPU (accelerate launch --multi_gpu on a CPU machine): accelerate only sets up
     # its gloo process group when told the run is on CPU.
     cpu_distributed = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # A notebook may train again in the same process with another precision: accelerate keeps the first one's
+    # settings process-wide and refuses a change, so they are cleared (the process group, if any, is kept).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu_distributed,
                        mixed_precision=config.mixed_precision, log_with=log_with, project_config=project)
 

@@ -508,3 +508,29 @@ def test_compile_mode_reaches_torch_compile(tiny_components, monkeypatch):
     assert seen == [("UNet2DConditionModel", {"mode": "max-autotune"})]
     with pytest.raises(UserError, match="--torch_compile_mode='fastest'"):
         TrainConfig(instance_prompt="x", torch_compile_mode="fastest")
+
+
+def test_skipping_peft_input_upcast_under_autocast_changes_no_number(tiny_model_dir, tiny_components, tmp_path,
+                                                                    monkeypatch):
+    """bf16 autocast: the adapter's inputs are no longer copied to float32 first, and the LoRA is bit-identical."""
+    import billiard_lora.lora as lora_mod
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    data = make_images(tmp_path / "data", n=2)
+    kw = dict(mixed_precision="bf16", max_train_steps=2)
+    c = tiny_components
+    skipped = train(tiny_config(tiny_model_dir, data, tmp_path / "skip", **kw), components=c)
+    layers = [m for m in c.unet.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(m.cast_input_dtype_enabled for m in layers), "train() must give the caller peft's default back"
+    seen = []
+    real = lora_mod.set_input_casting
+    monkeypatch.setattr(lora_mod, "set_input_casting", lambda models, enabled: seen.append(enabled) or real(models, True))
+    kept = train(tiny_config(tiny_model_dir, data, tmp_path / "keep", **kw))
+    assert seen[0] is False, "under autocast the trainer turns peft's input upcast off"
+    a, b = lora_tensors(skipped), lora_tensors(kept)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+    from billiard_lora.train import make_accelerator
+
+    again = make_accelerator(tiny_config(tiny_model_dir, data, tmp_path / "o", mixed_precision="no"), tmp_path / "o")
+    assert again.mixed_precision == "no", "a notebook can train again with another precision"
