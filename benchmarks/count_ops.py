@@ -1,20 +1,31 @@
-"""How many PyTorch operations one training micro-step dispatches: the CPU work eager mode does per step.
+"""How much CPU work one training micro-step of SDXL's UNet + LoRA is: PyTorch operations, and host time.
 
-    python benchmarks/count_ops.py --shape full --resolution 1024        # SDXL base's UNet + rank-4 LoRA, fp16
+    python benchmarks/count_ops.py --shape full --resolution 1024    # operations, on the meta device (seconds)
+    python benchmarks/count_ops.py --skeleton                         # operations and host ms per variant
 
-Runs the UNet (with the LoRA adapters training adds) forward and backward on the meta device, so it needs no
-memory and no GPU, counting every aten operation (views included: each costs CPU time even when it launches no
-GPU kernel), with and without gradient checkpointing. When the GPU work per step is small next to this count
-times the per-operation CPU cost, the step is bound by the CPU, and fewer, fused operations (torch.compile) or
-CUDA graphs are what speed it up. See RESULTS.md.
+Eager mode issues every operation from Python; on a fast GPU a micro-step is bound by that, not by arithmetic
+(RESULTS.md: 22 µs per operation on an H100 machine). Two ways to look at it without a GPU:
+
+- default: the full-size UNet (with the LoRA adapters training adds) forward and backward on the meta device, no
+  autocast, every aten operation counted (views included: each costs CPU time even when it launches no kernel),
+  with and without gradient checkpointing.
+- ``--skeleton``: SDXL base's exact block layout (the same modules, the same operations, in the same order) with
+  narrow channels, on the CPU at an 8x8 latent under bf16 autocast as training runs it, so the arithmetic is
+  negligible and the measured time per micro-step is the host's work: Python module code, dispatch, autograd,
+  checkpoint hooks. Variants: diffusers' script's way (non-reentrant checkpointing, peft's float32 upcast of
+  adapter inputs) against ours (``train.checkpoint_unet``, ``lora.set_input_casting``), interleaved, the median
+  of ``--repeats`` steps each. Single-threaded, so other load on the machine disturbs it less.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,8 +33,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from billiard_lora.lora import add_lora  # noqa: E402
-from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
+from billiard_lora.lora import add_lora, set_input_casting  # noqa: E402
+from billiard_lora.tiny import FULL, SHAPES, build_components  # noqa: E402
+from billiard_lora.train import checkpoint_unet  # noqa: E402
+
+VIEWS = ("view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "split", "unsqueeze", "squeeze",
+         "select", "reshape", "as_strided", "detach", "alias")
 
 
 class CountOps(TorchDispatchMode):
@@ -36,36 +51,112 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(shape: str, resolution: int, rank: int, checkpointing: bool) -> dict:
-    c = build_components(SHAPES[shape], device="meta", dtype=torch.float16)
-    unet = c["unet"].requires_grad_(False)
+def _inputs(unet, resolution: int, dtype, device):
+    lat = resolution // 8
+    te2 = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    with torch.device(device):
+        g = torch.Generator(device).manual_seed(0) if device != "meta" else None
+        x = torch.randn(1, 4, lat, lat, generator=g).to(dtype)
+        emb = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g).to(dtype)
+        cond = {"text_embeds": torch.randn(1, te2, generator=g).to(dtype),
+                "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]]).to(dtype)}
+        t = torch.tensor([500])
+    return x, t, emb, cond
+
+
+def _with_lora(unet, rank: int):
+    unet.requires_grad_(False)
     add_lora(unet, rank=rank)
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # fp32 adapter weights, as train() keeps them
+    return unet
+
+
+def count(shape: str, resolution: int, rank: int, checkpointing: bool) -> dict:
+    c = build_components(SHAPES[shape], device="meta", dtype=torch.float16)
+    unet = _with_lora(c["unet"], rank)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    lat = resolution // 8
-    te2 = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    with torch.device("meta"):
-        x = torch.randn(1, 4, lat, lat, dtype=torch.float16)
-        emb = torch.randn(1, 77, unet.config.cross_attention_dim, dtype=torch.float16)
-        cond = {"text_embeds": torch.randn(1, te2, dtype=torch.float16),
-                "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float16)}
-        t = torch.tensor([500])
+    x, t, emb, cond = _inputs(unet, resolution, torch.float16, "meta")
     with CountOps() as fwd:
         loss = unet(x, t, emb, added_cond_kwargs=cond).sample.float().square().mean()
     with CountOps() as bwd:
         loss.backward()
-    views = ("view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "split", "unsqueeze", "squeeze",
-             "select", "reshape", "as_strided", "detach", "alias")
     every = fwd.counts + bwd.counts
     return {"shape": shape, "resolution": resolution, "gradient_checkpointing": checkpointing,
             "forward_ops": sum(fwd.counts.values()), "backward_ops": sum(bwd.counts.values()),
             "total_ops": sum(every.values()),
-            "view_ops": sum(n for k, n in every.items() if k.split(".")[0] in views),
+            "view_ops": sum(n for k, n in every.items() if k.split(".")[0] in VIEWS),
             "most_common": every.most_common(10)}
+
+
+# SDXL base's layout -- blocks, layers, transformer depths, adapters -- with channels narrow enough that the CPU's
+# arithmetic is a small part of the step.
+SKELETON = dataclasses.replace(
+    FULL, unet_channels=(32, 64, 128), unet_head_dim=(1, 2, 4), addition_time_embed_dim=8,
+    vae_channels=(8, 16, 16, 16), vae_norm_groups=8,
+    te1=dict(FULL.te1, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+             projection_dim=32),
+    te2=dict(FULL.te2, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+             projection_dim=32))
+
+# name -> (LoRA, gradient checkpointing, reentrant checkpointing, peft's upcast of adapter inputs)
+VARIANTS = {
+    "diffusers_way": (True, True, False, True),
+    "ours": (True, True, True, False),
+    "diffusers_way_no_checkpointing": (True, False, False, True),
+    "ours_no_checkpointing": (True, False, False, False),
+    "unet_alone_checkpointed": (False, True, False, True),
+}
+
+
+def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
+    torch.set_num_threads(1)
+    dtype = torch.bfloat16
+    c = build_components(SKELETON, device="cpu", dtype=dtype, vocab_size=1000)
+    bare = c["unet"].requires_grad_(False)
+    lora = _with_lora(build_components(SKELETON, device="cpu", dtype=dtype, vocab_size=1000)["unet"], rank)
+    x, t, emb, cond = _inputs(bare, 64, dtype, "cpu")
+
+    def setup(name):
+        with_lora, ckpt, reentrant, upcast = VARIANTS[name]
+        unet = lora if with_lora else bare
+        unet.disable_gradient_checkpointing()
+        if ckpt:
+            checkpoint_unet(unet, reentrant=reentrant)
+        if with_lora:
+            set_input_casting([unet], enabled=upcast)
+        else:
+            unet.conv_in.weight.requires_grad_(True)  # something to train, so backward runs through the blocks
+        return unet.train()
+
+    def step(unet):
+        with torch.autocast("cpu", dtype=dtype):
+            pred = unet(x, t, emb, added_cond_kwargs=cond).sample
+        pred.float().square().mean().backward()
+        unet.zero_grad(set_to_none=True)
+
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    ops = {}
+    for name in variants:
+        unet = setup(name)
+        with CountOps() as co:
+            step(unet)
+        ops[name] = sum(co.counts.values())
+        step(unet)  # warm
+    for _ in range(repeats):
+        for name in variants:  # interleaved: a slow moment of the machine hits every variant alike
+            unet = setup(name)
+            t0 = time.perf_counter()
+            step(unet)
+            times[name].append(time.perf_counter() - t0)
+    return [{"skeleton": "SDXL base layout, channels (32, 64, 128), 8x8 latent, bf16 autocast, CPU 1 thread",
+             "variant": name, "lora": VARIANTS[name][0], "gradient_checkpointing": VARIANTS[name][1],
+             "reentrant": VARIANTS[name][2], "peft_input_upcast": VARIANTS[name][3], "ops": ops[name],
+             "host_ms_per_micro_step": round(statistics.median(times[name]) * 1000, 1),
+             "host_ms_min": round(min(times[name]) * 1000, 1), "repeats": repeats} for name in variants]
 
 
 def main() -> None:
@@ -73,7 +164,14 @@ def main() -> None:
     p.add_argument("--shape", choices=list(SHAPES), default="full")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--skeleton", action="store_true", help="host time and operations per variant (see above)")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = p.parse_args()
+    if args.skeleton:
+        for row in skeleton(args.rank, args.repeats, args.variants):
+            print(json.dumps(row), flush=True)
+        return
     for ckpt in (True, False):
         print(json.dumps(count(args.shape, args.resolution, args.rank, ckpt)), flush=True)
 

@@ -371,7 +371,7 @@ def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode):
     import torch._dynamo
 
     from billiard_lora.lora import add_lora
-    from billiard_lora.train import compile_unet
+    from billiard_lora.train import checkpoint_unet, compile_unet
 
     unet = tiny_components.unet
     unet.requires_grad_(False)
@@ -380,7 +380,7 @@ def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode):
     for p in unet.parameters():
         if p.requires_grad:  # non-zero B, so the LoRA path shapes the output and the gradients
             p.data.normal_(0, 0.02)
-    unet.enable_gradient_checkpointing()
+    checkpoint_unet(unet, reentrant=False)  # as train() does when compiling
     eager = copy.deepcopy(unet)
     keys = list(unet.state_dict())
     torch._dynamo.reset()
@@ -396,6 +396,46 @@ def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode):
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_reentrant_checkpointing_gives_every_adapter_its_gradient(tiny_components, monkeypatch):
+    """train() checkpoints with PyTorch's reentrant form (less CPU per step) wherever a block's input needs a
+    gradient, the non-reentrant form elsewhere; the gradients match a run without checkpointing."""
+    import copy
+
+    import torch.utils.checkpoint
+
+    from billiard_lora.lora import add_lora
+    from billiard_lora.train import checkpoint_unet
+
+    unet = tiny_components.unet.requires_grad_(False)
+    torch.manual_seed(0)
+    add_lora(unet, rank=4)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+    plain = copy.deepcopy(unet)
+    calls, real = [], torch.utils.checkpoint.checkpoint
+
+    def spy(fn, *args, use_reentrant, **kw):
+        calls.append((use_reentrant, any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)))
+        return real(fn, *args, use_reentrant=use_reentrant, **kw)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    checkpoint_unet(unet)
+    assert unet.is_gradient_checkpointing
+    loss, grads = _unet_step(unet)
+    loss_p, grads_p = _unet_step(plain)
+    torch.testing.assert_close(loss, loss_p)
+    assert grads.keys() == grads_p.keys() and len(grads) > 8
+    for name in grads_p:
+        torch.testing.assert_close(grads[name], grads_p[name], rtol=1e-5, atol=1e-7)
+    # the blocks before the first adapter get no gradient-needing input: reentrant there would cut the gradient off
+    assert {(True, True), (False, False)} <= set(calls) and (True, False) not in calls
+    calls.clear()
+    checkpoint_unet(unet, reentrant=False)  # for a compiled UNet
+    _unet_step(unet)
+    assert calls and {r for r, _ in calls} == {False}
 
 
 def test_cached_views_are_not_rendered_again(tiny_model_dir, tmp_path, monkeypatch):
