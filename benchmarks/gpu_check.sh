@@ -4,11 +4,12 @@
 #   1. writes SDXL base's architecture at random weights (fp16) to a folder, the model both trainers load
 #   2. ours at the seed's settings, 1024 px
 #   3. diffusers' train_dreambooth_lora_sdxl.py, same model, same settings, same images (needs a copy: DIFFUSERS_SCRIPT)
-#   4. ours with --auto_gradient_checkpointing (a trial step decides; on an H100: without checkpointing)
-#   5. generation: base / LoRA unfused / LoRA fused
-#   6. ours at the seed's settings + --torch_compile regional
-#   7. ours at the seed's settings + --torch_compile full (the whole UNet: longer to compile)
-# Parts 4-7 are time-boxed to what is left of BUDGET_S (seconds since the start). The first 4 optimizer steps (one pass
+#   4. ours at the seed's settings + --torch_compile regional
+#   5. ours at the seed's settings + --torch_compile full (the whole UNet: longer to compile)
+#   6. ours with --auto_gradient_checkpointing (a trial step decides; on an H100: without checkpointing)
+#   7. generation: base / LoRA unfused / LoRA fused
+#   8. ours at the seed's settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs)
+# Parts 4-8 are time-boxed to what is left of BUDGET_S (seconds since the start). The first 4 optimizer steps (one pass
 # over the 12 embedded images: latent cache filled, compilation done) are warm-up, not timed.
 # Each prints one JSON line (also appended to $OUT/bench.jsonl; whole logs in $OUT/pN.log); a failing part does not
 # stop the others.
@@ -30,8 +31,9 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 part() { echo "=== $1 ($(date +%T))"; }
 # run N SECONDS CMD...: CMD's whole output to $OUT/pN.log, its last lines here
-# (the device tool brings back at most 8 files: bench.jsonl, p2..p7.log and the caller's own log; p0.log stays behind)
-run() { local n=$1 t=$2; shift 2; local log="$OUT/p$n.log"; [ "$n" = 0 ] && log="$WORK/p0.log"
+# (the device tool brings back at most 8 files: bench.jsonl, p2..p7.log and the caller's own log; p0.log and p8.log
+# stay behind, p8's numbers come back in bench.jsonl)
+run() { local n=$1 t=$2; shift 2; local log="$OUT/p$n.log"; case $n in 0|8) log="$WORK/p$n.log";; esac
         timeout "$t" "$@" > "$log" 2>&1; local rc=$?
         tr '\r' '\n' < "$log" | grep -v "it/s\]\|s/it\]\|^\s*$" | tail -4; [ $rc = 0 ] || echo "part $n: exit $rc"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -71,21 +73,25 @@ fi
 
 left() { echo $(( ${BUDGET_S:-560} - SECONDS )); }
 built=(--shape full)  # ours-only variants: the same architecture built on the GPU (seconds, not a disk load)
-part "4. ours, seed settings + --auto_gradient_checkpointing (an H100 has the memory: no checkpointing) ($(left) s left)"
-[ "$(left)" -gt 60 ] && run 4 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" --gradient_checkpointing \
-  --auto_gradient_checkpointing
-
-part "5. generation: base / LoRA unfused / LoRA fused ($(left) s left)"
-[ "$(left)" -gt 40 ] && run 5 "$(left)" "$PY" benchmarks/bench_train.py --shape full --resolution 1024 --device cuda \
-  --no_training --gen_steps 30 --gen_images 2 --json "$OUT/bench.jsonl"
-
-part "6. ours, seed settings + --torch_compile regional ($(left) s left)"
-[ "$(left)" -gt 90 ] && run 6 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" --gradient_checkpointing \
+part "4. ours, seed settings + --torch_compile regional ($(left) s left)"
+[ "$(left)" -gt 90 ] && run 4 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" --gradient_checkpointing \
   --torch_compile regional
 
-part "7. ours, seed settings + --torch_compile full ($(left) s left)"
-[ "$(left)" -gt 120 ] && run 7 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" --gradient_checkpointing \
+part "5. ours, seed settings + --torch_compile full ($(left) s left)"
+[ "$(left)" -gt 120 ] && run 5 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" --gradient_checkpointing \
   --torch_compile full
+
+part "6. ours, seed settings + --auto_gradient_checkpointing (an H100 has the memory: no checkpointing) ($(left) s left)"
+[ "$(left)" -gt 60 ] && run 6 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" --gradient_checkpointing \
+  --auto_gradient_checkpointing
+
+part "7. generation: base / LoRA unfused / LoRA fused ($(left) s left)"
+[ "$(left)" -gt 40 ] && run 7 "$(left)" "$PY" benchmarks/bench_train.py --shape full --resolution 1024 --device cuda \
+  --no_training --gen_steps 30 --gen_images 2 --json "$OUT/bench.jsonl"
+
+part "8. ours, seed settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs) ($(left) s left)"
+[ "$(left)" -gt 120 ] && run 8 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" --gradient_checkpointing \
+  --torch_compile full --torch_compile_mode reduce-overhead
 
 part "done"
 "$PY" - "$OUT/bench.jsonl" <<'EOF'
