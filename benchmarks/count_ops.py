@@ -13,8 +13,10 @@ Eager mode issues every operation from Python; on a fast GPU a micro-step is bou
   narrow channels, on the CPU at an 8x8 latent under bf16 autocast as training runs it, so the arithmetic is
   negligible and the measured time per micro-step is the host's work: Python module code, dispatch, autograd,
   checkpoint hooks. Variants: diffusers' script's way (non-reentrant checkpointing, peft's float32 upcast of
-  adapter inputs) against ours (``train.checkpoint_unet``, ``lora.set_input_casting``), interleaved, the median
-  of ``--repeats`` steps each. Single-threaded, so other load on the machine disturbs it less.
+  adapter inputs) against ours (``train.checkpoint_unet``, ``lora.set_input_casting``), and, if asked, ours
+  compiled as ``--torch_compile regional|full`` compiles it (inductor's C++ code on a CPU, Triton on a GPU: the
+  host's side differs, so read those rows as a rough guide), interleaved, the median of ``--repeats`` steps each.
+  Single-threaded, so other load on the machine disturbs it less.
 """
 
 from __future__ import annotations
@@ -102,26 +104,43 @@ SKELETON = dataclasses.replace(
     te2=dict(FULL.te2, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
              projection_dim=32))
 
-# name -> (LoRA, gradient checkpointing, reentrant checkpointing, peft's upcast of adapter inputs)
+# name -> (LoRA, gradient checkpointing, reentrant checkpointing, peft's upcast of adapter inputs, --torch_compile)
 VARIANTS = {
-    "diffusers_way": (True, True, False, True),
-    "ours": (True, True, True, False),
-    "diffusers_way_no_checkpointing": (True, False, False, True),
-    "ours_no_checkpointing": (True, False, False, False),
-    "unet_alone_checkpointed": (False, True, False, True),
+    "diffusers_way": (True, True, False, True, "none"),
+    "ours": (True, True, True, False, "none"),
+    "diffusers_way_no_checkpointing": (True, False, False, True, "none"),
+    "ours_no_checkpointing": (True, False, False, False, "none"),
+    "unet_alone_checkpointed": (False, True, False, True, "none"),
+    # as train() runs --torch_compile: non-reentrant checkpointing, inductor; minutes to compile on a small CPU
+    "ours_compiled_regional": (True, True, False, False, "regional"),
+    "ours_compiled_full": (True, True, False, False, "full"),
 }
+DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items() if spec[4] == "none"]
 
 
 def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
     torch.set_num_threads(1)
     dtype = torch.bfloat16
-    c = build_components(SKELETON, device="cpu", dtype=dtype, vocab_size=1000)
-    bare = c["unet"].requires_grad_(False)
-    lora = _with_lora(build_components(SKELETON, device="cpu", dtype=dtype, vocab_size=1000)["unet"], rank)
+    from billiard_lora.train import compile_unet
+
+    def build(with_lora: bool):
+        unet = build_components(SKELETON, device="cpu", dtype=dtype, vocab_size=1000)["unet"].requires_grad_(False)
+        return _with_lora(unet, rank) if with_lora else unet
+
+    bare, lora = build(False), build(True)
+    compiled = {}
+    for name in variants:  # a model of their own: compiling works in place
+        if VARIANTS[name][4] != "none":
+            compiled[name] = build(True)
+            checkpoint_unet(compiled[name], reentrant=False)
+            set_input_casting([compiled[name]], enabled=False)
+            compile_unet(compiled[name], VARIANTS[name][4])
     x, t, emb, cond = _inputs(bare, 64, dtype, "cpu")
 
     def setup(name):
-        with_lora, ckpt, reentrant, upcast = VARIANTS[name]
+        with_lora, ckpt, reentrant, upcast, scope = VARIANTS[name]
+        if scope != "none":
+            return compiled[name].train()
         unet = lora if with_lora else bare
         unet.disable_gradient_checkpointing()
         if ckpt:
@@ -139,12 +158,18 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
         unet.zero_grad(set_to_none=True)
 
     times: dict[str, list[float]] = {v: [] for v in variants}
-    ops = {}
+    ops: dict[str, int | None] = {}
+    compile_s = {}
     for name in variants:
         unet = setup(name)
-        with CountOps() as co:
+        if VARIANTS[name][4] == "none":
+            with CountOps() as co:
+                step(unet)
+            ops[name] = sum(co.counts.values())
+        else:  # operations inside compiled graphs are not dispatched one by one: not counted
+            t0 = time.perf_counter()
             step(unet)
-        ops[name] = sum(co.counts.values())
+            compile_s[name], ops[name] = round(time.perf_counter() - t0, 1), None
         step(unet)  # warm
     for _ in range(repeats):
         for name in variants:  # interleaved: a slow moment of the machine hits every variant alike
@@ -154,7 +179,8 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
             times[name].append(time.perf_counter() - t0)
     return [{"skeleton": "SDXL base layout, channels (32, 64, 128), 8x8 latent, bf16 autocast, CPU 1 thread",
              "variant": name, "lora": VARIANTS[name][0], "gradient_checkpointing": VARIANTS[name][1],
-             "reentrant": VARIANTS[name][2], "peft_input_upcast": VARIANTS[name][3], "ops": ops[name],
+             "reentrant": VARIANTS[name][2], "peft_input_upcast": VARIANTS[name][3],
+             "torch_compile": VARIANTS[name][4], "first_step_s": compile_s.get(name), "ops": ops[name],
              "host_ms_per_micro_step": round(statistics.median(times[name]) * 1000, 1),
              "host_ms_min": round(min(times[name]) * 1000, 1), "repeats": repeats} for name in variants]
 
@@ -166,7 +192,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--skeleton", action="store_true", help="host time and operations per variant (see above)")
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS,
+                   help="default: the eager ones; add ours_compiled_regional / ours_compiled_full to time compiled code")
     args = p.parse_args()
     if args.skeleton:
         for row in skeleton(args.rank, args.repeats, args.variants):
