@@ -207,10 +207,13 @@ class LatentCache:
             self.on_complete()
         return True
 
-    def posterior(self, pixel_values: Sequence[torch.Tensor | None], keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior(self, pixel_values: Sequence[torch.Tensor | None], keys: Sequence[str],
+                  twins: Sequence[str | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each view's (mean, std); ``twins`` names, per view, the key of its mirror image, which is encoded too
+        (from the flipped pixels, exactly what rendering it would give) when this view is encoded."""
         means, stds = [], []
         device = self.device
-        for pixels, key in zip(pixel_values, keys):
+        for pixels, key, twin in zip(pixel_values, keys, twins or [None] * len(keys)):
             found = (self.table.get(key) or self.staged.pop(key, None)) if self.enabled else None
             if found is None and self.store is not None:  # workers render every view: the disk is asked here
                 found = self.store.load(key)
@@ -223,16 +226,21 @@ class LatentCache:
                 self.misses += 1
                 mean, std = self._posterior(pixels)
                 if self.enabled:
-                    self._store(key, mean, std)
-                    if self.store is not None:
-                        self.store.save(key, mean, std)
+                    self._keep(key, mean, std)
+                    if twin is not None and twin not in self:
+                        self._keep(twin, *self._posterior(torch.flip(pixels, dims=[-1])))
             means.append(mean)
             stds.append(std)
         return torch.stack(means), torch.stack(stds)
 
+    def _keep(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self._store(key, mean, std)
+        if self.store is not None:
+            self.store.save(key, mean, std)
+
     def sample(self, pixel_values: Sequence[torch.Tensor | None], keys: Sequence[str], generator: torch.Generator,
-               weight_dtype: torch.dtype) -> torch.Tensor:
+               weight_dtype: torch.dtype, twins: Sequence[str | None] | None = None) -> torch.Tensor:
         """Scaled latents (B, 4, H/8, W/8) drawn from each view's posterior."""
-        mean, std = self.posterior(pixel_values, keys)
+        mean, std = self.posterior(pixel_values, keys, twins)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return ((mean + std * eps) * self.vae.config.scaling_factor).to(weight_dtype)

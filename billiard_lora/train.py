@@ -225,7 +225,8 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             with accelerator.accumulate(*[unet, *text_encoders]):
                 # One generator per micro-batch, seeded by where we are: nothing to restore on resume.
                 gen = seeded_generator(config.seed, epoch, batch_index, accelerator.process_index, device)
-                latents = latent_cache.sample(batch["pixel_values"], batch["keys"], gen, weight_dtype)  # (B, 4, H/8, W/8)
+                latents = latent_cache.sample(batch["pixel_values"], batch["keys"], gen, weight_dtype,  # (B, 4, H/8, W/8)
+                                              twins=batch["twins"])
                 noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
                 if config.noise_offset:
                     # https://www.crosslabs.org//blog/diffusion-with-offset-noise: learn overall brightness too
@@ -600,11 +601,18 @@ class DreamBoothDataset(Dataset):
         image = item.image
         size, crop = plan_crop(image.width, image.height, cfg.resolution, center_crop=cfg.center_crop, crop_rng=rng)
         # the view's identity for the latent cache: the file's content, never its index in the dataloader
-        key = f"{item.key}:{cfg.resolution}:{crop[0]},{crop[1]}:{int(flip)}:{cfg.image_interpolation_mode}"
+        view_key = lambda crop, flip: f"{item.key}:{cfg.resolution}:{crop[0]},{crop[1]}:{int(flip)}:{cfg.image_interpolation_mode}"
+        key = view_key(crop, flip)
+        # With one crop position per image, --random_flip gives each image two views, and when the crop sits in the
+        # middle (flipping comes before cropping) each is the other's mirror image: the cache takes both at once.
+        # With random crops most mirrored crops would never be drawn, so they are not encoded ahead.
+        one_crop = cfg.center_crop or size == (cfg.resolution, cfg.resolution)
+        centred = size[0] - cfg.resolution - crop[1] == crop[1]
+        twin = view_key(crop, not flip) if cfg.random_flip and one_crop and centred else None
         pixels = None if self.cached(key) else render_view(image, cfg.resolution, size, crop, flip=flip,
                                                            interpolation=cfg.image_interpolation_mode)
         return {"pixel_values": pixels, "original_size": (image.height, image.width), "crop_top_left": crop,
-                "caption": item.caption, "flipped": flip, "key": key}
+                "caption": item.caption, "flipped": flip, "key": key, "twin": twin}
 
     def __getitem__(self, epoch_and_index: tuple[int, int]) -> dict:
         epoch, index = epoch_and_index
@@ -642,6 +650,7 @@ def collate(examples: list[dict]) -> dict:
         "crop_top_lefts": [p["crop_top_left"] for p in parts],
         "captions": [p["caption"] for p in parts],
         "keys": [p["key"] for p in parts],
+        "twins": [p["twin"] for p in parts],  # each view's mirror image's key, where the cache should take it too
     }
 
 

@@ -6,6 +6,7 @@ import errno
 
 import pytest
 import torch
+from PIL import Image
 
 from billiard_lora.config import TrainConfig
 from billiard_lora.errors import UserError
@@ -105,3 +106,26 @@ def test_disk_cache_settings_are_checked_first(tmp_path):
     with pytest.raises(UserError, match="--latent_cache_dir=.*a_file is a file; pass a folder"):
         train(cfg)
     assert not (tmp_path / "out").exists(), "nothing is written before the settings are checked"
+
+
+def test_with_center_crop_and_flips_each_view_brings_its_mirror_image(tiny_model_dir, tmp_path, monkeypatch):
+    """--random_flip with one centred crop: encoding a view also encodes its mirror image, the image's other view."""
+    from billiard_lora.data import render_view
+
+    square = Image.new("RGB", (40, 40))
+    square.paste((200, 30, 30), (0, 0, 10, 40))  # not symmetric: a mirrored view differs
+    square.paste((20, 20, 220), (13, 7, 40, 12))
+    plain = render_view(square, 32, (32, 32), (0, 0), flip=False)
+    assert torch.equal(render_view(square, 32, (32, 32), (0, 0), flip=True), torch.flip(plain, dims=[-1]))
+
+    data = make_images(tmp_path / "data", n=3)  # 48x48 twice (centred crops), 56x48 once (resized to 37 wide: not)
+    kw = dict(center_crop=True, random_flip=True, train_batch_size=1, max_train_steps=3)  # one pass over the images
+    encodes = _encodes(monkeypatch)
+    train(tiny_config(tiny_model_dir, data, tmp_path / "one_pass", cache_latents_to_disk=True,
+                      latent_cache_dir=str(tmp_path / "latents"), **kw))
+    assert len(encodes) == 2 * 2 + 1, "both views of each centred image, the drawn view of the other"
+    assert len(list((tmp_path / "latents").glob("*/*.safetensors"))) == 5
+    kw["max_train_steps"] = 9  # later passes draw the mirrored views: their latents must be the rendered ones'
+    twinned = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "twinned", **kw)))
+    rendered = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "rendered", cache_latents=False, **kw)))
+    assert all(torch.equal(twinned[k], rendered[k]) for k in twinned)
