@@ -69,9 +69,9 @@ class TrainConfig:
         True, "(billiard-lora) Encode each distinct view (image, crop, flip) with the VAE once and reuse it; "
               "results are identical, only faster. --cache_latents=false re-encodes every step.")
     cache_latents_to_disk: bool = _f(
-        False, "(billiard-lora; kohya's name) Also keep each view's latents in a file under --latent_cache_dir: later runs on the "
-               "same images with the same VAE skip encoding, and sets beyond the 4 GB in-memory cache encode each "
-               "view once.")
+        False, "(billiard-lora; kohya's name) Also keep each view's latents in a file under --latent_cache_dir: "
+               "later runs on the same images with the same VAE skip encoding, and sets beyond the 4 GB in-memory "
+               "cache encode each view once.")
     latent_cache_dir: Optional[str] = _f(
         None, "(billiard-lora) Folder for --cache_latents_to_disk (default: $BILLIARD_LORA_CACHE/latents, else "
               "~/.cache/billiard_lora/latents); one subfolder per VAE, safe to delete.")

@@ -367,7 +367,7 @@ def checkpoint_unet(unet, *, reentrant: bool = True) -> None:
     """Gradient checkpointing of the UNet's blocks, with PyTorch's reentrant checkpoint where it applies.
 
     diffusers' script uses the non-reentrant checkpoint, which runs a Python hook for every tensor a block saves;
-    the reentrant one keeps only the block's inputs and reruns it in backward, 17 % fewer operations and 22 % less
+    the reentrant one keeps only the block's inputs and reruns it in backward: 11 % fewer operations and 20 % less
     CPU time per checkpointed micro-step on SDXL's layout (``benchmarks/count_ops.py --skeleton``) -- the time that
     bounds an eager step on a fast GPU. It gives no gradient to a block whose inputs need none (the first block
     with adapters sits after frozen ones), so such blocks keep the non-reentrant form (see ``_checkpoint_block``).
