@@ -106,9 +106,9 @@ class TrainConfig:
         None, "Mixed precision; fp16 and bf16 need a GPU (on CPU fp16 falls back to fp32 with a warning).")
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere or newer GPUs.")
     torch_compile: Literal["none", "regional", "full"] = _f(
-        "none", "(billiard-lora) torch.compile the UNet: 'regional' compiles each transformer and ResNet block "
-                "(blocks of the same shape share compiled code, so it compiles much faster than 'full', the whole "
-                "UNet). Same results; the first steps are slow while it compiles. Needs a C++ compiler on CPU, "
+        "none", "(billiard-lora) torch.compile the UNet: 'regional' compiles each stack of transformer blocks and "
+                "each ResNet block (regions of the same shape share compiled code, so it compiles much faster than "
+                "'full', the whole UNet). Same results; the first steps are slow while it compiles. Needs a C++ compiler on CPU, "
                 "triton on a GPU (else a warning and no compilation).")
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
         "default", "(billiard-lora) torch.compile's mode with --torch_compile: 'reduce-overhead' replays CUDA graphs "

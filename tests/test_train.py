@@ -541,7 +541,7 @@ def test_compile_mode_reaches_torch_compile(tiny_components, monkeypatch):
     seen = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
     compile_unet(tiny_components.unet, "regional", mode="reduce-overhead")
-    assert {name for name, _ in seen} == {"BasicTransformerBlock", "ResnetBlock2D"}
+    assert {name for name, _ in seen} == {"Transformer2DModel", "ResnetBlock2D"}
     assert all(kw == {"mode": "reduce-overhead"} for _, kw in seen)
     seen.clear()
     compile_unet(tiny_components.unet, "full", mode="max-autotune")
