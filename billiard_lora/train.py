@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .caches import LatentCache, LatentStore, PromptCache, TimeIdCache, count_views
@@ -377,17 +378,13 @@ def checkpoint_unet(unet, *, reentrant: bool = True) -> None:
     """
     from functools import partial
 
-    from torch.utils.checkpoint import checkpoint
-
-    unet.enable_gradient_checkpointing(
-        gradient_checkpointing_func=_checkpoint_block if reentrant else partial(checkpoint, use_reentrant=False))
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_block if reentrant else
+                                       partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
 
 
 def _checkpoint_block(block, *args):
-    from torch.utils.checkpoint import checkpoint
-
     reentrant = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    return checkpoint(block, *args, use_reentrant=reentrant)
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=reentrant)
 
 
 COMPILE_VARIANTS = 64  # compiled graphs allowed per block type (torch's default is 8)
