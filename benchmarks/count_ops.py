@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from billiard_lora.lora import add_lora, set_input_casting  # noqa: E402
 from billiard_lora.tiny import FULL, SHAPES, build_components  # noqa: E402
-from billiard_lora.train import checkpoint_unet  # noqa: E402
+from billiard_lora.train import checkpoint_unet, compile_unet  # noqa: E402
 
 VIEWS = ("view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "split", "unsqueeze", "squeeze",
          "select", "reshape", "as_strided", "detach", "alias")
@@ -121,7 +121,6 @@ DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items() if spec[4] == "none"]
 def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
     torch.set_num_threads(1)
     dtype = torch.bfloat16
-    from billiard_lora.train import compile_unet
 
     def build(with_lora: bool):
         unet = build_components(SKELETON, device="cpu", dtype=dtype, vocab_size=1000)["unet"].requires_grad_(False)
