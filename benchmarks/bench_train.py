@@ -83,10 +83,23 @@ def bench_training(args) -> dict:
     c = load_model(args)
     fwd = unet_forward_flops(c, args.resolution, args.train_batch_size)
     step_times: list[float] = []
+    on_gpu = args.device.startswith("cuda")
+    profiled = args.warmup + args.steps  # on a GPU one more optimizer step runs under the profiler, after the timed ones
+    profiler = GpuTime() if on_gpu else None
 
     def on_event(e: dict) -> None:
         if e["event"] == "step":
             step_times.append(time.perf_counter())
+            n = len(step_times)
+            dt = step_times[-1] - (step_times[-2] if n > 1 else t0)
+            print(f"[bench] optimizer step {n}: {dt:.2f} s", file=sys.stderr, flush=True)  # a cut-off run still says
+            try:  # the profile is extra: a profiler that fails must not cost the timings
+                if profiler and n == profiled:
+                    profiler.start()
+                elif profiler and n == profiled + 1:
+                    profiler.stop()
+            except Exception as exc:  # noqa: BLE001
+                print(f"[bench] profiler failed: {exc!r}", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(
@@ -96,7 +109,7 @@ def bench_training(args) -> dict:
             train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
             gradient_checkpointing=args.gradient_checkpointing,
             auto_gradient_checkpointing=args.auto_gradient_checkpointing, mixed_precision=args.mixed_precision,
-            use_8bit_adam=args.use_8bit_adam, rank=args.rank, max_train_steps=args.warmup + args.steps,
+            use_8bit_adam=args.use_8bit_adam, rank=args.rank, max_train_steps=profiled + (1 if on_gpu else 0),
             checkpointing_steps=10**9, learning_rate=1e-4, lr_warmup_steps=0, snr_gamma=5.0, seed=0,
             report_to="none", cache_latents=not args.no_cache_latents, torch_compile=args.torch_compile,
             torch_compile_mode=args.torch_compile_mode)
@@ -106,7 +119,7 @@ def bench_training(args) -> dict:
         run = train(config, components=c, callback=on_event)
         total = time.perf_counter() - t0
         used = json.loads((run / "config.json").read_text())  # what actually ran, after any hardware fallback
-    timed = step_times[args.warmup - 1:] if args.warmup > 0 else [t0] + step_times
+    timed = (step_times[args.warmup - 1:] if args.warmup > 0 else [t0] + step_times)[:args.steps + 1]
     per_step = (timed[-1] - timed[0]) / (len(timed) - 1)
     micro = args.gradient_accumulation_steps
     images_per_step = args.train_batch_size * micro
@@ -128,7 +141,47 @@ def bench_training(args) -> dict:
     }
     if args.peak_tflops:
         result["mfu"] = (train_flops / (per_step / micro)) / (args.peak_tflops * 1e12)
+    if profiler and profiler.kernels:
+        result.update(profiler.report(micro))
     return result
+
+
+class GpuTime:
+    """How long the GPU itself computes during one optimizer step: the sum of its kernels' durations (CUPTI).
+
+    Set against the step's wall time it says whether the step is bound by the GPU (the two close) or by the CPU
+    issuing work (kernel time far below wall time), and which kernels take the time.
+    """
+
+    def __init__(self):
+        self.kernels: dict[str, tuple[float, int]] = {}
+        self._prof = None
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        self._prof = profile(activities=[ProfilerActivity.CUDA])
+        self._prof.start()
+        self._wall = time.perf_counter()
+
+    def stop(self) -> None:
+        torch.cuda.synchronize()
+        self.wall = time.perf_counter() - self._wall
+        self._prof.stop()
+        for e in self._prof.key_averages():
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            if us:
+                self.kernels[e.key] = (us / 1000, e.count)
+
+    def report(self, micro: int) -> dict:
+        total = sum(ms for ms, _ in self.kernels.values())
+        top = sorted(self.kernels.items(), key=lambda kv: -kv[1][0])[:8]
+        return {"gpu_kernel_ms_per_micro_step": total / micro,
+                "profiled_wall_ms_per_micro_step": 1000 * self.wall / micro,
+                "gpu_busy_fraction": total / (1000 * self.wall),
+                "gpu_kernel_launches_per_micro_step": sum(n for _, n in self.kernels.values()) / micro,
+                "top_kernels_ms_per_micro_step": {k[:90]: round(ms / micro, 2) for k, (ms, _) in top}}
 
 
 def bench_generation(args) -> dict:

@@ -10,8 +10,11 @@
 #   7. generation: base / LoRA unfused / LoRA fused
 #   8. ours at the seed's settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs)
 # Parts 4-8 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
-# one slow compile cannot starve the next part. PARTS="4 5" runs only those parts (a second call's follow-up). The first 4 optimizer steps (one pass
-# over the 12 embedded images: latent cache filled, compilation done) are warm-up, not timed.
+# one slow compile cannot starve the next part. PARTS="1 3 4 2" runs those parts in that order (parts 2 and 3 need
+# part 1's model folder; a second call can pick up what a first one left). The first 4 optimizer steps (one pass
+# over the 12 embedded images: latent cache filled, compilation done) are warm-up, not timed; then STEPS (default 8)
+# timed steps; on a GPU one more step runs under torch's profiler: GPU kernel time against wall time per micro-step.
+# DEVICE=cpu SHAPE=tiny RES=64 runs the same parts on a CPU with the tiny model (a dry run of the script itself).
 # Each prints one JSON line (also appended to $OUT/bench.jsonl; whole logs in $OUT/pN.log); a failing part does not
 # stop the others.
 #
@@ -31,8 +34,6 @@ if [ -n "${WHEELS:-}" ]; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 part() { echo "=== $1 ($(date +%T))"; }
-# PARTS="2 3 4" runs only those parts (default: all); a second call can then pick up what a first one left
-want() { [ -z "${PARTS:-}" ] || [[ " $PARTS " == *" $1 "* ]]; }
 left() { echo $(( ${BUDGET_S:-560} - SECONDS )); }
 upto() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # seconds for a part: at most $1, at most what is left
 # run N SECONDS CMD...: CMD's whole output to $OUT/pN.log, its last lines here
@@ -46,60 +47,58 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, \
 'accelerate', accelerate.__version__, 'bitsandbytes', b.__version__)"
 
-if want 0; then part "0. smoke: tiny model on CUDA"
-"$PY" -m billiard_lora.tiny "$WORK/tiny" | tail -1
-run 0 120 "$PY" -m billiard_lora.train --pretrained_model_name_or_path="$WORK/tiny" --dataset_name=default \
-  --instance_prompt="a photo of messi playing billiard" --output_dir="$WORK/smoke" --resolution=64 --train_batch_size=1 \
-  --gradient_accumulation_steps=3 --gradient_checkpointing --mixed_precision=fp16 --use_8bit_adam --max_train_steps=3 \
-  --checkpointing_steps=2 --seed=0 --report_to=none --overwrite_output_dir
-fi
-
-common=(--resolution 1024 --device cuda --mixed_precision fp16 --train_batch_size 1 --gradient_accumulation_steps 3
-        --use_8bit_adam --warmup 4 --steps 8 --peak_tflops "${PEAK_TFLOPS:-790}" --json "$OUT/bench.jsonl")
-if want 2 || want 3; then
-part "1. the model both trainers load: SDXL base's architecture at random weights, fp16, with its VAE as the separate VAE"
-timeout 90 "$PY" -m billiard_lora.tiny "$WORK/sdxl" --shape full --device cuda --dtype fp16 | tail -1
-mkdir -p "$WORK/images" && cp data/default/*.png "$WORK/images/"
-fi
+DEV="${DEVICE:-cuda}"; SHAPE="${SHAPE:-full}"; RES="${RES:-1024}"  # DEVICE=cpu SHAPE=tiny RES=64: a dry run on a CPU
+common=(--resolution "$RES" --device "$DEV" --mixed_precision fp16 --train_batch_size 1 --gradient_accumulation_steps 3
+        --use_8bit_adam --warmup 4 --steps "${STEPS:-8}" --peak_tflops "${PEAK_TFLOPS:-790}" --json "$OUT/bench.jsonl")
 model=(--model "$WORK/sdxl" --vae "$WORK/sdxl/vae")  # the seed passes the fp16-fix VAE separately: VAE in fp16
+built=(--shape "$SHAPE")  # ours-only variants: the same architecture built on the GPU (seconds, not a disk load)
 
-want 2 && part "2. ours, seed settings (checkpointing, fp16, 8-bit Adam, rank 4), 1024 px" &&
-run 2 200 "$PY" benchmarks/bench_train.py "${model[@]}" "${common[@]}" --gradient_checkpointing
+p0() { part "0. smoke: tiny model on CUDA"
+  "$PY" -m billiard_lora.tiny "$WORK/tiny" | tail -1
+  run 0 120 "$PY" -m billiard_lora.train --pretrained_model_name_or_path="$WORK/tiny" --dataset_name=default \
+    --instance_prompt="a photo of messi playing billiard" --output_dir="$WORK/smoke" --resolution=64 --train_batch_size=1 \
+    --gradient_accumulation_steps=3 --gradient_checkpointing --mixed_precision=fp16 --use_8bit_adam --max_train_steps=3 \
+    --checkpointing_steps=2 --seed=0 --report_to=none --overwrite_output_dir; }
 
-if ! want 3; then :
-elif [ -n "${DIFFUSERS_SCRIPT:-}" ] && [ -f "$DIFFUSERS_SCRIPT" ]; then
-  part "3. diffusers' script, same model, images and settings"
+p1() { part "1. the model both trainers load: SDXL base's architecture at random weights, fp16, with its VAE as the separate VAE"
+  timeout 90 "$PY" -m billiard_lora.tiny "$WORK/sdxl" --shape "$SHAPE" --device "$DEV" --dtype fp16 | tail -1
+  mkdir -p "$WORK/images" && cp data/default/*.png "$WORK/images/"; }
+
+p2() { part "2. ours, seed settings (checkpointing, fp16, 8-bit Adam, rank 4), 1024 px ($(left) s left)"
+  run 2 200 "$PY" benchmarks/bench_train.py "${model[@]}" "${common[@]}" --gradient_checkpointing; }
+
+p3() { if [ -z "${DIFFUSERS_SCRIPT:-}" ] || [ ! -f "$DIFFUSERS_SCRIPT" ]; then part "3. skipped: DIFFUSERS_SCRIPT not set"; return; fi
+  part "3. diffusers' script, same model, images and settings ($(left) s left)"
   run 3 200 "$PY" benchmarks/time_diffusers_script.py --script "$DIFFUSERS_SCRIPT" --warmup 4 --json "$OUT/bench.jsonl" -- \
     --pretrained_model_name_or_path="$WORK/sdxl" --pretrained_vae_model_name_or_path="$WORK/sdxl/vae" \
     --instance_data_dir="$WORK/images" --output_dir="$WORK/theirs" --mixed_precision=fp16 \
-    --instance_prompt="a photo of messi playing billiard" --resolution=1024 --train_batch_size=1 \
+    --instance_prompt="a photo of messi playing billiard" --resolution="$RES" --train_batch_size=1 \
     --gradient_accumulation_steps=3 --gradient_checkpointing --learning_rate=1e-4 --snr_gamma=5.0 \
-    --lr_scheduler=constant --lr_warmup_steps=0 --use_8bit_adam --max_train_steps=12 --checkpointing_steps=717 \
-    --seed=0
-else
-  part "3. skipped: DIFFUSERS_SCRIPT not set"
-fi
+    --lr_scheduler=constant --lr_warmup_steps=0 --use_8bit_adam --max_train_steps=$((4 + ${STEPS:-8})) \
+    --checkpointing_steps=717 --seed=0; }
 
-built=(--shape full)  # ours-only variants: the same architecture built on the GPU (seconds, not a disk load)
-part "4. ours, seed settings + --torch_compile regional ($(left) s left)"
-want 4 && [ "$(left)" -gt 90 ] && run 4 "$(upto 240)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" --gradient_checkpointing \
-  --torch_compile regional
+p4() { part "4. ours, seed settings + --torch_compile regional ($(left) s left)"
+  [ "$(left)" -gt 90 ] && run 4 "$(upto 240)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --torch_compile regional; }
 
-part "5. ours, seed settings + --torch_compile full ($(left) s left)"
-want 5 && [ "$(left)" -gt 120 ] && run 5 "$(upto 360)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" --gradient_checkpointing \
-  --torch_compile full
+p5() { part "5. ours, seed settings + --torch_compile full ($(left) s left)"
+  [ "$(left)" -gt 120 ] && run 5 "$(upto 360)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --torch_compile full; }
 
-part "6. ours, seed settings + --auto_gradient_checkpointing (an H100 has the memory: no checkpointing) ($(left) s left)"
-want 6 && [ "$(left)" -gt 60 ] && run 6 "$(upto 150)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" --gradient_checkpointing \
-  --auto_gradient_checkpointing
+p6() { part "6. ours, seed settings + --auto_gradient_checkpointing (an H100 has the memory: no checkpointing) ($(left) s left)"
+  [ "$(left)" -gt 60 ] && run 6 "$(upto 150)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --auto_gradient_checkpointing; }
 
-part "7. generation: base / LoRA unfused / LoRA fused ($(left) s left)"
-want 7 && [ "$(left)" -gt 40 ] && run 7 "$(upto 120)" "$PY" benchmarks/bench_train.py --shape full --resolution 1024 --device cuda \
-  --no_training --gen_steps 30 --gen_images 2 --json "$OUT/bench.jsonl"
+p7() { part "7. generation: base / LoRA unfused / LoRA fused ($(left) s left)"
+  [ "$(left)" -gt 40 ] && run 7 "$(upto 120)" "$PY" benchmarks/bench_train.py --shape "$SHAPE" --resolution "$RES" --device "$DEV" \
+    --no_training --gen_steps 30 --gen_images 2 --json "$OUT/bench.jsonl"; }
 
-part "8. ours, seed settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs) ($(left) s left)"
-want 8 && [ "$(left)" -gt 120 ] && run 8 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" --gradient_checkpointing \
-  --torch_compile full --torch_compile_mode reduce-overhead
+p8() { part "8. ours, seed settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs) ($(left) s left)"
+  [ "$(left)" -gt 120 ] && run 8 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --torch_compile full --torch_compile_mode reduce-overhead; }
+
+# parts run in the order PARTS names them (parts 2 and 3 need part 1's model folder)
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'
@@ -111,7 +110,7 @@ for r in rows:
               f"compile={r.get('torch_compile', '-'):8s} {r['optimizer_steps_per_s']:.3f} steps/s "
               f"{r['images_per_s']:.2f} img/s {r['ms_per_micro_step']:.1f} ms/micro "
               f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB alloc / {r.get('cuda_max_reserved_gb', 0):.2f} reserved "
-              f"mfu={r.get('mfu', float('nan')):.3f}")
+              f"mfu={r.get('mfu', float('nan')):.3f} gpu_kernels={r.get('gpu_kernel_ms_per_micro_step', float('nan')):.1f} ms/micro")
     else:
         print(json.dumps(r))
 EOF
