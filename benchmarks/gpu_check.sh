@@ -9,6 +9,7 @@
 #   6. ours with --auto_gradient_checkpointing (a trial step decides; on an H100: without checkpointing)
 #   7. generation: base / LoRA unfused / LoRA fused
 #   8. ours at the seed's settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs)
+#   9. ours at the seed's settings + --torch_compile regional --torch_compile_mode reduce-overhead (CUDA graphs)
 # Parts 4-8 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part. PARTS="1 3 4 2" runs those parts in that order (parts 2 and 3 need
 # part 1's model folder; a second call can pick up what a first one left). The first 4 optimizer steps (one pass
@@ -37,9 +38,10 @@ part() { echo "=== $1 ($(date +%T))"; }
 left() { echo $(( ${BUDGET_S:-560} - SECONDS )); }
 upto() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # seconds for a part: at most $1, at most what is left
 # run N SECONDS CMD...: CMD's whole output to $OUT/pN.log, its last lines here
-# (the device tool brings back at most 8 files: bench.jsonl, p2..p7.log and the caller's own log; p0.log and p8.log
-# stay behind, p8's numbers come back in bench.jsonl)
-run() { local n=$1 t=$2; shift 2; local log="$OUT/p$n.log"; case $n in 0|8) log="$WORK/p$n.log";; esac
+# (the device tool brings back at most 8 files: bench.jsonl, the caller's own log and the logs of the parts named in
+# LOGS_BACK (default 2 to 7); the others stay behind in $WORK, their numbers come back in bench.jsonl)
+run() { local n=$1 t=$2; shift 2; local log="$OUT/p$n.log"
+        [[ " ${LOGS_BACK:-2 3 4 5 6 7} " == *" $n "* ]] || log="$WORK/p$n.log"
         timeout "$t" "$@" > "$log" 2>&1; local rc=$?
         tr '\r' '\n' < "$log" | grep -v "it/s\]\|s/it\]\|^\s*$" | tail -4; [ $rc = 0 ] || echo "part $n: exit $rc"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -97,8 +99,12 @@ p8() { part "8. ours, seed settings + --torch_compile full --torch_compile_mode 
   [ "$(left)" -gt 120 ] && run 8 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --torch_compile full --torch_compile_mode reduce-overhead; }
 
+p9() { part "9. ours, seed settings + --torch_compile regional --torch_compile_mode reduce-overhead (CUDA graphs) ($(left) s left)"
+  [ "$(left)" -gt 90 ] && run 9 "$(upto 240)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --torch_compile regional --torch_compile_mode reduce-overhead; }
+
 # parts run in the order PARTS names them (parts 2 and 3 need part 1's model folder)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'

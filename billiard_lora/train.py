@@ -132,7 +132,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         say(f"--auto_gradient_checkpointing: a trial step {'fits' if fits else 'does not fit'} in memory without "
             f"checkpointing; training {'without' if fits else 'with'} it")
     if config.gradient_checkpointing:
-        checkpoint_unet(c.unet, reentrant=config.torch_compile == "none")
+        checkpoint_unet(c.unet, reentrant=config.torch_compile == "none", regions=config.torch_compile == "regional")
         for te in text_encoders:
             te.gradient_checkpointing_enable()
     compile_unet(c.unet, config.torch_compile, mode=config.torch_compile_mode)
@@ -213,6 +213,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
     timer = Timer(device)
     noise_scheduler = c.noise_scheduler
+    cuda_graphs = config.torch_compile != "none" and config.torch_compile_mode in ("reduce-overhead", "max-autotune")
     accum_loss, accum_n = 0.0, 0
     for epoch in range(first_epoch, num_epochs):
         batches: Any = dataloader
@@ -246,6 +247,8 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                     prompt_embeds, pooled = prompt_cache.lookup(batch["captions"])  # (B, 77, 2048), (B, 1280)
                 else:
                     prompt_embeds, pooled = encode_prompt([te_one, te_two], c.tokenizers, batch["captions"])
+                if cuda_graphs:  # a new iteration: CUDA graphs may reuse the memory of the last one's outputs
+                    torch.compiler.cudagraph_mark_step_begin()
                 model_pred = unet(noisy_latents, timesteps, prompt_embeds.to(weight_dtype),
                                   added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled.to(weight_dtype)},
                                   return_dict=False)[0]
@@ -364,8 +367,8 @@ def fits_without_checkpointing(config: TrainConfig, c, text_encoders, prompt_cac
     return int(misfits.item()) == 0
 
 
-def checkpoint_unet(unet, *, reentrant: bool = True) -> None:
-    """Gradient checkpointing of the UNet's blocks, with PyTorch's reentrant checkpoint where it applies.
+def checkpoint_unet(unet, *, reentrant: bool = True, regions: bool = False) -> None:
+    """Gradient checkpointing of the UNet: of diffusers' blocks (reentrant where it applies), or of compiled regions.
 
     diffusers' script uses the non-reentrant checkpoint, which runs a Python hook for every tensor a block saves;
     the reentrant one keeps only the block's inputs and reruns it in backward: 11 % fewer operations and 20 % less
@@ -375,7 +378,18 @@ def checkpoint_unet(unet, *, reentrant: bool = True) -> None:
     Same math; sums may round in another order. It recomputes whole blocks, 5.6 % more arithmetic per step at
     1024 px (20.3 vs 19.2 TFLOP): free while eager steps wait on the CPU, so a compiled UNet -- fewer operations,
     and ``torch.compile`` of the whole UNet traces only the non-reentrant form -- uses ``reentrant=False``.
+
+    ``regions=True`` (for ``--torch_compile regional``) checkpoints each region that compiles instead -- each stack
+    of transformer blocks and each ResNet block (``REGIONS``) -- inside its compiled graph: the recomputation
+    becomes part of the compiled backward, so a backward pass no longer re-runs the forward's Python, hooks and
+    compiled-region calls a second time. It keeps the inputs of each region rather than of each diffusers block
+    (a little more memory: the small layers between regions keep theirs too).
     """
+    if regions:
+        for module in unet.modules():
+            if type(module).__name__ in REGIONS:
+                module.__class__ = _checkpointed_class(type(module))
+        return
     from functools import partial
 
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_block if reentrant else
@@ -385,6 +399,32 @@ def checkpoint_unet(unet, *, reentrant: bool = True) -> None:
 def _checkpoint_block(block, *args):
     reentrant = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=reentrant)
+
+
+# the UNet's repeated regions: what --torch_compile regional compiles one by one (and checkpoints, see above)
+REGIONS = ("Transformer2DModel", "ResnetBlock2D")
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    """A region's forward under non-reentrant activation checkpointing when training (see ``checkpoint_unet``)."""
+    forward = type(self).region_forward  # the plain function and the module as an argument: what dynamo traces
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
+
+
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpointed_class(cls: type) -> type:
+    """``cls`` with its forward checkpointed: one class shared by every region of a type, not a per-module
+    closure, so ``torch.compile`` sees the same code for all of them and compiles each shape once."""
+    if "region_forward" in vars(cls):
+        return cls
+    if cls not in _CHECKPOINTED:  # the same name, so logs and REGIONS still recognise it
+        _CHECKPOINTED[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__, "region_forward": cls.forward,
+                                                        "forward": _checkpointed_forward})
+    return _CHECKPOINTED[cls]
 
 
 COMPILE_VARIANTS = 64  # compiled graphs allowed per block type (torch's default is 8)
@@ -426,9 +466,8 @@ def compile_unet(unet, scope: str, **compile_kwargs) -> None:
     if scope == "full":
         unet.compile(**compile_kwargs)
         return
-    blocks = {"Transformer2DModel", "ResnetBlock2D"}
     for module in unet.modules():
-        if type(module).__name__ in blocks:
+        if type(module).__name__ in REGIONS:
             module.compile(**compile_kwargs)
 
 

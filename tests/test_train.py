@@ -361,7 +361,8 @@ def _unet_step(unet, seed=0):
 
 @pytest.mark.parametrize("mode", ["regional", "full"])
 def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode):
-    """--torch_compile compiles in place (blocks, or the whole UNet): same loss, LoRA gradients, state-dict keys.
+    """--torch_compile compiles in place (regions, or the whole UNet), checkpointed as train() does, without a
+    graph break: same loss and LoRA gradients as the plain eager UNet, same state-dict keys.
 
     Traced with the aot_eager backend (dynamo + autograd tracing, no C++ compilation) to stay fast; inductor is
     what training uses, measured in benchmarks/RESULTS.md.
@@ -369,6 +370,7 @@ def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode):
     import copy
 
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     from billiard_lora.lora import add_lora
     from billiard_lora.train import checkpoint_unet, compile_unet
@@ -380,22 +382,101 @@ def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode):
     for p in unet.parameters():
         if p.requires_grad:  # non-zero B, so the LoRA path shapes the output and the gradients
             p.data.normal_(0, 0.02)
-    checkpoint_unet(unet, reentrant=False)  # as train() does when compiling
-    eager = copy.deepcopy(unet)
+    plain = copy.deepcopy(unet)
+    checkpoint_unet(unet, reentrant=False, regions=mode == "regional")  # as train() does when compiling
     keys = list(unet.state_dict())
     torch._dynamo.reset()
+    counters.clear()
     compile_unet(unet, mode, backend="aot_eager")
     assert any(getattr(m, "_compiled_call_impl", None) is not None for m in unet.modules())
     dynamo = torch._dynamo.config  # room for every block variant, not torch's default 8
     assert getattr(dynamo, "recompile_limit", getattr(dynamo, "cache_size_limit", 0)) >= 64
     assert list(unet.state_dict()) == keys
     loss_c, grads_c = _unet_step(unet)
-    loss_e, grads_e = _unet_step(eager)
+    # a graph break (e.g. at the checkpoint call) would silently run that code uncompiled
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    loss_e, grads_e = _unet_step(plain)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     assert grads_c.keys() == grads_e.keys() and grads_c
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_region_checkpointing_keeps_region_inputs_only(tiny_components, monkeypatch):
+    """checkpoint_unet(regions=True), for --torch_compile regional: each transformer stack and ResNet block runs
+    under non-reentrant checkpointing when training (not in inference); far less is kept for the backward than
+    without checkpointing; same gradients; class names, state-dict keys and diffusers' own flag unchanged."""
+    import copy
+
+    import torch.utils.checkpoint
+
+    from billiard_lora.lora import add_lora
+    from billiard_lora.train import REGIONS, checkpoint_unet
+
+    unet = tiny_components.unet.requires_grad_(False)
+    torch.manual_seed(0)
+    add_lora(unet, rank=4)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+    plain = copy.deepcopy(unet)
+    names, keys = [type(m).__name__ for m in unet.modules()], list(unet.state_dict())
+    checkpoint_unet(unet, regions=True)
+    checkpoint_unet(unet, regions=True)  # twice is once
+    assert [type(m).__name__ for m in unet.modules()] == names and list(unet.state_dict()) == keys
+    assert not unet.is_gradient_checkpointing  # diffusers' block-level checkpointing stays off
+    calls, real = [], torch.utils.checkpoint.checkpoint
+
+    def spy(fn, module, *args, use_reentrant, **kw):
+        calls.append((type(module).__name__, use_reentrant))
+        return real(fn, module, *args, use_reentrant=use_reentrant, **kw)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+
+    def saved_bytes(model):
+        n = [0]
+
+        def pack(t):
+            n[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, grads = _unet_step(model)
+        return n[0], loss, grads
+
+    kept, loss, grads = saved_bytes(unet)
+    kept_plain, loss_p, grads_p = saved_bytes(plain)
+    regions = sum(type(m).__name__ in REGIONS for m in unet.modules())
+    assert len(calls) == regions and {r for _, r in calls} == {False} and {n for n, _ in calls} == set(REGIONS)
+    assert kept < kept_plain / 2
+    torch.testing.assert_close(loss, loss_p)
+    assert grads.keys() == grads_p.keys() and grads
+    for name in grads_p:
+        torch.testing.assert_close(grads[name], grads_p[name], rtol=1e-5, atol=1e-7)
+    calls.clear()
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 4, 4), torch.tensor([1]), torch.randn(1, 77, unet.config.cross_attention_dim),
+             added_cond_kwargs={"text_embeds": torch.randn(1, unet.config.projection_class_embeddings_input_dim - 6 *
+                                                           unet.config.addition_time_embed_dim),
+                                "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])})
+    assert calls == []  # inference: nothing to keep, nothing to recompute
+
+
+def test_regional_compile_checkpoints_regions_in_train(tiny_model_dir, tmp_path, monkeypatch):
+    """train() with --torch_compile regional and checkpointing checkpoints the compiled regions, not diffusers'
+    blocks (compilation itself stubbed out here: it is tested above)."""
+    import billiard_lora.train as train_mod
+
+    seen = []
+    monkeypatch.setattr(train_mod, "resolve_hardware", lambda config: config)  # no compiler check on this machine
+    monkeypatch.setattr(train_mod, "compile_unet", lambda unet, scope, **kw: seen.append(
+        (scope, unet.is_gradient_checkpointing, {type(m).__name__ for m in unet.modules() if "region_forward" in
+                                                 vars(type(m))})))
+    config = tiny_config(tiny_model_dir, make_images(tmp_path / "data", n=2), tmp_path / "o", max_train_steps=1,
+                         gradient_checkpointing=True, torch_compile="regional")
+    train(config)
+    assert seen == [("regional", False, {"Transformer2DModel", "ResnetBlock2D"})]
 
 
 def test_reentrant_checkpointing_gives_every_adapter_its_gradient(tiny_components, monkeypatch):
