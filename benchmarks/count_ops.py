@@ -111,10 +111,8 @@ VARIANTS = {
     "diffusers_way_no_checkpointing": (True, False, False, True, "none"),
     "ours_no_checkpointing": (True, False, False, False, "none"),
     "unet_alone_checkpointed": (False, True, False, True, "none"),
-    # as train() runs --torch_compile: inductor, diffusers' blocks checkpointed (non-reentrant); minutes to compile
-    # on a small CPU. The last: each compiled region checkpointed inside its graph (train() does so with CUDA graphs)
+    # as train() runs --torch_compile: non-reentrant checkpointing, inductor; minutes to compile on a small CPU
     "ours_compiled_regional": (True, True, False, False, "regional"),
-    "compiled_regional_region_checkpoints": (True, True, False, False, "regional"),
     "ours_compiled_full": (True, True, False, False, "full"),
 }
 DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items() if spec[4] == "none"]
@@ -133,7 +131,7 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
     for name in variants:  # a model of their own: compiling works in place
         if VARIANTS[name][4] != "none":
             compiled[name] = build(True)
-            checkpoint_unet(compiled[name], reentrant=False, regions=name == "compiled_regional_region_checkpoints")
+            checkpoint_unet(compiled[name], reentrant=False)
             set_input_casting([compiled[name]], enabled=False)
             compile_unet(compiled[name], VARIANTS[name][4])
     x, t, emb, cond = _inputs(bare, 64, dtype, "cpu")

@@ -112,7 +112,9 @@ class TrainConfig:
                 "triton on a GPU (else a warning and no compilation).")
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
         "default", "(billiard-lora) torch.compile's mode with --torch_compile: 'reduce-overhead' replays CUDA graphs "
-                   "(no per-kernel launch cost), 'max-autotune' also searches kernel configurations (slow to compile).")
+                   "(no per-kernel launch cost), 'max-autotune' also searches kernel configurations (slow to compile). "
+                   "CUDA graphs fail on regionally compiled, checkpointed blocks: there the mode falls back to one "
+                   "without them, with a warning.")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
     learning_rate: float = _f(1e-4, "Learning rate of the UNet LoRA.")

@@ -131,11 +131,8 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         config = config.replace(gradient_checkpointing=not fits)  # what ran, as config.json will record it
         say(f"--auto_gradient_checkpointing: a trial step {'fits' if fits else 'does not fit'} in memory without "
             f"checkpointing; training {'without' if fits else 'with'} it")
-    cuda_graphs = config.torch_compile != "none" and config.torch_compile_mode in ("reduce-overhead", "max-autotune")
     if config.gradient_checkpointing:
-        # CUDA graphs fail on a compiled region nested in an eager checkpoint (pytorch#154306): checkpoint inside it
-        checkpoint_unet(c.unet, reentrant=config.torch_compile == "none",
-                        regions=config.torch_compile == "regional" and cuda_graphs)
+        checkpoint_unet(c.unet, reentrant=config.torch_compile == "none")
         for te in text_encoders:
             te.gradient_checkpointing_enable()
     compile_unet(c.unet, config.torch_compile, mode=config.torch_compile_mode)
@@ -216,6 +213,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
     timer = Timer(device)
     noise_scheduler = c.noise_scheduler
+    cuda_graphs = config.torch_compile != "none" and config.torch_compile_mode in CUDA_GRAPH_MODES
     accum_loss, accum_n = 0.0, 0
     for epoch in range(first_epoch, num_epochs):
         batches: Any = dataloader
@@ -369,8 +367,8 @@ def fits_without_checkpointing(config: TrainConfig, c, text_encoders, prompt_cac
     return int(misfits.item()) == 0
 
 
-def checkpoint_unet(unet, *, reentrant: bool = True, regions: bool = False) -> None:
-    """Gradient checkpointing of the UNet: of diffusers' blocks (reentrant where it applies), or of compiled regions.
+def checkpoint_unet(unet, *, reentrant: bool = True) -> None:
+    """Gradient checkpointing of the UNet's blocks, with PyTorch's reentrant checkpoint where it applies.
 
     diffusers' script uses the non-reentrant checkpoint, which runs a Python hook for every tensor a block saves;
     the reentrant one keeps only the block's inputs and reruns it in backward: 11 % fewer operations and 20 % less
@@ -380,20 +378,9 @@ def checkpoint_unet(unet, *, reentrant: bool = True, regions: bool = False) -> N
     Same math; sums may round in another order. It recomputes whole blocks, 5.6 % more arithmetic per step at
     1024 px (20.3 vs 19.2 TFLOP): free while eager steps wait on the CPU, so a compiled UNet -- fewer operations,
     and ``torch.compile`` of the whole UNet traces only the non-reentrant form -- uses ``reentrant=False``.
-
-    ``regions=True`` (for ``--torch_compile regional`` with CUDA graphs) checkpoints each region that compiles
-    instead -- each stack of transformer blocks and each ResNet block (``REGIONS``) -- inside its compiled graph:
-    the recomputation becomes part of the compiled backward, and no compiled region runs nested in an eager
-    checkpoint, which CUDA graph trees cannot record (pytorch#154306). It keeps the inputs of each region rather
-    than of each diffusers block (a little more memory: the small layers between regions keep theirs too). Without
-    CUDA graphs it measured within noise of block checkpointing on SDXL's layout (306 vs 324 ms host time per
-    micro-step, medians; the same minimum) and took 50 % longer to compile, so plain regional keeps the blocks.
+    (Checkpointing each compiled region inside its graph instead was tried and dropped: within noise on SDXL's
+    layout, 50 % longer to compile, and CUDA graphs failed with it too; benchmarks/RESULTS.md.)
     """
-    if regions:
-        for module in unet.modules():
-            if type(module).__name__ in REGIONS:
-                module.__class__ = _checkpointed_class(type(module))
-        return
     from functools import partial
 
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_block if reentrant else
@@ -405,30 +392,10 @@ def _checkpoint_block(block, *args):
     return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=reentrant)
 
 
-# the UNet's repeated regions: what --torch_compile regional compiles one by one (and checkpoints, see above)
+# the UNet's repeated regions: what --torch_compile regional compiles one by one
 REGIONS = ("Transformer2DModel", "ResnetBlock2D")
-
-
-def _checkpointed_forward(self, *args, **kwargs):
-    """A region's forward under non-reentrant activation checkpointing when training (see ``checkpoint_unet``)."""
-    forward = type(self).region_forward  # the plain function and the module as an argument: what dynamo traces
-    if torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
-    return forward(self, *args, **kwargs)
-
-
-_CHECKPOINTED: dict[type, type] = {}
-
-
-def _checkpointed_class(cls: type) -> type:
-    """``cls`` with its forward checkpointed: one class shared by every region of a type, not a per-module
-    closure, so ``torch.compile`` sees the same code for all of them and compiles each shape once."""
-    if "region_forward" in vars(cls):
-        return cls
-    if cls not in _CHECKPOINTED:  # the same name, so logs and REGIONS still recognise it
-        _CHECKPOINTED[cls] = type(cls.__name__, (cls,), {"__module__": cls.__module__, "region_forward": cls.forward,
-                                                        "forward": _checkpointed_forward})
-    return _CHECKPOINTED[cls]
+# torch.compile modes that record CUDA graphs -> the same mode without them
+CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 COMPILE_VARIANTS = 64  # compiled graphs allowed per block type (torch's default is 8)
@@ -521,6 +488,17 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
         notes.append(f"--torch_compile={config.torch_compile} needs "
                      f"{'triton' if cuda else 'a C++ compiler (g++ or clang++)'} here; training without compiling")
         changes["torch_compile"] = "none"
+    checkpointing = config.gradient_checkpointing or config.auto_gradient_checkpointing
+    if changes.get("torch_compile", config.torch_compile) == "regional" and checkpointing and \
+            config.torch_compile_mode in CUDA_GRAPH_MODES:
+        # "accessing tensor output of CUDAGraphs that has been overwritten" in the first backward: reported for
+        # compiled regions nested in an eager checkpoint (pytorch#154306), and measured here on an H100 (torch 2.11)
+        # with each region checkpointed inside its own graph instead (benchmarks/RESULTS.md)
+        mode = CUDA_GRAPH_MODES[config.torch_compile_mode]
+        notes.append(f"--torch_compile_mode={config.torch_compile_mode}: CUDA graphs fail on regionally compiled, "
+                     f"checkpointed blocks; using --torch_compile_mode={mode} (drop --gradient_checkpointing or use "
+                     f"--torch_compile=full to try CUDA graphs)")
+        changes["torch_compile_mode"] = mode
     if config.report_to in ("tensorboard", "all"):
         try:
             import tensorboard  # noqa: F401
