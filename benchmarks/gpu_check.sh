@@ -9,9 +9,10 @@
 #   6. ours with --auto_gradient_checkpointing (a trial step decides; on an H100: without checkpointing)
 #   7. generation: base / LoRA unfused / LoRA fused
 #   8. ours at the seed's settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs)
-#   9. ours at the seed's settings + --torch_compile regional --torch_compile_mode reduce-overhead (CUDA graphs)
+#   9. ours at the seed's settings without checkpointing + --torch_compile regional --torch_compile_mode reduce-overhead
+#      (CUDA graphs; with checkpointing they failed on an H100, and train() falls back to compiling without them)
 # Parts 4-8 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
-# one slow compile cannot starve the next part. PARTS="1 3 4 2" runs those parts in that order (parts 2 and 3 need
+# one slow compile cannot starve the next part (CAP5=480: part 5's cap, and so on for parts 4-7 and 9). PARTS="1 3 4 2" runs those parts in that order (parts 2 and 3 need
 # part 1's model folder; a second call can pick up what a first one left). The first 4 optimizer steps (one pass
 # over the 12 embedded images: latent cache filled, compilation done) are warm-up, not timed; then STEPS (default 8)
 # timed steps; on a GPU one more step runs under torch's profiler: GPU kernel time against wall time per micro-step.
@@ -80,28 +81,28 @@ p3() { if [ -z "${DIFFUSERS_SCRIPT:-}" ] || [ ! -f "$DIFFUSERS_SCRIPT" ]; then p
     --checkpointing_steps=717 --seed=0; }
 
 p4() { part "4. ours, seed settings + --torch_compile regional ($(left) s left)"
-  [ "$(left)" -gt 90 ] && run 4 "$(upto 240)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+  [ "$(left)" -gt 90 ] && run 4 "$(upto ${CAP4:-240})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --torch_compile regional; }
 
 p5() { part "5. ours, seed settings + --torch_compile full ($(left) s left)"
-  [ "$(left)" -gt 120 ] && run 5 "$(upto 360)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+  [ "$(left)" -gt 120 ] && run 5 "$(upto ${CAP5:-360})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --torch_compile full; }
 
 p6() { part "6. ours, seed settings + --auto_gradient_checkpointing (an H100 has the memory: no checkpointing) ($(left) s left)"
-  [ "$(left)" -gt 60 ] && run 6 "$(upto 150)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+  [ "$(left)" -gt 60 ] && run 6 "$(upto ${CAP6:-150})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --auto_gradient_checkpointing; }
 
 p7() { part "7. generation: base / LoRA unfused / LoRA fused ($(left) s left)"
-  [ "$(left)" -gt 40 ] && run 7 "$(upto 120)" "$PY" benchmarks/bench_train.py --shape "$SHAPE" --resolution "$RES" --device "$DEV" \
+  [ "$(left)" -gt 40 ] && run 7 "$(upto ${CAP7:-120})" "$PY" benchmarks/bench_train.py --shape "$SHAPE" --resolution "$RES" --device "$DEV" \
     --no_training --gen_steps 30 --gen_images 2 --json "$OUT/bench.jsonl"; }
 
 p8() { part "8. ours, seed settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs) ($(left) s left)"
   [ "$(left)" -gt 120 ] && run 8 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --torch_compile full --torch_compile_mode reduce-overhead; }
 
-p9() { part "9. ours, seed settings + --torch_compile regional --torch_compile_mode reduce-overhead (CUDA graphs) ($(left) s left)"
-  [ "$(left)" -gt 90 ] && run 9 "$(upto 240)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
-    --gradient_checkpointing --torch_compile regional --torch_compile_mode reduce-overhead; }
+p9() { part "9. ours, seed settings without checkpointing + --torch_compile regional --torch_compile_mode reduce-overhead (CUDA graphs) ($(left) s left)"
+  [ "$(left)" -gt 90 ] && run 9 "$(upto ${CAP9:-240})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --torch_compile regional --torch_compile_mode reduce-overhead; }
 
 # parts run in the order PARTS names them (parts 2 and 3 need part 1's model folder)
 for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9}; do "p$n"; done
