@@ -403,6 +403,42 @@ def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("scope", ["regional", "full"])
+def test_compiled_training_matches_eager_training_end_to_end(tiny_model_dir, tmp_path, monkeypatch, scope):
+    """train() with --torch_compile (checkpointing; validation images at steps 0, 2 and 3: the UNet switches
+    between training and inference graphs) writes the same loss history and LoRA as without compiling.
+
+    dynamo + AOT autograd trace it as for inductor; the aot_eager backend runs the traced graphs without generating
+    C++ so the test takes seconds (inductor's own kernels are what the GPU benchmarks time)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import billiard_lora.train as train_mod
+
+    real = train_mod.compile_unet
+    monkeypatch.setattr(train_mod, "compile_unet", lambda unet, s, **kw: real(unet, s, **kw, backend="aot_eager"))
+    monkeypatch.setattr(train_mod, "_can_compile", lambda cuda: True)
+    data = make_images(tmp_path / "data", n=4)
+    kw = dict(max_train_steps=3, gradient_checkpointing=True, validation_prompt="a photo of sks billiard",
+              validation_steps=2, num_validation_images=1, validation_inference_steps=1)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train(tiny_config(tiny_model_dir, data, tmp_path / "compiled", torch_compile=scope, **kw))
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]  # training and inference graphs
+    torch._dynamo.reset()
+    eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", **kw))
+    assert json.loads((compiled / "config.json").read_text())["torch_compile"] == scope
+    loss_c = [float(r.split(",")[2]) for r in (compiled / "loss_history.csv").read_text().splitlines()[1:]]
+    loss_e = [float(r.split(",")[2]) for r in (eager / "loss_history.csv").read_text().splitlines()[1:]]
+    assert len(loss_c) == 3 and np.allclose(loss_c, loss_e, rtol=1e-4, atol=1e-6)
+    a, b = lora_tensors(compiled), lora_tensors(eager)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    assert sorted(p.name for p in (compiled / "validation").iterdir()) == \
+        sorted(p.name for p in (eager / "validation").iterdir())
+
+
 def test_cuda_graphs_with_regional_compile_and_checkpointing_fall_back_with_a_note(tiny_model_dir, tmp_path,
                                                                                     monkeypatch):
     """CUDA graphs fail on regionally compiled, checkpointed blocks (measured on an H100): the run keeps compiling
