@@ -402,7 +402,8 @@ CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-
 
 
 # steps after which --torch_compile regional has paid for its compilation on an H100 at the seed's settings
-# (144 s to compile; 0.975 vs 1.68 s per optimizer step eager: about 200 steps)
+# (144 s to compile, then 0.975 vs 1.68 s per optimizer step eager: about 200 steps; 300 leaves room for a slower
+# machine)
 COMPILE_PAYS_STEPS = 300
 COMPILE_VARIANTS = 64  # compiled graphs allowed per block type (torch's default is 8)
 
@@ -501,8 +502,9 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
         # compiled regions nested in an eager checkpoint (pytorch#154306), and measured here on an H100 (torch 2.11)
         # with each region checkpointed inside its own graph instead (benchmarks/RESULTS.md)
         mode = CUDA_GRAPH_MODES[config.torch_compile_mode]
+        flag = "--gradient_checkpointing" if config.gradient_checkpointing else "--auto_gradient_checkpointing"
         notes.append(f"--torch_compile_mode={config.torch_compile_mode}: CUDA graphs fail on regionally compiled, "
-                     f"checkpointed blocks; using --torch_compile_mode={mode} (drop --gradient_checkpointing or use "
+                     f"checkpointed blocks; using --torch_compile_mode={mode} (drop {flag} or use "
                      f"--torch_compile=full to try CUDA graphs)")
         changes["torch_compile_mode"] = mode
     if config.report_to in ("tensorboard", "all"):
