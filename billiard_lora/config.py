@@ -108,7 +108,8 @@ class TrainConfig:
     torch_compile: Literal["none", "regional", "full"] = _f(
         "none", "(billiard-lora) torch.compile the UNet: 'regional' compiles each stack of transformer blocks and "
                 "each ResNet block (regions of the same shape share compiled code, so it compiles much faster than "
-                "'full', the whole UNet). Same results; the first steps are slow while it compiles. Needs a C++ compiler on CPU, "
+                "'full', the whole UNet). Same results; the first steps are slow while it compiles (the code is kept "
+                "in the cache folder, so a later run starts in seconds). Needs a C++ compiler on CPU, "
                 "triton on a GPU (else a warning and no compilation).")
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
         "default", "(billiard-lora) torch.compile's mode with --torch_compile: 'reduce-overhead' replays CUDA graphs "

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the package's cache (latents, compiled code, downloads) in a folder of the test run's own, never the user's
+os.environ["BILLIARD_LORA_CACHE"] = _cache = tempfile.mkdtemp(prefix="billiard_lora_tests_")
+atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -439,6 +439,32 @@ def test_compiled_training_matches_eager_training_end_to_end(tiny_model_dir, tmp
         sorted(p.name for p in (eager / "validation").iterdir())
 
 
+def test_compiled_code_is_kept_in_the_package_cache(tmp_path, monkeypatch):
+    """torch.compile's generated code goes to $BILLIARD_LORA_CACHE/torch_compile (not /tmp, which reboots and new
+    Colab VMs empty), unless the user chose a folder; an unwritable cache leaves torch's default."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from billiard_lora.train import keep_compiled_code
+
+    monkeypatch.setenv("BILLIARD_LORA_CACHE", str(tmp_path / "cache"))
+    for before in (None, default_cache_dir()):  # unset, or set to torch's default by an import of diffusers
+        if before is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
+        keep_compiled_code()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torch_compile")
+        assert (tmp_path / "cache" / "torch_compile").is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    keep_compiled_code()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("BILLIARD_LORA_CACHE", str(tmp_path / "file"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    keep_compiled_code()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()
+
+
 def test_cuda_graphs_with_regional_compile_and_checkpointing_fall_back_with_a_note(tiny_model_dir, tmp_path,
                                                                                     monkeypatch):
     """CUDA graphs fail on regionally compiled, checkpointed blocks (measured on an H100): the run keeps compiling
