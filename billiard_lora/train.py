@@ -452,8 +452,8 @@ def compile_unet(unet, scope: str, **compile_kwargs) -> None:
 
 def keep_compiled_code() -> None:
     """Keep torch.compile's generated code in billiard-lora's cache (``$BILLIARD_LORA_CACHE/torch_compile``, else
-    ``~/.cache/billiard_lora/torch_compile``) rather than torch's default under /tmp, which a reboot or a new
-    Colab VM empties: a later run of the same model and settings then reuses it instead of compiling again (small
+    ``~/.cache/billiard_lora/torch_compile``) rather than torch's default under /tmp, which a reboot empties (on
+    Colab, a $BILLIARD_LORA_CACHE on Drive keeps it across sessions): a later run of the same model and settings then reuses it instead of compiling again (small
     model, CPU: 107.9 s to the first step, then 9.3 s; benchmarks/RESULTS.md). A $TORCHINDUCTOR_CACHE_DIR of the user's
     wins (importing diffusers already sets it to torch's default, which is not taken for the user's choice); an
     unwritable cache leaves torch's default."""
