@@ -71,7 +71,7 @@ def run_demo(out: Path = paths.OUTPUTS_DIR / "demo", *, model: str | None = None
         max_train_steps=steps, checkpointing_steps=max(1, steps // 3), learning_rate=1e-3,
         validation_prompt="a photo of messi playing billiard", validation_steps=max(1, steps // 3),
         num_validation_images=2, validation_inference_steps=4, report_to="none", output_kohya_format=True,
-        # bitsandbytes' 8-bit AdamW works on CPU but is slower there than torch's AdamW; it pays off on a GPU
+        # the seed's 8-bit AdamW on a GPU; on a CPU bitsandbytes works but steps far slower than torch's AdamW
         use_8bit_adam=torch.cuda.is_available())
     print(f"[3/5] training {steps} steps at {resolution} px (the seed's settings otherwise) into {run_dir}")
     train(config)

@@ -465,6 +465,33 @@ def test_compiled_code_is_kept_in_the_package_cache(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()
 
 
+def test_adamw_is_torch_fused_and_takes_the_same_steps(tiny_components, tmp_path):
+    """--optimizer=AdamW without 8-bit: torch's fused AdamW over the LoRA parameters only (one kernel for all of
+    them), stepping as the default AdamW does."""
+    from billiard_lora.lora import add_lora, lora_parameters
+    from billiard_lora.train import make_optimizer
+
+    unet = tiny_components.unet.requires_grad_(False)
+    torch.manual_seed(0)
+    add_lora(unet, rank=4)
+    params = list(lora_parameters(unet))
+    config = tiny_config(tmp_path, tmp_path, tmp_path / "o", learning_rate=1e-2, adam_weight_decay=1e-2)
+    opt = make_optimizer(config, unet, [], num_processes=1)
+    assert opt.defaults["fused"] is True
+    assert [p for g in opt.param_groups for p in g["params"]] == params
+    reference = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in params], lr=1e-2,
+                                  weight_decay=1e-2, foreach=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(params, reference.param_groups[0]["params"]):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        reference.step()
+    for p, q in zip(params, reference.param_groups[0]["params"]):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
+
+
 def test_cuda_graphs_with_regional_compile_and_checkpointing_fall_back_with_a_note(tiny_model_dir, tmp_path,
                                                                                     monkeypatch):
     """CUDA graphs fail on regionally compiled, checkpointed blocks (measured on an H100): the run keeps compiling
