@@ -11,9 +11,10 @@
 #   8. ours at the seed's settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs)
 #   9. ours at the seed's settings without checkpointing + --torch_compile regional --torch_compile_mode reduce-overhead
 #      (CUDA graphs; with checkpointing they failed on an H100, and train() falls back to compiling without them)
-# Parts 4-8 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
-# one slow compile cannot starve the next part (CAP5=480: part 5's cap, and so on for parts 4-7 and 9). PARTS="1 3 4 2" runs those parts in that order (parts 2 and 3 need
-# part 1's model folder; a second call can pick up what a first one left). The first 4 optimizer steps (one pass
+# Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
+# one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
+# PARTS="1 3 4 2" runs those parts in that order (parts 2 and 3 need part 1's model folder; a second call can pick up
+# what a first one left). The first 4 optimizer steps (one pass
 # over the 12 embedded images: latent cache filled, compilation done) are warm-up, not timed; then STEPS (default 8)
 # timed steps; on a GPU one more step runs under torch's profiler: GPU kernel time against wall time per micro-step.
 # DEVICE=cpu SHAPE=tiny RES=64 runs the same parts on a CPU with the tiny model (a dry run of the script itself).
