@@ -457,8 +457,10 @@ def keep_compiled_code() -> None:
     model, CPU: 107.9 s to the first step, then 9.3 s; benchmarks/RESULTS.md). A $TORCHINDUCTOR_CACHE_DIR of the user's
     wins (importing diffusers already sets it to torch's default, which is not taken for the user's choice); an
     unwritable cache leaves torch's default."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # an older torch (the module moved in 2.3): its own default stays
+        return
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) != default_cache_dir():
         return
     folder = cache_dir() / "torch_compile"
