@@ -33,7 +33,7 @@ from billiard_lora.config import TrainConfig  # noqa: E402
 from billiard_lora.models import Components  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
 from billiard_lora.train import train  # noqa: E402
-from common import device_name, emit, peak_memory  # noqa: E402
+from common import device_name, emit, peak_memory, peak_memory_since_reset, reset_peak_memory  # noqa: E402
 
 
 def components(shape: str, device: str, dtype: torch.dtype = torch.float32) -> Components:
@@ -86,6 +86,7 @@ def bench_training(args) -> dict:
     on_gpu = args.device.startswith("cuda")
     profiled = args.warmup + args.steps  # on a GPU one more optimizer step runs under the profiler, after the timed ones
     profiler = GpuTime() if on_gpu else None
+    setup_peak: dict = {}  # the peak up to the end of the warm-up steps
 
     def on_event(e: dict) -> None:
         if e["event"] == "step":
@@ -93,6 +94,9 @@ def bench_training(args) -> dict:
             n = len(step_times)
             dt = step_times[-1] - (step_times[-2] if n > 1 else t0)
             print(f"[bench] optimizer step {n}: {dt:.2f} s", file=sys.stderr, flush=True)  # a cut-off run still says
+            if n == args.warmup:  # the peak of the timed steps alone, without loading and first-step setup
+                setup_peak.update(peak_memory(args.device))
+                reset_peak_memory(args.device)
             try:  # the profile is extra: a profiler that fails must not cost the timings
                 if profiler and n == profiled:
                     profiler.start()
@@ -112,12 +116,14 @@ def bench_training(args) -> dict:
             use_8bit_adam=args.use_8bit_adam, rank=args.rank, max_train_steps=profiled + (1 if on_gpu else 0),
             checkpointing_steps=10**9, learning_rate=1e-4, lr_warmup_steps=0, snr_gamma=5.0, seed=0,
             report_to="none", cache_latents=not args.no_cache_latents, torch_compile=args.torch_compile,
-            torch_compile_mode=args.torch_compile_mode)
+            torch_compile_mode=args.torch_compile_mode, fp8_base=args.fp8_base)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         run = train(config, components=c, callback=on_event)
         total = time.perf_counter() - t0
+        timed_peak = peak_memory_since_reset(args.device) if setup_peak else {}
+        whole_run = {k: max(v, setup_peak.get(k, 0.0)) for k, v in peak_memory(args.device).items()}
         used = json.loads((run / "config.json").read_text())  # what actually ran, after any hardware fallback
     timed = (step_times[args.warmup - 1:] if args.warmup > 0 else [t0] + step_times)[:args.steps + 1]
     per_step = (timed[-1] - timed[0]) / (len(timed) - 1)
@@ -137,7 +143,8 @@ def bench_training(args) -> dict:
         "timed_steps": len(timed) - 1, "optimizer_steps_per_s": 1 / per_step, "images_per_s": images_per_step / per_step,
         "ms_per_micro_step": 1000 * per_step / micro, "unet_forward_tflop": fwd / 1e12,
         "train_tflop_per_micro_step": train_flops / 1e12, "wall_s_including_setup": total,
-        "s_to_first_step": step_times[0] - t0 if step_times else None, **peak_memory(args.device),
+        "s_to_first_step": step_times[0] - t0 if step_times else None, **whole_run, **timed_peak,
+        "fp8_base": used["fp8_base"],
     }
     if args.peak_tflops:
         result["mfu"] = (train_flops / (per_step / micro)) / (args.peak_tflops * 1e12)
@@ -233,6 +240,7 @@ def main() -> None:
     p.add_argument("--auto_gradient_checkpointing", action="store_true", help="let a trial step decide it")
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument("--fp8_base", action="store_true", help="the UNet's frozen weights stored in float8")
     p.add_argument("--no_cache_latents", action="store_true")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")

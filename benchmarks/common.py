@@ -23,6 +23,31 @@ def peak_memory(device: str) -> dict:
     return {"cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start a new peak: CUDA's max-allocated counters, or (Linux) this process's peak RSS (VmHWM)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_since_reset(device: str) -> dict:
+    """Peak memory since ``reset_peak_memory``, in GiB (CPU: VmHWM from /proc; absent where there is none)."""
+    if device.startswith("cuda"):
+        return {"cuda_max_allocated_gb_timed": torch.cuda.max_memory_allocated() / 2**30,
+                "cuda_max_reserved_gb_timed": torch.cuda.max_memory_reserved() / 2**30}
+    try:
+        with open("/proc/self/status") as fh:
+            kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+        return {"cpu_peak_rss_gb_timed": kb / 2**20}
+    except (OSError, StopIteration):
+        return {}
+
+
 def emit(results: list[dict], json_path: str | None) -> None:
     """Print each result as one JSON line; also append them to ``json_path`` if given."""
     for r in results:

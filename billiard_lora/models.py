@@ -106,6 +106,47 @@ def _dtype_kw(dtype: torch.dtype | None) -> dict[str, Any]:
         return {"torch_dtype": dtype}
 
 
+FP8 = torch.float8_e4m3fn
+FP8_KEEP = ("conv_in", "conv_out", "time_embedding", "add_embedding", "lora_")  # small, and first/last in line
+
+
+class _Upcast(torch.nn.Module):
+    """A parametrization: the weight as stored (float8) -> the weight a layer computes with."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(self.dtype)
+
+
+def store_weights_in_fp8(unet: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """Keep the frozen Linear/Conv weights of ``unet`` in float8 (e4m3), each cast to ``compute_dtype`` as its layer
+    runs (kohya's --fp8_base): half the memory of fp16/bf16 weights. Returns how many weights it stores so.
+
+    A torch parametrization, not diffusers' ``enable_layerwise_casting``: that one swaps each layer's weights between
+    dtypes in place around its forward, which autograd and non-reentrant checkpointing do not follow (the weights a
+    backward reads have turned to float8 by then; measured: a metadata error, or a layer left in the compute dtype).
+    Here the cast is an ordinary operation: backward and checkpoint recomputation see the upcast tensor, and the
+    gradients are exactly those of the float8-rounded model. Biases, norms, the LoRA layers and the first and last
+    layers keep their dtype.
+    """
+    from torch.nn.utils import parametrize
+
+    count = 0
+    for name, module in unet.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or any(k in name for k in FP8_KEEP):
+            continue
+        if module.weight.requires_grad or parametrize.is_parametrized(module, "weight"):
+            continue
+        parametrize.register_parametrization(module, "weight", _Upcast(compute_dtype), unsafe=True)
+        stored = module.parametrizations.weight.original
+        stored.data = stored.data.to(FP8)
+        count += 1
+    return count
+
+
 def load_vae(name: str, *, cache_dir: str | None = None, torch_dtype: torch.dtype | None = None):
     """A standalone VAE folder or hub id (the seed uses madebyollin/sdxl-vae-fp16-fix); a pipeline's vae/ also works."""
     from diffusers import AutoencoderKL

@@ -85,7 +85,8 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         for m, dtype in ((c.unet, weight_dtype), (c.vae, vae_dtype), (c.text_encoder_one, weight_dtype),
                          (c.text_encoder_two, weight_dtype)):
             # one call: each tensor is converted on its way, so the GPU never holds a float32 copy of the UNet
-            m.to(device=device, dtype=dtype)
+            # (--fp8_base: the UNet reaches the GPU only once stored in float8, below)
+            m.to(device=None if config.fp8_base and m is c.unet else device, dtype=dtype)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -106,6 +107,10 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     for m in trainable:
         for p in lora_parameters(m):
             p.data = p.data.float()  # fp32 master weights for the adapter; autocast does the fp16/bf16 math
+    if config.fp8_base:  # the frozen UNet's Linear/Conv weights in float8, cast up as each layer runs
+        from .models import store_weights_in_fp8
+
+        store_weights_in_fp8(c.unet, weight_dtype)
     skip_upcast = weight_dtype != torch.float32 and not config.use_dora  # training's forwards all run in autocast
     set_input_casting(trainable, enabled=not skip_upcast)  # same numbers, fewer operations (see set_input_casting)
     # PiSSA/OLoRA moved part of each base weight into the adapter: what we save is the change training makes
@@ -124,6 +129,8 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             # frozen and no longer needed until validation: 1.6 GB of fp16 weights off the GPU
             c.text_encoder_one.to("cpu")
             c.text_encoder_two.to("cpu")
+    if config.fp8_base:
+        c.unet.to(device)  # now 2.6 instead of 5.1 GB (SDXL), and after the text encoders left
 
     # ---- 4. how the UNet runs: gradient checkpointing (decided by a trial step if asked), compilation
     if config.auto_gradient_checkpointing:
@@ -173,6 +180,15 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes,
                                  num_cycles=config.lr_num_cycles, power=config.lr_power)
+    if config.fp8_base and accelerator.num_processes > 1:
+        # DDP would broadcast every weight from process 0 at start; the float8 ones are frozen and loaded alike by
+        # every process, and gloo cannot send float8 at all
+        from torch.nn.parallel import DistributedDataParallel
+
+        from .models import FP8
+
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            c.unet, [n for n, p in c.unet.named_parameters() if p.dtype == FP8])
     unet, optimizer, dataloader, lr_scheduler, *text_encoders = accelerator.prepare(
         c.unet, optimizer, dataloader, lr_scheduler, *text_encoders)
     te_one, te_two = (text_encoders if text_encoders else (c.text_encoder_one, c.text_encoder_two))
@@ -1054,7 +1070,8 @@ def ensure_class_images(config: TrainConfig, c, accelerator, weight_dtype) -> li
         pipe.set_progress_bar_config(disable=True)
         start = len(existing())
         autocast = torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype != torch.float32)
-        with torch.no_grad(), autocast:
+        # (--fp8_base keeps the UNet off the GPU until it is stored in float8: here it visits in the compute dtype)
+        with torch.no_grad(), autocast, on_device([c.unet], accelerator.device):
             for first in tqdm(range(0, missing, config.sample_batch_size), desc="generating class images"):
                 n = min(config.sample_batch_size, missing - first)
                 gens = [torch.Generator(accelerator.device).manual_seed(config.seed + start + first + i) for i in range(n)]

@@ -306,7 +306,8 @@ def test_seed_command_runs_unchanged_on_the_tiny_model(tiny_model_dir, shared_bi
         assert any("fp16" in f for f in saved["fallbacks"]), "the fp16 fallback must be recorded"
 
 
-def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--fp8_base"]])
+def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra):
     from diffusers import StableDiffusionXLPipeline
 
     data = make_images(tmp_path / "data", n=4)
@@ -315,7 +316,7 @@ def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path):
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "billiard_lora.train",
               f"--pretrained_model_name_or_path={tiny_model_dir}", f"--instance_data_dir={data}", f"--output_dir={out}",
               "--instance_prompt=sks billiard", "--resolution=32", "--train_batch_size=1", "--max_train_steps=2",
-              "--seed=0", "--report_to=none", "--checkpointing_steps=1", "--auto_gradient_checkpointing"])
+              "--seed=0", "--report_to=none", "--checkpointing_steps=1", "--auto_gradient_checkpointing", *extra])
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     assert "2 process(es)" in r.stdout
     assert "a trial step fits in memory" in r.stdout  # both processes agreed (a collective after the trial step)
@@ -691,3 +692,39 @@ def test_skipping_peft_input_upcast_under_autocast_changes_no_number(tiny_model_
 
     again = make_accelerator(tiny_config(tiny_model_dir, data, tmp_path / "o", mixed_precision="no"), tmp_path / "o")
     assert again.mixed_precision == "no", "a notebook can train again with another precision"
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_fp8_base_trains_the_float8_rounded_model_exactly(tiny_model_dir, tmp_path, checkpointing):
+    """--fp8_base stores the UNet's frozen layers in float8 and trains exactly what a model with those rounded weights
+    would train; the stored weights do not move, the LoRA stays fp32."""
+    from billiard_lora.models import FP8, load_components
+
+    data = make_images(tmp_path / "data", n=4)
+    kw = dict(gradient_checkpointing=checkpointing, max_train_steps=2, snr_gamma=5.0)
+    c8, losses8, losses = load_components(str(tiny_model_dir)), [], []
+    out8 = train(tiny_config(tiny_model_dir, data, tmp_path / "fp8", fp8_base=True, **kw), components=c8,
+                 callback=lambda e: e["event"] == "step" and losses8.append(e["loss"]))
+    suffix = ".parametrizations.weight.original"
+    stored = {k.replace(".base_layer", "").replace(suffix, ".weight"): v
+              for k, v in c8.unet.state_dict().items() if k.endswith(suffix)}
+    assert stored and all(v.dtype == FP8 for v in stored.values())
+    frozen = [n.replace(".base_layer", "") + ".weight" for n, m in c8.unet.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in n]
+    kept = ["conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weight", "time_embedding.linear_2.weight",
+            "add_embedding.linear_1.weight", "add_embedding.linear_2.weight"]
+    assert sorted(stored) == sorted(set(frozen) - set(kept)), "every other frozen Linear and Conv is in float8"
+    assert all(v.dtype == torch.float32 for k, v in c8.unet.state_dict().items() if "lora_" in k)
+
+    ref = load_components(str(tiny_model_dir))
+    state = ref.unet.state_dict()
+    for k, v in stored.items():
+        assert torch.equal(state[k].to(FP8).view(torch.uint8), v.view(torch.uint8)), f"{k} moved in training"
+        state[k].copy_(v.float())  # the same model, rounded, in fp32
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "ref", **kw), components=ref,
+                callback=lambda e: e["event"] == "step" and losses.append(e["loss"]))
+    assert losses8 == losses and all(np.isfinite(losses))
+    a, b = lora_tensors(out8), lora_tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+    assert json.loads((out8 / "config.json").read_text())["fp8_base"] is True
