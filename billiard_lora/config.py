@@ -121,8 +121,8 @@ class TrainConfig:
                "compute dtype only while its layer runs (as kohya's --fp8_base): the UNet's weights take half the "
                "memory (SDXL: 2.6 instead of 5.2 GB), rounded to 3 mantissa bits; the LoRA still trains in fp32, on "
                "exactly the rounded model. Pays off with --gradient_checkpointing (without it, backward keeps the "
-               "upcast weights). Not with --use_dora or --torch_compile. A UNet passed to train() in a notebook stays "
-               "stored in fp8.")
+               "upcast weights). Combines with --torch_compile, not with --use_dora. A UNet passed to train() in a "
+               "notebook stays stored in fp8.")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
     learning_rate: float = _f(1e-4, "Learning rate of the UNet LoRA.")
@@ -196,11 +196,9 @@ class TrainConfig:
                             f"choose one of {', '.join(TORCH_COMPILE_MODES)}")
         if self.torch_compile not in COMPILE_MODES:
             raise UserError(f"unknown --torch_compile={self.torch_compile!r}; choose none, regional or full")
-        if self.fp8_base and (self.use_dora or self.torch_compile != "none"):
-            flag = "--use_dora" if self.use_dora else f"--torch_compile={self.torch_compile}"
-            why = ("DoRA reads each base weight directly, which stays in float8" if self.use_dora else
-                   "compiled code cannot follow the weights changing dtype inside each layer")
-            raise UserError(f"--fp8_base does not combine with {flag} ({why}): drop one of the two")
+        if self.fp8_base and self.use_dora:
+            raise UserError("--fp8_base does not combine with --use_dora (DoRA sets its magnitudes from the weights "
+                            "before rounding): drop one of the two")
         if self.optimizer.lower() not in OPTIMIZERS:
             raise UserError(f"unknown --optimizer={self.optimizer!r}; choose AdamW or Prodigy")
         if self.image_interpolation_mode.lower() not in ("lanczos", "bicubic", "bilinear", "nearest"):

@@ -55,7 +55,6 @@ def test_config_file_then_flags_override(tmp_path):
     (["--optimizer=lion"], "choose AdamW or Prodigy"),
     (["--rank=0"], "--rank=0 must be at least 1"),
     (["--fp8_base", "--use_dora"], "--fp8_base does not combine with --use_dora .*drop one"),
-    (["--fp8_base", "--torch_compile=regional"], "--fp8_base does not combine with --torch_compile=regional"),
 ])
 def test_bad_settings_name_the_flag(flags, message):
     args = flags if any(f.startswith("--instance_prompt") for f in flags) or message.startswith("missing") \

@@ -694,14 +694,24 @@ def test_skipping_peft_input_upcast_under_autocast_changes_no_number(tiny_model_
     assert again.mixed_precision == "no", "a notebook can train again with another precision"
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_fp8_base_trains_the_float8_rounded_model_exactly(tiny_model_dir, tmp_path, checkpointing):
+@pytest.mark.parametrize("checkpointing, compile", [(True, "none"), (False, "none"), (True, "regional")])
+def test_fp8_base_trains_the_float8_rounded_model_exactly(tiny_model_dir, tmp_path, monkeypatch, checkpointing,
+                                                          compile):
     """--fp8_base stores the UNet's frozen layers in float8 and trains exactly what a model with those rounded weights
-    would train; the stored weights do not move, the LoRA stays fp32."""
+    would train, checkpointed or not, compiled or not; the stored weights do not move, the LoRA stays fp32."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import billiard_lora.train as train_mod
     from billiard_lora.models import FP8, load_components
 
+    real = train_mod.compile_unet  # aot_eager: traced as for inductor, in seconds (see the compiled test above)
+    monkeypatch.setattr(train_mod, "compile_unet", lambda unet, s, **kw: real(unet, s, **kw, backend="aot_eager"))
+    monkeypatch.setattr(train_mod, "_can_compile", lambda cuda: True)
+    torch._dynamo.reset()
+    counters.clear()
     data = make_images(tmp_path / "data", n=4)
-    kw = dict(gradient_checkpointing=checkpointing, max_train_steps=2, snr_gamma=5.0)
+    kw = dict(gradient_checkpointing=checkpointing, max_train_steps=2, snr_gamma=5.0, torch_compile=compile)
     c8, losses8, losses = load_components(str(tiny_model_dir)), [], []
     out8 = train(tiny_config(tiny_model_dir, data, tmp_path / "fp8", fp8_base=True, **kw), components=c8,
                  callback=lambda e: e["event"] == "step" and losses8.append(e["loss"]))
@@ -715,7 +725,9 @@ def test_fp8_base_trains_the_float8_rounded_model_exactly(tiny_model_dir, tmp_pa
             "add_embedding.linear_1.weight", "add_embedding.linear_2.weight"]
     assert sorted(stored) == sorted(set(frozen) - set(kept)), "every other frozen Linear and Conv is in float8"
     assert all(v.dtype == torch.float32 for k, v in c8.unet.state_dict().items() if "lora_" in k)
+    assert not counters["graph_break"]
 
+    torch._dynamo.reset()
     ref = load_components(str(tiny_model_dir))
     state = ref.unet.state_dict()
     for k, v in stored.items():
