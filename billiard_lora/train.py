@@ -546,6 +546,12 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
                      f"checkpointed blocks; using --torch_compile_mode={mode} (drop {flag} or use "
                      f"--torch_compile=full to try CUDA graphs)")
         changes["torch_compile_mode"] = mode
+    if config.fp8_base and not checkpointing:
+        # measured (benchmarks/RESULTS.md): backward then keeps each layer's upcast weights, more than fp8 saves
+        notes.append("--fp8_base without --gradient_checkpointing would keep every layer's upcast weights for "
+                     "backward (more memory than without fp8); training with checkpointing (or pass "
+                     "--auto_gradient_checkpointing to let a trial step decide)")
+        changes["gradient_checkpointing"] = True
     if config.report_to in ("tensorboard", "all"):
         try:
             import tensorboard  # noqa: F401

@@ -711,7 +711,9 @@ def test_fp8_base_trains_the_float8_rounded_model_exactly(tiny_model_dir, tmp_pa
     torch._dynamo.reset()
     counters.clear()
     data = make_images(tmp_path / "data", n=4)
-    kw = dict(gradient_checkpointing=checkpointing, max_train_steps=2, snr_gamma=5.0, torch_compile=compile)
+    # without checkpointing only where a trial step says it fits: --fp8_base alone turns checkpointing on
+    kw = dict(gradient_checkpointing=checkpointing, auto_gradient_checkpointing=not checkpointing, max_train_steps=2,
+              snr_gamma=5.0, torch_compile=compile)
     c8, losses8, losses = load_components(str(tiny_model_dir)), [], []
     out8 = train(tiny_config(tiny_model_dir, data, tmp_path / "fp8", fp8_base=True, **kw), components=c8,
                  callback=lambda e: e["event"] == "step" and losses8.append(e["loss"]))
@@ -739,4 +741,13 @@ def test_fp8_base_trains_the_float8_rounded_model_exactly(tiny_model_dir, tmp_pa
     a, b = lora_tensors(out8), lora_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
-    assert json.loads((out8 / "config.json").read_text())["fp8_base"] is True
+    used = json.loads((out8 / "config.json").read_text())
+    assert used["fp8_base"] is True and used["gradient_checkpointing"] is checkpointing
+
+
+def test_fp8_base_alone_turns_checkpointing_on_with_a_note(tiny_model_dir, tmp_path):
+    out = train(tiny_config(tiny_model_dir, make_images(tmp_path / "data", n=2), tmp_path / "o", fp8_base=True,
+                            max_train_steps=1))
+    used = json.loads((out / "config.json").read_text())
+    assert used["gradient_checkpointing"] is True
+    assert any("--fp8_base without --gradient_checkpointing" in note for note in used["fallbacks"])
