@@ -11,6 +11,7 @@
 #   8. ours at the seed's settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs)
 #   9. ours at the seed's settings without checkpointing + --torch_compile regional --torch_compile_mode reduce-overhead
 #      (CUDA graphs; with checkpointing they failed on an H100, and train() falls back to compiling without them)
+#  10. ours at the seed's settings + --fp8_base (the UNet's frozen weights in float8: memory, and the casts' cost)
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (parts 2 and 3 need part 1's model folder; a second call can pick up
@@ -105,8 +106,12 @@ p9() { part "9. ours, seed settings without checkpointing + --torch_compile regi
   [ "$(left)" -gt 90 ] && run 9 "$(upto ${CAP9:-240})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --torch_compile regional --torch_compile_mode reduce-overhead; }
 
-# parts run in the order PARTS names them (parts 2 and 3 need part 1's model folder)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9}; do "p$n"; done
+p10() { part "10. ours, seed settings + --fp8_base ($(left) s left)"
+  [ "$(left)" -gt 60 ] && run 10 "$(upto ${CAP10:-200})" "$PY" benchmarks/bench_train.py "${model[@]}" "${common[@]}" \
+    --gradient_checkpointing --fp8_base; }
+
+# parts run in the order PARTS names them (parts 2, 3 and 10 need part 1's model folder)
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'
@@ -115,9 +120,11 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
     if r["what"] == "training":
         print(f"{r.get('trainer', 'billiard-lora'):40s} ckpt={r['gradient_checkpointing']!s:9s} "
-              f"compile={r.get('torch_compile', '-'):8s} {r['optimizer_steps_per_s']:.3f} steps/s "
+              f"compile={r.get('torch_compile', '-'):8s} fp8={r.get('fp8_base', False)!s:5s} "
+              f"{r['optimizer_steps_per_s']:.3f} steps/s "
               f"{r['images_per_s']:.2f} img/s {r['ms_per_micro_step']:.1f} ms/micro "
               f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB alloc / {r.get('cuda_max_reserved_gb', 0):.2f} reserved "
+              f"(timed steps {r.get('cuda_max_allocated_gb_timed', float('nan')):.2f}) "
               f"mfu={r.get('mfu', float('nan')):.3f} gpu_kernels={r.get('gpu_kernel_ms_per_micro_step', float('nan')):.1f} ms/micro")
     else:
         print(json.dumps(r))
