@@ -10,7 +10,8 @@ It runs warm-up steps, then timed steps, of the real ``train()`` (data, caches, 
 reports optimizer steps/s, images/s, ms per micro-step, peak memory, and model-FLOP utilisation from a FLOP count
 of the UNet measured with ``torch.utils.flop_counter`` (forward x 2 for frozen-weight training, x 3 with gradient
 checkpointing, which recomputes the forward). With ``--generation`` it also times SDXL sampling: base, LoRA
-unfused, LoRA fused. No timed assertions anywhere: these are numbers to read and record in RESULTS.md.
+unfused, LoRA fused, and LoRA fused with the UNet in float8 (``generate --fuse --fp8_base``). No timed assertions
+anywhere: these are numbers to read and record in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ class GpuTime:
 def bench_generation(args) -> dict:
     from billiard_lora.generate import LoraSpec, fuse_loras, generate, load_lora
     from billiard_lora.lora import add_lora, save_lora
+    from billiard_lora.models import store_weights_in_fp8
 
     from diffusers import StableDiffusionXLPipeline
 
@@ -218,10 +220,15 @@ def bench_generation(args) -> dict:
         unfused = timed()
         fuse_loras(pipe)  # what `generate --fuse` does
         fused = timed()
+        unet_gb = sum(p.numel() * p.element_size() for p in pipe.unet.parameters()) / 1e9
+        store_weights_in_fp8(pipe.unet.requires_grad_(False), pipe.unet.dtype)  # what `generate --fuse --fp8_base` does
+        fp8 = timed()
+        unet_fp8_gb = sum(p.numel() * p.element_size() for p in pipe.unet.parameters()) / 1e9
     return {"what": "generation", "shape": args.shape, "resolution": args.resolution, "steps": args.gen_steps,
             "device": device_name(args.device), "s_per_image_base": base, "s_per_image_lora_unfused": unfused,
             "s_per_image_lora_fused": fused, "fused_overhead_pct": 100 * (fused / base - 1),
-            "unfused_overhead_pct": 100 * (unfused / base - 1)}
+            "unfused_overhead_pct": 100 * (unfused / base - 1), "s_per_image_lora_fused_fp8": fp8,
+            "fp8_overhead_pct": 100 * (fp8 / fused - 1), "unet_weights_gb": unet_gb, "unet_weights_gb_fp8": unet_fp8_gb}
 
 
 def main() -> None:

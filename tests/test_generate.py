@@ -21,6 +21,7 @@ from billiard_lora.generate import (
     base_vs_lora,
     checkpoint_grid,
     famous_prompts,
+    fuse_loras,
     generate,
     load_generation_pipeline,
     load_lora,
@@ -214,6 +215,30 @@ def test_fused_loras_match_unfused_and_refuse_scale_changes(tiny_model_dir, lora
         generate(fused_pipe, PROMPT, 0, lora_scale=0.5, **FAST)
     with pytest.raises(UserError, match="fused"):
         base_vs_lora(fused_pipe, [PROMPT], 0, **FAST)
+
+
+def test_fp8_base_generation_halves_the_unet_and_keeps_the_images(tiny_model_dir, lora_run):
+    """fp8_base: the UNet's weights (LoRA fused in) in float8; the images stay close to the full-precision ones, a
+    LoRA loaded afterwards still applies, and fusing after the fact is refused instead of silently lost."""
+    from billiard_lora.models import FP8
+
+    full = _pipe(tiny_model_dir, loras=[str(lora_run)], fuse=True)
+    small = _pipe(tiny_model_dir, loras=[str(lora_run)], fuse=True, fp8_base=True)
+    size = lambda pipe: sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    assert size(small) < 0.4 * size(full)  # fp32 -> float8 on the CPU
+    assert any(p.dtype == FP8 for p in small.unet.parameters())
+    a, b = generate(full, PROMPT, 0, **FAST)[0], generate(small, PROMPT, 0, **FAST)[0]
+    assert b.fp8_base and b.fused and b.metadata()["fp8_base"] == "True" and not a.fp8_base
+    diff = np.abs(_px(a) - _px(b))
+    assert 0 < diff.mean() < 8, "float8 rounding changes the image a little, not a lot"
+
+    base8 = _pipe(tiny_model_dir, fp8_base=True)
+    plain = generate(base8, PROMPT, 0, **FAST)[0]
+    load_lora(base8, LoraSpec(str(lora_run)))
+    with_lora = generate(base8, PROMPT, 0, **FAST)[0]
+    assert with_lora.lora_names and not _close(with_lora, plain)
+    with pytest.raises(UserError, match="float8"):
+        fuse_loras(base8)
 
 
 def test_bad_generation_settings_are_clear_errors(tiny_model_dir):
