@@ -117,7 +117,7 @@ def bench_training(args) -> dict:
             use_8bit_adam=args.use_8bit_adam, rank=args.rank, max_train_steps=profiled + (1 if on_gpu else 0),
             checkpointing_steps=10**9, learning_rate=1e-4, lr_warmup_steps=0, snr_gamma=5.0, seed=0,
             report_to="none", cache_latents=not args.no_cache_latents, torch_compile=args.torch_compile,
-            torch_compile_mode=args.torch_compile_mode, fp8_base=args.fp8_base)
+            torch_compile_mode=args.torch_compile_mode, fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -126,6 +126,7 @@ def bench_training(args) -> dict:
         timed_peak = peak_memory_since_reset(args.device) if setup_peak else {}
         whole_run = {k: max(v, setup_peak.get(k, 0.0)) for k, v in peak_memory(args.device).items()}
         used = json.loads((run / "config.json").read_text())  # what actually ran, after any hardware fallback
+        done = json.loads((run / "summary.json").read_text())
     timed = (step_times[args.warmup - 1:] if args.warmup > 0 else [t0] + step_times)[:args.steps + 1]
     per_step = (timed[-1] - timed[0]) / (len(timed) - 1)
     micro = args.gradient_accumulation_steps
@@ -145,8 +146,10 @@ def bench_training(args) -> dict:
         "ms_per_micro_step": 1000 * per_step / micro, "unet_forward_tflop": fwd / 1e12,
         "train_tflop_per_micro_step": train_flops / 1e12, "wall_s_including_setup": total,
         "s_to_first_step": step_times[0] - t0 if step_times else None, **whole_run, **timed_peak,
-        "fp8_base": used["fp8_base"],
+        "fp8_base": used["fp8_base"], "cuda_graphs": used["cuda_graphs"],
     }
+    if used["cuda_graphs"]:
+        result.update({k: done.get(k) for k in ("cuda_graph_replays", "micro_steps", "cuda_graph_failure")})
     if args.peak_tflops:
         result["mfu"] = (train_flops / (per_step / micro)) / (args.peak_tflops * 1e12)
     if profiler and profiler.kernels:
@@ -248,6 +251,7 @@ def main() -> None:
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--use_8bit_adam", action="store_true")
     p.add_argument("--fp8_base", action="store_true", help="the UNet's frozen weights stored in float8")
+    p.add_argument("--cuda_graphs", action="store_true", help="the micro-step recorded as a CUDA graph and replayed")
     p.add_argument("--no_cache_latents", action="store_true")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")

@@ -12,6 +12,9 @@
 #   9. ours at the seed's settings without checkpointing + --torch_compile regional --torch_compile_mode reduce-overhead
 #      (CUDA graphs; with checkpointing they failed on an H100, and train() falls back to compiling without them)
 #  10. ours at the seed's settings + --fp8_base (the UNet's frozen weights in float8: memory, and the casts' cost)
+#  11. --cuda_graphs, correctness first: the tiny model on CUDA, 6 steps, eager vs graphs: the LoRAs must agree
+#  12. ours at the seed's settings + --cuda_graphs (the micro-step recorded once, replayed: no per-kernel launches)
+#  13. ours at the seed's settings + --cuda_graphs --torch_compile regional
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (parts 2 and 3 need part 1's model folder; a second call can pick up
@@ -110,8 +113,33 @@ p10() { part "10. ours, seed settings + --fp8_base ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 10 "$(upto ${CAP10:-200})" "$PY" benchmarks/bench_train.py "${model[@]}" "${common[@]}" \
     --gradient_checkpointing --fp8_base; }
 
+p11() { part "11. --cuda_graphs on the tiny model: the same LoRA as eager? ($(left) s left)"
+  [ -d "$WORK/tiny" ] || "$PY" -m billiard_lora.tiny "$WORK/tiny" | tail -1
+  for g in "" --cuda_graphs; do
+    run 11 120 "$PY" -m billiard_lora.train --pretrained_model_name_or_path="$WORK/tiny" --dataset_name=default \
+      --instance_prompt="a photo of messi playing billiard" --output_dir="$WORK/graphs$g" --resolution=64 \
+      --train_batch_size=1 --gradient_accumulation_steps=3 --gradient_checkpointing --mixed_precision=fp16 \
+      --use_8bit_adam --max_train_steps=6 --seed=0 --report_to=none --overwrite_output_dir $g; done
+  "$PY" - "$WORK/graphs" "$WORK/graphs--cuda_graphs" <<'PYEOF'
+import json, sys
+from safetensors.torch import load_file
+a, b = (load_file(f"{d}/pytorch_lora_weights.safetensors") for d in sys.argv[1:])
+diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+print(json.dumps({"what": "cuda_graphs_check", "lora_max_abs_diff": diff, "same_keys": a.keys() == b.keys(),
+                  "graphs": json.load(open(f"{sys.argv[2]}/summary.json")).get("cuda_graph_replays")}))
+PYEOF
+}
+
+p12() { part "12. ours, seed settings + --cuda_graphs ($(left) s left)"
+  [ "$(left)" -gt 60 ] && run 12 "$(upto ${CAP12:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --cuda_graphs; }
+
+p13() { part "13. ours, seed settings + --cuda_graphs --torch_compile regional ($(left) s left)"
+  [ "$(left)" -gt 90 ] && run 13 "$(upto ${CAP13:-300})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --cuda_graphs --torch_compile regional; }
+
 # parts run in the order PARTS names them (parts 2, 3 and 10 need part 1's model folder)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'
@@ -121,6 +149,7 @@ for r in rows:
     if r["what"] == "training":
         print(f"{r.get('trainer', 'billiard-lora'):40s} ckpt={r['gradient_checkpointing']!s:9s} "
               f"compile={r.get('torch_compile', '-'):8s} fp8={r.get('fp8_base', False)!s:5s} "
+              f"graphs={r.get('cuda_graph_replays', '-')!s:4s} "
               f"{r['optimizer_steps_per_s']:.3f} steps/s "
               f"{r['images_per_s']:.2f} img/s {r['ms_per_micro_step']:.1f} ms/micro "
               f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB alloc / {r.get('cuda_max_reserved_gb', 0):.2f} reserved "

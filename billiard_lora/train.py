@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .caches import LatentCache, LatentStore, PromptCache, TimeIdCache, count_views
 from .config import TrainConfig, parse_args
 from .errors import UserError, cli_entry
+from .graphs import MicroStepGraph
 from .io import atomic_write_json, atomic_write_text, publish_dir
 from .lora import CHECKPOINT_PREFIX  # shared with generate/evaluate, which read these folders
 from .paths import cache_dir
@@ -139,7 +140,8 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         say(f"--auto_gradient_checkpointing: a trial step {'fits' if fits else 'does not fit'} in memory without "
             f"checkpointing; training {'without' if fits else 'with'} it")
     if config.gradient_checkpointing:
-        checkpoint_unet(c.unet, reentrant=config.torch_compile == "none")
+        # (the UNet draws no random numbers: no RNG state to save, which a CUDA graph could not record anyway)
+        checkpoint_unet(c.unet, reentrant=config.torch_compile == "none", preserve_rng_state=not config.cuda_graphs)
         for te in text_encoders:
             te.gradient_checkpointing_enable()
     compile_unet(c.unet, config.torch_compile, mode=config.torch_compile_mode)
@@ -232,7 +234,19 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
     timer = Timer(device)
     noise_scheduler = c.noise_scheduler
-    cuda_graphs = config.torch_compile != "none" and config.torch_compile_mode in CUDA_GRAPH_MODES
+    compiled_graphs = config.torch_compile != "none" and config.torch_compile_mode in CUDA_GRAPH_MODES
+
+    def forward_backward(noisy_latents, timesteps, prompt_embeds, pooled, time_ids, target) -> torch.Tensor:
+        """The micro-step's GPU work: predict, score, backpropagate into the adapters (a CUDA graph with --cuda_graphs)."""
+        model_pred = unet(noisy_latents, timesteps, prompt_embeds,
+                          added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled}, return_dict=False)[0]
+        loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, config)
+        accelerator.backward(loss)
+        return loss.detach()
+
+    adapters = [p for m in (unet, *text_encoders) for p in lora_params(m)]
+    micro_step = MicroStepGraph(forward_backward, lambda: [*adapters, *(p.grad for p in adapters)],
+                                enabled=config.cuda_graphs, say=say)
     accum_loss, accum_n = 0.0, 0
     for epoch in range(first_epoch, num_epochs):
         batches: Any = dataloader
@@ -266,21 +280,16 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                     prompt_embeds, pooled = prompt_cache.lookup(batch["captions"])  # (B, 77, 2048), (B, 1280)
                 else:
                     prompt_embeds, pooled = encode_prompt([te_one, te_two], c.tokenizers, batch["captions"])
-                if cuda_graphs:  # a new iteration: CUDA graphs may reuse the memory of the last one's outputs
-                    torch.compiler.cudagraph_mark_step_begin()
-                model_pred = unet(noisy_latents, timesteps, prompt_embeds.to(weight_dtype),
-                                  added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled.to(weight_dtype)},
-                                  return_dict=False)[0]
-
                 if noise_scheduler.config.prediction_type == "v_prediction":
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
                     target = noise
-                loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, config)
-
-                accelerator.backward(loss)
+                if compiled_graphs:  # a new iteration: CUDA graphs may reuse the memory of the last one's outputs
+                    torch.compiler.cudagraph_mark_step_begin()
+                loss = micro_step(noisy_latents, timesteps, prompt_embeds.to(weight_dtype), pooled.to(weight_dtype),
+                                  time_ids, target)
                 # summed on the device: reading a value would make the CPU wait for the GPU every micro-step
-                accum_loss, accum_n = accum_loss + loss.detach(), accum_n + 1
+                accum_loss, accum_n = accum_loss + loss, accum_n + 1
                 if accelerator.sync_gradients:
                     if not torch.isfinite(accum_loss):  # checked before the step: a NaN never reaches the adapter
                         raise TrainingDiverged(global_step, out, config)
@@ -288,7 +297,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                                                 config.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=not config.cuda_graphs)  # a recorded graph adds into these tensors
 
             if not accelerator.sync_gradients:
                 continue
@@ -322,11 +331,17 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     if accelerator.is_main_process:
         save_final(out, config, unet, text_encoders, history, accelerator, pissa_initial)
         summary = timer.summary(global_step)
+        if config.cuda_graphs:
+            summary.update(cuda_graph_replays=micro_step.replays, micro_steps=micro_step.calls,
+                           cuda_graph_failure=micro_step.failure)
         atomic_write_json(out / "summary.json", summary)
         say(f"done: {global_step} steps in {summary['seconds']:.1f} s, {summary['images_per_second']:.2f} images/s, "
             f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['memory_kind']}); LoRA in {out}")
         if store is not None:
             say(f"latent cache on disk: {store.reads} views read, {store.writes} written ({store.folder})")
+        if config.cuda_graphs:
+            say(f"--cuda_graphs: {micro_step.replays} of {micro_step.calls} micro-steps replayed a recorded graph"
+                + (f" (recording failed: {micro_step.failure})" if micro_step.failure else ""))
         if callback:
             callback({"event": "done", "output_dir": str(out), "summary": summary, "images": final_images})
     set_input_casting(trainable, enabled=True)  # the caller's model, if it passed one, works outside autocast again
@@ -386,7 +401,7 @@ def fits_without_checkpointing(config: TrainConfig, c, text_encoders, prompt_cac
     return int(misfits.item()) == 0
 
 
-def checkpoint_unet(unet, *, reentrant: bool = True) -> None:
+def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = True) -> None:
     """Gradient checkpointing of the UNet's blocks, with PyTorch's reentrant checkpoint where it applies.
 
     diffusers' script uses the non-reentrant checkpoint, which runs a Python hook for every tensor a block saves;
@@ -402,13 +417,14 @@ def checkpoint_unet(unet, *, reentrant: bool = True) -> None:
     """
     from functools import partial
 
-    unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_block if reentrant else
-                                       partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
+    kw = dict(preserve_rng_state=preserve_rng_state)
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=partial(_checkpoint_block, **kw) if reentrant else
+                                       partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, **kw))
 
 
-def _checkpoint_block(block, *args):
+def _checkpoint_block(block, *args, **kw):
     reentrant = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=reentrant)
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=reentrant, **kw)
 
 
 # the UNet's repeated regions: what --torch_compile regional compiles one by one
@@ -546,6 +562,20 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
                      f"checkpointed blocks; using --torch_compile_mode={mode} (drop {flag} or use "
                      f"--torch_compile=full to try CUDA graphs)")
         changes["torch_compile_mode"] = mode
+    if config.cuda_graphs:
+        why = ("needs a CUDA GPU" if not _cuda_graphs_possible() else
+               "records one GPU's micro-step, not several processes'" if int(os.environ.get("WORLD_SIZE", "1")) > 1
+               else "records the UNet's micro-step; not with --train_text_encoder" if config.train_text_encoder
+               else "cannot replay --lora_dropout's random masks under checkpointing" if config.lora_dropout > 0
+               else None)
+        if why:
+            notes.append(f"--cuda_graphs {why}; training without CUDA graphs")
+            changes["cuda_graphs"] = False
+        elif config.torch_compile != "none" and config.torch_compile_mode in CUDA_GRAPH_MODES:
+            mode = CUDA_GRAPH_MODES[config.torch_compile_mode]
+            notes.append(f"--cuda_graphs records the whole micro-step already: --torch_compile_mode={mode} instead of "
+                         f"{config.torch_compile_mode} (which would record graphs of its own inside it)")
+            changes["torch_compile_mode"] = mode
     if config.fp8_base and not checkpointing:
         # measured (benchmarks/RESULTS.md): backward then keeps each layer's upcast weights, more than fp8 saves
         notes.append("--fp8_base without --gradient_checkpointing would keep every layer's upcast weights for "
@@ -559,6 +589,10 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
             notes.append("--report_to=tensorboard: the tensorboard package is not installed; not logging to it")
             changes["report_to"] = "none"
     return config.replace(**changes, fallbacks=notes) if changes else config
+
+
+def _cuda_graphs_possible() -> bool:
+    return torch.cuda.is_available()
 
 
 def _can_compile(cuda: bool) -> bool:
@@ -600,8 +634,13 @@ def make_accelerator(config: TrainConfig, out: Path):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
+    # --cuda_graphs: autocast's cache of cast weights would outlive the recording (PyTorch: record with it off)
+    from accelerate.utils import AutocastKwargs
+
+    handlers = [AutocastKwargs(cache_enabled=False)] if config.cuda_graphs else None
     return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu_distributed,
-                       mixed_precision=config.mixed_precision, log_with=log_with, project_config=project)
+                       mixed_precision=config.mixed_precision, log_with=log_with, project_config=project,
+                       kwargs_handlers=handlers)
 
 
 def init_trackers(accelerator, config: TrainConfig) -> None:

@@ -751,3 +751,93 @@ def test_fp8_base_alone_turns_checkpointing_on_with_a_note(tiny_model_dir, tmp_p
     used = json.loads((out / "config.json").read_text())
     assert used["gradient_checkpointing"] is True
     assert any("--fp8_base without --gradient_checkpointing" in note for note in used["fallbacks"])
+
+
+def _fake_capture(fn, inputs):
+    """Stands in for CUDA graph recording on the CPU: like a graph, it runs nothing now, and each replay reads the
+    same input buffers and writes the same output tensor."""
+    out = torch.empty(())
+    return (lambda: out.copy_(fn(*inputs))), out
+
+
+def test_micro_step_graph_warms_up_records_replays_and_guards_its_tensors():
+    import billiard_lora.graphs as graphs
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3))
+
+    def fn(x):
+        loss = (w * x).square().sum()
+        loss.backward()
+        return loss.detach()
+
+    notes = []
+    step = graphs.MicroStepGraph(fn, lambda: [w, w.grad], enabled=True, say=notes.append)
+    real = graphs._capture
+    graphs._capture = _fake_capture
+    try:
+        xs = [torch.randn(3) for _ in range(6)] + [torch.randn(2, 3)]  # the last one: another shape
+        losses = [float(step(x)) for x in xs]
+    finally:
+        graphs._capture = real
+    assert (step.calls, step.replays) == (7, 3)  # 3 eager warm-up calls, then recorded + 2 replays, 1 eager odd shape
+    w2 = torch.nn.Parameter(w.detach().clone())
+    w2.grad = None
+    expected = []
+    for x in xs:
+        loss = (w2 * x).square().sum()
+        loss.backward()
+        expected.append(loss.item())
+    assert losses == expected and torch.equal(w.grad, w2.grad), "replays read the new inputs, add into the same .grad"
+    w.grad = torch.zeros(3)  # a new gradient tensor: the recorded graph would write into the old one
+    with pytest.raises(RuntimeError, match="cleared in place"):
+        step(xs[0])
+
+    def broken(inputs_fn, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs._capture = broken
+    try:
+        step2 = graphs.MicroStepGraph(fn, lambda: [w, w.grad], enabled=True, say=notes.append)
+        for x in xs[:5]:
+            step2(x)
+    finally:
+        graphs._capture = real
+    assert not step2.enabled and step2.replays == 0 and "recording the micro-step failed" in notes[-1]
+
+
+def test_cuda_graphs_training_equals_eager_training(tiny_model_dir, tmp_path, monkeypatch):
+    """train() with --cuda_graphs (recording stood in for on the CPU): the same losses and LoRA bit for bit as
+    without, the optimizer clearing gradients in place, a smaller last batch run eagerly."""
+    import billiard_lora.graphs as graphs
+    import billiard_lora.train as train_mod
+
+    data = make_images(tmp_path / "data", n=5)  # batch 2: batches of 2, 2 and 1 per epoch
+    kw = dict(max_train_steps=5, gradient_accumulation_steps=2, gradient_checkpointing=True, snr_gamma=5.0)
+    eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", **kw))
+    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
+    monkeypatch.setattr(graphs, "_capture", _fake_capture)
+    graphed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", cuda_graphs=True, **kw))
+    summary = json.loads((graphed / "summary.json").read_text())
+    # 3 batches per epoch, 2 per step: micro-steps 2 + 1 per epoch (accelerate steps at an epoch's end), 8 in all;
+    # the first 3 warm up; then the size-2 ones are recorded once and replayed (4), the size-1 one runs eagerly
+    assert summary["micro_steps"] == 8 and summary["cuda_graph_replays"] == 4 and summary["cuda_graph_failure"] is None
+    assert (eager / "loss_history.csv").read_text() == (graphed / "loss_history.csv").read_text()
+    a, b = lora_tensors(eager), lora_tensors(graphed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cuda_graphs_fall_back_with_a_note_where_they_cannot_work(tiny_model_dir, tmp_path, monkeypatch):
+    import billiard_lora.train as train_mod
+
+    data = make_images(tmp_path / "data", n=2)
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "cpu", cuda_graphs=True, max_train_steps=1))
+    used = json.loads((out / "config.json").read_text())
+    assert used["cuda_graphs"] is False and any("--cuda_graphs needs a CUDA GPU" in n for n in used["fallbacks"])
+    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
+    resolved = train_mod.resolve_hardware(tiny_config(tiny_model_dir, data, tmp_path / "o", cuda_graphs=True,
+                                                      lora_dropout=0.1))
+    assert resolved.cuda_graphs is False and "--lora_dropout" in resolved.fallbacks[-1]
+    resolved = train_mod.resolve_hardware(tiny_config(tiny_model_dir, data, tmp_path / "o", cuda_graphs=True,
+                                                      torch_compile="regional", torch_compile_mode="reduce-overhead"))
+    assert resolved.cuda_graphs and resolved.torch_compile_mode == "default"

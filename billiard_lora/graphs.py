@@ -1,0 +1,97 @@
+"""``--cuda_graphs``: a training micro-step recorded once as a CUDA graph, then replayed.
+
+On a fast GPU an eager micro-step of SDXL + LoRA waits on the CPU: it issues ~25,000 kernels, whose GPU time is
+about a quarter of the step (H100, benchmarks/RESULTS.md). A CUDA graph replays all of them with one launch.
+What is recorded is everything between the inputs and the gradients -- UNet forward, loss, scaled backward into
+the adapters' ``.grad`` -- so it must see the same shapes and the same tensors every time:
+
+- inputs are copied into fixed buffers before each replay;
+- gradients accumulate into fixed ``.grad`` tensors: the optimizer clears them in place (``zero_grad(set_to_none=
+  False)``), and a replay checks that no gradient or weight was swapped for another tensor (else it stops);
+- a micro-step of another shape (a smaller last batch) runs eagerly, into the same gradients;
+- the first micro-steps run eagerly on a side stream (PyTorch's rule before capturing: lazy initialisations done);
+- if recording fails, training continues eagerly, with a one-line warning.
+
+The optimizer step, gradient clipping and the fp16 loss scaler's inf check stay outside the graph. Used only on
+one CUDA GPU, UNet LoRA only, no LoRA dropout (see ``train.resolve_hardware``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+WARMUP_CALLS = 3  # eager micro-steps before recording
+
+
+def _capture(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
+    """Record ``fn(*inputs)`` as a CUDA graph; returns (replay, output). Nothing runs while recording."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*inputs)
+    return graph.replay, out
+
+
+class MicroStepGraph:
+    """Calls ``fn`` (micro-step inputs -> detached loss, gradients accumulated as a side effect), through a CUDA
+    graph once warmed up. ``watched``: the tensors whose identity the graph depends on (weights and gradients)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], watched: Callable[[], list[torch.Tensor]], *, enabled: bool,
+                 say: Callable[[str], None] = print):
+        self.fn, self.watched, self.enabled, self.say = fn, watched, enabled, say
+        self.calls = self.replays = 0
+        self.replay = None
+        self.static_in: list[torch.Tensor] = []
+        self.static_out: torch.Tensor | None = None
+        self.signature: list = []
+        self.pointers: list[int] = []
+        self.failure: str | None = None
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.fn(*inputs)
+        self.calls += 1
+        signature = [(t.shape, t.dtype, t.device) for t in inputs]
+        if self.replay is not None and signature == self.signature:
+            if self._pointers() != self.pointers:
+                raise RuntimeError("--cuda_graphs: a LoRA weight or gradient was replaced by another tensor after the "
+                                   "graph was recorded (gradients must be cleared in place)")
+            for buf, t in zip(self.static_in, inputs):
+                buf.copy_(t)
+            self.replay()
+            self.replays += 1
+            return self.static_out
+        if self.replay is not None or self.calls <= WARMUP_CALLS:
+            return self._eager(inputs)  # warming up, or a shape the graph was not recorded for
+        return self._record(inputs, signature)
+
+    def _pointers(self) -> list[int]:
+        return [0 if t is None else t.data_ptr() for t in self.watched()]
+
+    def _eager(self, inputs) -> torch.Tensor:
+        if not torch.cuda.is_available():
+            return self.fn(*inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _record(self, inputs, signature) -> torch.Tensor:
+        if any(t is None for t in self.watched()):
+            return self._eager(inputs)  # gradients are allocated by an eager backward first
+        self.static_in = [t.detach().clone() for t in inputs]
+        try:
+            self.replay, self.static_out = _capture(self.fn, self.static_in)
+        except Exception as exc:  # noqa: BLE001 - any failure to record means: train eagerly
+            self.enabled, self.replay = False, None
+            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            self.say(f"warning: --cuda_graphs: recording the micro-step failed ({self.failure}); training without "
+                     f"CUDA graphs")
+            return self.fn(*inputs)
+        self.signature, self.pointers = signature, self._pointers()
+        self.replay()  # recording ran nothing: this micro-step's work happens now
+        self.replays += 1
+        return self.static_out
