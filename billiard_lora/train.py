@@ -131,7 +131,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             c.text_encoder_one.to("cpu")
             c.text_encoder_two.to("cpu")
     if config.fp8_base:
-        c.unet.to(device)  # now 2.6 instead of 5.1 GB (SDXL), and after the text encoders left
+        c.unet.to(device)  # now 2.6 instead of 5.2 GB (SDXL), and after the text encoders left
 
     # ---- 4. how the UNet runs: gradient checkpointing (decided by a trial step if asked), compilation
     if config.auto_gradient_checkpointing:
@@ -566,12 +566,13 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
         why = ("needs a CUDA GPU" if not _cuda_graphs_possible() else
                "records one GPU's micro-step, not several processes'" if int(os.environ.get("WORLD_SIZE", "1")) > 1
                else "records the UNet's micro-step; not with --train_text_encoder" if config.train_text_encoder
-               else "cannot replay --lora_dropout's random masks under checkpointing" if config.lora_dropout > 0
+               else "does not record --lora_dropout's random masks" if config.lora_dropout > 0
                else None)
         if why:
             notes.append(f"--cuda_graphs {why}; training without CUDA graphs")
             changes["cuda_graphs"] = False
-        elif config.torch_compile != "none" and config.torch_compile_mode in CUDA_GRAPH_MODES:
+        elif config.torch_compile != "none" and changes.get("torch_compile_mode",
+                                                            config.torch_compile_mode) in CUDA_GRAPH_MODES:
             mode = CUDA_GRAPH_MODES[config.torch_compile_mode]
             notes.append(f"--cuda_graphs records the whole micro-step already: --torch_compile_mode={mode} instead of "
                          f"{config.torch_compile_mode} (which would record graphs of its own inside it)")
