@@ -114,8 +114,9 @@ VARIANTS = {
     # as train() runs --torch_compile: non-reentrant checkpointing, inductor; minutes to compile on a small CPU
     "ours_compiled_regional": (True, True, False, False, "regional"),
     "ours_compiled_full": (True, True, False, False, "full"),
+    "ours_fp8_base": (True, True, True, False, "none"),  # + --fp8_base: frozen weights in float8, cast per layer
 }
-DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items() if spec[4] == "none"]
+DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items() if spec[4] == "none" and v != "ours_fp8_base"]
 
 
 def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
@@ -127,6 +128,12 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
         return _with_lora(unet, rank) if with_lora else unet
 
     bare, lora = build(False), build(True)
+    fp8 = None
+    if "ours_fp8_base" in variants:  # a model of its own: storing in float8 is for good
+        from billiard_lora.models import store_weights_in_fp8
+
+        fp8 = build(True)
+        store_weights_in_fp8(fp8, dtype)
     bare.conv_in.weight.requires_grad_(True)  # something to train, so backward runs through the blocks
     compiled = {}
     for name in variants:  # a model of their own: compiling works in place
@@ -141,7 +148,7 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
         with_lora, ckpt, reentrant, upcast, scope = VARIANTS[name]
         if scope != "none":
             return compiled[name].train()
-        unet = lora if with_lora else bare
+        unet = fp8 if name == "ours_fp8_base" else lora if with_lora else bare
         unet.disable_gradient_checkpointing()
         if ckpt:
             checkpoint_unet(unet, reentrant=reentrant)
@@ -149,7 +156,8 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
             set_input_casting([unet], enabled=upcast)
         return unet.train()
 
-    trainable = {id(u): [p for p in u.parameters() if p.requires_grad] for u in (bare, lora, *compiled.values())}
+    models = (bare, lora, *compiled.values(), *([fp8] if fp8 is not None else []))
+    trainable = {id(u): [p for p in u.parameters() if p.requires_grad] for u in models}
 
     def step(unet):
         with torch.autocast("cpu", dtype=dtype):
