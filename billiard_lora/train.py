@@ -577,7 +577,10 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
             notes.append(f"--cuda_graphs records the whole micro-step already: --torch_compile_mode={mode} instead of "
                          f"{config.torch_compile_mode} (which would record graphs of its own inside it)")
             changes["torch_compile_mode"] = mode
-    if config.fp8_base and not checkpointing:
+    if config.fp8_base and not cuda and _mps_available():
+        notes.append("--fp8_base: Apple's MPS has no float8 tensors; training with the UNet in its usual dtype")
+        changes["fp8_base"] = False
+    if changes.get("fp8_base", config.fp8_base) and not checkpointing:
         # measured (benchmarks/RESULTS.md): backward then keeps each layer's upcast weights, more than fp8 saves
         notes.append("--fp8_base without --gradient_checkpointing would keep every layer's upcast weights for "
                      "backward (more memory than without fp8); training with checkpointing (or pass "
@@ -590,6 +593,10 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
             notes.append("--report_to=tensorboard: the tensorboard package is not installed; not logging to it")
             changes["report_to"] = "none"
     return config.replace(**changes, fallbacks=notes) if changes else config
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def _cuda_graphs_possible() -> bool:

@@ -745,6 +745,14 @@ def test_fp8_base_trains_the_float8_rounded_model_exactly(tiny_model_dir, tmp_pa
     assert used["fp8_base"] is True and used["gradient_checkpointing"] is checkpointing
 
 
+def test_fp8_base_on_apple_mps_falls_back_with_a_note(tiny_model_dir, tmp_path, monkeypatch):
+    import billiard_lora.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_mps_available", lambda: True)
+    resolved = train_mod.resolve_hardware(tiny_config(tiny_model_dir, tmp_path, tmp_path / "o", fp8_base=True))
+    assert resolved.fp8_base is False and not resolved.gradient_checkpointing and "MPS" in resolved.fallbacks[-1]
+
+
 def test_fp8_base_alone_turns_checkpointing_on_with_a_note(tiny_model_dir, tmp_path):
     out = train(tiny_config(tiny_model_dir, make_images(tmp_path / "data", n=2), tmp_path / "o", fp8_base=True,
                             max_train_steps=1))
