@@ -119,8 +119,9 @@ class TrainConfig:
     cuda_graphs: bool = _f(
         False, "(billiard-lora) Record the training micro-step (UNet forward, loss, backward) once as a CUDA graph and "
                "replay it: one launch instead of ~25,000 kernel launches per micro-step, for GPUs fast enough to wait "
-               "on the CPU. Same results. One CUDA GPU, UNet LoRA only, no --lora_dropout (else a warning and no "
-               "graphs); if recording fails, training goes on without them. Not yet measured on a GPU.")
+               "on the CPU. Trains as without it (tested on the CPU, with a stand-in for the recording). One CUDA "
+               "GPU, UNet LoRA only, no --lora_dropout (else a warning and no graphs); if recording fails, training "
+               "goes on without them. Not yet run on a GPU: benchmarks/gpu_check.sh parts 11-13 check and time it.")
     fp8_base: bool = _f(
         False, "(billiard-lora) Keep the frozen UNet's Linear and Conv weights in float8 (e4m3), each cast up to the "
                "compute dtype only while its layer runs (as kohya's --fp8_base): the UNet's weights take half the "
