@@ -849,3 +849,39 @@ def test_cuda_graphs_fall_back_with_a_note_where_they_cannot_work(tiny_model_dir
     resolved = train_mod.resolve_hardware(tiny_config(tiny_model_dir, data, tmp_path / "o", cuda_graphs=True,
                                                       torch_compile="regional", torch_compile_mode="reduce-overhead"))
     assert resolved.cuda_graphs and resolved.torch_compile_mode == "default"
+
+
+def test_the_recorded_micro_step_never_needs_the_host(tiny_model_dir, tmp_path, monkeypatch):
+    """What --cuda_graphs records (UNet forward, Min-SNR loss, backward through checkpointed blocks, bf16 autocast)
+    has no operation a CUDA graph cannot hold: none that reads a value back to the CPU (.item(), nonzero, masked
+    indexing...) and no copy between devices. Checked op by op as the stand-in records it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import billiard_lora.graphs as graphs
+    import billiard_lora.train as train_mod
+
+    needs_host = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim", "equal",
+                  "is_nonzero", "lift_fresh", "lift_fresh_copy", "repeat_interleave", "item"}
+    seen, moves = set(), []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            seen.add(func.__name__.split(".")[0])
+            if func.__name__.startswith("_to_copy") and kwargs.get("device") not in (None, args[0].device):
+                moves.append(str(func))
+            return func(*args, **kwargs)
+
+    def record(fn, inputs):
+        with Record():
+            out = fn(*inputs)
+        return (lambda: out.copy_(fn(*inputs))), out
+
+    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
+    monkeypatch.setattr(graphs, "_capture", record)
+    data = make_images(tmp_path / "data", n=4)
+    train(tiny_config(tiny_model_dir, data, tmp_path / "o", cuda_graphs=True, max_train_steps=3,
+                      gradient_accumulation_steps=2, gradient_checkpointing=True, snr_gamma=5.0,
+                      mixed_precision="bf16"))
+    assert {"convolution_backward", "mm", "mse_loss_backward"} <= seen, "the whole micro-step was recorded"
+    assert not seen & needs_host and not moves
