@@ -17,7 +17,7 @@
 #  13. ours at the seed's settings + --cuda_graphs --torch_compile regional
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
-# PARTS="1 3 4 2" runs those parts in that order (parts 2 and 3 need part 1's model folder; a second call can pick up
+# PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if there; a second call can pick up
 # what a first one left). The first 4 optimizer steps (one pass
 # over the 12 embedded images: latent cache filled, compilation done) are warm-up, not timed; then STEPS (default 8)
 # timed steps; on a GPU one more step runs under torch's profiler: GPU kernel time against wall time per micro-step.
@@ -58,8 +58,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 DEV="${DEVICE:-cuda}"; SHAPE="${SHAPE:-full}"; RES="${RES:-1024}"  # DEVICE=cpu SHAPE=tiny RES=64: a dry run on a CPU
 common=(--resolution "$RES" --device "$DEV" --mixed_precision fp16 --train_batch_size 1 --gradient_accumulation_steps 3
         --use_8bit_adam --warmup 4 --steps "${STEPS:-8}" --peak_tflops "${PEAK_TFLOPS:-790}" --json "$OUT/bench.jsonl")
-model=(--model "$WORK/sdxl" --vae "$WORK/sdxl/vae")  # the seed passes the fp16-fix VAE separately: VAE in fp16
 built=(--shape "$SHAPE")  # ours-only variants: the same architecture built on the GPU (seconds, not a disk load)
+model=(--model "$WORK/sdxl" --vae "$WORK/sdxl/vae")  # the seed passes the fp16-fix VAE separately: VAE in fp16
+# parts 2 and 10 without part 1's folder (a call that skips diffusers' script): the same architecture, built
+mdl() { if [ -d "$WORK/sdxl" ]; then echo "${model[@]}"; else echo "${built[@]}"; fi; }
 
 p0() { part "0. smoke: tiny model on CUDA"
   "$PY" -m billiard_lora.tiny "$WORK/tiny" | tail -1
@@ -73,7 +75,7 @@ p1() { part "1. the model both trainers load: SDXL base's architecture at random
   mkdir -p "$WORK/images" && cp data/default/*.png "$WORK/images/"; }
 
 p2() { part "2. ours, seed settings (checkpointing, fp16, 8-bit Adam, rank 4), 1024 px ($(left) s left)"
-  run 2 200 "$PY" benchmarks/bench_train.py "${model[@]}" "${common[@]}" --gradient_checkpointing; }
+  run 2 200 "$PY" benchmarks/bench_train.py $(mdl) "${common[@]}" --gradient_checkpointing; }
 
 p3() { if [ -z "${DIFFUSERS_SCRIPT:-}" ] || [ ! -f "$DIFFUSERS_SCRIPT" ]; then part "3. skipped: DIFFUSERS_SCRIPT not set"; return; fi
   part "3. diffusers' script, same model, images and settings ($(left) s left)"
@@ -110,7 +112,7 @@ p9() { part "9. ours, seed settings without checkpointing + --torch_compile regi
     --torch_compile regional --torch_compile_mode reduce-overhead; }
 
 p10() { part "10. ours, seed settings + --fp8_base ($(left) s left)"
-  [ "$(left)" -gt 60 ] && run 10 "$(upto ${CAP10:-200})" "$PY" benchmarks/bench_train.py "${model[@]}" "${common[@]}" \
+  [ "$(left)" -gt 60 ] && run 10 "$(upto ${CAP10:-200})" "$PY" benchmarks/bench_train.py $(mdl) "${common[@]}" \
     --gradient_checkpointing --fp8_base; }
 
 p11() { part "11. --cuda_graphs on the tiny model: the same LoRA as eager? ($(left) s left)"
@@ -138,7 +140,7 @@ p13() { part "13. ours, seed settings + --cuda_graphs --torch_compile regional (
   [ "$(left)" -gt 90 ] && run 13 "$(upto ${CAP13:-300})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --cuda_graphs --torch_compile regional; }
 
-# parts run in the order PARTS names them (parts 2, 3 and 10 need part 1's model folder)
+# parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
 for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13}; do "p$n"; done
 
 part "done"
