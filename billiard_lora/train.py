@@ -562,21 +562,30 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
                      f"checkpointed blocks; using --torch_compile_mode={mode} (drop {flag} or use "
                      f"--torch_compile=full to try CUDA graphs)")
         changes["torch_compile_mode"] = mode
-    if config.cuda_graphs:
+    if config.cuda_graphs is not False:  # asked for (True), or to be decided (None: on where it applies)
+        asked = config.cuda_graphs is True
         why = ("needs a CUDA GPU" if not _cuda_graphs_possible() else
                "records one GPU's micro-step, not several processes'" if int(os.environ.get("WORLD_SIZE", "1")) > 1
                else "records the UNet's micro-step; not with --train_text_encoder" if config.train_text_encoder
                else "does not record --lora_dropout's random masks" if config.lora_dropout > 0
                else None)
+        compile_mode = changes.get("torch_compile_mode", config.torch_compile_mode)
+        if not asked and why is None and config.torch_compile != "none" and (
+                config.torch_compile == "full" or compile_mode in CUDA_GRAPH_MODES):
+            # undecided: not where the user chose torch.compile's own CUDA graphs, nor with full compilation, which
+            # has not been run with them on a GPU (regional has: benchmarks/RESULTS.md)
+            why = "not chosen by default with this --torch_compile setting"
         if why:
-            notes.append(f"--cuda_graphs {why}; training without CUDA graphs")
+            if asked:
+                notes.append(f"--cuda_graphs {why}; training without CUDA graphs")
             changes["cuda_graphs"] = False
-        elif config.torch_compile != "none" and changes.get("torch_compile_mode",
-                                                            config.torch_compile_mode) in CUDA_GRAPH_MODES:
-            mode = CUDA_GRAPH_MODES[config.torch_compile_mode]
-            notes.append(f"--cuda_graphs records the whole micro-step already: --torch_compile_mode={mode} instead of "
-                         f"{config.torch_compile_mode} (which would record graphs of its own inside it)")
-            changes["torch_compile_mode"] = mode
+        else:
+            changes["cuda_graphs"] = True
+            if config.torch_compile != "none" and compile_mode in CUDA_GRAPH_MODES:
+                mode = CUDA_GRAPH_MODES[config.torch_compile_mode]
+                notes.append(f"--cuda_graphs records the whole micro-step already: --torch_compile_mode={mode} "
+                             f"instead of {config.torch_compile_mode} (which would record graphs of its own inside it)")
+                changes["torch_compile_mode"] = mode
     if config.fp8_base and not cuda and _mps_available():
         notes.append("--fp8_base: Apple's MPS has no float8 tensors; training with the UNet in its usual dtype")
         changes["fp8_base"] = False

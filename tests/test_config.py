@@ -87,3 +87,12 @@ def test_xformers_flag_is_accepted_and_noted():
     c = parse_args(["--instance_prompt=x", "--enable_xformers_memory_efficient_attention"])
     assert any("scaled-dot-product attention" in note for note in c.fallbacks)
     assert parse_args(["--instance_prompt=x"]).fallbacks == []
+
+
+def test_cuda_graphs_flag_unset_bare_or_with_a_value():
+    base = ["--instance_prompt=x"]
+    assert parse_args(base).cuda_graphs is None  # decided at training time
+    assert parse_args(base + ["--cuda_graphs"]).cuda_graphs is True
+    assert parse_args(base + ["--cuda_graphs", "--seed", "1"]).cuda_graphs is True
+    assert parse_args(base + ["--cuda_graphs", "false"]).cuda_graphs is False
+    assert parse_args(base + ["--cuda_graphs=no"]).cuda_graphs is False

@@ -851,6 +851,35 @@ def test_cuda_graphs_fall_back_with_a_note_where_they_cannot_work(tiny_model_dir
     assert resolved.cuda_graphs and resolved.torch_compile_mode == "default"
 
 
+def test_cuda_graphs_left_unset_are_on_exactly_where_they_apply_and_off_silently_elsewhere(tiny_model_dir, tmp_path,
+                                                                                          monkeypatch):
+    import billiard_lora.train as train_mod
+
+    data = make_images(tmp_path / "data", n=2)
+
+    def decided(**kw):
+        c = train_mod.resolve_hardware(tiny_config(tiny_model_dir, data, tmp_path / "o", **kw))
+        assert not any("cuda_graphs" in n for n in c.fallbacks), c.fallbacks  # nobody asked: nothing to warn about
+        return c.cuda_graphs
+
+    assert tiny_config(tiny_model_dir, data, tmp_path / "o").cuda_graphs is None  # the default: decide
+    assert decided() is False  # this CPU
+    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
+    assert decided() is True
+    assert decided(torch_compile="regional") is True  # measured on an H100 (benchmarks/RESULTS.md)
+    assert decided(cuda_graphs=False) is False
+    for kw in (dict(lora_dropout=0.1), dict(train_text_encoder=True), dict(torch_compile="full"),
+               dict(torch_compile="full", torch_compile_mode="reduce-overhead")):
+        assert decided(**kw) is False, kw
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert decided() is False
+    # what ran is what config.json records: a plain bool
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: False)
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "cpu", max_train_steps=1))
+    assert json.loads((out / "config.json").read_text())["cuda_graphs"] is False
+
+
 def test_the_recorded_micro_step_never_needs_the_host(tiny_model_dir, tmp_path, monkeypatch):
     """What --cuda_graphs records (UNet forward, Min-SNR loss, backward through checkpointed blocks, bf16 autocast)
     has no operation a CUDA graph cannot hold: none that reads a value back to the CPU (.item(), nonzero, masked
