@@ -117,7 +117,8 @@ def bench_training(args) -> dict:
             use_8bit_adam=args.use_8bit_adam, rank=args.rank, max_train_steps=profiled + (1 if on_gpu else 0),
             checkpointing_steps=10**9, learning_rate=1e-4, lr_warmup_steps=0, snr_gamma=5.0, seed=0,
             report_to="none", cache_latents=not args.no_cache_latents, torch_compile=args.torch_compile,
-            torch_compile_mode=args.torch_compile_mode, fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs)
+            torch_compile_mode=args.torch_compile_mode, fp8_base=args.fp8_base,
+            cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -196,42 +197,64 @@ class GpuTime:
 
 
 def bench_generation(args) -> dict:
+    """Seconds per image: base, LoRA unfused, LoRA fused, fused + float8 UNet -- four pipelines sharing the text
+    encoders and VAE, each with a UNet of its own, timed in interleaved rounds (base, unfused, fused, fp8, base, ...)
+    so that a slow moment of the machine hits every variant alike; medians over the rounds."""
+    import statistics
+
     from billiard_lora.generate import LoraSpec, fuse_loras, generate, load_lora
     from billiard_lora.lora import add_lora, save_lora
     from billiard_lora.models import store_weights_in_fp8
 
     from diffusers import StableDiffusionXLPipeline
 
-    c = build_components(SHAPES[args.shape], device=args.device, seed=0,
-                         dtype=torch.float16 if args.device.startswith("cuda") else torch.float32)
-    pipe = StableDiffusionXLPipeline(**c)
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    c = build_components(SHAPES[args.shape], device=args.device, seed=0, dtype=dtype)
+
+    def unet():  # the same weights each time (seed 0)
+        return build_components(SHAPES[args.shape], device=args.device, seed=0, dtype=dtype)["unet"]
+
+    pipes = {"base": StableDiffusionXLPipeline(**c)}
+    with tempfile.TemporaryDirectory() as tmp:
+        lora_unet = unet()
+        add_lora(lora_unet, rank=args.rank)  # B = 0 at initialisation: fused, the weights equal the base's
+        save_lora(tmp, unet=lora_unet)
+        del lora_unet
+        for name in ("unfused", "fused", "fused_fp8"):
+            pipes[name] = StableDiffusionXLPipeline(**{**c, "unet": unet()})
+            load_lora(pipes[name], LoraSpec(tmp))
+        fuse_loras(pipes["fused"])  # what `generate --fuse` does
+        fuse_loras(pipes["fused_fp8"])
+        unet_gb = sum(p.numel() * p.element_size() for p in pipes["fused"].unet.parameters()) / 1e9
+        store_weights_in_fp8(pipes["fused_fp8"].unet.requires_grad_(False), dtype)  # `generate --fuse --fp8_base`
+        unet_fp8_gb = sum(p.numel() * p.element_size() for p in pipes["fused_fp8"].unet.parameters()) / 1e9
     kw = dict(num_inference_steps=args.gen_steps, height=args.resolution, width=args.resolution, progress=False)
 
-    def timed() -> float:
-        generate(pipe, ["warm-up"], [0], **kw)
+    def timed(pipe, seeds) -> float:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         t = time.perf_counter()
-        generate(pipe, ["a photo of messi playing billiard"], list(range(args.gen_images)), **kw)
-        return (time.perf_counter() - t) / args.gen_images
+        generate(pipe, "a photo of messi playing billiard", seeds, **kw)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / len(seeds)
 
-    base = timed()
-    with tempfile.TemporaryDirectory() as tmp:
-        unet_copy = build_components(SHAPES[args.shape], device=args.device, seed=0, dtype=pipe.unet.dtype)["unet"]
-        add_lora(unet_copy, rank=args.rank)
-        save_lora(tmp, unet=unet_copy)
-        del unet_copy
-        load_lora(pipe, LoraSpec(tmp))
-        unfused = timed()
-        fuse_loras(pipe)  # what `generate --fuse` does
-        fused = timed()
-        unet_gb = sum(p.numel() * p.element_size() for p in pipe.unet.parameters()) / 1e9
-        store_weights_in_fp8(pipe.unet.requires_grad_(False), pipe.unet.dtype)  # what `generate --fuse --fp8_base` does
-        fp8 = timed()
-        unet_fp8_gb = sum(p.numel() * p.element_size() for p in pipe.unet.parameters()) / 1e9
+    for pipe in pipes.values():
+        timed(pipe, [0])  # warm-up
+    rounds: dict[str, list[float]] = {name: [] for name in pipes}
+    for r in range(args.gen_rounds):
+        for name, pipe in pipes.items():
+            rounds[name].append(timed(pipe, [1 + r * args.gen_images + i for i in range(args.gen_images)]))
+    med = {name: statistics.median(v) for name, v in rounds.items()}
     return {"what": "generation", "shape": args.shape, "resolution": args.resolution, "steps": args.gen_steps,
-            "device": device_name(args.device), "s_per_image_base": base, "s_per_image_lora_unfused": unfused,
-            "s_per_image_lora_fused": fused, "fused_overhead_pct": 100 * (fused / base - 1),
-            "unfused_overhead_pct": 100 * (unfused / base - 1), "s_per_image_lora_fused_fp8": fp8,
-            "fp8_overhead_pct": 100 * (fp8 / fused - 1), "unet_weights_gb": unet_gb, "unet_weights_gb_fp8": unet_fp8_gb}
+            "device": device_name(args.device), "rounds": args.gen_rounds, "images_per_round": args.gen_images,
+            "s_per_image_base": med["base"], "s_per_image_lora_unfused": med["unfused"],
+            "s_per_image_lora_fused": med["fused"], "s_per_image_lora_fused_fp8": med["fused_fp8"],
+            "fused_overhead_pct": 100 * (med["fused"] / med["base"] - 1),
+            "unfused_overhead_pct": 100 * (med["unfused"] / med["base"] - 1),
+            "fp8_overhead_pct": 100 * (med["fused_fp8"] / med["fused"] - 1),
+            "s_per_image_each_round": {k: [round(x, 4) for x in v] for k, v in rounds.items()},
+            "unet_weights_gb": unet_gb, "unet_weights_gb_fp8": unet_fp8_gb}
 
 
 def main() -> None:
@@ -251,7 +274,9 @@ def main() -> None:
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--use_8bit_adam", action="store_true")
     p.add_argument("--fp8_base", action="store_true", help="the UNet's frozen weights stored in float8")
-    p.add_argument("--cuda_graphs", action="store_true", help="the micro-step recorded as a CUDA graph and replayed")
+    p.add_argument("--cuda_graphs", choices=["auto", "on", "off"], default="auto",
+                   help="the micro-step recorded as a CUDA graph and replayed: as the trainer decides by default (on "
+                        "one CUDA GPU), asked for, or off (eager)")
     p.add_argument("--no_cache_latents", action="store_true")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
@@ -260,7 +285,8 @@ def main() -> None:
     p.add_argument("--generation", action="store_true", help="also time sampling: base, LoRA unfused, fused")
     p.add_argument("--no_training", action="store_true", help="time generation only")
     p.add_argument("--gen_steps", type=int, default=10)
-    p.add_argument("--gen_images", type=int, default=3)
+    p.add_argument("--gen_images", type=int, default=1, help="images per variant per round")
+    p.add_argument("--gen_rounds", type=int, default=3, help="interleaved rounds (base, unfused, fused, fp8)")
     p.add_argument("--json", default=None, help="also append the results to this JSON-lines file")
     args = p.parse_args()
     results = [] if args.no_training else [bench_training(args)]

@@ -2,19 +2,19 @@
 # The prepared GPU measurement for issue 5, one script, under 10 minutes on an H100/H200:
 #   0. a tiny-model smoke run of our trainer on CUDA (fp16, 8-bit Adam, checkpointing) - fails fast if a CUDA path breaks
 #   1. writes SDXL base's architecture at random weights (fp16) to a folder, the model both trainers load
-#   2. ours at the seed's settings, 1024 px
+#   2. ours at the seed's settings, 1024 px (as the trainer runs them: with CUDA graphs, on by default on one GPU)
 #   3. diffusers' train_dreambooth_lora_sdxl.py, same model, same settings, same images (needs a copy: DIFFUSERS_SCRIPT)
-#   4. ours at the seed's settings + --torch_compile regional
+#   4. ours at the seed's settings + --torch_compile regional (with CUDA graphs, the default)
 #   5. ours at the seed's settings + --torch_compile full (the whole UNet: longer to compile)
 #   6. ours with --auto_gradient_checkpointing (a trial step decides; on an H100: without checkpointing)
-#   7. generation: base / LoRA unfused / LoRA fused
+#   7. generation: base / LoRA unfused / LoRA fused / fused + float8, in interleaved rounds
 #   8. ours at the seed's settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs)
 #   9. ours at the seed's settings without checkpointing + --torch_compile regional --torch_compile_mode reduce-overhead
 #      (CUDA graphs; with checkpointing they failed on an H100, and train() falls back to compiling without them)
 #  10. ours at the seed's settings + --fp8_base (the UNet's frozen weights in float8: memory, and the casts' cost)
-#  11. --cuda_graphs, correctness first: the tiny model on CUDA, 6 steps, eager vs graphs: the LoRAs must agree
-#  12. ours at the seed's settings + --cuda_graphs (the micro-step recorded once, replayed: no per-kernel launches)
-#  13. ours at the seed's settings + --cuda_graphs --torch_compile regional
+#  11. CUDA graphs, correctness: the tiny model on CUDA, 6 steps, --cuda_graphs false vs --cuda_graphs: the LoRAs agree
+#  12. ours at the seed's settings, eager: --cuda_graphs off (each kernel launched by the host)
+#  13. ours at the seed's settings + --torch_compile regional, without CUDA graphs (--cuda_graphs off)
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if there; a second call can pick up
@@ -101,7 +101,7 @@ p6() { part "6. ours, seed settings + --auto_gradient_checkpointing (an H100 has
 
 p7() { part "7. generation: base / LoRA unfused / LoRA fused ($(left) s left)"
   [ "$(left)" -gt 40 ] && run 7 "$(upto ${CAP7:-120})" "$PY" benchmarks/bench_train.py --shape "$SHAPE" --resolution "$RES" --device "$DEV" \
-    --no_training --gen_steps 30 --gen_images 2 --json "$OUT/bench.jsonl"; }
+    --no_training --gen_steps 30 --gen_images 1 --gen_rounds 3 --json "$OUT/bench.jsonl"; }
 
 p8() { part "8. ours, seed settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs) ($(left) s left)"
   [ "$(left)" -gt 120 ] && run 8 "$(left)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
@@ -117,12 +117,12 @@ p10() { part "10. ours, seed settings + --fp8_base ($(left) s left)"
 
 p11() { part "11. --cuda_graphs on the tiny model: the same LoRA as eager? ($(left) s left)"
   [ -d "$WORK/tiny" ] || "$PY" -m billiard_lora.tiny "$WORK/tiny" | tail -1
-  for g in "" --cuda_graphs; do
+  for g in "--cuda_graphs=false" --cuda_graphs; do
     run 11 120 "$PY" -m billiard_lora.train --pretrained_model_name_or_path="$WORK/tiny" --dataset_name=default \
       --instance_prompt="a photo of messi playing billiard" --output_dir="$WORK/graphs$g" --resolution=64 \
       --train_batch_size=1 --gradient_accumulation_steps=3 --gradient_checkpointing --mixed_precision=fp16 \
       --use_8bit_adam --max_train_steps=6 --seed=0 --report_to=none --overwrite_output_dir $g; done
-  "$PY" - "$WORK/graphs" "$WORK/graphs--cuda_graphs" <<'PYEOF'
+  "$PY" - "$WORK/graphs--cuda_graphs=false" "$WORK/graphs--cuda_graphs" <<'PYEOF'
 import json, sys
 from safetensors.torch import load_file
 a, b = (load_file(f"{d}/pytorch_lora_weights.safetensors") for d in sys.argv[1:])
@@ -132,13 +132,13 @@ print(json.dumps({"what": "cuda_graphs_check", "lora_max_abs_diff": diff, "same_
 PYEOF
 }
 
-p12() { part "12. ours, seed settings + --cuda_graphs ($(left) s left)"
+p12() { part "12. ours, seed settings, eager (--cuda_graphs off) ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 12 "$(upto ${CAP12:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
-    --gradient_checkpointing --cuda_graphs; }
+    --gradient_checkpointing --cuda_graphs off; }
 
-p13() { part "13. ours, seed settings + --cuda_graphs --torch_compile regional ($(left) s left)"
+p13() { part "13. ours, seed settings + --torch_compile regional, no CUDA graphs ($(left) s left)"
   [ "$(left)" -gt 90 ] && run 13 "$(upto ${CAP13:-300})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
-    --gradient_checkpointing --cuda_graphs --torch_compile regional; }
+    --gradient_checkpointing --cuda_graphs off --torch_compile regional; }
 
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
 for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13}; do "p$n"; done

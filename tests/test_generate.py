@@ -203,14 +203,39 @@ def test_kohya_file_gives_the_same_images_as_the_diffusers_file(tiny_model_dir, 
     assert _close(generate(kohya, PROMPT, 0, **FAST)[0], ours)
 
 
+def _unet_ops(pipe) -> list[str]:
+    """The ATen operations of one UNet forward, in order (what sampling costs per step, apart from kernel speed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cfg = pipe.unet.config
+    g = torch.Generator().manual_seed(0)
+    text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    cond = {"text_embeds": torch.randn(1, text, generator=g), "time_ids": torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]])}
+    with torch.no_grad(), Record() as rec:
+        pipe.unet(torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=g), torch.tensor([500]),
+                  torch.randn(1, 77, cfg.cross_attention_dim, generator=g), added_cond_kwargs=cond)
+    return rec.ops
+
+
 def test_fused_loras_match_unfused_and_refuse_scale_changes(tiny_model_dir, lora_run):
     loras = [f"{lora_run}:0.6", f"{lora_run / 'checkpoint-1'}:0.5"]
     unfused = generate(_pipe(tiny_model_dir, loras=loras), PROMPT, 0, **FAST)[0]
     fused_pipe = _pipe(tiny_model_dir, loras=loras, fuse=True)
     fused = generate(fused_pipe, PROMPT, 0, **FAST)[0]
     assert _close(fused, unfused) and fused.fused and fused.lora_names == ("run", "checkpoint-1")
-    # the adapters are merged and gone: sampling runs exactly the base model's layers
+    # the adapters are merged and gone: sampling runs exactly the base model's operations, in the same order
     assert not any(hasattr(m, "lora_A") for m in fused_pipe.unet.modules())
+    base_ops = _unet_ops(_pipe(tiny_model_dir))
+    assert _unet_ops(fused_pipe) == base_ops and len(_unet_ops(_pipe(tiny_model_dir, loras=loras))) > len(base_ops)
     with pytest.raises(UserError, match="fused"):
         generate(fused_pipe, PROMPT, 0, lora_scale=0.5, **FAST)
     with pytest.raises(UserError, match="fused"):
