@@ -914,3 +914,41 @@ def test_the_recorded_micro_step_never_needs_the_host(tiny_model_dir, tmp_path, 
                       mixed_precision="bf16"))
     assert {"convolution_backward", "mm", "mse_loss_backward"} <= seen, "the whole micro-step was recorded"
     assert not seen & needs_host and not moves
+
+
+def test_cuda_graphs_default_path_with_prior_preservation_validation_and_resume_equals_eager(tiny_model_dir, tmp_path,
+                                                                                             monkeypatch):
+    """What CUDA graphs (on by default on one GPU) must leave alone, recording stood in for on the CPU: prior
+    preservation's doubled batch, validation images between steps, and a crash + resume all give the LoRA and loss
+    history of an uninterrupted eager run, bit for bit."""
+    import billiard_lora.graphs as graphs
+    import billiard_lora.train as train_mod
+
+    data = make_images(tmp_path / "data", n=3)
+    kw = dict(max_train_steps=6, gradient_accumulation_steps=2, checkpointing_steps=3, snr_gamma=5.0,
+              with_prior_preservation=True, class_prompt="a photo of a billiard table",
+              class_data_dir=str(tmp_path / "class"), num_class_images=2, sample_batch_size=2,
+              validation_prompt="a photo of messi playing billiard", validation_steps=2, num_validation_images=1,
+              validation_inference_steps=2)
+    eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", cuda_graphs=False, **kw))
+    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
+    monkeypatch.setattr(graphs, "_capture", _fake_capture)
+
+    class Crash(Exception):
+        pass
+
+    def crash(event):
+        if event["event"] == "step" and event["step"] == 4:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", **kw), callback=crash)
+    graphed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", resume_from_checkpoint="latest", **kw))
+    summary = json.loads((graphed / "summary.json").read_text())
+    assert json.loads((graphed / "config.json").read_text())["cuda_graphs"] is True
+    assert summary["cuda_graph_replays"] > 0 and summary["cuda_graph_failure"] is None
+    assert (eager / "loss_history.csv").read_text() == (graphed / "loss_history.csv").read_text()
+    a, b = lora_tensors(eager), lora_tensors(graphed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (graphed / "validation").iterdir()) == \
+        sorted(p.name for p in (eager / "validation").iterdir())
