@@ -34,7 +34,8 @@ from billiard_lora.config import TrainConfig  # noqa: E402
 from billiard_lora.models import Components  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
 from billiard_lora.train import train  # noqa: E402
-from common import device_name, emit, peak_memory, peak_memory_since_reset, reset_peak_memory  # noqa: E402
+from common import (device_name, emit, idle_gaps, peak_memory, peak_memory_since_reset,  # noqa: E402
+                    reset_peak_memory)
 
 
 def components(shape: str, device: str, dtype: torch.dtype = torch.float32) -> Components:
@@ -185,6 +186,12 @@ class GpuTime:
             us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
             if us:
                 self.kernels[e.key] = (us / 1000, e.count)
+        # the kernels' timeline: where the GPU waited, and between which kernels
+        from torch.autograd import DeviceType
+
+        spans = [(e.time_range.start, e.time_range.end, e.name) for e in self._prof.events()
+                 if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+        self.idle_ms, self.gaps = idle_gaps(spans)
 
     def report(self, micro: int) -> dict:
         total = sum(ms for ms, _ in self.kernels.values())
@@ -193,7 +200,8 @@ class GpuTime:
                 "profiled_wall_ms_per_micro_step": 1000 * self.wall / micro,
                 "gpu_busy_fraction": total / (1000 * self.wall),
                 "gpu_kernel_launches_per_micro_step": sum(n for _, n in self.kernels.values()) / micro,
-                "top_kernels_ms_per_micro_step": {k[:90]: round(ms / micro, 2) for k, (ms, _) in top}}
+                "top_kernels_ms_per_micro_step": {k[:90]: round(ms / micro, 2) for k, (ms, _) in top},
+                "gpu_idle_ms_per_micro_step": self.idle_ms / micro, "longest_gpu_gaps": self.gaps}
 
 
 def bench_generation(args) -> dict:

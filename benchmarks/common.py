@@ -56,3 +56,19 @@ def emit(results: list[dict], json_path: str | None) -> None:
         if json_path:
             with open(json_path, "a") as fh:
                 fh.write(line + "\n")
+
+
+def idle_gaps(kernels: list[tuple[float, float, str]], top: int = 5) -> tuple[float, list[dict]]:
+    """Where the GPU sat idle: ``kernels`` are (start, end, name) in µs; returns the total idle time between the
+    first kernel's start and the last one's end (overlapping kernels merged), and the ``top`` longest gaps with the
+    kernels on either side -- e.g. the optimizer's kernels after a long gap say the host was busy stepping it."""
+    spans = sorted(kernels)
+    idle, gaps = 0.0, []
+    busy_until, last_name = None, None
+    for start, end, name in spans:
+        if busy_until is not None and start > busy_until:
+            idle += start - busy_until
+            gaps.append({"ms": round((start - busy_until) / 1000, 3), "after": last_name[:60], "before": name[:60]})
+        if busy_until is None or end >= busy_until:
+            busy_until, last_name = end, name
+    return idle / 1000, sorted(gaps, key=lambda g: -g["ms"])[:top]
