@@ -206,8 +206,9 @@ class GpuTime:
 
 def bench_generation(args) -> dict:
     """Seconds per image: base, LoRA unfused, LoRA fused, fused + float8 UNet -- four pipelines sharing the text
-    encoders and VAE, each with a UNet of its own, timed in interleaved rounds (base, unfused, fused, fp8, base, ...)
-    so that a slow moment of the machine hits every variant alike; medians over the rounds."""
+    encoders and VAE, each with a UNet of its own -- and, on a GPU, base and fused with ``cuda_graphs``; timed in
+    interleaved rounds (base, unfused, fused, fp8, ..., base, ...) so that a slow moment of the machine hits every
+    variant alike; medians over the rounds."""
     import statistics
 
     from billiard_lora.generate import LoraSpec, fuse_loras, generate, load_lora
@@ -238,22 +239,32 @@ def bench_generation(args) -> dict:
         unet_fp8_gb = sum(p.numel() * p.element_size() for p in pipes["fused_fp8"].unet.parameters()) / 1e9
     kw = dict(num_inference_steps=args.gen_steps, height=args.resolution, width=args.resolution, progress=False)
 
-    def timed(pipe, seeds) -> float:
+    def timed(pipe, seeds, graphs: bool) -> float:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        generate(pipe, "a photo of messi playing billiard", seeds, **kw)
+        generate(pipe, "a photo of messi playing billiard", seeds, cuda_graphs=graphs, **kw)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return (time.perf_counter() - t) / len(seeds)
 
-    for pipe in pipes.values():
-        timed(pipe, [0])  # warm-up
-    rounds: dict[str, list[float]] = {name: [] for name in pipes}
+    # (pipeline, CUDA graphs) per variant; with graphs, each call records the UNet once (its cost is in the time)
+    variants = {name: (pipe, False) for name, pipe in pipes.items()}
+    if args.device.startswith("cuda"):
+        variants.update(base_graphs=(pipes["base"], True), fused_graphs=(pipes["fused"], True))
+    for pipe, graphs in variants.values():
+        timed(pipe, [0], graphs)  # warm-up
+    rounds: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.gen_rounds):
-        for name, pipe in pipes.items():
-            rounds[name].append(timed(pipe, [1 + r * args.gen_images + i for i in range(args.gen_images)]))
+        for name, (pipe, graphs) in variants.items():
+            rounds[name].append(timed(pipe, [1 + r * args.gen_images + i for i in range(args.gen_images)], graphs))
     med = {name: statistics.median(v) for name, v in rounds.items()}
+    with_graphs = {}
+    if "base_graphs" in med:
+        with_graphs = {"s_per_image_base_cuda_graphs": med["base_graphs"],
+                       "s_per_image_lora_fused_cuda_graphs": med["fused_graphs"],
+                       "fused_overhead_pct_cuda_graphs": 100 * (med["fused_graphs"] / med["base_graphs"] - 1),
+                       "cuda_graphs_speedup_base": med["base"] / med["base_graphs"]}
     return {"what": "generation", "shape": args.shape, "resolution": args.resolution, "steps": args.gen_steps,
             "device": device_name(args.device), "rounds": args.gen_rounds, "images_per_round": args.gen_images,
             "s_per_image_base": med["base"], "s_per_image_lora_unfused": med["unfused"],
@@ -261,7 +272,7 @@ def bench_generation(args) -> dict:
             "fused_overhead_pct": 100 * (med["fused"] / med["base"] - 1),
             "unfused_overhead_pct": 100 * (med["unfused"] / med["base"] - 1),
             "fp8_overhead_pct": 100 * (med["fused_fp8"] / med["fused"] - 1),
-            "s_per_image_each_round": {k: [round(x, 4) for x in v] for k, v in rounds.items()},
+            **with_graphs, "s_per_image_each_round": {k: [round(x, 4) for x in v] for k, v in rounds.items()},
             "unet_weights_gb": unet_gb, "unet_weights_gb_fp8": unet_fp8_gb}
 
 

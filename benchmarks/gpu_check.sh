@@ -7,7 +7,7 @@
 #   4. ours at the seed's settings + --torch_compile regional (with CUDA graphs, the default)
 #   5. ours at the seed's settings + --torch_compile full (the whole UNet: longer to compile)
 #   6. ours with --auto_gradient_checkpointing (a trial step decides; on an H100: without checkpointing)
-#   7. generation: base / LoRA unfused / LoRA fused / fused + float8, in interleaved rounds
+#   7. generation: base / LoRA unfused / fused / fused + float8 / base and fused with CUDA graphs, interleaved rounds
 #   8. ours at the seed's settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs)
 #   9. ours at the seed's settings without checkpointing + --torch_compile regional --torch_compile_mode reduce-overhead
 #      (CUDA graphs; with checkpointing they failed on an H100, and train() falls back to compiling without them)
@@ -100,7 +100,7 @@ p6() { part "6. ours, seed settings + --auto_gradient_checkpointing (an H100 has
     --gradient_checkpointing --auto_gradient_checkpointing; }
 
 p7() { part "7. generation: base / LoRA unfused / LoRA fused ($(left) s left)"
-  [ "$(left)" -gt 40 ] && run 7 "$(upto ${CAP7:-120})" "$PY" benchmarks/bench_train.py --shape "$SHAPE" --resolution "$RES" --device "$DEV" \
+  [ "$(left)" -gt 40 ] && run 7 "$(upto ${CAP7:-150})" "$PY" benchmarks/bench_train.py --shape "$SHAPE" --resolution "$RES" --device "$DEV" \
     --no_training --gen_steps 30 --gen_images 1 --gen_rounds 3 --json "$OUT/bench.jsonl"; }
 
 p8() { part "8. ours, seed settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs) ($(left) s left)"

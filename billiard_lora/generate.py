@@ -128,7 +128,7 @@ def resolve_lora_file(path: str | Path) -> Path:
 def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_VAE_FP16_FIX,
                              loras: Sequence[LoraSpec | str] = (), fuse: bool = False,
                              device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
-                             fp8_base: bool = False):
+                             fp8_base: bool = False, cuda_graphs: bool = False):
     """SDXL, a separate VAE unless ``vae`` is None, and LoRAs loaded and weighted; cuda/fp16 if present, else cpu/fp32.
 
     ``fuse=True`` merges the weighted LoRAs into the base weights (faster sampling); their scales are then baked in,
@@ -136,6 +136,8 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
     ``fp8_base=True`` keeps the UNet's weights (fused LoRAs included) in float8, cast up layer by layer as it
     samples, as training's ``--fp8_base`` does: half the UNet's memory; the UNet reaches ``device`` only once stored
     so. LoRAs loaded later still work, unfused.
+    ``cuda_graphs=True``: on a CUDA GPU, ``generate`` records the UNet's forward as a CUDA graph within each call and
+    replays it at each denoising step (sampling is otherwise bound by the CPU launching kernels on a fast GPU).
     """
     specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
     files = [resolve_lora_file(s.path) for s in specs]  # fail on a typo before minutes of model loading
@@ -154,6 +156,7 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
     if fp8_base:
         store_weights_in_fp8(pipe.unet.requires_grad_(False), torch_dtype)  # (only frozen weights are stored so)
         pipe.to(device)
+    pipe.billiard_cuda_graphs = cuda_graphs
     return pipe
 
 
@@ -324,9 +327,16 @@ class GeneratedImage:
 
 def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, negative_prompt: str | None = None,
              num_inference_steps: int = 30, guidance_scale: float = 5.0, height: int | None = None,
-             width: int | None = None, lora_scale: float | None = None, progress: bool = True) -> list[GeneratedImage]:
-    """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight."""
+             width: int | None = None, lora_scale: float | None = None, progress: bool = True,
+             cuda_graphs: bool | None = None) -> list[GeneratedImage]:
+    """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight.
+
+    ``cuda_graphs`` (default: what ``load_generation_pipeline`` was given): on a CUDA GPU, the UNet's forward is
+    recorded once as a CUDA graph in this call and replayed at every later denoising step (the same images).
+    """
     from tqdm.auto import tqdm
+
+    from .graphs import sampling_graphs
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -341,7 +351,9 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     fp8 = _is_fp8(pipe)
     recorded_scale = (1.0 if lora_scale is None else lora_scale) if loras else None
     results = []
-    with _lora_scale(pipe, loras, lora_scale):
+    if cuda_graphs is None:
+        cuda_graphs = getattr(pipe, "billiard_cuda_graphs", False)
+    with _lora_scale(pipe, loras, lora_scale), sampling_graphs(pipe.unet, cuda_graphs):
         jobs = [(p, s) for p in prompts for s in seeds]
         for prompt, seed in tqdm(jobs, desc="images", unit="image", disable=not progress):
             # A CPU generator per image: the same seed gives the same starting noise on any GPU or CPU, and an
@@ -550,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8_base", action="store_true",
                    help="keep the UNet's weights (fused LoRAs included) in float8, cast up layer by layer: half its "
                         "memory (SDXL: 2.6 instead of 5.2 GB), for smaller GPUs; images differ slightly")
+    p.add_argument("--cuda_graphs", action="store_true",
+                   help="on a CUDA GPU, record the UNet's forward once as a CUDA graph and replay it at each denoising "
+                        "step (the same images; a fast GPU otherwise waits on the CPU launching kernels)")
     p.add_argument("--grid", action="store_true", help="also a prompts x seeds grid of the images")
     p.add_argument("--sweep", action="store_true", help="a LoRA-scale sweep grid per prompt (see --scales)")
     p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="scales for --sweep")
@@ -594,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
 
     vae = None if str(args.vae).lower() == "none" else args.vae
     pipe = load_generation_pipeline(args.model, vae=vae, loras=specs, fuse=args.fuse, device=args.device,
-                                    fp8_base=args.fp8_base)
+                                    fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs)
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
               height=args.height, width=args.width)
     out = Path(args.out)

@@ -18,7 +18,8 @@ one CUDA GPU, UNet LoRA only, no LoRA dropout (see ``train.resolve_hardware``).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -95,3 +96,108 @@ class MicroStepGraph:
         self.replay()  # recording ran nothing: this micro-step's work happens now
         self.replays += 1
         return self.static_out
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+MAX_SAMPLING_GRAPHS = 2  # input shapes recorded per generate() call (one, unless prompts change the batch)
+
+
+class SamplingGraphs:
+    """The UNet's forward during one ``generate()`` call, recorded as a CUDA graph and replayed at each denoising
+    step: sampling's kernels launched at once instead of ~5,000 one by one per step.
+
+    Installed over ``unet.forward`` for the duration of the call only (``sampling_graphs``): everything a replay
+    bakes in -- LoRA scales, fused weights, attention processors -- cannot change within one call, and the graphs
+    and their memory are dropped at its end. The first call of each input shape runs eagerly (warm-up), the second
+    is recorded and replayed, later ones replay; tensors are copied into fixed input buffers, the output copied
+    out. Gradients enabled, more shapes than ``MAX_SAMPLING_GRAPHS``, or a failed recording: eager.
+    """
+
+    def __init__(self, forward: Callable, *, say: Callable[[str], None] = print):
+        self.forward, self.say = forward, say
+        self.graphs: dict = {}
+        self.warmed: set = set()
+        self.calls = self.replays = 0
+        self.failure: str | None = None
+
+    def __call__(self, *args, **kwargs):
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        self.calls += 1
+        leaves, spec = tree_flatten((args, kwargs))
+        is_t = [isinstance(x, torch.Tensor) for x in leaves]
+        tensors = [x for x, t in zip(leaves, is_t) if t]
+        key = (str(spec), repr([None if t else x for x, t in zip(leaves, is_t)]),
+               tuple((x.shape, x.dtype, x.device) for x in tensors))
+        if key in self.graphs:
+            replay, static_in, out = self.graphs[key]
+            for buf, x in zip(static_in, tensors):
+                buf.copy_(x)
+            replay()
+            self.replays += 1
+            return self._output(out.clone(), kwargs)
+        if self.failure or torch.is_grad_enabled() or len(self.graphs) >= MAX_SAMPLING_GRAPHS:
+            return self.forward(*args, **kwargs)
+        if key not in self.warmed:
+            self.warmed.add(key)
+            return self._on_side_stream(args, kwargs)
+
+        def fn(*inputs):
+            it = iter(inputs)
+            a, kw = tree_unflatten([next(it) if t else x for x, t in zip(leaves, is_t)], spec)
+            return self.forward(*a, **{**kw, "return_dict": False})[0]
+
+        static_in = [x.detach().clone() for x in tensors]
+        try:
+            replay, out = _capture(fn, static_in)
+        except Exception as exc:  # noqa: BLE001 - any failure to record means: sample eagerly
+            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            self.say(f"warning: --cuda_graphs: recording the UNet failed ({self.failure}); sampling without CUDA graphs")
+            return self.forward(*args, **kwargs)
+        self.graphs[key] = (replay, static_in, out)
+        replay()
+        self.replays += 1
+        return self._output(out.clone(), kwargs)
+
+    def _on_side_stream(self, args, kwargs):
+        if not torch.cuda.is_available():
+            return self.forward(*args, **kwargs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.forward(*args, **kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    @staticmethod
+    def _output(sample: torch.Tensor, kwargs):
+        if kwargs.get("return_dict", True):
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=sample)
+        return (sample,)
+
+
+def sampling_graphs_possible(unet) -> bool:
+    """CUDA, and no accelerate offload hook wrapping the forward (a hook moves weights: nothing a graph may hold)."""
+    return unet.device.type == "cuda" and not hasattr(unet, "_hf_hook")
+
+
+@contextlib.contextmanager
+def sampling_graphs(unet, enabled: bool, say: Callable[[str], None] = print) -> Iterator[SamplingGraphs | None]:
+    """``unet.forward`` replaced by a ``SamplingGraphs`` for the duration (when enabled and possible), then restored."""
+    if not enabled or not sampling_graphs_possible(unet):
+        yield None
+        return
+    had_own = "forward" in vars(unet)
+    previous = unet.forward
+    graphs = SamplingGraphs(previous, say=say)
+    unet.forward = graphs
+    try:
+        yield graphs
+    finally:
+        if had_own:
+            unet.forward = previous
+        else:
+            del unet.forward
+        graphs.graphs.clear()

@@ -242,6 +242,42 @@ def test_fused_loras_match_unfused_and_refuse_scale_changes(tiny_model_dir, lora
         base_vs_lora(fused_pipe, [PROMPT], 0, **FAST)
 
 
+def test_sampling_cuda_graphs_give_the_same_images_and_leave_the_unet_as_it_was(tiny_model_dir, lora_run, monkeypatch):
+    """generate(cuda_graphs=True): the UNet's forward recorded in the call (stood in for on the CPU: each replay runs
+    the recorded function on the same input buffers) and replayed at each later step -- the same images, LoRA scale
+    included; the pipeline's UNet is untouched afterwards."""
+    import billiard_lora.graphs as graphs
+
+    made = []
+
+    class Spy(graphs.SamplingGraphs):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    def fake_capture(fn, inputs):
+        out = torch.empty_like(fn(*inputs))  # a recording's output holds nothing until replayed
+        return (lambda: out.copy_(fn(*inputs))), out
+
+    monkeypatch.setattr(graphs, "SamplingGraphs", Spy)
+    monkeypatch.setattr(graphs, "sampling_graphs_possible", lambda unet: True)
+    monkeypatch.setattr(graphs, "_capture", fake_capture)
+    pipe = _pipe(tiny_model_dir, loras=[f"{lora_run}:0.7"])
+    firsts = []
+    for kw in ({}, {"lora_scale": 0.3}):
+        eager = generate(pipe, PROMPT, [0, 1], **kw, **FAST)
+        graphed = generate(pipe, PROMPT, [0, 1], cuda_graphs=True, **kw, **FAST)
+        assert all(np.array_equal(_px(a), _px(b)) for a, b in zip(eager, graphed))
+        # 2 steps x 2 images: a warm-up call, then recorded and replayed, then 2 more replays
+        assert (made[-1].calls, made[-1].replays, made[-1].failure) == (4, 3, None)
+        assert "forward" not in vars(pipe.unet) and not made[-1].graphs  # restored, graphs dropped
+        firsts.append(_px(graphed[0]))
+    assert not np.array_equal(*firsts)  # the scale reached the second call's recording
+    on_pipe = _pipe(tiny_model_dir, cuda_graphs=True)  # the pipeline's setting is generate()'s default
+    generate(on_pipe, PROMPT, 0, **FAST)
+    assert made[-1].replays == 1
+
+
 def test_fp8_base_generation_halves_the_unet_and_keeps_the_images(tiny_model_dir, lora_run):
     """fp8_base: the UNet's weights (LoRA fused in) in float8; the images stay close to the full-precision ones, a
     LoRA loaded afterwards still applies, and fusing after the fact is refused instead of silently lost."""
