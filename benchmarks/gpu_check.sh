@@ -17,8 +17,8 @@
 #  13. ours at the seed's settings + --torch_compile regional, without CUDA graphs (--cuda_graphs off)
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
-# PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if there; a second call can pick up
-# what a first one left). The first 4 optimizer steps (one pass
+# PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
+# there; a second call can pick up what a first one left). The first 4 optimizer steps (one pass
 # over the 12 embedded images: latent cache filled, compilation done) are warm-up, not timed; then STEPS (default 8)
 # timed steps; on a GPU one more step runs under torch's profiler: GPU kernel time against wall time per micro-step.
 # DEVICE=cpu SHAPE=tiny RES=64 runs the same parts on a CPU with the tiny model (a dry run of the script itself).
