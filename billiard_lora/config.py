@@ -119,8 +119,9 @@ class TrainConfig:
     cuda_graphs: Optional[bool] = _f(
         None, "(billiard-lora) Record the training micro-step (UNet forward, loss, backward) once as a CUDA graph and "
               "replay it: one launch instead of ~25,000 kernel launches per micro-step (H100, seed's settings: 180 "
-              "instead of 995 ms per micro-step, the same losses). Unset (the default): on where it applies -- one "
-              "CUDA GPU, UNet LoRA only, no --lora_dropout, --torch_compile none or regional -- else off; "
+              "instead of 995 ms per micro-step, the same losses). Unset (the default): on where it applies -- CUDA "
+              "GPUs (with several processes each records its own and the gradients are averaged as DDP does), UNet "
+              "LoRA only, no --lora_dropout, --torch_compile none or regional -- else off; "
               "--cuda_graphs asks for it (a warning where it cannot be), --cuda_graphs false turns it off. If "
               "recording fails, training goes on without it.")
     fp8_base: bool = _f(

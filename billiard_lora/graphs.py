@@ -13,7 +13,8 @@ the adapters' ``.grad`` -- so it must see the same shapes and the same tensors e
 - if recording fails, training continues eagerly, with a one-line warning.
 
 The optimizer step, gradient clipping and the fp16 loss scaler's inf check stay outside the graph. Used only on
-one CUDA GPU, UNet LoRA only, no LoRA dropout (see ``train.resolve_hardware``).
+CUDA GPUs (with several processes, each records its own micro-step on the bare UNet and ``train`` averages the
+gradients itself, as DDP would), UNet LoRA only, no LoRA dropout (see ``train.resolve_hardware``).
 """
 
 from __future__ import annotations

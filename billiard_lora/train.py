@@ -223,9 +223,10 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         validate(0)  # a baseline: what the base model makes before any training
 
     # ---- 8. the loop: noise -> timesteps -> predict -> loss -> step
-    if device.type == "cuda" and config.torch_compile == "none" and max_train_steps - global_step >= COMPILE_PAYS_STEPS:
-        say("tip: a run this long trains faster with --torch_compile regional (a few minutes of compiling first; "
-            "1.7x the steps/s on an H100 at the seed's settings, benchmarks/RESULTS.md)")
+    pays, gain = (COMPILE_PAYS_STEPS_WITH_GRAPHS, "1.2x") if config.cuda_graphs else (COMPILE_PAYS_STEPS, "1.7x")
+    if device.type == "cuda" and config.torch_compile == "none" and max_train_steps - global_step >= pays:
+        say(f"tip: a run this long trains faster with --torch_compile regional (a few minutes of compiling first; "
+            f"{gain} the steps/s on an H100 at the seed's settings, benchmarks/RESULTS.md)")
     say(f"training on {len(instance_images)} images ({len(class_images)} class images), {max_train_steps} steps, "
         f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
         f"{accelerator.num_processes} process(es), {accelerator.mixed_precision} precision, device {device}")
@@ -236,10 +237,15 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     noise_scheduler = c.noise_scheduler
     compiled_graphs = config.torch_compile != "none" and config.torch_compile_mode in CUDA_GRAPH_MODES
 
+    # Several processes with CUDA graphs: the recorded micro-step runs the bare UNet (DDP's reducer cannot be
+    # recorded), and the processes average the adapters' gradients once per optimizer step instead, as DDP would.
+    average_by_hand = config.cuda_graphs and accelerator.num_processes > 1
+    model = accelerator.unwrap_model(unet) if average_by_hand else unet
+
     def forward_backward(noisy_latents, timesteps, prompt_embeds, pooled, time_ids, target) -> torch.Tensor:
         """The micro-step's GPU work: predict, score, backpropagate into the adapters (a CUDA graph with --cuda_graphs)."""
-        model_pred = unet(noisy_latents, timesteps, prompt_embeds,
-                          added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled}, return_dict=False)[0]
+        model_pred = model(noisy_latents, timesteps, prompt_embeds,
+                           added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled}, return_dict=False)[0]
         loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, config)
         accelerator.backward(loss)
         return loss.detach()
@@ -291,6 +297,8 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                 # summed on the device: reading a value would make the CPU wait for the GPU every micro-step
                 accum_loss, accum_n = accum_loss + loss, accum_n + 1
                 if accelerator.sync_gradients:
+                    if average_by_hand:
+                        average_gradients(adapters, accelerator.num_processes)
                     if not torch.isfinite(accum_loss):  # checked before the step: a NaN never reaches the adapter
                         raise TrainingDiverged(global_step, out, config)
                     accelerator.clip_grad_norm_([p for m in (unet, *text_encoders) for p in lora_params(m)],
@@ -437,6 +445,9 @@ CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-
 # (144 s to compile, then 0.975 vs 1.68 s per optimizer step eager: about 200 steps; 300 leaves room for a slower
 # machine)
 COMPILE_PAYS_STEPS = 300
+# with CUDA graphs (session 6, H100): 220 instead of 12 s to the first step, then 148 instead of 180 ms per
+# micro-step, i.e. 96 ms per optimizer step at accumulation 3: about 2,200 steps to pay off
+COMPILE_PAYS_STEPS_WITH_GRAPHS = 2500
 COMPILE_VARIANTS = 64  # compiled graphs allowed per block type (torch's default is 8)
 
 
@@ -565,8 +576,7 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
     if config.cuda_graphs is not False:  # asked for (True), or to be decided (None: on where it applies)
         asked = config.cuda_graphs is True
         why = ("needs a CUDA GPU" if not _cuda_graphs_possible() else
-               "records one GPU's micro-step, not several processes'" if int(os.environ.get("WORLD_SIZE", "1")) > 1
-               else "records the UNet's micro-step; not with --train_text_encoder" if config.train_text_encoder
+               "records the UNet's micro-step; not with --train_text_encoder" if config.train_text_encoder
                else "does not record --lora_dropout's random masks" if config.lora_dropout > 0
                else None)
         compile_mode = changes.get("torch_compile_mode", config.torch_compile_mode)
@@ -602,6 +612,18 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
             notes.append("--report_to=tensorboard: the tensorboard package is not installed; not logging to it")
             changes["report_to"] = "none"
     return config.replace(**changes, fallbacks=notes) if changes else config
+
+
+def average_gradients(params: Sequence[torch.nn.Parameter], num_processes: int) -> None:
+    """Average the gradients over the processes, in place, as DDP does (each divided by the process count, then
+    summed across processes): one collective on one flat buffer."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = _flatten_dense_tensors(grads).div_(num_processes)
+    torch.distributed.all_reduce(flat)
+    for g, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(averaged)  # in place: a recorded graph keeps adding into these tensors
 
 
 def _mps_available() -> bool:
