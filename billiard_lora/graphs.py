@@ -35,6 +35,19 @@ def _capture(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
     return graph.replay, out
 
 
+def _on_side_stream(fn: Callable, *args, **kwargs):
+    """``fn`` run eagerly on a side stream, as PyTorch asks of the calls before a recording (lazy initialisations
+    done off the stream that will record); plainly where there is no CUDA."""
+    if not torch.cuda.is_available():
+        return fn(*args, **kwargs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn(*args, **kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
 class MicroStepGraph:
     """Calls ``fn`` (micro-step inputs -> detached loss, gradients accumulated as a side effect), through a CUDA
     graph once warmed up. ``watched``: the tensors whose identity the graph depends on (weights and gradients)."""
@@ -72,14 +85,7 @@ class MicroStepGraph:
         return [0 if t is None else t.data_ptr() for t in self.watched()]
 
     def _eager(self, inputs) -> torch.Tensor:
-        if not torch.cuda.is_available():
-            return self.fn(*inputs)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = self.fn(*inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        return out
+        return _on_side_stream(self.fn, *inputs)
 
     def _record(self, inputs, signature) -> torch.Tensor:
         if any(t is None for t in self.watched()):
@@ -141,7 +147,7 @@ class SamplingGraphs:
             return self.forward(*args, **kwargs)
         if key not in self.warmed:
             self.warmed.add(key)
-            return self._on_side_stream(args, kwargs)
+            return _on_side_stream(self.forward, *args, **kwargs)
 
         def fn(*inputs):
             it = iter(inputs)
@@ -159,16 +165,6 @@ class SamplingGraphs:
         replay()
         self.replays += 1
         return self._output(out.clone(), kwargs)
-
-    def _on_side_stream(self, args, kwargs):
-        if not torch.cuda.is_available():
-            return self.forward(*args, **kwargs)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = self.forward(*args, **kwargs)
-        torch.cuda.current_stream().wait_stream(side)
-        return out
 
     @staticmethod
     def _output(sample: torch.Tensor, kwargs):

@@ -143,6 +143,17 @@ def test_saved_keys_match_diffusers_naming_and_carry_the_config(tiny_model_dir, 
     assert "load_lora_weights" in (out / "README.md").read_text()
 
 
+class Crash(Exception):
+    """A crash in the middle of training (raised from the step callback)."""
+
+
+def crash_at_step(step: int):
+    def callback(event):
+        if event["event"] == "step" and event["step"] == step:
+            raise Crash()
+    return callback
+
+
 def test_resume_equals_uninterrupted_run_bit_for_bit(tiny_model_dir, tmp_path):
     data = make_images(tmp_path / "data", n=5)
     # 5 images, batch 2 -> 3 batches/epoch; accumulation 2 -> 2 steps/epoch; checkpoint at 3 is mid-epoch.
@@ -150,15 +161,8 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tiny_model_dir, tmp_path):
               lora_dropout=0.1, lr_scheduler="cosine", lr_warmup_steps=2, snr_gamma=5.0, noise_offset=0.05)
     full = train(tiny_config(tiny_model_dir, data, tmp_path / "full", **kw))
 
-    class Crash(Exception):
-        pass
-
-    def crash_after_checkpoint(event):
-        if event["event"] == "step" and event["step"] == 4:
-            raise Crash()
-
     with pytest.raises(Crash):
-        train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", **kw), callback=crash_after_checkpoint)
+        train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", **kw), callback=crash_at_step(4))
     assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
     assert not (tmp_path / "resumed" / "pytorch_lora_weights.safetensors").exists()
     train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
@@ -934,15 +938,8 @@ def test_cuda_graphs_default_path_with_prior_preservation_validation_and_resume_
     monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
     monkeypatch.setattr(graphs, "_capture", _fake_capture)
 
-    class Crash(Exception):
-        pass
-
-    def crash(event):
-        if event["event"] == "step" and event["step"] == 4:
-            raise Crash()
-
     with pytest.raises(Crash):
-        train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", **kw), callback=crash)
+        train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", **kw), callback=crash_at_step(4))
     graphed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", resume_from_checkpoint="latest", **kw))
     summary = json.loads((graphed / "summary.json").read_text())
     assert json.loads((graphed / "config.json").read_text())["cuda_graphs"] is True
