@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from billiard_lora import paths  # noqa: E402
 from billiard_lora.config import TrainConfig  # noqa: E402
 from billiard_lora.models import Components  # noqa: E402
+from billiard_lora.optim import make_optimizer  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
 from billiard_lora.train import train  # noqa: E402
 from common import (device_name, emit, idle_gaps, peak_memory, peak_memory_since_reset,  # noqa: E402
@@ -83,6 +84,8 @@ def load_model(args) -> Components:
 
 def bench_training(args) -> dict:
     c = load_model(args)
+    if args.channels_last:  # the convolutions' weights NHWC: activations follow from the first convolution on
+        c.unet.to(memory_format=torch.channels_last)
     fwd = unet_forward_flops(c, args.resolution, args.train_batch_size)
     step_times: list[float] = []
     on_gpu = args.device.startswith("cuda")
@@ -122,6 +125,16 @@ def bench_training(args) -> dict:
             cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        if args.bnb_per_tensor:  # what diffusers' script runs: bitsandbytes stepping (and syncing) per tensor
+            import bitsandbytes as bnb
+
+            import billiard_lora.train as train_module
+
+            def per_tensor(config, unet, text_encoders, num_processes):
+                flat = make_optimizer(config, unet, text_encoders, num_processes)
+                return bnb.optim.AdamW8bit([dict(g) for g in flat.param_groups], lr=config.learning_rate)
+
+            train_module.make_optimizer = per_tensor
         t0 = time.perf_counter()
         run = train(config, components=c, callback=on_event)
         total = time.perf_counter() - t0
@@ -149,6 +162,8 @@ def bench_training(args) -> dict:
         "train_tflop_per_micro_step": train_flops / 1e12, "wall_s_including_setup": total,
         "s_to_first_step": step_times[0] - t0 if step_times else None, **whole_run, **timed_peak,
         "fp8_base": used["fp8_base"], "cuda_graphs": used["cuda_graphs"],
+        "channels_last": args.channels_last,
+        "optimizer_form": ("bnb_per_tensor" if args.bnb_per_tensor else "flat") if used["use_8bit_adam"] else "torch",
     }
     if used["cuda_graphs"]:
         result.update({k: done.get(k) for k in ("cuda_graph_replays", "micro_steps", "cuda_graph_failure")})
@@ -234,6 +249,9 @@ def bench_generation(args) -> dict:
             load_lora(pipes[name], LoraSpec(tmp))
         fuse_loras(pipes["fused"])  # what `generate --fuse` does
         fuse_loras(pipes["fused_fp8"])
+        if args.channels_last:
+            for pipe in pipes.values():
+                pipe.unet.to(memory_format=torch.channels_last)
         unet_gb = sum(p.numel() * p.element_size() for p in pipes["fused"].unet.parameters()) / 1e9
         store_weights_in_fp8(pipes["fused_fp8"].unet.requires_grad_(False), dtype)  # `generate --fuse --fp8_base`
         unet_fp8_gb = sum(p.numel() * p.element_size() for p in pipes["fused_fp8"].unet.parameters()) / 1e9
@@ -266,7 +284,7 @@ def bench_generation(args) -> dict:
                        "fused_overhead_pct_cuda_graphs": 100 * (med["fused_graphs"] / med["base_graphs"] - 1),
                        "cuda_graphs_speedup_base": med["base"] / med["base_graphs"]}
     return {"what": "generation", "shape": args.shape, "resolution": args.resolution, "steps": args.gen_steps,
-            "device": device_name(args.device), "rounds": args.gen_rounds, "images_per_round": args.gen_images,
+            "device": device_name(args.device), "rounds": args.gen_rounds, "channels_last": args.channels_last, "images_per_round": args.gen_images,
             "s_per_image_base": med["base"], "s_per_image_lora_unfused": med["unfused"],
             "s_per_image_lora_fused": med["fused"], "s_per_image_lora_fused_fp8": med["fused_fp8"],
             "fused_overhead_pct": 100 * (med["fused"] / med["base"] - 1),
@@ -292,7 +310,13 @@ def main() -> None:
     p.add_argument("--auto_gradient_checkpointing", action="store_true", help="let a trial step decide it")
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument("--bnb_per_tensor", action="store_true",
+                   help="with --use_8bit_adam: bitsandbytes' AdamW8bit tensor by tensor (as diffusers' script runs "
+                        "it) instead of ours over flat buffers, to measure what the flat form saves")
     p.add_argument("--fp8_base", action="store_true", help="the UNet's frozen weights stored in float8")
+    p.add_argument("--channels_last", action="store_true",
+                   help="the UNet in channels-last memory format (NHWC), for training and generation: a measurement "
+                        "first; the trainer does not do this")
     p.add_argument("--cuda_graphs", choices=["auto", "on", "off"], default="auto",
                    help="the micro-step recorded as a CUDA graph and replayed: as the trainer decides by default (on "
                         "one CUDA GPU), asked for, or off (eager)")

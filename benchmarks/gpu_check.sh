@@ -15,6 +15,12 @@
 #  11. CUDA graphs, correctness: the tiny model on CUDA, 6 steps, --cuda_graphs false vs --cuda_graphs: the LoRAs agree
 #  12. ours at the seed's settings, eager: --cuda_graphs off (each kernel launched by the host)
 #  13. ours at the seed's settings + --torch_compile regional, without CUDA graphs (--cuda_graphs off)
+#  14. one optimizer step over SDXL's LoRA shapes (UNet + text encoders): bitsandbytes per tensor vs ours over flat
+#      buffers vs torch's fused AdamW - ms, host synchronisations and kernels per step, flat == per tensor? (seconds)
+#  15. ours at the seed's settings with bitsandbytes stepping per tensor (--bnb_per_tensor, as diffusers' script
+#      does): against part 2, what the flat 8-bit optimizer saves per optimizer step
+#  16. ours at the seed's settings with the UNet in channels-last memory format (bench_train.py --channels_last; the
+#      trainer does not do this yet): against part 2, whether cuDNN's layout conversions and the copies go
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -140,8 +146,20 @@ p13() { part "13. ours, seed settings + --torch_compile regional, no CUDA graphs
   [ "$(left)" -gt 90 ] && run 13 "$(upto ${CAP13:-300})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --cuda_graphs off --torch_compile regional; }
 
+p14() { part "14. the 8-bit optimizer step alone: per tensor vs flat buffers ($(left) s left)"
+  [ "$(left)" -gt 30 ] && run 14 "$(upto ${CAP14:-90})" "$PY" benchmarks/bench_optimizer.py --device "$DEV" --text_encoders \
+    --shape "$SHAPE" --json "$OUT/bench.jsonl"; }
+
+p15() { part "15. ours, seed settings, bitsandbytes per tensor (--bnb_per_tensor) ($(left) s left)"
+  [ "$(left)" -gt 60 ] && run 15 "$(upto ${CAP15:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --bnb_per_tensor; }
+
+p16() { part "16. ours, seed settings, UNet channels-last ($(left) s left)"
+  [ "$(left)" -gt 60 ] && run 16 "$(upto ${CAP16:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --channels_last; }
+
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'
@@ -151,7 +169,8 @@ for r in rows:
     if r["what"] == "training":
         print(f"{r.get('trainer', 'billiard-lora'):40s} ckpt={r['gradient_checkpointing']!s:9s} "
               f"compile={r.get('torch_compile', '-'):8s} fp8={r.get('fp8_base', False)!s:5s} "
-              f"graphs={r.get('cuda_graph_replays', '-')!s:4s} "
+              f"graphs={r.get('cuda_graph_replays', '-')!s:4s} opt={r.get('optimizer_form', '-'):14s} "
+              f"nhwc={r.get('channels_last', False)!s:5s} "
               f"{r['optimizer_steps_per_s']:.3f} steps/s "
               f"{r['images_per_s']:.2f} img/s {r['ms_per_micro_step']:.1f} ms/micro "
               f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB alloc / {r.get('cuda_max_reserved_gb', 0):.2f} reserved "

@@ -141,7 +141,8 @@ class TrainConfig:
     lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.")
     lr_power: float = _f(1.0, "Power of the polynomial scheduler.")
     optimizer: str = _f("AdamW", "AdamW or Prodigy.")
-    use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (falls back to AdamW where it has no backend).")
+    use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes, stepped over a few flat buffers instead of "
+                                    "tensor by tensor (the same update); falls back to AdamW where it has no backend.")
     adam_beta1: float = _f(0.9, "Adam beta1.")
     adam_beta2: float = _f(0.999, "Adam beta2.")
     prodigy_beta3: Optional[float] = _f(None, "Prodigy beta3 (None: sqrt(beta2)).")

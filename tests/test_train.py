@@ -310,7 +310,7 @@ def test_seed_command_runs_unchanged_on_the_tiny_model(tiny_model_dir, shared_bi
         assert any("fp16" in f for f in saved["fallbacks"]), "the fp16 fallback must be recorded"
 
 
-@pytest.mark.parametrize("extra", [[], ["--fp8_base"]])
+@pytest.mark.parametrize("extra", [[], ["--fp8_base", "--use_8bit_adam"]])
 def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra):
     from diffusers import StableDiffusionXLPipeline
 
@@ -324,6 +324,7 @@ def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     assert "2 process(es)" in r.stdout
     assert "a trial step fits in memory" in r.stdout  # both processes agreed (a collective after the trial step)
+    assert json.loads((out / "config.json").read_text())["use_8bit_adam"] == ("--use_8bit_adam" in extra)
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
     pipe.load_lora_weights(str(out))
     assert np.isfinite(sample(pipe)).all()
@@ -474,7 +475,7 @@ def test_adamw_is_torch_fused_and_takes_the_same_steps(tiny_components, tmp_path
     """--optimizer=AdamW without 8-bit: torch's fused AdamW over the LoRA parameters only (one kernel for all of
     them), stepping as the default AdamW does."""
     from billiard_lora.lora import add_lora, lora_parameters
-    from billiard_lora.train import make_optimizer
+    from billiard_lora.optim import make_optimizer
 
     unet = tiny_components.unet.requires_grad_(False)
     torch.manual_seed(0)
@@ -989,3 +990,40 @@ def test_cuda_graphs_with_two_processes_average_gradients_as_ddp_does(tiny_model
     assert "cuda_graph_replays" not in json.loads((runs["ddp"] / "summary.json").read_text())
     a, b = lora_tensors(runs["ddp"]), lora_tensors(runs["graphs"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_8bit_adam_over_flat_buffers_trains_as_bitsandbytes_per_tensor_through_a_resume(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch):
+    """--use_8bit_adam steps bitsandbytes' AdamW8bit over a few flat buffers instead of tensor by tensor: with
+    text-encoder LoRAs at their own learning rate, a warm-up + cosine schedule, 8-bit states (the tiny model's
+    tensors made to qualify) and a crash + resume, the LoRA and loss history equal per-tensor bitsandbytes' exactly."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import billiard_lora.optim as optim
+    import billiard_lora.train as train_mod
+
+    if not train_mod._bnb_works("cpu"):
+        pytest.skip("bitsandbytes has no working 8-bit optimizer on this CPU")
+    monkeypatch.setattr(optim, "MIN_8BIT_SIZE", 100)  # tiny LoRA tensors: 128 and 256 numbers, half a block and one
+    data = make_images(tmp_path / "data", n=3)
+    kw = dict(max_train_steps=6, gradient_accumulation_steps=2, checkpointing_steps=3, use_8bit_adam=True,
+              train_text_encoder=True, text_encoder_lr=3e-4, adam_weight_decay=1e-2, lr_scheduler="cosine",
+              lr_warmup_steps=2, snr_gamma=5.0)
+
+    def per_tensor(config, unet, text_encoders, num_processes):
+        flat = optim.make_optimizer(config, unet, text_encoders, num_processes)
+        assert isinstance(flat, optim.FlatAdamW8bit)
+        groups = [{k: v for k, v in g.items()} for g in flat.param_groups]
+        return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, min_8bit_size=100)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "make_optimizer", per_tensor)
+        reference = train(tiny_config(tiny_model_dir, data, tmp_path / "per_tensor", **kw))
+    with pytest.raises(Crash):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "flat", **kw), callback=crash_at_step(4))
+    flat = train(tiny_config(tiny_model_dir, data, tmp_path / "flat", resume_from_checkpoint="latest", **kw))
+
+    assert (reference / "loss_history.csv").read_text() == (flat / "loss_history.csv").read_text()
+    a, b = lora_tensors(reference), lora_tensors(flat)
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert not all(torch.equal(a[k], lora_tensors(tmp_path / "flat" / "checkpoint-3")[k]) for k in a)  # it trained
