@@ -90,6 +90,8 @@ class FlatAdamW8bit(torch.optim.Optimizer):
     gradient, like the LoRA on the last layer of SDXL's first text encoder, whose output SDXL does not use, is
     therefore exactly as per tensor. One that misses only some steps would see its moments decay in those steps,
     where bitsandbytes freezes them.)
+    A state bitsandbytes saved per tensor (checkpoints of older versions) is laid out into the buffers on loading,
+    exactly; another optimizer's is refused in one line.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -144,16 +146,68 @@ class FlatAdamW8bit(torch.optim.Optimizer):
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if "flat_adamw8bit" not in state_dict:
-            raise UserError("this checkpoint's 8-bit optimizer state was written per tensor by an older billiard-lora "
-                            "and cannot be resumed here: train again, or resume it with that version")
         self._build()
+        if "flat_adamw8bit" not in state_dict:  # bitsandbytes' own, per tensor (an older billiard-lora wrote these)
+            state_dict = self._from_per_tensor(state_dict)
         saved = state_dict["param_groups"]
         if len(saved) != len(self.param_groups):
             raise ValueError(f"optimizer state has {len(saved)} parameter groups, this run {len(self.param_groups)}")
         for group, hyper in zip(self.param_groups, saved):
             group.update(hyper)
         self._inner.load_state_dict(state_dict["flat_adamw8bit"])
+
+
+    def _from_per_tensor(self, state_dict: dict) -> dict:
+        """bitsandbytes' per-tensor AdamW8bit state as this optimizer's: the same numbers, laid out in the buffers.
+
+        Exact: each 8-bit tensor's codes and block scales go where its padded blocks are (padding gets the code of
+        zero), 32-bit states are concatenated, and the step count is the tensors' common one.
+        """
+        from bitsandbytes.optim.optimizer import Optimizer8bit
+
+        unfit = UserError("the checkpoint's optimizer state is not bitsandbytes' 8-bit AdamW over this LoRA (was it "
+                          "saved with other --use_8bit_adam/--optimizer/--train_text_encoder settings?): resume with "
+                          "the settings it was saved with, or start a new --output_dir")
+        groups, states = state_dict.get("param_groups"), state_dict.get("state")
+        if groups is None or states is None or \
+                [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise unfit
+        inner = self._inner.state_dict()
+        inner["state"] = {}
+        for index, pack in enumerate(self._packs):
+            mine, saved = self.param_groups[pack.group_index]["params"], groups[pack.group_index]["params"]
+            per = []
+            for p in pack.params:
+                s = dict(states.get(saved[next(i for i, q in enumerate(mine) if q is p)], {}))
+                s.update(s.pop(Optimizer8bit._FSDP_WRAPPED_QUANT_STATE_KEY, {}))
+                per.append(s)
+            steps = {int(s["step"]) for s in per if s}
+            if not steps:
+                continue  # none of them stepped yet
+            want = torch.float32 if pack.small else torch.uint8
+            if len(steps) > 1 or any(s and (s.get("state1") is None or s["state1"].dtype != want) for s in per):
+                raise unfit
+            ref = next(s for s in per if s)
+            state = {"step": steps.pop()}
+            if pack.small:
+                for key in ("state1", "state2"):
+                    state[key] = torch.cat([s[key].reshape(-1) if s else torch.zeros(p.numel())
+                                            for s, p in zip(per, pack.params)])
+            else:
+                for n in "12":
+                    qmap = ref[f"qmap{n}"]
+                    zero = int((qmap == 0).nonzero()[0])  # the code that decodes to 0 (bitsandbytes' maps hold one)
+                    codes, scales = [], []
+                    for s, p in zip(per, pack.params):
+                        blocks = -(-p.numel() // STATE_BLOCK)
+                        code = torch.full((blocks * STATE_BLOCK,), zero, dtype=torch.uint8)
+                        if s:
+                            code[:p.numel()] = s[f"state{n}"].reshape(-1).cpu()
+                        codes.append(code)
+                        scales.append(s[f"absmax{n}"].reshape(-1).cpu() if s else torch.zeros(blocks))
+                    state.update({f"state{n}": torch.cat(codes), f"absmax{n}": torch.cat(scales), f"qmap{n}": qmap})
+            inner["state"][index] = state
+        return {"flat_adamw8bit": inner, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]}
 
 
 def _bnb_adamw8bit():

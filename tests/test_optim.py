@@ -85,9 +85,49 @@ def test_flat_8bit_adamw_state_dict_resumes_exactly():
     assert_same(a, c)
 
 
-def test_a_per_tensor_optimizer_state_is_refused_in_one_line():
+def test_bitsandbytes_per_tensor_state_resumes_in_the_flat_form_exactly():
+    """A checkpoint an older billiard-lora wrote (bitsandbytes' state per tensor, 8-bit and 32-bit, and none for the
+    tensor that never had a gradient) goes on in the flat form exactly as bitsandbytes itself would."""
+    a, b = params(), params()
+    reference, earlier = bnb.optim.AdamW8bit(groups(a), lr=1e-2), bnb.optim.AdamW8bit(groups(b), lr=1e-2)
+    g = torch.Generator().manual_seed(2)
+    step_both(reference, earlier, a, b, 5, g)
+    saved = earlier.state_dict()
+
+    c = [torch.nn.Parameter(p.detach().clone()) for p in b]
+    resumed = FlatAdamW8bit(groups(c, te_lr=1.0), lr=1.0)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[1]["lr"] == 3e-3
+    # the state converted decodes to the one the flat form reaches itself, and to zeros in the padding
+    a2, d = params(), params()
+    flat_all_along = FlatAdamW8bit(groups(d), lr=1e-2)
+    step_both(bnb.optim.AdamW8bit(groups(a2), lr=1e-2), flat_all_along, a2, d, 5, torch.Generator().manual_seed(2))
+    for mine, theirs in zip(resumed._packs, flat_all_along._packs):
+        x, y = resumed._inner.state[mine.flat], flat_all_along._inner.state[theirs.flat]
+        assert sorted(x) == sorted(y) and x["step"] == y["step"] == 5
+        real = torch.zeros(mine.flat.numel(), dtype=torch.bool)
+        for v in mine.values:
+            real[v.storage_offset():v.storage_offset() + v.numel()] = True
+        for n in "12":
+            if mine.small:
+                assert torch.equal(x[f"state{n}"], y[f"state{n}"])
+                continue
+            decoded = [st[f"qmap{n}"][st[f"state{n}"].long()] * st[f"absmax{n}"].repeat_interleave(256)
+                       for st in (x, y)]
+            assert torch.equal(decoded[0][real], decoded[1][real]) and not decoded[0][~real].any()
+    step_both(reference, resumed, a, c, 5, g, start=5)
+    assert_same(a, c)
+
+
+def test_another_optimizers_state_is_refused_in_one_line():
     from billiard_lora.errors import UserError
 
-    old = bnb.optim.AdamW8bit(groups(params()), lr=1e-2).state_dict()
-    with pytest.raises(UserError, match="older billiard-lora"):
-        FlatAdamW8bit(groups(params()), lr=1e-2).load_state_dict(old)
+    ps = params()
+    adamw = torch.optim.AdamW(groups(ps), lr=1e-2)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    adamw.step()
+    with pytest.raises(UserError, match="not bitsandbytes' 8-bit AdamW over this LoRA"):
+        FlatAdamW8bit(groups(params()), lr=1e-2).load_state_dict(adamw.state_dict())
+    with pytest.raises(UserError, match="resume with the settings it was saved with"):
+        FlatAdamW8bit(groups(params()[:6]), lr=1e-2).load_state_dict(adamw.state_dict())

@@ -996,7 +996,8 @@ def test_8bit_adam_over_flat_buffers_trains_as_bitsandbytes_per_tensor_through_a
                                                                                         monkeypatch):
     """--use_8bit_adam steps bitsandbytes' AdamW8bit over a few flat buffers instead of tensor by tensor: with
     text-encoder LoRAs at their own learning rate, a warm-up + cosine schedule, 8-bit states (the tiny model's
-    tensors made to qualify) and a crash + resume, the LoRA and loss history equal per-tensor bitsandbytes' exactly."""
+    tensors made to qualify) and a crash + resume, the LoRA and loss history equal per-tensor bitsandbytes' exactly;
+    so does resuming a checkpoint whose optimizer state bitsandbytes wrote per tensor (older versions did)."""
     bnb = pytest.importorskip("bitsandbytes")
     import billiard_lora.optim as optim
     import billiard_lora.train as train_mod
@@ -1018,12 +1019,18 @@ def test_8bit_adam_over_flat_buffers_trains_as_bitsandbytes_per_tensor_through_a
     with monkeypatch.context() as m:
         m.setattr(train_mod, "make_optimizer", per_tensor)
         reference = train(tiny_config(tiny_model_dir, data, tmp_path / "per_tensor", **kw))
+        with pytest.raises(Crash):  # an older billiard-lora's checkpoint: bitsandbytes' state per tensor
+            train(tiny_config(tiny_model_dir, data, tmp_path / "older", **kw), callback=crash_at_step(4))
     with pytest.raises(Crash):
         train(tiny_config(tiny_model_dir, data, tmp_path / "flat", **kw), callback=crash_at_step(4))
     flat = train(tiny_config(tiny_model_dir, data, tmp_path / "flat", resume_from_checkpoint="latest", **kw))
+    older = train(tiny_config(tiny_model_dir, data, tmp_path / "older", resume_from_checkpoint="latest", **kw))
 
-    assert (reference / "loss_history.csv").read_text() == (flat / "loss_history.csv").read_text()
-    a, b = lora_tensors(reference), lora_tensors(flat)
-    assert a.keys() == b.keys() and any(k.startswith("text_encoder") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    a = lora_tensors(reference)
+    assert any(k.startswith("text_encoder") for k in a)
+    for run in (flat, older):
+        assert (reference / "loss_history.csv").read_text() == (run / "loss_history.csv").read_text()
+        b = lora_tensors(run)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+            (run.name, [k for k in a if not torch.equal(a[k], b[k])])
     assert not all(torch.equal(a[k], lora_tensors(tmp_path / "flat" / "checkpoint-3")[k]) for k in a)  # it trained
