@@ -874,9 +874,12 @@ def register_checkpoint_hooks(accelerator, models: dict[str, Any]) -> None:
 
 def lora_signature(config: TrainConfig) -> dict:
     """What must match for a checkpoint to resume this run."""
+    adam8 = config.use_8bit_adam and config.optimizer.lower() == "adamw"  # what ran, after any hardware fallback
     return {"pretrained_model_name_or_path": config.pretrained_model_name_or_path, "rank": config.rank,
             "lora_alpha": config.alpha, "use_dora": config.use_dora, "train_text_encoder": config.train_text_encoder,
-            "init_lora_weights": config.init_lora_weights}
+            "init_lora_weights": config.init_lora_weights,
+            # the optimizer's saved state only fits the same optimizer
+            "optimizer": "AdamW8bit" if adam8 else config.optimizer}
 
 
 @contextlib.contextmanager

@@ -271,6 +271,19 @@ def test_checkpoint_from_another_lora_shape_is_refused(tiny_model_dir, tmp_path)
                           resume_from_checkpoint="latest"))
 
 
+def test_checkpoint_from_another_optimizer_is_refused(tiny_model_dir, tmp_path):
+    """An optimizer's saved state fits only that optimizer: resuming with another one is one clear error."""
+    import billiard_lora.train as train_mod
+
+    if not train_mod._bnb_works("cpu"):
+        pytest.skip("bitsandbytes has no working 8-bit optimizer on this CPU")
+    data = make_images(tmp_path / "data", n=2)
+    train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_train_steps=1, checkpointing_steps=1))
+    with pytest.raises(UserError, match="optimizer='AdamW' but this run has optimizer='AdamW8bit'"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_train_steps=2, checkpointing_steps=1,
+                          use_8bit_adam=True, resume_from_checkpoint="latest"))
+
+
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=kw.pop("cwd", REPO), timeout=600, **kw)
