@@ -937,8 +937,8 @@ def test_the_recorded_micro_step_never_needs_the_host(tiny_model_dir, tmp_path, 
 def test_cuda_graphs_default_path_with_prior_preservation_validation_and_resume_equals_eager(tiny_model_dir, tmp_path,
                                                                                              monkeypatch):
     """What CUDA graphs (on by default on one GPU) must leave alone, recording stood in for on the CPU: prior
-    preservation's doubled batch, validation images between steps, and a crash + resume all give the LoRA and loss
-    history of an uninterrupted eager run, bit for bit."""
+    preservation's doubled batch, validation images between steps, the 8-bit optimizer writing the adapters in
+    place, and a crash + resume all give the LoRA and loss history of an uninterrupted eager run, bit for bit."""
     import billiard_lora.graphs as graphs
     import billiard_lora.train as train_mod
 
@@ -947,7 +947,7 @@ def test_cuda_graphs_default_path_with_prior_preservation_validation_and_resume_
               with_prior_preservation=True, class_prompt="a photo of a billiard table",
               class_data_dir=str(tmp_path / "class"), num_class_images=2, sample_batch_size=2,
               validation_prompt="a photo of messi playing billiard", validation_steps=2, num_validation_images=1,
-              validation_inference_steps=2)
+              validation_inference_steps=2, use_8bit_adam=True)
     eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", cuda_graphs=False, **kw))
     monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
     monkeypatch.setattr(graphs, "_capture", _fake_capture)
