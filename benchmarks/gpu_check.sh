@@ -21,6 +21,7 @@
 #      does): against part 2, what the flat 8-bit optimizer saves per optimizer step
 #  16. ours at the seed's settings with the UNet in channels-last memory format (bench_train.py --channels_last; the
 #      trainer does not do this yet): against part 2, whether cuDNN's layout conversions and the copies go
+#  17. as 11 with --train_text_encoder: the text encoders inside the recorded micro-step (opt-in until this passes)
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -121,22 +122,31 @@ p10() { part "10. ours, seed settings + --fp8_base ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 10 "$(upto ${CAP10:-200})" "$PY" benchmarks/bench_train.py $(mdl) "${common[@]}" \
     --gradient_checkpointing --fp8_base; }
 
-p11() { part "11. --cuda_graphs on the tiny model: the same LoRA as eager? ($(left) s left)"
+# graphs_vs_eager N LABEL [EXTRA FLAGS]: the tiny model trained 6 steps on CUDA both ways; do the LoRAs agree?
+graphs_vs_eager() { local n=$1 label=$2; shift 2
   [ -d "$WORK/tiny" ] || "$PY" -m billiard_lora.tiny "$WORK/tiny" | tail -1
   for g in "--cuda_graphs=false" --cuda_graphs; do
-    run 11 120 "$PY" -m billiard_lora.train --pretrained_model_name_or_path="$WORK/tiny" --dataset_name=default \
-      --instance_prompt="a photo of messi playing billiard" --output_dir="$WORK/graphs$g" --resolution=64 \
+    run "$n" 120 "$PY" -m billiard_lora.train --pretrained_model_name_or_path="$WORK/tiny" --dataset_name=default \
+      --instance_prompt="a photo of messi playing billiard" --output_dir="$WORK/graphs$n$g" --resolution=64 \
       --train_batch_size=1 --gradient_accumulation_steps=3 --gradient_checkpointing --mixed_precision=fp16 \
-      --use_8bit_adam --max_train_steps=6 --seed=0 --report_to=none --overwrite_output_dir $g; done
-  "$PY" - "$WORK/graphs--cuda_graphs=false" "$WORK/graphs--cuda_graphs" <<'PYEOF'
+      --use_8bit_adam --max_train_steps=6 --seed=0 --report_to=none --overwrite_output_dir $g "$@"; done
+  "$PY" - "$WORK/graphs$n--cuda_graphs=false" "$WORK/graphs$n--cuda_graphs" "$label" <<'PYEOF'
 import json, sys
 from safetensors.torch import load_file
-a, b = (load_file(f"{d}/pytorch_lora_weights.safetensors") for d in sys.argv[1:])
+a, b = (load_file(f"{d}/pytorch_lora_weights.safetensors") for d in sys.argv[1:3])
 diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-print(json.dumps({"what": "cuda_graphs_check", "lora_max_abs_diff": diff, "same_keys": a.keys() == b.keys(),
-                  "graphs": json.load(open(f"{sys.argv[2]}/summary.json")).get("cuda_graph_replays")}))
+summary = json.load(open(f"{sys.argv[2]}/summary.json"))
+print(json.dumps({"what": "cuda_graphs_check", "variant": sys.argv[3], "lora_max_abs_diff": diff,
+                  "same_keys": a.keys() == b.keys(), "graphs": summary.get("cuda_graph_replays"),
+                  "failure": summary.get("cuda_graph_failure")}))
 PYEOF
 }
+
+p11() { part "11. --cuda_graphs on the tiny model: the same LoRA as eager? ($(left) s left)"
+  graphs_vs_eager 11 unet; }
+
+p17() { part "17. --cuda_graphs --train_text_encoder on the tiny model: recorded, and the same LoRA as eager? ($(left) s left)"
+  graphs_vs_eager 17 text_encoders --train_text_encoder; }
 
 p12() { part "12. ours, seed settings, eager (--cuda_graphs off) ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 12 "$(upto ${CAP12:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
@@ -159,7 +169,7 @@ p16() { part "16. ours, seed settings, UNet channels-last ($(left) s left)"
     --gradient_checkpointing --channels_last; }
 
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'

@@ -88,8 +88,9 @@ class MicroStepGraph:
         return _on_side_stream(self.fn, *inputs)
 
     def _record(self, inputs, signature) -> torch.Tensor:
-        if any(t is None for t in self.watched()):
-            return self._eager(inputs)  # gradients are allocated by an eager backward first
+        # Recorded after WARMUP_CALLS eager micro-steps: every gradient a backward reaches exists by now, so the
+        # graph adds into it. One still None is never reached (the LoRA of the first text encoder's last layer,
+        # whose output SDXL does not use): the graph leaves it alone, and a replay checks it stays None.
         self.static_in = [t.detach().clone() for t in inputs]
         try:
             self.replay, self.static_out = _capture(self.fn, self.static_in)

@@ -141,9 +141,14 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
             f"checkpointing; training {'without' if fits else 'with'} it")
     if config.gradient_checkpointing:
         # (the UNet draws no random numbers: no RNG state to save, which a CUDA graph could not record anyway)
-        checkpoint_unet(c.unet, reentrant=config.torch_compile == "none", preserve_rng_state=not config.cuda_graphs)
+        # reentrant where it applies (see checkpoint_unet), except where DDP must look for parameters without
+        # gradients (text-encoder training on several processes): its search cannot follow reentrant checkpoints
+        # (with CUDA graphs, which bypass DDP, the same form keeps the numbers equal to DDP's)
+        ddp_unused = config.train_text_encoder and accelerator.num_processes > 1
+        checkpoint_unet(c.unet, reentrant=config.torch_compile == "none" and not ddp_unused,
+                        preserve_rng_state=not config.cuda_graphs)
         for te in text_encoders:
-            te.gradient_checkpointing_enable()
+            checkpoint_text_encoder(te, preserve_rng_state=not config.cuda_graphs)
     compile_unet(c.unet, config.torch_compile, mode=config.torch_compile_mode)
 
     # ---- 5. latents: each view VAE-encoded once; the dataloader
@@ -241,11 +246,19 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     # recorded), and the processes average the adapters' gradients once per optimizer step instead, as DDP would.
     average_by_hand = config.cuda_graphs and accelerator.num_processes > 1
     model = accelerator.unwrap_model(unet) if average_by_hand else unet
+    encoders = [accelerator.unwrap_model(te) if average_by_hand else te for te in (te_one, te_two)]
+    from .conditioning import encode_prompt, tokenize
 
-    def forward_backward(noisy_latents, timesteps, prompt_embeds, pooled, time_ids, target) -> torch.Tensor:
-        """The micro-step's GPU work: predict, score, backpropagate into the adapters (a CUDA graph with --cuda_graphs)."""
-        model_pred = model(noisy_latents, timesteps, prompt_embeds,
-                           added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled}, return_dict=False)[0]
+    def forward_backward(noisy_latents, timesteps, text_a, text_b, time_ids, target) -> torch.Tensor:
+        """The micro-step's GPU work: predict, score, backpropagate into the adapters (a CUDA graph with --cuda_graphs).
+
+        ``text_a, text_b``: the cached prompt embeddings and pooled embeddings, or, when the text encoders learn
+        too, each encoder's token ids, which they encode here (inside the recorded step)."""
+        if prompt_cache is None:
+            text_a, text_b = encode_prompt(encoders, None, input_ids=[text_a, text_b])
+        model_pred = model(noisy_latents, timesteps, text_a.to(weight_dtype),
+                           added_cond_kwargs={"time_ids": time_ids, "text_embeds": text_b.to(weight_dtype)},
+                           return_dict=False)[0]
         loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, config)
         accelerator.backward(loss)
         return loss.detach()
@@ -279,21 +292,18 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                 # the forward diffusion process: noise the latents to the sampled timestep
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
-                from .conditioning import encode_prompt
-
                 time_ids = time_id_cache.lookup(batch["original_sizes"], batch["crop_top_lefts"])  # (B, 6)
                 if prompt_cache is not None:
-                    prompt_embeds, pooled = prompt_cache.lookup(batch["captions"])  # (B, 77, 2048), (B, 1280)
-                else:
-                    prompt_embeds, pooled = encode_prompt([te_one, te_two], c.tokenizers, batch["captions"])
+                    text = prompt_cache.lookup(batch["captions"])  # (B, 77, 2048), (B, 1280)
+                else:  # the text encoders learn: they encode the token ids (B, 77) inside the micro-step
+                    text = [tokenize(tok, batch["captions"]).to(device) for tok in c.tokenizers]
                 if noise_scheduler.config.prediction_type == "v_prediction":
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
                     target = noise
                 if compiled_graphs:  # a new iteration: CUDA graphs may reuse the memory of the last one's outputs
                     torch.compiler.cudagraph_mark_step_begin()
-                loss = micro_step(noisy_latents, timesteps, prompt_embeds.to(weight_dtype), pooled.to(weight_dtype),
-                                  time_ids, target)
+                loss = micro_step(noisy_latents, timesteps, *text, time_ids, target)
                 # summed on the device: reading a value would make the CPU wait for the GPU every micro-step
                 accum_loss, accum_n = accum_loss + loss, accum_n + 1
                 if accelerator.sync_gradients:
@@ -428,6 +438,16 @@ def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = 
     kw = dict(preserve_rng_state=preserve_rng_state)
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=partial(_checkpoint_block, **kw) if reentrant else
                                        partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, **kw))
+
+
+def checkpoint_text_encoder(text_encoder, *, preserve_rng_state: bool = True) -> None:
+    """Gradient checkpointing of a CLIP text encoder's layers (non-reentrant: its LoRA gets gradients whether or not
+    the embeddings need any). Without saving RNG state under CUDA graphs, which cannot record it (CLIP draws none)."""
+    kwargs = {"use_reentrant": False, "preserve_rng_state": preserve_rng_state}
+    if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.23; the older name warns there
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _checkpoint_block(block, *args, **kw):
@@ -576,8 +596,7 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
     if config.cuda_graphs is not False:  # asked for (True), or to be decided (None: on where it applies)
         asked = config.cuda_graphs is True
         why = ("needs a CUDA GPU" if not _cuda_graphs_possible() else
-               "records the UNet's micro-step; not with --train_text_encoder" if config.train_text_encoder
-               else "does not record --lora_dropout's random masks" if config.lora_dropout > 0
+               "does not record --lora_dropout's random masks" if config.lora_dropout > 0
                else None)
         compile_mode = changes.get("torch_compile_mode", config.torch_compile_mode)
         if not asked and why is None and config.torch_compile != "none" and (
@@ -585,6 +604,10 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
             # undecided: not where the user chose torch.compile's own CUDA graphs, nor with full compilation, which
             # has not been run with them on a GPU (regional has: benchmarks/RESULTS.md)
             why = "not chosen by default with this --torch_compile setting"
+        if not asked and why is None and config.train_text_encoder:
+            # the text encoders in the recorded step: tested on the CPU with recording stood in for, not yet run on a
+            # GPU, so only when asked for
+            why = "not chosen by default with --train_text_encoder"
         if why:
             if asked:
                 notes.append(f"--cuda_graphs {why}; training without CUDA graphs")
@@ -674,9 +697,13 @@ def make_accelerator(config: TrainConfig, out: Path):
 
     AcceleratorState._reset_state()
     # --cuda_graphs: autocast's cache of cast weights would outlive the recording (PyTorch: record with it off)
-    from accelerate.utils import AutocastKwargs
+    from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs
 
-    handlers = [AutocastKwargs(cache_enabled=False)] if config.cuda_graphs else None
+    handlers = [AutocastKwargs(cache_enabled=False)] if config.cuda_graphs else []
+    if config.train_text_encoder:
+        # SDXL reads the first text encoder's penultimate layer: its last layer, LoRA included, gets no gradient,
+        # and DDP must be told to expect that (as diffusers' script does), or the second step stops with an error
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu_distributed,
                        mixed_precision=config.mixed_precision, log_with=log_with, project_config=project,
                        kwargs_handlers=handlers)

@@ -889,6 +889,7 @@ def test_cuda_graphs_left_unset_are_on_exactly_where_they_apply_and_off_silently
     for kw in (dict(lora_dropout=0.1), dict(train_text_encoder=True), dict(torch_compile="full"),
                dict(torch_compile="full", torch_compile_mode="reduce-overhead")):
         assert decided(**kw) is False, kw
+    assert decided(train_text_encoder=True, cuda_graphs=True) is True  # asked for: the text encoders recorded too
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert decided() is True  # several processes: each records its own; gradients averaged by hand (tested below)
     # what ran is what config.json records: a plain bool
@@ -898,10 +899,12 @@ def test_cuda_graphs_left_unset_are_on_exactly_where_they_apply_and_off_silently
     assert json.loads((out / "config.json").read_text())["cuda_graphs"] is False
 
 
-def test_the_recorded_micro_step_never_needs_the_host(tiny_model_dir, tmp_path, monkeypatch):
-    """What --cuda_graphs records (UNet forward, Min-SNR loss, backward through checkpointed blocks, bf16 autocast)
-    has no operation a CUDA graph cannot hold: none that reads a value back to the CPU (.item(), nonzero, masked
-    indexing...) and no copy between devices. Checked op by op as the stand-in records it."""
+@pytest.mark.parametrize("text_encoders", [False, True])
+def test_the_recorded_micro_step_never_needs_the_host(tiny_model_dir, tmp_path, monkeypatch, text_encoders):
+    """What --cuda_graphs records (UNet forward, Min-SNR loss, backward through checkpointed blocks, bf16 autocast;
+    with --train_text_encoder both CLIP encoders from token ids too) has no operation a CUDA graph cannot hold: none
+    that reads a value back to the CPU (.item(), nonzero, masked indexing...) and no copy between devices. Checked
+    op by op as the stand-in records it."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import billiard_lora.graphs as graphs
@@ -927,11 +930,36 @@ def test_the_recorded_micro_step_never_needs_the_host(tiny_model_dir, tmp_path, 
     monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
     monkeypatch.setattr(graphs, "_capture", record)
     data = make_images(tmp_path / "data", n=4)
-    train(tiny_config(tiny_model_dir, data, tmp_path / "o", cuda_graphs=True, max_train_steps=3,
-                      gradient_accumulation_steps=2, gradient_checkpointing=True, snr_gamma=5.0,
-                      mixed_precision="bf16"))
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "o", cuda_graphs=True, max_train_steps=3,
+                            gradient_accumulation_steps=2, gradient_checkpointing=True, snr_gamma=5.0,
+                            mixed_precision="bf16", train_text_encoder=text_encoders))
+    assert json.loads((out / "summary.json").read_text())["cuda_graph_replays"] > 0
     assert {"convolution_backward", "mm", "mse_loss_backward"} <= seen, "the whole micro-step was recorded"
-    assert not seen & needs_host and not moves
+    if text_encoders:
+        assert "embedding" in seen, "the text encoders ran in the recorded step"
+    assert not seen & needs_host and not moves, (seen & needs_host, moves)
+
+
+def test_cuda_graphs_with_text_encoder_training_equal_eager_training(tiny_model_dir, tmp_path, monkeypatch):
+    """--train_text_encoder --cuda_graphs (recording stood in for on the CPU): both CLIP encoders encode the token
+    ids inside the recorded micro-step, checkpointed, and learn exactly as eagerly: LoRA (UNet and text encoders)
+    and losses bit for bit."""
+    import billiard_lora.graphs as graphs
+    import billiard_lora.train as train_mod
+
+    data = make_images(tmp_path / "data", n=4, captions={0: "a photo of sks cue", 2: "sks balls on a table"})
+    kw = dict(max_train_steps=4, gradient_accumulation_steps=2, gradient_checkpointing=True, snr_gamma=5.0,
+              train_text_encoder=True, text_encoder_lr=5e-4, caption_column="prompt")
+    eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", cuda_graphs=False, **kw))
+    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
+    monkeypatch.setattr(graphs, "_capture", _fake_capture)
+    graphed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", cuda_graphs=True, **kw))
+    summary = json.loads((graphed / "summary.json").read_text())
+    assert summary["cuda_graph_replays"] > 0 and summary["cuda_graph_failure"] is None
+    assert (eager / "loss_history.csv").read_text() == (graphed / "loss_history.csv").read_text()
+    a, b = lora_tensors(eager), lora_tensors(graphed)
+    assert a.keys() == b.keys() and sum(k.startswith("text_encoder_2.") for k in a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
 def test_cuda_graphs_default_path_with_prior_preservation_validation_and_resume_equals_eager(tiny_model_dir, tmp_path,
@@ -981,9 +1009,11 @@ sys.exit(train.main())
 """
 
 
-def test_cuda_graphs_with_two_processes_average_gradients_as_ddp_does(tiny_model_dir, tmp_path):
-    """accelerate launch, 2 processes (gloo, CPU): the recorded micro-step runs the bare UNet and the gradients are
-    averaged by hand at each optimizer step; the LoRA equals DDP's, bit for bit (recording stood in for)."""
+@pytest.mark.parametrize("extra", [[], ["--train_text_encoder"]])
+def test_cuda_graphs_with_two_processes_average_gradients_as_ddp_does(tiny_model_dir, tmp_path, extra):
+    """accelerate launch, 2 processes (gloo, CPU): the recorded micro-step runs the bare UNet (and text encoders)
+    and the gradients are averaged by hand at each optimizer step; the LoRA equals DDP's, bit for bit (recording
+    stood in for)."""
     data = make_images(tmp_path / "data", n=4)
     launcher = tmp_path / "launch_with_stand_in.py"
     launcher.write_text(_STAND_IN_LAUNCHER)
@@ -995,7 +1025,7 @@ def test_cuda_graphs_with_two_processes_average_gradients_as_ddp_does(tiny_model
                   f"--pretrained_model_name_or_path={tiny_model_dir}", f"--instance_data_dir={data}",
                   f"--output_dir={out}", "--instance_prompt=sks billiard", "--resolution=32", "--train_batch_size=1",
                   "--gradient_accumulation_steps=2", "--max_train_steps=4", "--learning_rate=1e-3", "--seed=0",
-                  "--report_to=none", "--gradient_checkpointing", f"--cuda_graphs={graphs}"])
+                  "--report_to=none", "--gradient_checkpointing", f"--cuda_graphs={graphs}", *extra])
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
         runs[name] = out
     summary = json.loads((runs["graphs"] / "summary.json").read_text())
