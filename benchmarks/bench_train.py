@@ -192,8 +192,17 @@ class GpuTime:
         self._prof = profile(activities=[ProfilerActivity.CUDA])
         self._prof.start()
         self._wall = time.perf_counter()
+        # torch.cuda.synchronize() calls within the step (bitsandbytes per tensor makes one per LoRA tensor)
+        self.synchronize_calls, self._real_sync = 0, torch.cuda.synchronize
+
+        def counting(*args, **kwargs):
+            self.synchronize_calls += 1
+            return self._real_sync(*args, **kwargs)
+
+        torch.cuda.synchronize = counting
 
     def stop(self) -> None:
+        torch.cuda.synchronize = self._real_sync
         torch.cuda.synchronize()
         self.wall = time.perf_counter() - self._wall
         self._prof.stop()
@@ -216,7 +225,8 @@ class GpuTime:
                 "gpu_busy_fraction": total / (1000 * self.wall),
                 "gpu_kernel_launches_per_micro_step": sum(n for _, n in self.kernels.values()) / micro,
                 "top_kernels_ms_per_micro_step": {k[:90]: round(ms / micro, 2) for k, (ms, _) in top},
-                "gpu_idle_ms_per_micro_step": self.idle_ms / micro, "longest_gpu_gaps": self.gaps}
+                "gpu_idle_ms_per_micro_step": self.idle_ms / micro, "longest_gpu_gaps": self.gaps,
+                "cuda_synchronize_calls_per_optimizer_step": self.synchronize_calls}
 
 
 def bench_generation(args) -> dict:

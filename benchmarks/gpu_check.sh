@@ -186,7 +186,8 @@ for r in rows:
               f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB alloc / {r.get('cuda_max_reserved_gb', 0):.2f} reserved "
               f"(timed steps {r.get('cuda_max_allocated_gb_timed', float('nan')):.2f}) "
               f"mfu={r.get('mfu', float('nan')):.3f} gpu_kernels={r.get('gpu_kernel_ms_per_micro_step', float('nan')):.1f} ms/micro "
-              f"gpu_idle={r.get('gpu_idle_ms_per_micro_step', float('nan')):.1f} ms/micro")
+              f"gpu_idle={r.get('gpu_idle_ms_per_micro_step', float('nan')):.1f} ms/micro "
+              f"syncs/step={r.get('cuda_synchronize_calls_per_optimizer_step', '-')}")
         for g in r.get("longest_gpu_gaps", [])[:3]:
             print(f"    gap {g['ms']:.1f} ms after {g['after']} before {g['before']}")
     else:
