@@ -311,8 +311,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                         average_gradients(adapters, accelerator.num_processes)
                     if not torch.isfinite(accum_loss):  # checked before the step: a NaN never reaches the adapter
                         raise TrainingDiverged(global_step, out, config)
-                    accelerator.clip_grad_norm_([p for m in (unet, *text_encoders) for p in lora_params(m)],
-                                                config.max_grad_norm)
+                    accelerator.clip_grad_norm_(adapters, config.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=not config.cuda_graphs)  # a recorded graph adds into these tensors
