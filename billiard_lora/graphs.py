@@ -14,7 +14,8 @@ the adapters' ``.grad`` -- so it must see the same shapes and the same tensors e
 
 The optimizer step, gradient clipping and the fp16 loss scaler's inf check stay outside the graph. Used only on
 CUDA GPUs (with several processes, each records its own micro-step on the bare UNet and ``train`` averages the
-gradients itself, as DDP would), UNet LoRA only, no LoRA dropout (see ``train.resolve_hardware``).
+gradients itself, as DDP would), no LoRA dropout; with ``--train_text_encoder`` the text encoders run inside the
+recorded step too, on token ids (only when asked for; see ``train.resolve_hardware``).
 """
 
 from __future__ import annotations

@@ -905,7 +905,7 @@ def lora_signature(config: TrainConfig) -> dict:
             "lora_alpha": config.alpha, "use_dora": config.use_dora, "train_text_encoder": config.train_text_encoder,
             "init_lora_weights": config.init_lora_weights,
             # the optimizer's saved state only fits the same optimizer
-            "optimizer": "AdamW8bit" if adam8 else config.optimizer}
+            "optimizer": "AdamW8bit" if adam8 else {"adamw": "AdamW"}.get(config.optimizer.lower(), "Prodigy")}
 
 
 @contextlib.contextmanager
