@@ -131,3 +131,28 @@ def test_another_optimizers_state_is_refused_in_one_line():
         FlatAdamW8bit(groups(params()), lr=1e-2).load_state_dict(adamw.state_dict())
     with pytest.raises(UserError, match="resume with the settings it was saved with"):
         FlatAdamW8bit(groups(params()[:6]), lr=1e-2).load_state_dict(adamw.state_dict())
+
+
+def test_under_the_fp16_loss_scaler_flat_steps_and_skips_exactly_as_per_tensor():
+    """The path fp16 training takes on a GPU (here torch's GradScaler on the CPU): the scaler unscales and checks the
+    model's own gradients, clipping sees them unscaled, an overflowing step is skipped, and the flat form lands
+    where per-tensor bitsandbytes does."""
+    a, b = params(), params()
+    runs = [(bnb.optim.AdamW8bit(groups(a), lr=1e-2), a), (FlatAdamW8bit(groups(b), lr=1e-2), b)]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in runs]
+    g = torch.Generator().manual_seed(3)
+    for step in range(6):
+        targets = [torch.randn(p.shape, generator=g) for p in a]
+        for (opt, ps), scaler in zip(runs, scalers):
+            loss = sum(((p - t) ** 2).sum() for p, t in zip(ps, targets) if p is not ps[3])
+            if step == 2:
+                loss = loss * float("inf")  # an overflow: this step must be skipped, and the scale lowered
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(ps, 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=False)
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert scalers[1].get_scale() < 2.0 ** 10  # the overflow was seen
+    assert_same(a, b)
