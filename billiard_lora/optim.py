@@ -4,11 +4,15 @@ bitsandbytes steps its 8-bit AdamW one tensor at a time and waits for the GPU af
 (``bitsandbytes.utils.sync_gpu`` calls ``torch.cuda.synchronize()`` per parameter). SDXL's rank-4 UNet LoRA is
 1,120 small tensors, so each optimizer step was 1,120 launches, each followed by a full stop of the GPU, while the
 update itself is 5.8 M numbers. ``FlatAdamW8bit`` hands bitsandbytes the same numbers as a few flat buffers
-instead: one update per buffer, the same algorithm, and on this project's CPU the same bits (tested).
+instead: one update per buffer, the same algorithm, and on this project's CPU the same bits (tested). Prodigy reads
+two numbers back from the GPU per tensor per step (``.item()``); ``FlatProdigy`` runs it over flat buffers too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import warnings
 from typing import Sequence
 
@@ -40,16 +44,13 @@ def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_proce
         groups.append({"params": te_params, "lr": te_lr, "weight_decay": config.adam_weight_decay_text_encoder})
     betas = (config.adam_beta1, config.adam_beta2)
     if name == "prodigy":
-        try:
-            import prodigyopt
-        except ImportError:
-            raise UserError("--optimizer=Prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        if importlib.util.find_spec("prodigyopt") is None:
+            raise UserError("--optimizer=Prodigy needs the prodigyopt package: pip install prodigyopt")
         if lr <= 0.1:
             warnings.warn(f"Prodigy usually wants --learning_rate around 1.0; got {lr}", stacklevel=2)
-        return prodigyopt.Prodigy(groups, lr=lr, betas=betas, beta3=config.prodigy_beta3, eps=config.adam_epsilon,
-                                  decouple=config.prodigy_decouple,
-                                  use_bias_correction=config.prodigy_use_bias_correction,
-                                  safeguard_warmup=config.prodigy_safeguard_warmup)
+        return FlatProdigy(groups, lr=lr, betas=betas, beta3=config.prodigy_beta3, eps=config.adam_epsilon,
+                           decouple=config.prodigy_decouple, use_bias_correction=config.prodigy_use_bias_correction,
+                           safeguard_warmup=config.prodigy_safeguard_warmup)
     if config.use_8bit_adam:
         return FlatAdamW8bit(groups, lr=lr, betas=betas, eps=config.adam_epsilon)
     # torch's fused AdamW: one kernel for all ~1,100 LoRA tensors instead of a few per tensor (SDXL's rank-4 LoRA
@@ -63,11 +64,9 @@ def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_proce
 class _Pack:
     """Parameters of one group, device and dtype that share a flat buffer: their values and gradients in one place."""
 
-    def __init__(self, group_index: int, params: list[torch.nn.Parameter], small: bool):
+    def __init__(self, group_index: int, params: list[torch.nn.Parameter], small: bool, block: int):
         self.group_index, self.params, self.small = group_index, params, small
-        # 8-bit states are scaled per block of 256: padding each tensor to whole blocks gives every block the numbers
-        # of one tensor only, exactly the blocks bitsandbytes would use for that tensor alone
-        sizes = [p.numel() if small else -(-p.numel() // STATE_BLOCK) * STATE_BLOCK for p in params]
+        sizes = [-(-p.numel() // block) * block for p in params]  # each tensor padded to whole blocks
         self.flat = torch.nn.Parameter(torch.zeros(sum(sizes), device=params[0].device, dtype=params[0].dtype))
         self.grad_buffer = self.flat.grad = torch.zeros_like(self.flat)
         self.values, self.grads, start = [], [], 0
@@ -77,29 +76,46 @@ class _Pack:
             start += size
 
 
-class FlatAdamW8bit(torch.optim.Optimizer):
-    """bitsandbytes' ``AdamW8bit`` over the parameters copied into a few flat buffers: the same update, few launches.
+class _FlatOptimizer(torch.optim.Optimizer):
+    """An optimizer run over the parameters copied into a few flat buffers: the same update, few launches.
 
     The parameters and groups a caller sees (and that GradScaler, gradient clipping, ``zero_grad`` and learning-rate
-    schedules work on) are the model's own. ``step()`` copies values and gradients into one buffer per group (two
-    where the group has tensors under 4,096 numbers, which keep 32-bit states as bitsandbytes gives them), runs
-    bitsandbytes' update on each buffer, and copies the values back: three ``_foreach_copy_`` calls around a
-    handful of updates, instead of one update and one GPU synchronisation per tensor.
-    Tensors are padded to whole 256-number blocks, so each block's 8-bit scale covers the same numbers as it would
-    per tensor. A parameter without a gradient keeps its value, as bitsandbytes leaves it. (One that never gets a
+    schedules work on) are the model's own. ``step()`` copies values and gradients into one buffer per group (and
+    device and dtype), runs the wrapped optimizer over the buffers, and copies the values back: three
+    ``_foreach_copy_`` calls around a handful of updates, instead of a few launches -- and in the optimizers
+    wrapped here, GPU synchronisations -- per tensor.
+    A parameter without a gradient keeps its value, as both wrapped optimizers leave it. (One that never gets a
     gradient, like the LoRA on the last layer of SDXL's first text encoder, whose output SDXL does not use, is
-    therefore exactly as per tensor. One that misses only some steps would see its moments decay in those steps,
-    where bitsandbytes freezes them.)
-    A state bitsandbytes saved per tensor (checkpoints of older versions) is laid out into the buffers on loading,
-    exactly; another optimizer's is refused in one line.
+    therefore as per tensor. One that misses only some steps would see its moments decay in those steps, where
+    they would freeze.) A state the wrapped optimizer saved per tensor (checkpoints of older versions) is laid out
+    into the buffers on loading; another optimizer's is refused in one line.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 min_8bit_size: int | None = None):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.min_8bit_size = MIN_8BIT_SIZE if min_8bit_size is None else min_8bit_size
+    MARKER = "flat"  # the key of a state dict this class wrote
+    SYNCED = ("lr", "weight_decay")  # what a schedule (or the caller) may change on the groups between steps
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
         self._packs: list[_Pack] | None = None  # built at the first use, once the model is on its device
         self._inner = None
+
+    # what a subclass says
+    def _small(self, p: torch.nn.Parameter) -> bool:  # in a buffer of its own (another kind of state)
+        return False
+
+    def _block(self, small: bool) -> int:
+        return 1
+
+    def _make_inner(self, groups: list[dict]) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def _from_per_tensor(self, state_dict: dict) -> dict:
+        raise NotImplementedError
+
+    def _unfit(self) -> UserError:
+        return UserError(f"the checkpoint's optimizer state is not {self.NAME}'s over this LoRA (was it saved with "
+                         f"other --use_8bit_adam/--optimizer/--train_text_encoder settings?): resume with the "
+                         f"settings it was saved with, or start a new --output_dir")
 
     def _build(self) -> None:
         if self._packs is not None:
@@ -108,14 +124,11 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             keys: dict[tuple, list] = {}
             for p in group["params"]:
-                keys.setdefault((p.device, p.dtype, p.numel() < self.min_8bit_size), []).append(p)
-            self._packs += [_Pack(gi, ps, small) for (_, _, small), ps in keys.items()]
-        inner_groups = [{"params": [k.flat], "state_bits": 32 if k.small else 8, **self._hyper(k)} for k in self._packs]
-        self._inner = _bnb_adamw8bit()(inner_groups, min_8bit_size=self.min_8bit_size)
-
-    def _hyper(self, pack: _Pack) -> dict:
-        g = self.param_groups[pack.group_index]
-        return {k: g[k] for k in ("lr", "betas", "eps", "weight_decay")}
+                keys.setdefault((p.device, p.dtype, self._small(p)), []).append(p)
+            self._packs += [_Pack(gi, ps, small, self._block(small)) for (_, _, small), ps in keys.items()]
+        self._inner = self._make_inner([
+            {**{k: v for k, v in self.param_groups[k_.group_index].items() if k != "params"}, "params": [k_.flat],
+             "small": k_.small} for k_ in self._packs])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -125,9 +138,10 @@ class FlatAdamW8bit(torch.optim.Optimizer):
                 loss = closure()
         self._build()
         for pack, inner in zip(self._packs, self._inner.param_groups):
-            inner.update(self._hyper(pack))  # a schedule changes the outer group's lr: the buffer steps with it
+            group = self.param_groups[pack.group_index]
+            inner.update({k: group[k] for k in self.SYNCED})  # a schedule changed the lr: the buffer steps with it
             if all(p.grad is None for p in pack.params):
-                pack.flat.grad = None  # bitsandbytes skips a parameter without a gradient
+                pack.flat.grad = None  # skipped, as a parameter without a gradient is
                 continue
             pack.flat.grad = pack.grad_buffer
             torch._foreach_copy_(pack.values, [p.detach() for p in pack.params])
@@ -142,56 +156,86 @@ class FlatAdamW8bit(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         self._build()
-        return {"flat_adamw8bit": self._inner.state_dict(),
+        return {self.MARKER: self._inner.state_dict(),
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._build()
-        if "flat_adamw8bit" not in state_dict:  # bitsandbytes' own, per tensor (an older billiard-lora wrote these)
+        if self.MARKER not in state_dict:  # the wrapped optimizer's own, per tensor (older versions wrote these)
+            groups, states = state_dict.get("param_groups"), state_dict.get("state")
+            if groups is None or states is None or \
+                    [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+                raise self._unfit()
             state_dict = self._from_per_tensor(state_dict)
         saved = state_dict["param_groups"]
         if len(saved) != len(self.param_groups):
-            raise ValueError(f"optimizer state has {len(saved)} parameter groups, this run {len(self.param_groups)}")
+            raise self._unfit()
         for group, hyper in zip(self.param_groups, saved):
             group.update(hyper)
-        self._inner.load_state_dict(state_dict["flat_adamw8bit"])
+        self._inner.load_state_dict(state_dict[self.MARKER])
 
+    def _per_tensor_states(self, state_dict: dict, pack: _Pack) -> list[dict]:
+        """The saved per-tensor states of a pack's parameters, in its order ({} for one that never stepped)."""
+        mine = self.param_groups[pack.group_index]["params"]
+        saved = state_dict["param_groups"][pack.group_index]["params"]
+        return [dict(state_dict["state"].get(saved[next(i for i, q in enumerate(mine) if q is p)], {}))
+                for p in pack.params]
+
+    def _converted(self, state_dict: dict, states: dict[int, dict]) -> dict:
+        inner = self._inner.state_dict()
+        inner["state"] = states
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in state_dict["param_groups"]]
+        for index, pack in enumerate(self._packs):  # the wrapped optimizer's group values (Prodigy's d...) too
+            inner["param_groups"][index].update({k: v for k, v in groups[pack.group_index].items()
+                                                 if k in inner["param_groups"][index]})
+        return {self.MARKER: inner, "param_groups": groups}
+
+
+class FlatAdamW8bit(_FlatOptimizer):
+    """bitsandbytes' ``AdamW8bit`` over flat buffers: the same update bit for bit (tested), 4 GPU synchronisations
+    per step instead of one per tensor. Tensors under 4,096 numbers share a buffer of their own and keep 32-bit
+    states, as bitsandbytes gives them; the others are padded to whole 256-number blocks, so that each block's
+    8-bit scale covers the same numbers as it would per tensor."""
+
+    MARKER, NAME = "flat_adamw8bit", "bitsandbytes' 8-bit AdamW"
+    SYNCED = ("lr", "betas", "eps", "weight_decay")
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 min_8bit_size: int | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.min_8bit_size = MIN_8BIT_SIZE if min_8bit_size is None else min_8bit_size
+
+    def _small(self, p) -> bool:
+        return p.numel() < self.min_8bit_size
+
+    def _block(self, small: bool) -> int:
+        return 1 if small else STATE_BLOCK
+
+    def _make_inner(self, groups):
+        return _bnb_adamw8bit()(groups, min_8bit_size=self.min_8bit_size)
 
     def _from_per_tensor(self, state_dict: dict) -> dict:
-        """bitsandbytes' per-tensor AdamW8bit state as this optimizer's: the same numbers, laid out in the buffers.
-
-        Exact: each 8-bit tensor's codes and block scales go where its padded blocks are (padding gets the code of
-        zero), 32-bit states are concatenated, and the step count is the tensors' common one.
-        """
+        """bitsandbytes' per-tensor AdamW8bit state laid out in the buffers, exactly: each 8-bit tensor's codes and
+        block scales go where its padded blocks are (padding gets the code of zero), 32-bit states are concatenated,
+        and the step count is the tensors' common one."""
         from bitsandbytes.optim.optimizer import Optimizer8bit
 
-        unfit = UserError("the checkpoint's optimizer state is not bitsandbytes' 8-bit AdamW over this LoRA (was it "
-                          "saved with other --use_8bit_adam/--optimizer/--train_text_encoder settings?): resume with "
-                          "the settings it was saved with, or start a new --output_dir")
-        groups, states = state_dict.get("param_groups"), state_dict.get("state")
-        if groups is None or states is None or \
-                [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
-            raise unfit
-        inner = self._inner.state_dict()
-        inner["state"] = {}
+        states = {}
         for index, pack in enumerate(self._packs):
-            mine, saved = self.param_groups[pack.group_index]["params"], groups[pack.group_index]["params"]
-            per = []
-            for p in pack.params:
-                s = dict(states.get(saved[next(i for i, q in enumerate(mine) if q is p)], {}))
+            per = self._per_tensor_states(state_dict, pack)
+            for s in per:
                 s.update(s.pop(Optimizer8bit._FSDP_WRAPPED_QUANT_STATE_KEY, {}))
-                per.append(s)
             steps = {int(s["step"]) for s in per if s}
             if not steps:
                 continue  # none of them stepped yet
             want = torch.float32 if pack.small else torch.uint8
             if len(steps) > 1 or any(s and (s.get("state1") is None or s["state1"].dtype != want) for s in per):
-                raise unfit
+                raise self._unfit()
             ref = next(s for s in per if s)
             state = {"step": steps.pop()}
             if pack.small:
                 for key in ("state1", "state2"):
-                    state[key] = torch.cat([s[key].reshape(-1) if s else torch.zeros(p.numel())
+                    state[key] = torch.cat([s[key].reshape(-1).cpu() if s else torch.zeros(p.numel())
                                             for s, p in zip(per, pack.params)])
             else:
                 for n in "12":
@@ -206,18 +250,67 @@ class FlatAdamW8bit(torch.optim.Optimizer):
                         codes.append(code)
                         scales.append(s[f"absmax{n}"].reshape(-1).cpu() if s else torch.zeros(blocks))
                     state.update({f"state{n}": torch.cat(codes), f"absmax{n}": torch.cat(scales), f"qmap{n}": qmap})
-            inner["state"][index] = state
-        return {"flat_adamw8bit": inner, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]}
+            states[index] = state
+        return self._converted(state_dict, states)
+
+
+class FlatProdigy(_FlatOptimizer):
+    """Prodigy over flat buffers. Per tensor, Prodigy reads two numbers back from the GPU for every tensor at every
+    step (``.item()`` of a dot product and of a sum: 2,240 synchronisations per step for SDXL's UNet LoRA); over
+    the buffers, two per buffer. The same algorithm: its sums over all parameters are taken in another order, so
+    the numbers agree to rounding, not bit for bit."""
+
+    MARKER, NAME = "flat_prodigy", "Prodigy"
+    SYNCED = ("lr",)
+
+    def __init__(self, params, **kwargs):
+        import prodigyopt
+
+        self._prodigy = prodigyopt.Prodigy
+        with contextlib.redirect_stdout(io.StringIO()):  # (it prints a line about weight decay; the real one will)
+            probe = prodigyopt.Prodigy([torch.nn.Parameter(torch.zeros(1))], **kwargs)  # its defaults and checks
+        super().__init__(params, dict(probe.defaults))
+
+    def _make_inner(self, groups):
+        return self._prodigy(groups, **{k: v for k, v in self.defaults.items() if k not in ("d", "d_max", "d_numerator",
+                                                                                           "k")})
+
+    def _from_per_tensor(self, state_dict: dict) -> dict:
+        """Prodigy's per-tensor state concatenated into the buffers (its initial values ``p0`` too; a tensor that
+        never stepped gets zero moments and its current values as ``p0``)."""
+        states = {}
+        for index, pack in enumerate(self._packs):
+            per = self._per_tensor_states(state_dict, pack)
+            steps = {int(s["step"]) for s in per if s}
+            if not steps:
+                continue
+            if len(steps) > 1 or any(s and "exp_avg_sq" not in s for s in per):
+                raise self._unfit()
+            state = {"step": steps.pop()}
+            for key in ("s", "p0", "exp_avg", "exp_avg_sq"):
+                if key == "exp_avg" and not any(key in s for s in per):
+                    continue  # beta1 = 0: Prodigy keeps none
+                parts = []
+                for s, p in zip(per, pack.params):
+                    t = s.get(key)
+                    if t is None:
+                        t = p.detach().reshape(-1) if key == "p0" else torch.zeros(p.numel())
+                    elif t.numel() == 1 and p.numel() > 1:  # Prodigy's p0 of an all-zero tensor: a scalar zero
+                        t = torch.zeros(p.numel())
+                    parts.append(t.reshape(-1).cpu().float())
+                state[key] = torch.cat(parts)
+            states[index] = state
+        return self._converted(state_dict, states)
 
 
 def _bnb_adamw8bit():
-    """bitsandbytes' AdamW8bit, with a parameter group able to ask for 32-bit states (``state_bits=32``)."""
+    """bitsandbytes' AdamW8bit, whose groups marked ``small`` keep 32-bit states (tensors under 4,096 numbers)."""
     import bitsandbytes as bnb
 
     class AdamW8bitGroups(bnb.optim.AdamW8bit):
         def get_config(self, gindex, pindex, group):
             config = super().get_config(gindex, pindex, group)
-            if group.get("state_bits") == 32:
+            if group.get("small"):
                 config["optim_bits"] = 32
             return config
 

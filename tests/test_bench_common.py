@@ -30,6 +30,7 @@ def test_optimizer_benchmark_reports_each_form_and_whether_flat_equals_per_tenso
     bench_optimizer.main(["--shape", "tiny", "--text_encoders", "--warmup", "1", "--steps", "2",
                           "--json", str(tmp_path / "r.jsonl")])
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert [r["optimizer"] for r in rows] == ["bnb_per_tensor", "ours_flat_8bit", "torch_fused_adamw"]
+    assert [r["optimizer"] for r in rows] == ["bnb_per_tensor", "ours_flat_8bit", "torch_fused_adamw",
+                                             "prodigy_per_tensor", "ours_flat_prodigy"]
     assert rows[0]["tensors"] == rows[1]["tensors"] > 0 and rows[0]["groups"] == 2
     assert rows[1]["max_abs_diff_vs_per_tensor"] == 0.0 and all(r["ms_per_step"] > 0 for r in rows)

@@ -27,7 +27,8 @@ def groups(ps: list, te_lr: float = 3e-3) -> list[dict]:
     return [{"params": ps[:5], "lr": 1e-2, "weight_decay": 1e-2}, {"params": ps[5:], "lr": te_lr, "weight_decay": 0.1}]
 
 
-def step_both(reference, flat, a, b, steps: int, g: torch.Generator, start: int = 0, lr_at=None) -> None:
+def step_both(reference, flat, a, b, steps: int, g: torch.Generator, start: int = 0, lr_at=None,
+              second_group_lr: float = 0.3) -> None:
     for step in range(start, start + steps):
         for p, q in zip(a, b):  # gradients across magnitudes; parameter 3 never has one (an unused layer's LoRA)
             p.grad = None if p is a[3] else torch.randn(p.shape, generator=g) * 10.0 ** (step % 3 - 2)
@@ -35,7 +36,7 @@ def step_both(reference, flat, a, b, steps: int, g: torch.Generator, start: int 
         if lr_at:  # a schedule changes the groups' learning rates between steps
             for opt in (reference, flat):
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(step) * (1 if group is opt.param_groups[0] else 0.3)
+                    group["lr"] = lr_at(step) * (1 if group is opt.param_groups[0] else second_group_lr)
         reference.step()
         flat.step()
 
@@ -127,7 +128,7 @@ def test_another_optimizers_state_is_refused_in_one_line():
     for p in ps:
         p.grad = torch.ones_like(p)
     adamw.step()
-    with pytest.raises(UserError, match="not bitsandbytes' 8-bit AdamW over this LoRA"):
+    with pytest.raises(UserError, match="not bitsandbytes' 8-bit AdamW's over this LoRA"):
         FlatAdamW8bit(groups(params()), lr=1e-2).load_state_dict(adamw.state_dict())
     with pytest.raises(UserError, match="resume with the settings it was saved with"):
         FlatAdamW8bit(groups(params()[:6]), lr=1e-2).load_state_dict(adamw.state_dict())
@@ -156,3 +157,69 @@ def test_under_the_fp16_loss_scaler_flat_steps_and_skips_exactly_as_per_tensor()
         assert scalers[0].get_scale() == scalers[1].get_scale()
     assert scalers[1].get_scale() < 2.0 ** 10  # the overflow was seen
     assert_same(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- Prodigy
+def prodigy_groups(ps: list) -> list[dict]:
+    return [{"params": ps[:5], "lr": 1.0, "weight_decay": 1e-2}, {"params": ps[5:], "lr": 1.0, "weight_decay": 1e-3}]
+
+
+TARGETS = [torch.randn(s, generator=torch.Generator().manual_seed(9)) for s in SHAPES]
+
+
+def descend_both(reference, flat, a, b, steps: int, start: int = 0, lr_at=None) -> None:
+    """Steps on a quadratic (gradient p - target, where a direction persists and Prodigy's d can grow); parameter 3
+    never gets a gradient."""
+    for step in range(start, start + steps):
+        for ps, opt in ((a, reference), (b, flat)):
+            for i, p in enumerate(ps):
+                p.grad = None if i == 3 else (p.detach() - TARGETS[i]).clone()
+            if lr_at:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step)  # Prodigy takes one learning rate for all groups
+            opt.step()
+
+
+def test_flat_prodigy_adapts_and_steps_as_prodigy_per_tensor():
+    """Prodigy over flat buffers: the same d estimate and the same parameters as Prodigy tensor by tensor, to the
+    rounding of its sums over all parameters (taken in another order)."""
+    prodigyopt = pytest.importorskip("prodigyopt")
+    from billiard_lora.optim import FlatProdigy
+
+    a, b = params(), params()
+    reference = prodigyopt.Prodigy(prodigy_groups(a), lr=1.0, weight_decay=1e-2, safeguard_warmup=True)
+    flat = FlatProdigy(prodigy_groups(b), lr=1.0, weight_decay=1e-2, safeguard_warmup=True)
+    descend_both(reference, flat, a, b, 12, lr_at=lambda s: min(1.0, (s + 1) / 4))
+    d_ref, d_flat = reference.param_groups[0]["d"], flat._inner.param_groups[0]["d"]
+    assert d_ref > 1e-5 and d_flat == pytest.approx(d_ref, rel=1e-4)  # it adapted (from 1e-6), and alike
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-4, atol=1e-6)
+    assert not torch.equal(b[0], params()[0]) and torch.equal(b[3], params()[3])  # moved; never given a gradient
+
+
+def test_flat_prodigy_resumes_exactly_and_from_a_per_tensor_state():
+    prodigyopt = pytest.importorskip("prodigyopt")
+    from billiard_lora.optim import FlatProdigy
+
+    # flat -> flat: bit for bit
+    a, b = params(), params()
+    whole, first = (FlatProdigy(prodigy_groups(x), lr=1.0) for x in (a, b))
+    descend_both(whole, first, a, b, 6)
+    c = [torch.nn.Parameter(p.detach().clone()) for p in b]
+    resumed = FlatProdigy(prodigy_groups(c), lr=1.0)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed._inner.param_groups[0]["d"] == whole._inner.param_groups[0]["d"] > 1e-5
+    descend_both(whole, resumed, a, c, 6, start=6)
+    assert_same(a, c)
+
+    # Prodigy's own per-tensor state (older versions saved it): laid out into the buffers, the run goes on alike
+    a, b = params(), params()
+    reference, earlier = (prodigyopt.Prodigy(prodigy_groups(x), lr=1.0) for x in (a, b))
+    descend_both(reference, earlier, a, b, 6)
+    c = [torch.nn.Parameter(p.detach().clone()) for p in b]
+    resumed = FlatProdigy(prodigy_groups(c), lr=1.0)
+    resumed.load_state_dict(earlier.state_dict())
+    assert resumed._inner.param_groups[0]["d"] == reference.param_groups[0]["d"] > 1e-5
+    descend_both(reference, resumed, a, c, 6, start=6)
+    for p, q in zip(a, c):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-4, atol=1e-6)
