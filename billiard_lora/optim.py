@@ -20,13 +20,10 @@ import torch
 
 from .config import TrainConfig
 from .errors import UserError
+from .lora import lora_parameters
 
 STATE_BLOCK = 256  # bitsandbytes' blockwise 8-bit states keep one scale per 256 numbers (CPU and CUDA kernels)
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep 32-bit states
-
-
-def lora_params(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_processes: int) -> torch.optim.Optimizer:
@@ -38,8 +35,8 @@ def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_proce
     name = config.optimizer.lower()
     if name == "prodigy":
         te_lr = lr  # Prodigy adapts one learning rate; diffusers' script uses the same for both
-    groups = [{"params": lora_params(unet), "lr": lr, "weight_decay": config.adam_weight_decay}]
-    te_params = [p for te in text_encoders for p in lora_params(te)]
+    groups = [{"params": lora_parameters(unet), "lr": lr, "weight_decay": config.adam_weight_decay}]
+    te_params = [p for te in text_encoders for p in lora_parameters(te)]
     if te_params:
         groups.append({"params": te_params, "lr": te_lr, "weight_decay": config.adam_weight_decay_text_encoder})
     betas = (config.adam_beta1, config.adam_beta2)
@@ -176,10 +173,9 @@ class _FlatOptimizer(torch.optim.Optimizer):
 
     def _per_tensor_states(self, state_dict: dict, pack: _Pack) -> list[dict]:
         """The saved per-tensor states of a pack's parameters, in its order ({} for one that never stepped)."""
-        mine = self.param_groups[pack.group_index]["params"]
+        position = {id(q): i for i, q in enumerate(self.param_groups[pack.group_index]["params"])}
         saved = state_dict["param_groups"][pack.group_index]["params"]
-        return [dict(state_dict["state"].get(saved[next(i for i, q in enumerate(mine) if q is p)], {}))
-                for p in pack.params]
+        return [dict(state_dict["state"].get(saved[position[id(p)]], {})) for p in pack.params]
 
     def _converted(self, state_dict: dict, states: dict[int, dict]) -> dict:
         inner = self._inner.state_dict()

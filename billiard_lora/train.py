@@ -32,12 +32,13 @@ import torch.utils.checkpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .caches import LatentCache, LatentStore, PromptCache, TimeIdCache, count_views
+from .conditioning import compute_time_ids, encode_prompt, tokenize
 from .config import TrainConfig, parse_args
 from .errors import UserError, cli_entry
 from .graphs import MicroStepGraph
 from .io import atomic_write_json, atomic_write_text, publish_dir
-from .lora import CHECKPOINT_PREFIX  # shared with generate/evaluate, which read these folders
-from .optim import lora_params, make_optimizer
+from .lora import CHECKPOINT_PREFIX, lora_parameters  # (the prefix: shared with generate/evaluate)
+from .optim import make_optimizer
 from .paths import cache_dir
 
 Callback = Callable[[dict], None]
@@ -93,7 +94,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
 
     class_images = ensure_class_images(config, c, accelerator, weight_dtype) if config.with_prior_preservation else []
 
-    from .lora import add_lora, lora_parameters, peft_state_dict, set_input_casting
+    from .lora import add_lora, peft_state_dict, set_input_casting
     from .lora_tools import is_mutating_init, validate_init_lora_weights
 
     init = validate_init_lora_weights(config.init_lora_weights, use_dora=config.use_dora)
@@ -247,7 +248,6 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     average_by_hand = config.cuda_graphs and accelerator.num_processes > 1
     model = accelerator.unwrap_model(unet) if average_by_hand else unet
     encoders = [accelerator.unwrap_model(te) if average_by_hand else te for te in (te_one, te_two)]
-    from .conditioning import encode_prompt, tokenize
 
     def forward_backward(noisy_latents, timesteps, text_a, text_b, time_ids, target) -> torch.Tensor:
         """The micro-step's GPU work: predict, score, backpropagate into the adapters (a CUDA graph with --cuda_graphs).
@@ -263,7 +263,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         accelerator.backward(loss)
         return loss.detach()
 
-    adapters = [p for m in (unet, *text_encoders) for p in lora_params(m)]
+    adapters = [p for m in (unet, *text_encoders) for p in lora_parameters(m)]
     micro_step = MicroStepGraph(forward_backward, lambda: [*adapters, *(p.grad for p in adapters)],
                                 enabled=config.cuda_graphs, say=say)
     accum_loss, accum_n = 0.0, 0
@@ -373,8 +373,6 @@ def fits_without_checkpointing(config: TrainConfig, c, text_encoders, prompt_cac
     and validation come later); anywhere, running out of memory means no. Every process must fit. Gradients and
     random-number states are put back, so training goes on exactly as if the trial had not run.
     """
-    from .conditioning import compute_time_ids, encode_prompt
-
     device = accelerator.device
     cuda = device.type == "cuda"
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -408,7 +406,7 @@ def fits_without_checkpointing(config: TrainConfig, c, text_encoders, prompt_cac
         fits = False
     finally:
         for m in (c.unet, *text_encoders):
-            for p in lora_params(m):
+            for p in lora_parameters(m):
                 p.grad = None
         torch.set_rng_state(rng[0])
         if cuda:
