@@ -34,3 +34,39 @@ def test_optimizer_benchmark_reports_each_form_and_whether_flat_equals_per_tenso
                                              "prodigy_per_tensor", "ours_flat_prodigy"]
     assert rows[0]["tensors"] == rows[1]["tensors"] > 0 and rows[0]["groups"] == 2
     assert rows[1]["max_abs_diff_vs_per_tensor"] == 0.0 and all(r["ms_per_step"] > 0 for r in rows)
+
+
+def test_unet_ceiling_counts_what_each_computation_runs(tmp_path):
+    """bench_unet.py: the FLOPs it divides by are the ones each computation ran (recompute included), and the
+    training computations put gradients where a frozen or a LoRA trainer would, nowhere else."""
+    import json
+
+    import bench_unet
+    import torch
+
+    def rows(*extra):
+        path = tmp_path / f"r{len(extra)}.jsonl"
+        bench_unet.main(["--shape", "tiny", "--resolution", "64", "--iters", "1", "--peak_tflops", "1",
+                         "--json", str(path), *extra])
+        return {(r["kind"], r["batch"]): r for r in map(json.loads, path.read_text().splitlines())}
+
+    ckpt = rows("--gradient_checkpointing", "--batches", "1", "2")
+    plain = rows("--kinds", "forward", "frozen")
+    assert set(ckpt) == {(k, b) for k in ("forward", "frozen", "lora") for b in (1, 2)}
+    fwd = ckpt["forward", 1]["model_tflop"]
+    assert ckpt["forward", 1]["counted_tflop"] == fwd and plain["frozen", 1]["model_tflop"] == 2 * fwd
+    assert ckpt["frozen", 1]["model_tflop"] == 3 * fwd
+    # checkpointing recomputes the forward's blocks (not conv_in, conv_out, the embeddings): counted once more
+    extra = ckpt["frozen", 1]["counted_tflop"] - plain["frozen", 1]["counted_tflop"]
+    assert 0.8 * fwd < extra <= fwd
+    assert abs(ckpt["frozen", 2]["counted_tflop"] / ckpt["frozen", 1]["counted_tflop"] - 2) < 0.05
+    assert "lora_over_frozen_pct" in ckpt["lora", 1] and all(r["ms"] > 0 and r["mfu"] > 0 for r in ckpt.values())
+
+    args = bench_unet.main.__globals__["argparse"].Namespace(shape="tiny", device="cpu", rank=4, resolution=64,
+                                                            gradient_checkpointing=True, torch_compile="none")
+    for kind in ("frozen", "lora"):
+        unet = bench_unet.build_unet(args, torch.float32, lora=kind == "lora")
+        x = bench_unet.make_inputs(unet, args, 1, torch.float32)
+        bench_unet.make_call(unet, kind, x, lambda: torch.autocast("cpu", enabled=False))()
+        with_grad = {n for n, p in unet.named_parameters() if p.grad is not None}
+        assert with_grad == ({n for n, p in unet.named_parameters() if "lora_" in n} if kind == "lora" else set())

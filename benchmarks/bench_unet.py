@@ -1,0 +1,208 @@
+"""The SDXL UNet alone: what its kernels reach on this device, with no trainer and (on a GPU) no host time.
+
+    python benchmarks/bench_unet.py --shape full --resolution 1024 --device cuda --mixed_precision fp16 \
+        --gradient_checkpointing --batches 1 2 --peak_tflops 790
+    python benchmarks/bench_unet.py --shape tiny --resolution 64           # CPU: a check of the script itself
+
+Issue 5 asks for >= 45 % model-FLOP utilisation of an H100 by the trainer. This measures the ceiling under that
+number: for each batch size, three computations on SDXL's architecture at random weights, each recorded once as a
+CUDA graph and replayed (so the time is the GPU's own; ``--cuda_graphs off`` or a CPU: eager, host time included):
+
+  forward   the UNet's forward without gradients (what each sampling step runs)
+  frozen    forward, the trainer's loss (MSE) and backward into the input latents, with every weight frozen and no
+            LoRA: the kernels any trainer of a frozen SDXL runs (with --gradient_checkpointing, the recompute too)
+  lora      as frozen, with the trainer's rank-r LoRA learning instead (fp32 adapters under autocast, peft's
+            input upcast off, as ``train()`` runs it)
+
+Each gets ms per call, the FLOPs torch counts in it (``torch.utils.flop_counter``, forward + recompute + backward),
+the TFLOP/s that makes, and MFU as ``bench_train.py`` counts it (the forward's FLOPs x 1 for forward, x 2 for a
+training micro-step, x 3 with checkpointing) against ``--peak_tflops``. ``frozen`` against the peak is the most
+any LoRA trainer can reach with these kernels at this batch; ``lora`` against ``frozen`` is what the adapter's own
+kernels cost; a trainer's step against ``lora`` (``bench_train.py``) is what everything around the UNet costs.
+Numbers to read and record in RESULTS.md; nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from billiard_lora.graphs import _capture, _on_side_stream  # noqa: E402
+from billiard_lora.lora import add_lora, lora_parameters, set_input_casting  # noqa: E402
+from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
+from billiard_lora.train import checkpoint_unet, compile_unet  # noqa: E402
+from common import device_name, emit, peak_memory, reset_peak_memory  # noqa: E402
+
+KINDS = ("forward", "frozen", "lora")
+MODEL_FLOP_MULTIPLE = {"forward": 1, "frozen": 2, "lora": 2}  # +1 each for training with checkpointing
+
+
+def build_unet(args, dtype: torch.dtype, lora: bool):
+    """SDXL's UNet of ``--shape`` at random weights (seed 0: the same weights each call), set up as train() does."""
+    unet = build_components(SHAPES[args.shape], device=args.device, seed=0, dtype=dtype)["unet"].requires_grad_(False)
+    if lora:
+        torch.manual_seed(0)
+        add_lora(unet, rank=args.rank)
+        for p in lora_parameters(unet):
+            p.data = p.data.float()  # fp32 master weights, as train() keeps them
+        set_input_casting([unet], enabled=dtype == torch.float32)
+    if args.gradient_checkpointing:
+        # graphs cannot record RNG state; the reentrant form eagerly, the non-reentrant one compiled (as train())
+        checkpoint_unet(unet, reentrant=args.torch_compile == "none", preserve_rng_state=False)
+    return unet
+
+
+def make_inputs(unet, args, batch: int, dtype: torch.dtype) -> dict:
+    """Random inputs of SDXL's shapes for ``batch`` images at ``--resolution``: latents, timesteps, both prompt
+    embeddings (77 tokens), the size/crop conditioning, and the target the loss compares with."""
+    lat = args.resolution // 8
+    gen = torch.Generator().manual_seed(batch)
+    cfg = unet.config
+    pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    r = args.resolution
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(args.device, dtype)
+
+    return {"latents": randn(batch, 4, lat, lat), "target": randn(batch, 4, lat, lat),
+            "timesteps": torch.randint(0, 1000, (batch,), generator=gen).to(args.device),
+            "text": randn(batch, 77, cfg.cross_attention_dim), "pooled": randn(batch, pooled_dim),
+            "time_ids": torch.tensor([[r, r, 0, 0, r, r]] * batch, dtype=dtype, device=args.device)}
+
+
+def make_call(unet, kind: str, x: dict, autocast):
+    """The computation ``kind`` as a function of no arguments (its inputs fixed, as a CUDA graph needs them)."""
+    latents = x["latents"].clone().requires_grad_(kind == "frozen")  # frozen: the gradient goes to the input
+
+    def predict():
+        with autocast():
+            return unet(latents, x["timesteps"], x["text"], return_dict=False,
+                        added_cond_kwargs={"text_embeds": x["pooled"], "time_ids": x["time_ids"]})[0]
+
+    def forward():
+        with torch.no_grad():
+            return predict()
+
+    def train_step():
+        loss = F.mse_loss(predict().float(), x["target"].float())
+        loss.backward()  # into latents.grad (frozen) or the adapters' .grad (lora), accumulated
+        return loss.detach()
+
+    return forward if kind == "forward" else train_step
+
+
+def counted_flops(call) -> float:
+    """The FLOPs torch dispatches in one eager ``call()``: forward, recompute and backward alike."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return float(counter.get_total_flops())
+
+
+def seconds_per_call(call, iters: int, graphs: bool, sync) -> float:
+    """Mean seconds over ``iters`` calls after warm-up: replays of a CUDA graph of ``call``, or eager calls."""
+    if graphs:
+        for _ in range(3):
+            _on_side_stream(call)
+        replay, _ = _capture(call, [])
+    else:
+        call()
+        replay = call
+    replay()  # one untimed call: the first replay uploads the graph
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        replay()
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def run(args) -> list[dict]:
+    on_gpu = args.device.startswith("cuda")
+    # on a CPU, float32 (as the trainer falls back there)
+    precision = args.mixed_precision if on_gpu else "no"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    graphs = on_gpu and args.cuda_graphs == "on"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+
+    def autocast():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(args.device.split(":")[0], dtype=dtype)
+
+    results = []
+    for with_lora in (False, True):
+        kinds = [k for k in args.kinds if (k == "lora") == with_lora]
+        if not kinds:
+            continue
+        unet = build_unet(args, dtype, lora=with_lora)
+        counts = {}  # FLOPs per (kind, batch), counted eagerly before any compilation
+        for batch in args.batches:
+            x = make_inputs(unet, args, batch, dtype)
+            counts["model", batch] = counted_flops(make_call(unet, "forward", x, autocast))  # MFU's unit
+            for kind in kinds:
+                counts[kind, batch] = counted_flops(make_call(unet, kind, x, autocast))
+        compile_unet(unet, args.torch_compile)
+        for batch in args.batches:
+            x = make_inputs(unet, args, batch, dtype)
+            for kind in kinds:
+                unet.zero_grad(set_to_none=True)
+                reset_peak_memory(args.device)
+                s = seconds_per_call(make_call(unet, kind, x, autocast), args.iters, graphs, sync)
+                multiple = MODEL_FLOP_MULTIPLE[kind] + (kind != "forward" and args.gradient_checkpointing)
+                model_flops = counts["model", batch] * multiple
+                row = {"what": "unet_ceiling", "kind": kind, "batch": batch, "shape": args.shape,
+                       "resolution": args.resolution, "device": device_name(args.device),
+                       "mixed_precision": precision, "gradient_checkpointing": args.gradient_checkpointing,
+                       "torch_compile": args.torch_compile, "cuda_graphs": graphs, "rank": args.rank,
+                       "ms": 1000 * s, "ms_per_image": 1000 * s / batch, "counted_tflop": counts[kind, batch] / 1e12,
+                       "counted_tflops_per_s": counts[kind, batch] / s / 1e12, "model_tflop": model_flops / 1e12,
+                       **peak_memory(args.device)}
+                if args.peak_tflops:
+                    row["mfu"] = model_flops / s / (args.peak_tflops * 1e12)
+                results.append(row)
+                print(f"[bench_unet] batch {batch} {kind}: {1000 * s:.2f} ms", file=sys.stderr, flush=True)
+                torch.cuda.empty_cache() if on_gpu else None
+        del unet
+    frozen = {r["batch"]: r["ms"] for r in results if r["kind"] == "frozen"}
+    for r in results:  # what the adapter's kernels add to the frozen model's
+        if r["kind"] == "lora" and r["batch"] in frozen:
+            r["lora_over_frozen_pct"] = 100 * (r["ms"] / frozen[r["batch"]] - 1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=list(SHAPES), default="small")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
+                   help="weights and inputs in this dtype, the forward under its autocast (as the trainer)")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--torch_compile", default="none", choices=["none", "regional", "full"])
+    p.add_argument("--cuda_graphs", choices=["on", "off"], default="on",
+                   help="on a GPU: time CUDA-graph replays (the kernels alone) or eager calls (host time included)")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--iters", type=int, default=10, help="timed calls per computation")
+    p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (H100 bf16 dense: ~790)")
+    p.add_argument("--json", default=None, help="also append the results to this JSON-lines file")
+    args = p.parse_args(argv)
+    emit(run(args), args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
