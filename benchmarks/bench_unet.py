@@ -19,6 +19,14 @@ the TFLOP/s that makes, and MFU as ``bench_train.py`` counts it (the forward's F
 training micro-step, x 3 with checkpointing) against ``--peak_tflops``. ``frozen`` against the peak is the most
 any LoRA trainer can reach with these kernels at this batch; ``lora`` against ``frozen`` is what the adapter's own
 kernels cost; a trainer's step against ``lora`` (``bench_train.py``) is what everything around the UNet costs.
+
+``--variants`` also times ways of running the same UNet that the trainer does not use (yet), each against
+``as_trained`` on the same inputs, with how far its outputs and gradients are from ``as_trained``'s:
+  addmm_lora   the LoRA's up-projection, scale and add as one ``torch.addmm`` into the base layer's output
+               (peft: a matmul, a multiply and an add, each a pass over the layer's output)
+  fp16_norms   LayerNorm and GroupNorm in the weights' half precision: CUDA autocast runs them in float32 (a cast
+               up before, a float32 output that the next layer casts back down); half-precision kernels
+               accumulate in float32 all the same. (CPU autocast leaves them alone: there it changes nothing.)
 Numbers to read and record in RESULTS.md; nothing here asserts a time.
 """
 
@@ -28,6 +36,7 @@ import argparse
 import contextlib
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -53,6 +62,9 @@ def build_unet(args, dtype: torch.dtype, lora: bool):
     if lora:
         torch.manual_seed(0)
         add_lora(unet, rank=args.rank)
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:  # as after some training (B starts at 0): the adapter changes the outputs
+                torch.nn.init.normal_(p, std=0.01)
         for p in lora_parameters(unet):
             p.data = p.data.float()  # fp32 master weights, as train() keeps them
         set_input_casting([unet], enabled=dtype == torch.float32)
@@ -98,7 +110,9 @@ def make_call(unet, kind: str, x: dict, autocast):
         loss.backward()  # into latents.grad (frozen) or the adapters' .grad (lora), accumulated
         return loss.detach()
 
-    return forward if kind == "forward" else train_step
+    call = forward if kind == "forward" else train_step
+    call.latents = latents
+    return call
 
 
 def counted_flops(call) -> float:
@@ -108,6 +122,65 @@ def counted_flops(call) -> float:
     with FlopCounterMode(display=False) as counter:
         call()
     return float(counter.get_total_flops())
+
+
+def addmm_lora(unet):
+    """Variant: each adapted Linear computes ``addmm(base(x), lora_A(x), B^T, alpha=scale)`` (one GEMM whose epilogue
+    adds into the base output) instead of peft's ``base(x) + lora_B(lora_A(x)) * scale``. Returns the undo."""
+    from peft.tuners.lora.layer import Linear
+
+    def forward(self, x, *args, **kwargs):
+        names = self.active_adapters
+        if args or kwargs or self.disable_adapters or self.merged or len(names) != 1 or names[0] not in self.lora_A:
+            return Linear.forward(self, x, *args, **kwargs)
+        name = names[0]
+        result = self.base_layer(x)
+        h = self.lora_A[name](self.lora_dropout[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype)))
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
+                          self.lora_B[name].weight.t(), alpha=self.scaling[name])
+        return out.view(result.shape)
+
+    return _patch_forward([m for m in unet.modules() if isinstance(m, Linear)], forward)
+
+
+def fp16_norms(unet):
+    """Variant: LayerNorm and GroupNorm run in their weights' half precision, outside autocast. Returns the undo."""
+
+    def forward(self, x):
+        half = x.dtype in (torch.float16, torch.bfloat16) and (self.weight is None or self.weight.dtype == x.dtype)
+        if half and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return type(self).forward(self, x)
+        return type(self).forward(self, x)
+
+    return _patch_forward([m for m in unet.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))],
+                          forward)
+
+
+def _patch_forward(modules, forward):
+    for m in modules:
+        m.forward = types.MethodType(forward, m)
+    return lambda: [m.__dict__.pop("forward") for m in modules]
+
+
+VARIANTS = {"as_trained": None, "addmm_lora": addmm_lora, "fp16_norms": fp16_norms}
+VARIANT_KINDS = {"addmm_lora": {"lora"}}  # kinds a variant changes (the rest: all)
+
+
+def eager_result(unet, kind: str, x: dict, autocast) -> list[torch.Tensor]:
+    """What one eager call gives: the prediction (forward), or the loss and the gradients (training kinds)."""
+    unet.zero_grad(set_to_none=True)
+    call = make_call(unet, kind, x, autocast)
+    out = call().detach().float()
+    if kind == "forward":
+        return [out]
+    grads = [call.latents.grad] if kind == "frozen" else [p.grad for p in lora_parameters(unet)]
+    return [out, torch.cat([g.float().reshape(-1) for g in grads])]
+
+
+def relative_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The largest difference between two results, relative to the largest magnitude in ``a``."""
+    return max(float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)) for x, y in zip(a, b))
 
 
 def seconds_per_call(call, iters: int, graphs: bool, sync) -> float:
@@ -154,31 +227,46 @@ def run(args) -> list[dict]:
             for kind in kinds:
                 counts[kind, batch] = counted_flops(make_call(unet, kind, x, autocast))
         compile_unet(unet, args.torch_compile)
-        for batch in args.batches:
-            x = make_inputs(unet, args, batch, dtype)
-            for kind in kinds:
-                unet.zero_grad(set_to_none=True)
-                reset_peak_memory(args.device)
-                s = seconds_per_call(make_call(unet, kind, x, autocast), args.iters, graphs, sync)
-                multiple = MODEL_FLOP_MULTIPLE[kind] + (kind != "forward" and args.gradient_checkpointing)
-                model_flops = counts["model", batch] * multiple
-                row = {"what": "unet_ceiling", "kind": kind, "batch": batch, "shape": args.shape,
-                       "resolution": args.resolution, "device": device_name(args.device),
-                       "mixed_precision": precision, "gradient_checkpointing": args.gradient_checkpointing,
-                       "torch_compile": args.torch_compile, "cuda_graphs": graphs, "rank": args.rank,
-                       "ms": 1000 * s, "ms_per_image": 1000 * s / batch, "counted_tflop": counts[kind, batch] / 1e12,
-                       "counted_tflops_per_s": counts[kind, batch] / s / 1e12, "model_tflop": model_flops / 1e12,
-                       **peak_memory(args.device)}
-                if args.peak_tflops:
-                    row["mfu"] = model_flops / s / (args.peak_tflops * 1e12)
-                results.append(row)
-                print(f"[bench_unet] batch {batch} {kind}: {1000 * s:.2f} ms", file=sys.stderr, flush=True)
-                torch.cuda.empty_cache() if on_gpu else None
+        reference = {}  # as_trained's eager results per (kind, batch), what the variants are compared with
+        for variant in args.variants:
+            changed = [k for k in kinds if k in VARIANT_KINDS.get(variant, KINDS)]
+            undo = VARIANTS[variant](unet) if VARIANTS[variant] and changed else None
+            for batch in args.batches:
+                x = make_inputs(unet, args, batch, dtype)
+                for kind in changed:
+                    outputs = eager_result(unet, kind, x, autocast)
+                    reference.setdefault((kind, batch), outputs)
+                    unet.zero_grad(set_to_none=True)
+                    reset_peak_memory(args.device)
+                    s = seconds_per_call(make_call(unet, kind, x, autocast), args.iters, graphs, sync)
+                    multiple = MODEL_FLOP_MULTIPLE[kind] + (kind != "forward" and args.gradient_checkpointing)
+                    model_flops = counts["model", batch] * multiple
+                    row = {"what": "unet_ceiling", "kind": kind, "variant": variant, "batch": batch,
+                           "shape": args.shape, "resolution": args.resolution, "device": device_name(args.device),
+                           "mixed_precision": precision, "gradient_checkpointing": args.gradient_checkpointing,
+                           "torch_compile": args.torch_compile, "cuda_graphs": graphs, "rank": args.rank,
+                           "ms": 1000 * s, "ms_per_image": 1000 * s / batch,
+                           "counted_tflop": counts[kind, batch] / 1e12,
+                           "counted_tflops_per_s": counts[kind, batch] / s / 1e12, "model_tflop": model_flops / 1e12,
+                           "rel_diff_vs_as_trained": relative_diff(reference[kind, batch], outputs),
+                           **peak_memory(args.device)}
+                    if args.peak_tflops:
+                        row["mfu"] = model_flops / s / (args.peak_tflops * 1e12)
+                    results.append(row)
+                    print(f"[bench_unet] batch {batch} {kind} {variant}: {1000 * s:.2f} ms", file=sys.stderr,
+                          flush=True)
+                    torch.cuda.empty_cache() if on_gpu else None
+            if undo:
+                undo()
         del unet
-    frozen = {r["batch"]: r["ms"] for r in results if r["kind"] == "frozen"}
-    for r in results:  # what the adapter's kernels add to the frozen model's
-        if r["kind"] == "lora" and r["batch"] in frozen:
-            r["lora_over_frozen_pct"] = 100 * (r["ms"] / frozen[r["batch"]] - 1)
+    ms = {(r["kind"], r["variant"], r["batch"]): r["ms"] for r in results}
+    for r in results:  # what the adapter's kernels add to the frozen model's (run the same way where it was timed)
+        frozen = ms.get(("frozen", r["variant"], r["batch"])) or ms.get(("frozen", "as_trained", r["batch"]))
+        if r["kind"] == "lora" and frozen:
+            r["lora_over_frozen_pct"] = 100 * (r["ms"] / frozen - 1)
+        as_trained = ms.get((r["kind"], "as_trained", r["batch"]))
+        if r["variant"] != "as_trained" and as_trained:
+            r["speedup_vs_as_trained"] = as_trained / r["ms"]
     return results
 
 
@@ -195,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch_compile", default="none", choices=["none", "regional", "full"])
     p.add_argument("--cuda_graphs", choices=["on", "off"], default="on",
                    help="on a GPU: time CUDA-graph replays (the kernels alone) or eager calls (host time included)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["as_trained"],
+                   help="ways of running the same UNet, each timed and compared with as_trained (see the top)")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--iters", type=int, default=10, help="timed calls per computation")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (H100 bf16 dense: ~790)")

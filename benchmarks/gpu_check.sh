@@ -23,7 +23,8 @@
 #      trainer does not do this yet): against part 2, whether cuDNN's layout conversions and the copies go
 #  17. as 11 with --train_text_encoder: the text encoders inside the recorded micro-step (opt-in until this passes)
 #  18. the UNet alone at batch 1 and 2 (bench_unet.py), replayed as CUDA graphs: forward, frozen forward+backward
-#      without LoRA, and with the LoRA -- the MFU its kernels reach with no trainer and no host time around them
+#      without LoRA, and with the LoRA -- the MFU its kernels reach with no trainer and no host time around them;
+#      and two ways the trainer could run it (the LoRA's add as one addmm; norms in fp16), timed and diffed
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -171,9 +172,9 @@ p16() { part "16. ours, seed settings, UNet channels-last ($(left) s left)"
     --gradient_checkpointing --channels_last; }
 
 p18() { part "18. the UNet alone: forward / frozen / LoRA, batch 1 and 2, CUDA graphs ($(left) s left)"
-  [ "$(left)" -gt 60 ] && run 18 "$(upto ${CAP18:-180})" "$PY" benchmarks/bench_unet.py --shape "$SHAPE" --resolution "$RES" \
+  [ "$(left)" -gt 60 ] && run 18 "$(upto ${CAP18:-240})" "$PY" benchmarks/bench_unet.py --shape "$SHAPE" --resolution "$RES" \
     --device "$DEV" --mixed_precision fp16 --gradient_checkpointing --batches 1 2 --peak_tflops "${PEAK_TFLOPS:-790}" \
-    --json "$OUT/bench.jsonl" ${CEIL_FLAGS:-}; }
+    --variants as_trained addmm_lora fp16_norms --json "$OUT/bench.jsonl" ${CEIL_FLAGS:-}; }
 
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
 for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18}; do "p$n"; done
@@ -198,7 +199,8 @@ for r in rows:
         for g in r.get("longest_gpu_gaps", [])[:3]:
             print(f"    gap {g['ms']:.1f} ms after {g['after']} before {g['before']}")
     elif r["what"] == "unet_ceiling":
-        print(f"unet alone {r['kind']:8s} batch {r['batch']} graphs={r['cuda_graphs']!s:5s} {r['ms']:.1f} ms "
+        print(f"unet alone {r['kind']:8s} {r.get('variant', ''):11s} batch {r['batch']} graphs={r['cuda_graphs']!s:5s} "
+              f"{r['ms']:.1f} ms x{r.get('speedup_vs_as_trained', 1):.3f} diff={r.get('rel_diff_vs_as_trained', 0):.1e} "
               f"{r['counted_tflops_per_s']:.0f} TFLOP/s counted, mfu={r.get('mfu', float('nan')):.3f} "
               f"lora_over_frozen={r.get('lora_over_frozen_pct', float('nan')):.1f}% "
               f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB")

@@ -62,6 +62,15 @@ def test_unet_ceiling_counts_what_each_computation_runs(tmp_path):
     assert abs(ckpt["frozen", 2]["counted_tflop"] / ckpt["frozen", 1]["counted_tflop"] - 2) < 0.05
     assert "lora_over_frozen_pct" in ckpt["lora", 1] and all(r["ms"] > 0 and r["mfu"] > 0 for r in ckpt.values())
 
+    # the variants run what they claim and, in float32 on the CPU, compute exactly as_trained's numbers
+    path = tmp_path / "v.jsonl"
+    bench_unet.main(["--shape", "tiny", "--resolution", "64", "--iters", "1", "--kinds", "lora", "--variants",
+                     "as_trained", "addmm_lora", "fp16_norms", "--json", str(path)])
+    by_variant = {r["variant"]: r for r in map(json.loads, path.read_text().splitlines())}
+    assert set(by_variant) == {"as_trained", "addmm_lora", "fp16_norms"}
+    assert all(r["rel_diff_vs_as_trained"] == 0.0 for r in by_variant.values())
+    assert "speedup_vs_as_trained" in by_variant["addmm_lora"]
+
     args = bench_unet.main.__globals__["argparse"].Namespace(shape="tiny", device="cpu", rank=4, resolution=64,
                                                             gradient_checkpointing=True, torch_compile="none")
     for kind in ("frozen", "lora"):
@@ -70,3 +79,16 @@ def test_unet_ceiling_counts_what_each_computation_runs(tmp_path):
         bench_unet.make_call(unet, kind, x, lambda: torch.autocast("cpu", enabled=False))()
         with_grad = {n for n, p in unet.named_parameters() if p.grad is not None}
         assert with_grad == ({n for n, p in unet.named_parameters() if "lora_" in n} if kind == "lora" else set())
+    # addmm_lora really goes through torch.addmm, once per adapted layer per forward; undone, peft's layer again
+    calls, real = [], torch.addmm
+    undo = bench_unet.addmm_lora(unet)
+    try:
+        torch.addmm = lambda *a, **k: calls.append(1) or real(*a, **k)
+        bench_unet.make_call(unet, "forward", x, lambda: torch.autocast("cpu", enabled=False))()
+        undo()
+        patched = len(calls)
+        bench_unet.make_call(unet, "forward", x, lambda: torch.autocast("cpu", enabled=False))()
+    finally:
+        torch.addmm = real
+    adapted = sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
+    assert patched == adapted > 0 and len(calls) == patched
