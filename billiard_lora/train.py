@@ -78,8 +78,10 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                                      revision=config.revision, variant=config.variant, cache_dir=config.cache_dir)
     c = components
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    # SDXL's own VAE overflows in fp16 (black images); the fp16-fix VAE does not, so only that one is cast.
-    vae_dtype = weight_dtype if config.pretrained_vae_model_name_or_path else torch.float32
+    # SDXL's own VAE overflows in fp16 (black images); the fp16-fix VAE does not, so only that one is cast (not one
+    # that was chosen for bf16, where bf16 fell back to fp16 on this GPU)
+    bf16_fell_back = any(note.startswith(BF16_FALLBACK) for note in config.fallbacks)
+    vae_dtype = weight_dtype if config.pretrained_vae_model_name_or_path and not bf16_fell_back else torch.float32
     device = accelerator.device
     for m in (c.unet, c.vae, c.text_encoder_one, c.text_encoder_two):
         m.requires_grad_(False)
@@ -560,6 +562,9 @@ def check_latent_cache_dir(config: TrainConfig) -> None:
         raise UserError(f"--latent_cache_dir={root}: {probe} is not writable; choose a folder you can write to")
 
 
+BF16_FALLBACK = "--mixed_precision=bf16:"  # how the note of bf16's fallback to fp16 begins
+
+
 def resolve_hardware(config: TrainConfig) -> TrainConfig:
     """Turn requests this machine cannot honour into warned, recorded fallbacks (never a crash)."""
     notes = list(config.fallbacks)
@@ -568,6 +573,13 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
     if config.mixed_precision == "fp16" and not cuda:
         notes.append("--mixed_precision=fp16 needs a CUDA GPU; training in fp32 on this machine instead")
         changes["mixed_precision"] = "no"
+    if config.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+        # e.g. Colab's free T4: PyTorch accepts bf16 there and emulates it without the tensor cores
+        major, minor = torch.cuda.get_device_capability()
+        notes.append(f"{BF16_FALLBACK} {torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no "
+                     "bfloat16 tensor cores (they start at 8.0: A100, RTX 30xx, L4, H100), so bf16 would run emulated; "
+                     "training in fp16 with loss scaling instead, which its tensor cores run")
+        changes["mixed_precision"] = "fp16"
     if config.allow_tf32 and not cuda:
         notes.append("--allow_tf32 has no effect without a CUDA GPU; ignored")
         changes["allow_tf32"] = False

@@ -605,6 +605,26 @@ def test_compile_without_a_code_generator_falls_back_with_a_note(tiny_model_dir,
     assert any("--torch_compile=regional needs" in note for note in resolved.fallbacks)
 
 
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((8, 0), True)])
+def test_bf16_on_a_gpu_without_bf16_tensor_cores_trains_in_fp16_with_a_note(tiny_model_dir, tmp_path, monkeypatch,
+                                                                            capability, native):
+    """A T4 (7.5): PyTorch would emulate bf16 there; an A100-class GPU (8.0) keeps it."""
+    import billiard_lora.train as train_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4" if not native else "A100")
+    config = tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "o", mixed_precision="bf16")
+    resolved = train_mod.resolve_hardware(config)
+    notes = [n for n in resolved.fallbacks if n.startswith(train_mod.BF16_FALLBACK)]
+    if native:
+        assert resolved.mixed_precision == "bf16" and not notes
+    else:
+        assert resolved.mixed_precision == "fp16"
+        assert len(notes) == 1 and "Tesla T4 (compute capability 7.5)" in notes[0] and "fp16" in notes[0]
+
+
 def test_latent_cache_lives_on_the_cpu_and_stops_growing_at_its_budget(tiny_components):
     from billiard_lora.caches import LatentCache
 
