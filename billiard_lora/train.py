@@ -573,7 +573,7 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
     if config.mixed_precision == "fp16" and not cuda:
         notes.append("--mixed_precision=fp16 needs a CUDA GPU; training in fp32 on this machine instead")
         changes["mixed_precision"] = "no"
-    if config.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if config.mixed_precision == "bf16" and cuda and _bf16_emulated():
         # e.g. Colab's free T4: PyTorch accepts bf16 there and emulates it without the tensor cores
         major, minor = torch.cuda.get_device_capability()
         notes.append(f"{BF16_FALLBACK} {torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no "
@@ -660,6 +660,11 @@ def average_gradients(params: Sequence[torch.nn.Parameter], num_processes: int) 
 
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def _bf16_emulated() -> bool:
+    """Whether this CUDA GPU only emulates bfloat16: NVIDIA's before compute capability 8.0 (T4, V100)."""
+    return not torch.version.hip and torch.cuda.get_device_capability() < (8, 0)
 
 
 def _cuda_graphs_possible() -> bool:

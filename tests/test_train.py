@@ -612,7 +612,6 @@ def test_bf16_on_a_gpu_without_bf16_tensor_cores_trains_in_fp16_with_a_note(tiny
     import billiard_lora.train as train_mod
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4" if not native else "A100")
     config = tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "o", mixed_precision="bf16")
