@@ -17,6 +17,7 @@ anywhere: these are numbers to read and record in RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -82,6 +83,27 @@ def load_model(args) -> Components:
     return components(args.shape, args.device, dtype or torch.float32)
 
 
+@contextlib.contextmanager
+def unet_variant(name: str, unet):
+    """The trainer with one of bench_unet.py's variants of running the UNet (a measurement: train() has neither)."""
+    import bench_unet
+
+    if name == "fp16_norms":
+        undo = bench_unet.fp16_norms(unet)
+    elif name == "addmm_lora":  # train() adds the adapters itself: every peft Linear made in here takes it
+        bench_unet.PeftLinear.forward = bench_unet.addmm_lora_forward
+
+        def undo():
+            bench_unet.PeftLinear.forward = bench_unet.PEFT_LINEAR_FORWARD
+    else:
+        undo = None
+    try:
+        yield
+    finally:
+        if undo:
+            undo()
+
+
 def bench_training(args) -> dict:
     c = load_model(args)
     if args.channels_last:  # the convolutions' weights NHWC: activations follow from the first convolution on
@@ -136,7 +158,8 @@ def bench_training(args) -> dict:
 
             train_module.make_optimizer = per_tensor
         t0 = time.perf_counter()
-        run = train(config, components=c, callback=on_event)
+        with unet_variant(args.unet_variant, c.unet):
+            run = train(config, components=c, callback=on_event)
         total = time.perf_counter() - t0
         timed_peak = peak_memory_since_reset(args.device) if setup_peak else {}
         whole_run = {k: max(v, setup_peak.get(k, 0.0)) for k, v in peak_memory(args.device).items()}
@@ -162,7 +185,7 @@ def bench_training(args) -> dict:
         "train_tflop_per_micro_step": train_flops / 1e12, "wall_s_including_setup": total,
         "s_to_first_step": step_times[0] - t0 if step_times else None, **whole_run, **timed_peak,
         "fp8_base": used["fp8_base"], "cuda_graphs": used["cuda_graphs"],
-        "channels_last": args.channels_last,
+        "channels_last": args.channels_last, "unet_variant": args.unet_variant,
         "optimizer_form": ("bnb_per_tensor" if args.bnb_per_tensor else "flat") if used["use_8bit_adam"] else "torch",
     }
     if used["cuda_graphs"]:
@@ -304,7 +327,7 @@ def bench_generation(args) -> dict:
             "unet_weights_gb": unet_gb, "unet_weights_gb_fp8": unet_fp8_gb}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=list(SHAPES), default="small")
     p.add_argument("--model", default=None, help="a diffusers SDXL folder to load instead of building --shape")
@@ -327,6 +350,9 @@ def main() -> None:
     p.add_argument("--channels_last", action="store_true",
                    help="the UNet in channels-last memory format (NHWC), for training and generation: a measurement "
                         "first; the trainer does not do this")
+    p.add_argument("--unet_variant", choices=["as_trained", "addmm_lora", "fp16_norms"], default="as_trained",
+                   help="train with one of bench_unet.py's variants of running the UNet (a measurement first; the "
+                        "trainer does neither)")
     p.add_argument("--cuda_graphs", choices=["auto", "on", "off"], default="auto",
                    help="the micro-step recorded as a CUDA graph and replayed: as the trainer decides by default (on "
                         "one CUDA GPU), asked for, or off (eager)")
@@ -341,7 +367,7 @@ def main() -> None:
     p.add_argument("--gen_images", type=int, default=1, help="images per variant per round")
     p.add_argument("--gen_rounds", type=int, default=3, help="interleaved rounds (base, unfused, fused, fp8)")
     p.add_argument("--json", default=None, help="also append the results to this JSON-lines file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     results = [] if args.no_training else [bench_training(args)]
     if args.generation or args.no_training:
         results.append(bench_generation(args))

@@ -124,23 +124,28 @@ def counted_flops(call) -> float:
     return float(counter.get_total_flops())
 
 
+from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
+
+PEFT_LINEAR_FORWARD = PeftLinear.forward  # peft's own, kept: bench_train.py may put addmm_lora_forward in its place
+
+
+def addmm_lora_forward(self, x, *args, **kwargs):
+    """An adapted Linear as ``addmm(base(x), lora_A(x), B^T, alpha=scale)``: one GEMM whose epilogue adds into the
+    base output, instead of peft's ``base(x) + lora_B(lora_A(x)) * scale``; peft's forward for anything else."""
+    names = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or len(names) != 1 or names[0] not in self.lora_A:
+        return PEFT_LINEAR_FORWARD(self, x, *args, **kwargs)
+    name = names[0]
+    result = self.base_layer(x)
+    h = self.lora_A[name](self.lora_dropout[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype)))
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
+                      self.lora_B[name].weight.t(), alpha=self.scaling[name])
+    return out.view(result.shape)
+
+
 def addmm_lora(unet):
-    """Variant: each adapted Linear computes ``addmm(base(x), lora_A(x), B^T, alpha=scale)`` (one GEMM whose epilogue
-    adds into the base output) instead of peft's ``base(x) + lora_B(lora_A(x)) * scale``. Returns the undo."""
-    from peft.tuners.lora.layer import Linear
-
-    def forward(self, x, *args, **kwargs):
-        names = self.active_adapters
-        if args or kwargs or self.disable_adapters or self.merged or len(names) != 1 or names[0] not in self.lora_A:
-            return Linear.forward(self, x, *args, **kwargs)
-        name = names[0]
-        result = self.base_layer(x)
-        h = self.lora_A[name](self.lora_dropout[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype)))
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
-                          self.lora_B[name].weight.t(), alpha=self.scaling[name])
-        return out.view(result.shape)
-
-    return _patch_forward([m for m in unet.modules() if isinstance(m, Linear)], forward)
+    """Variant: every adapted Linear of ``unet`` runs ``addmm_lora_forward``. Returns the undo."""
+    return _patch_forward([m for m in unet.modules() if isinstance(m, PeftLinear)], addmm_lora_forward)
 
 
 def fp16_norms(unet):

@@ -25,6 +25,7 @@
 #  18. the UNet alone at batch 1 and 2 (bench_unet.py), replayed as CUDA graphs: forward, frozen forward+backward
 #      without LoRA, and with the LoRA -- the MFU its kernels reach with no trainer and no host time around them;
 #      and two ways the trainer could run it (the LoRA's add as one addmm; norms in fp16), timed and diffed
+#  19. ours at the seed's settings with one of those ways (VARIANT19=fp16_norms, or addmm_lora): against part 2
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -176,8 +177,12 @@ p18() { part "18. the UNet alone: forward / frozen / LoRA, batch 1 and 2, CUDA g
     --device "$DEV" --mixed_precision fp16 --gradient_checkpointing --batches 1 2 --peak_tflops "${PEAK_TFLOPS:-790}" \
     --variants as_trained addmm_lora fp16_norms --json "$OUT/bench.jsonl" ${CEIL_FLAGS:-}; }
 
+p19() { part "19. ours, seed settings, UNet run as ${VARIANT19:-fp16_norms} ($(left) s left)"
+  [ "$(left)" -gt 60 ] && run 19 "$(upto ${CAP19:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --unet_variant "${VARIANT19:-fp16_norms}"; }
+
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'
@@ -188,7 +193,7 @@ for r in rows:
         print(f"{r.get('trainer', 'billiard-lora'):40s} ckpt={r['gradient_checkpointing']!s:9s} "
               f"compile={r.get('torch_compile', '-'):8s} fp8={r.get('fp8_base', False)!s:5s} "
               f"graphs={r.get('cuda_graph_replays', '-')!s:4s} opt={r.get('optimizer_form', '-'):14s} "
-              f"nhwc={r.get('channels_last', False)!s:5s} "
+              f"nhwc={r.get('channels_last', False)!s:5s} unet={r.get('unet_variant', 'as_trained')} "
               f"{r['optimizer_steps_per_s']:.3f} steps/s "
               f"{r['images_per_s']:.2f} img/s {r['ms_per_micro_step']:.1f} ms/micro "
               f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB alloc / {r.get('cuda_max_reserved_gb', 0):.2f} reserved "

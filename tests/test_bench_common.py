@@ -92,3 +92,21 @@ def test_unet_ceiling_counts_what_each_computation_runs(tmp_path):
         torch.addmm = real
     adapted = sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
     assert patched == adapted > 0 and len(calls) == patched
+
+
+def test_bench_train_runs_the_trainer_with_a_unet_variant_and_puts_peft_back(tmp_path, monkeypatch):
+    import json
+
+    import bench_train
+    import bench_unet
+    import torch
+
+    calls, real = [], torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = tmp_path / "r.jsonl"
+    bench_train.main(["--shape", "tiny", "--resolution", "32", "--warmup", "1", "--steps", "1",
+                      "--unet_variant", "addmm_lora", "--json", str(path)])
+    row = json.loads(path.read_text().splitlines()[0])
+    assert row["unet_variant"] == "addmm_lora" and row["ms_per_micro_step"] > 0
+    assert calls, "the trainer's adapted layers ran through addmm"
+    assert bench_unet.PeftLinear.forward is bench_unet.PEFT_LINEAR_FORWARD
