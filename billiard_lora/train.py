@@ -78,10 +78,12 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                                      revision=config.revision, variant=config.variant, cache_dir=config.cache_dir)
     c = components
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    # SDXL's own VAE overflows in fp16 (black images); the fp16-fix VAE does not, so only that one is cast (not one
-    # that was chosen for bf16, where bf16 fell back to fp16 on this GPU)
+    # SDXL's own VAE overflows in fp16 (black images); the fp16-fix VAE does not, so only that one is cast. Where bf16
+    # fell back to fp16 on this GPU, the VAE given was chosen for bf16: cast only if its config says fp16 is safe.
     bf16_fell_back = any(note.startswith(BF16_FALLBACK) for note in config.fallbacks)
-    vae_dtype = weight_dtype if config.pretrained_vae_model_name_or_path and not bf16_fell_back else torch.float32
+    fp16_safe = not getattr(c.vae.config, "force_upcast", True)
+    vae_dtype = (weight_dtype if config.pretrained_vae_model_name_or_path and (fp16_safe or not bf16_fell_back)
+                 else torch.float32)
     device = accelerator.device
     for m in (c.unet, c.vae, c.text_encoder_one, c.text_encoder_two):
         m.requires_grad_(False)
