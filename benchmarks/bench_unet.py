@@ -188,8 +188,11 @@ def relative_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)) for x, y in zip(a, b))
 
 
-def seconds_per_call(call, iters: int, graphs: bool, sync) -> float:
-    """Mean seconds over ``iters`` calls after warm-up: replays of a CUDA graph of ``call``, or eager calls."""
+def seconds_per_call(call, iters: int, graphs: bool, sync, profile: dict | None = None) -> float:
+    """Mean seconds over ``iters`` calls after warm-up: replays of a CUDA graph of ``call``, or eager calls.
+
+    ``profile`` (a dict, on a GPU): one more call runs under torch's profiler, and its kernel time, launches and top
+    kernels go in there (where the time goes: the adapter's skinny GEMMs, casts, layout conversions)."""
     if graphs:
         for _ in range(3):
             _on_side_stream(call)
@@ -203,7 +206,22 @@ def seconds_per_call(call, iters: int, graphs: bool, sync) -> float:
     for _ in range(iters):
         replay()
     sync()
-    return (time.perf_counter() - start) / iters
+    seconds = (time.perf_counter() - start) / iters
+    if profile is not None:
+        try:  # extra: a profiler that fails must not cost the timing
+            from bench_train import GpuTime
+
+            profiler = GpuTime()
+            profiler.start()
+            replay()
+            profiler.stop()
+            report = profiler.report(1)
+            profile.update({"gpu_kernel_ms": report["gpu_kernel_ms_per_micro_step"],
+                            "gpu_kernel_launches": report["gpu_kernel_launches_per_micro_step"],
+                            "top_kernels_ms": report["top_kernels_ms_per_micro_step"]})
+        except Exception as exc:  # noqa: BLE001
+            print(f"[bench_unet] profiler failed: {exc!r}", file=sys.stderr, flush=True)
+    return seconds
 
 
 def run(args) -> list[dict]:
@@ -243,7 +261,8 @@ def run(args) -> list[dict]:
                     reference.setdefault((kind, batch), outputs)
                     unet.zero_grad(set_to_none=True)
                     reset_peak_memory(args.device)
-                    s = seconds_per_call(make_call(unet, kind, x, autocast), args.iters, graphs, sync)
+                    profile: dict | None = {} if args.profile and on_gpu else None
+                    s = seconds_per_call(make_call(unet, kind, x, autocast), args.iters, graphs, sync, profile)
                     multiple = MODEL_FLOP_MULTIPLE[kind] + (kind != "forward" and args.gradient_checkpointing)
                     model_flops = counts["model", batch] * multiple
                     row = {"what": "unet_ceiling", "kind": kind, "variant": variant, "batch": batch,
@@ -254,7 +273,7 @@ def run(args) -> list[dict]:
                            "counted_tflop": counts[kind, batch] / 1e12,
                            "counted_tflops_per_s": counts[kind, batch] / s / 1e12, "model_tflop": model_flops / 1e12,
                            "rel_diff_vs_as_trained": relative_diff(reference[kind, batch], outputs),
-                           **peak_memory(args.device)}
+                           **peak_memory(args.device), **(profile or {})}
                     if args.peak_tflops:
                         row["mfu"] = model_flops / s / (args.peak_tflops * 1e12)
                     results.append(row)
@@ -290,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="on a GPU: time CUDA-graph replays (the kernels alone) or eager calls (host time included)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["as_trained"],
                    help="ways of running the same UNet, each timed and compared with as_trained (see the top)")
+    p.add_argument("--profile", action="store_true",
+                   help="on a GPU: one more call under torch's profiler (kernel time, launches, top kernels)")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--iters", type=int, default=10, help="timed calls per computation")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (H100 bf16 dense: ~790)")

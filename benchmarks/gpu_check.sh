@@ -175,7 +175,7 @@ p16() { part "16. ours, seed settings, UNet channels-last ($(left) s left)"
 p18() { part "18. the UNet alone: forward / frozen / LoRA, batch 1 and 2, CUDA graphs ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 18 "$(upto ${CAP18:-240})" "$PY" benchmarks/bench_unet.py --shape "$SHAPE" --resolution "$RES" \
     --device "$DEV" --mixed_precision fp16 --gradient_checkpointing --batches 1 2 --peak_tflops "${PEAK_TFLOPS:-790}" \
-    --variants as_trained addmm_lora fp16_norms --json "$OUT/bench.jsonl" ${CEIL_FLAGS:-}; }
+    --variants as_trained addmm_lora fp16_norms --profile --json "$OUT/bench.jsonl" ${CEIL_FLAGS:-}; }
 
 p19() { part "19. ours, seed settings, UNet run as ${VARIANT19:-fp16_norms} ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 19 "$(upto ${CAP19:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
@@ -208,6 +208,7 @@ for r in rows:
               f"{r['ms']:.1f} ms x{r.get('speedup_vs_as_trained', 1):.3f} diff={r.get('rel_diff_vs_as_trained', 0):.1e} "
               f"{r['counted_tflops_per_s']:.0f} TFLOP/s counted, mfu={r.get('mfu', float('nan')):.3f} "
               f"lora_over_frozen={r.get('lora_over_frozen_pct', float('nan')):.1f}% "
+              f"kernels={r.get('gpu_kernel_ms', float('nan')):.1f} ms ({r.get('gpu_kernel_launches', '-')}) "
               f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB")
     else:
         print(json.dumps(r))

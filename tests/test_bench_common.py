@@ -110,3 +110,34 @@ def test_bench_train_runs_the_trainer_with_a_unet_variant_and_puts_peft_back(tmp
     assert row["unet_variant"] == "addmm_lora" and row["ms_per_micro_step"] > 0
     assert calls, "the trainer's adapted layers ran through addmm"
     assert bench_unet.PeftLinear.forward is bench_unet.PEFT_LINEAR_FORWARD
+
+
+def test_unet_ceiling_profile_goes_into_the_row_and_a_failing_profiler_costs_nothing(monkeypatch):
+    import bench_train
+    import bench_unet
+
+    class Stub:
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        def report(self, micro):
+            return {"gpu_kernel_ms_per_micro_step": 7.0, "gpu_kernel_launches_per_micro_step": 3,
+                    "top_kernels_ms_per_micro_step": {"gemm": 5.0}}
+
+    calls = []
+    monkeypatch.setattr(bench_train, "GpuTime", Stub)
+    profile: dict = {}
+    assert bench_unet.seconds_per_call(lambda: calls.append(1), 2, False, lambda: None, profile) >= 0
+    assert profile == {"gpu_kernel_ms": 7.0, "gpu_kernel_launches": 3, "top_kernels_ms": {"gemm": 5.0}}
+    assert len(calls) == 2 + 2 + 1  # warm-up and the untimed call, the timed ones, the profiled one
+
+    class Broken(Stub):
+        def start(self):
+            raise RuntimeError("no CUPTI")
+
+    monkeypatch.setattr(bench_train, "GpuTime", Broken)
+    profile = {}
+    assert bench_unet.seconds_per_call(lambda: None, 1, False, lambda: None, profile) >= 0 and profile == {}
