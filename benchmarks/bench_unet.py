@@ -51,6 +51,7 @@ from billiard_lora.lora import add_lora, lora_parameters, set_input_casting  # n
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
 from billiard_lora.train import checkpoint_unet, compile_unet  # noqa: E402
 from common import device_name, emit, peak_memory, reset_peak_memory  # noqa: E402
+from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
 
 KINDS = ("forward", "frozen", "lora")
 MODEL_FLOP_MULTIPLE = {"forward": 1, "frozen": 2, "lora": 2}  # +1 each for training with checkpointing
@@ -123,8 +124,6 @@ def counted_flops(call) -> float:
         call()
     return float(counter.get_total_flops())
 
-
-from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
 
 PEFT_LINEAR_FORWARD = PeftLinear.forward  # peft's own, kept: bench_train.py may put addmm_lora_forward in its place
 
