@@ -317,7 +317,8 @@ def bench_generation(args) -> dict:
                        "fused_overhead_pct_cuda_graphs": 100 * (med["fused_graphs"] / med["base_graphs"] - 1),
                        "cuda_graphs_speedup_base": med["base"] / med["base_graphs"]}
     return {"what": "generation", "shape": args.shape, "resolution": args.resolution, "steps": args.gen_steps,
-            "device": device_name(args.device), "rounds": args.gen_rounds, "channels_last": args.channels_last, "images_per_round": args.gen_images,
+            "device": device_name(args.device), "rounds": args.gen_rounds, "channels_last": args.channels_last,
+            "images_per_round": args.gen_images,
             "s_per_image_base": med["base"], "s_per_image_lora_unfused": med["unfused"],
             "s_per_image_lora_fused": med["fused"], "s_per_image_lora_fused_fp8": med["fused_fp8"],
             "fused_overhead_pct": 100 * (med["fused"] / med["base"] - 1),
@@ -350,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--channels_last", action="store_true",
                    help="the UNet in channels-last memory format (NHWC), for training and generation: a measurement "
                         "first; the trainer does not do this")
-    p.add_argument("--unet_variant", choices=["as_trained", "addmm_lora", "fp16_norms"], default="as_trained",
+    from bench_unet import VARIANTS
+
+    p.add_argument("--unet_variant", choices=list(VARIANTS), default="as_trained",
                    help="train with one of bench_unet.py's variants of running the UNet (a measurement first; the "
                         "trainer does neither)")
     p.add_argument("--cuda_graphs", choices=["auto", "on", "off"], default="auto",
