@@ -9,7 +9,8 @@ Models are SDXL architectures at random weights built by ``billiard_lora.tiny`` 
 It runs warm-up steps, then timed steps, of the real ``train()`` (data, caches, optimizer, accumulation), and
 reports optimizer steps/s, images/s, ms per micro-step, peak memory, and model-FLOP utilisation from a FLOP count
 of the UNet measured with ``torch.utils.flop_counter`` (forward x 2 for frozen-weight training, x 3 with gradient
-checkpointing, which recomputes the forward). With ``--generation`` it also times SDXL sampling: base, LoRA
+checkpointing, which recomputes the forward; with ``--gradient_checkpointing_interval`` N the blocks it recomputes,
+as counted). With ``--generation`` it also times SDXL sampling: base, LoRA
 unfused, LoRA fused, and LoRA fused with the UNet in float8 (``generate --fuse --fp8_base``). No timed assertions
 anywhere: these are numbers to read and record in RESULTS.md.
 """
@@ -35,7 +36,7 @@ from billiard_lora.config import TrainConfig  # noqa: E402
 from billiard_lora.models import Components  # noqa: E402
 from billiard_lora.optim import make_optimizer  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
-from billiard_lora.train import train  # noqa: E402
+from billiard_lora.train import checkpoint_unet, train  # noqa: E402
 from common import (device_name, emit, idle_gaps, peak_memory, peak_memory_since_reset,  # noqa: E402
                     reset_peak_memory)
 
@@ -49,13 +50,24 @@ def components(shape: str, device: str, dtype: torch.dtype = torch.float32) -> C
                       DDPMScheduler.from_config(c["scheduler"].config))
 
 
-def unet_forward_flops(c: Components, resolution: int, batch: int) -> float:
-    """FLOPs of one UNet forward at this resolution and batch, counted by torch (matmuls, convolutions, attention).
+def unet_forward_flops(c: Components, resolution: int, batch: int, checkpoint_interval: int = 0) -> tuple[float, float]:
+    """FLOPs of one UNet forward at this resolution and batch, counted by torch (matmuls, convolutions, attention),
+    and those of it that gradient checkpointing every ``checkpoint_interval``-th block recomputes (0: none).
 
     Counted on a copy of the architecture on the meta device: no memory, no time, and wherever the model is.
     """
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
+
+    recomputed = 0.0
+
+    def count_recomputed(block, *args):  # stands in for the checkpoint: the blocks it would run again
+        nonlocal recomputed
+        before = counter.get_total_flops()
+        out = block(*args)
+        if getattr(block, "_billiard_recompute", True):
+            recomputed += counter.get_total_flops() - before
+        return out
 
     lat = resolution // 8
     te2_dim = c.text_encoder_two.config.projection_dim
@@ -67,9 +79,14 @@ def unet_forward_flops(c: Components, resolution: int, batch: int) -> float:
         emb = torch.randn(batch, 77, cross)
         cond = {"text_embeds": torch.randn(batch, te2_dim),
                 "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch).float()}
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    if checkpoint_interval:
+        checkpoint_unet(unet, interval=checkpoint_interval)  # which blocks
+        unet.enable_gradient_checkpointing(gradient_checkpointing_func=count_recomputed)
+        unet.train()
+    # (grad mode on, so that diffusers calls the checkpoint function; nothing needs a gradient, nothing is kept)
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         unet(x, t, emb, added_cond_kwargs=cond)
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()), float(recomputed)
 
 
 def load_model(args) -> Components:
@@ -108,7 +125,9 @@ def bench_training(args) -> dict:
     c = load_model(args)
     if args.channels_last:  # the convolutions' weights NHWC: activations follow from the first convolution on
         c.unet.to(memory_format=torch.channels_last)
-    fwd = unet_forward_flops(c, args.resolution, args.train_batch_size)
+    # (with --auto_gradient_checkpointing the interval is known only once training ran: counted again then)
+    fwd, recomputed = unet_forward_flops(c, args.resolution, args.train_batch_size,
+                                         args.gradient_checkpointing_interval if args.gradient_checkpointing else 0)
     step_times: list[float] = []
     on_gpu = args.device.startswith("cuda")
     profiled = args.warmup + args.steps  # on a GPU one more optimizer step runs under the profiler, after the timed ones
@@ -139,6 +158,7 @@ def bench_training(args) -> dict:
             dataset_name=str(paths.DEFAULT_DATA_DIR), output_dir=str(Path(tmp) / "run"), resolution=args.resolution,
             train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
             gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_interval=args.gradient_checkpointing_interval,
             auto_gradient_checkpointing=args.auto_gradient_checkpointing, mixed_precision=args.mixed_precision,
             use_8bit_adam=args.use_8bit_adam, rank=args.rank, max_train_steps=profiled + (1 if on_gpu else 0),
             checkpointing_steps=10**9, learning_rate=1e-4, lr_warmup_steps=0, snr_gamma=5.0, seed=0,
@@ -170,14 +190,20 @@ def bench_training(args) -> dict:
     micro = args.gradient_accumulation_steps
     images_per_step = args.train_batch_size * micro
     # per micro-batch: forward + backward (about 2 forwards: frozen weights need no weight gradients), plus the
-    # forward that checkpointing recomputes
+    # forward that checkpointing recomputes: all of it (the issue's count) with every block checkpointed, else the
+    # blocks it recomputes as counted
     checkpointing = used["gradient_checkpointing"]  # what ran (--auto_gradient_checkpointing decides it)
-    train_flops = fwd * (3 if checkpointing else 2)
+    interval = used.get("gradient_checkpointing_interval", 1) if checkpointing else 0
+    if interval != (args.gradient_checkpointing_interval if args.gradient_checkpointing else 0):
+        recomputed = unet_forward_flops(c, args.resolution, args.train_batch_size, interval)[1]
+    train_flops = fwd * (3 if interval == 1 else 2) + (recomputed if interval > 1 else 0)
     result = {
         "what": "training", "shape": args.model or args.shape, "torch_compile": args.torch_compile,
         "torch_compile_mode": args.torch_compile_mode, "resolution": args.resolution, "device": device_name(args.device),
         "batch": args.train_batch_size, "gradient_accumulation_steps": micro,
-        "gradient_checkpointing": checkpointing, "auto_gradient_checkpointing": args.auto_gradient_checkpointing,
+        "gradient_checkpointing": checkpointing, "gradient_checkpointing_interval": interval or None,
+        "recomputed_fraction_of_forward": recomputed / fwd,  # as counted (train_flops: the issue's x 3 for 1)
+        "auto_gradient_checkpointing": args.auto_gradient_checkpointing,
         "mixed_precision": used["mixed_precision"],
         "use_8bit_adam": used["use_8bit_adam"], "fallbacks": used["fallbacks"], "cache_latents": not args.no_cache_latents,
         "timed_steps": len(timed) - 1, "optimizer_steps_per_s": 1 / per_step, "images_per_s": images_per_step / per_step,
@@ -341,7 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--gradient_accumulation_steps", type=int, default=3)
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--auto_gradient_checkpointing", action="store_true", help="let a trial step decide it")
+    p.add_argument("--gradient_checkpointing_interval", type=int, default=1,
+                   help="with --gradient_checkpointing: recompute only every Nth block (the trainer's flag)")
+    p.add_argument("--auto_gradient_checkpointing", action="store_true", help="let trial steps decide it")
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--use_8bit_adam", action="store_true")
     p.add_argument("--bnb_per_tensor", action="store_true",

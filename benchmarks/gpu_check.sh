@@ -26,6 +26,8 @@
 #      without LoRA, and with the LoRA -- the MFU its kernels reach with no trainer and no host time around them;
 #      and two ways the trainer could run it (the LoRA's add as one addmm; norms in fp16), timed and diffed
 #  19. ours at the seed's settings with one of those ways (VARIANT19=fp16_norms, or addmm_lora): against part 2
+#  20. ours at the seed's settings, recomputing only every 2nd, then every 4th block (--gradient_checkpointing_interval,
+#      INTERVALS20="2 4"): time and memory between part 2 (every block) and no checkpointing (part 6 on an H100)
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -181,8 +183,13 @@ p19() { part "19. ours, seed settings, UNet run as ${VARIANT19:-fp16_norms} ($(l
   [ "$(left)" -gt 60 ] && run 19 "$(upto ${CAP19:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --unet_variant "${VARIANT19:-fp16_norms}"; }
 
+p20() { for k in ${INTERVALS20:-2 4}; do
+  part "20. ours, seed settings, checkpointing every ${k}th block ($(left) s left)"
+  [ "$(left)" -gt 60 ] && run "20-$k" "$(upto ${CAP20:-150})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --gradient_checkpointing_interval "$k"; done; }
+
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'
@@ -190,7 +197,8 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
     if r["what"] == "training":
-        print(f"{r.get('trainer', 'billiard-lora'):40s} ckpt={r['gradient_checkpointing']!s:9s} "
+        print(f"{r.get('trainer', 'billiard-lora'):40s} ckpt={r['gradient_checkpointing']!s:5s} "
+              f"every={r.get('gradient_checkpointing_interval') or '-'!s:3s} "
               f"compile={r.get('torch_compile', '-'):8s} fp8={r.get('fp8_base', False)!s:5s} "
               f"graphs={r.get('cuda_graph_replays', '-')!s:4s} opt={r.get('optimizer_form', '-'):14s} "
               f"nhwc={r.get('channels_last', False)!s:5s} unet={r.get('unet_variant', 'as_trained')} "

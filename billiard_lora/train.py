@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -138,20 +139,27 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     if config.fp8_base:
         c.unet.to(device)  # now 2.6 instead of 5.2 GB (SDXL), and after the text encoders left
 
-    # ---- 4. how the UNet runs: gradient checkpointing (decided by a trial step if asked), compilation
+    # ---- 4. how the UNet runs: gradient checkpointing (decided by trial steps if asked), compilation
+    # (the UNet draws no random numbers: no RNG state to save, which a CUDA graph could not record anyway)
+    # reentrant where it applies (see checkpoint_unet), except where DDP must look for parameters without
+    # gradients (text-encoder training on several processes): its search cannot follow reentrant checkpoints
+    # (with CUDA graphs, which bypass DDP, the same form keeps the numbers equal to DDP's)
+    ddp_unused = config.train_text_encoder and accelerator.num_processes > 1
+    unet_checkpointing = partial(checkpoint_unet, c.unet, reentrant=config.torch_compile == "none" and not ddp_unused,
+                                 preserve_rng_state=not config.cuda_graphs)
     if config.auto_gradient_checkpointing:
-        fits = fits_without_checkpointing(config, c, text_encoders, prompt_cache, accelerator, weight_dtype)
-        config = config.replace(gradient_checkpointing=not fits)  # what ran, as config.json will record it
-        say(f"--auto_gradient_checkpointing: a trial step {'fits' if fits else 'does not fit'} in memory without "
-            f"checkpointing; training {'without' if fits else 'with'} it")
+        def trial(interval: int) -> bool:
+            unet_checkpointing(interval=interval)
+            return fits_in_memory(config, c, text_encoders, prompt_cache, accelerator, weight_dtype)
+
+        interval, tried = choose_checkpointing(config, trial)
+        # what runs, as config.json will record it
+        config = config.replace(gradient_checkpointing=interval > 0,
+                                gradient_checkpointing_interval=interval or config.gradient_checkpointing_interval)
+        say(f"--auto_gradient_checkpointing: trial steps {'; '.join(tried)}: training "
+            f"{describe_checkpointing(interval)}")
+    unet_checkpointing(interval=config.gradient_checkpointing_interval if config.gradient_checkpointing else 0)
     if config.gradient_checkpointing:
-        # (the UNet draws no random numbers: no RNG state to save, which a CUDA graph could not record anyway)
-        # reentrant where it applies (see checkpoint_unet), except where DDP must look for parameters without
-        # gradients (text-encoder training on several processes): its search cannot follow reentrant checkpoints
-        # (with CUDA graphs, which bypass DDP, the same form keeps the numbers equal to DDP's)
-        ddp_unused = config.train_text_encoder and accelerator.num_processes > 1
-        checkpoint_unet(c.unet, reentrant=config.torch_compile == "none" and not ddp_unused,
-                        preserve_rng_state=not config.cuda_graphs)
         for te in text_encoders:
             checkpoint_text_encoder(te, preserve_rng_state=not config.cuda_graphs)
     compile_unet(c.unet, config.torch_compile, mode=config.torch_compile_mode)
@@ -370,8 +378,36 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     return out
 
 
-def fits_without_checkpointing(config: TrainConfig, c, text_encoders, prompt_cache, accelerator, weight_dtype) -> bool:
-    """One forward and backward of a full-size batch without gradient checkpointing: does training fit in memory?
+# what --auto_gradient_checkpointing tries after no checkpointing: recomputing every 4th, 3rd, then 2nd block
+# (before recomputing every block, which needs no trial: the least memory there is)
+AUTO_INTERVALS = (4, 3, 2)
+
+
+def choose_checkpointing(config: TrainConfig, fits: Callable[[int], bool]) -> tuple[int, list[str]]:
+    """The fastest checkpointing whose trial step ``fits``: 0 (none), else the largest interval, else 1 (every block).
+
+    Also returns what each trial found, for the log. A --gradient_checkpointing_interval N > 1 the user gave is
+    the only interval tried between none and every block.
+    """
+    asked = config.gradient_checkpointing_interval
+    tried = []
+    for interval in (0, *((asked,) if asked > 1 else AUTO_INTERVALS)):
+        ok = fits(interval)
+        tried.append(f"{describe_checkpointing(interval)}: {'fits' if ok else 'does not fit'}")
+        if ok:
+            return interval, tried
+    return 1, tried
+
+
+def describe_checkpointing(interval: int) -> str:
+    if interval == 0:
+        return "without checkpointing"
+    nth = {1: "", 2: "2nd ", 3: "3rd "}.get(interval, f"{interval}th ")
+    return f"with checkpointing of every {nth}block"
+
+
+def fits_in_memory(config: TrainConfig, c, text_encoders, prompt_cache, accelerator, weight_dtype) -> bool:
+    """One forward and backward of a full-size batch, checkpointed as the UNet is now set: does training fit?
 
     On a GPU the trial must also leave 15 % of the memory that was free before it (optimizer state, fragmentation
     and validation come later); anywhere, running out of memory means no. Every process must fit. Gradients and
@@ -420,8 +456,16 @@ def fits_without_checkpointing(config: TrainConfig, c, text_encoders, prompt_cac
     return int(misfits.item()) == 0
 
 
-def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = True) -> None:
+# the UNet's blocks that diffusers hands to the gradient-checkpointing function
+CHECKPOINTED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
+
+
+def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = True, interval: int = 1) -> None:
     """Gradient checkpointing of the UNet's blocks, with PyTorch's reentrant checkpoint where it applies.
+
+    ``interval`` N recomputes only every Nth block (in the model's order; SDXL has 86 that diffusers checkpoints)
+    and keeps the others' activations for backward, as SimpleTuner's --gradient_checkpointing_interval; 0 turns
+    checkpointing off.
 
     diffusers' script uses the non-reentrant checkpoint, which runs a Python hook for every tensor a block saves;
     the reentrant one keeps only the block's inputs and reruns it in backward: 11 % fewer operations and 20 % less
@@ -434,11 +478,15 @@ def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = 
     (Checkpointing each compiled region inside its graph instead was tried and dropped: within noise on SDXL's
     layout, 50 % longer to compile, and CUDA graphs failed with it too; benchmarks/RESULTS.md.)
     """
-    from functools import partial
-
-    kw = dict(preserve_rng_state=preserve_rng_state)
-    unet.enable_gradient_checkpointing(gradient_checkpointing_func=partial(_checkpoint_block, **kw) if reentrant else
-                                       partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, **kw))
+    if interval == 0:
+        if unet.is_gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        return
+    blocks = [m for m in unet.modules() if type(m).__name__ in CHECKPOINTED_BLOCKS]
+    for i, block in enumerate(blocks):
+        block._billiard_recompute = i % interval == 0  # read by _checkpoint_block
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=partial(
+        _checkpoint_block, reentrant=reentrant, preserve_rng_state=preserve_rng_state))
 
 
 def checkpoint_text_encoder(text_encoder, *, preserve_rng_state: bool = True) -> None:
@@ -451,8 +499,10 @@ def checkpoint_text_encoder(text_encoder, *, preserve_rng_state: bool = True) ->
         text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _checkpoint_block(block, *args, **kw):
-    reentrant = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+def _checkpoint_block(block, *args, reentrant: bool, **kw):
+    if not getattr(block, "_billiard_recompute", True):  # outside the --gradient_checkpointing_interval
+        return block(*args)
+    reentrant = reentrant and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=reentrant, **kw)
 
 

@@ -141,3 +141,18 @@ def test_unet_ceiling_profile_goes_into_the_row_and_a_failing_profiler_costs_not
     monkeypatch.setattr(bench_train, "GpuTime", Broken)
     profile = {}
     assert bench_unet.seconds_per_call(lambda: None, 1, False, lambda: None, profile) >= 0 and profile == {}
+
+
+def test_train_benchmark_counts_what_a_checkpointing_interval_recomputes():
+    """bench_train.py's FLOP count: every Nth block recomputed is about 1/N of what checkpointing every block
+    recomputes (which is most of a forward: not conv_in, conv_out, the embeddings or the resamplers)."""
+    from bench_train import components, unet_forward_flops
+
+    c = components("tiny", "meta")
+    fwd, none = unet_forward_flops(c, 64, 1)
+    counts = {k: unet_forward_flops(c, 64, 1, k) for k in (1, 2, 4)}
+    assert none == 0 and all(f == fwd for f, _ in counts.values())
+    every = counts[1][1]
+    assert 0.7 * fwd < every < fwd
+    assert counts[4][1] < counts[2][1] < every
+    assert 0.3 * every < counts[2][1] < 0.7 * every

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from billiard_lora.config import TrainConfig
 from billiard_lora.errors import UserError
+import billiard_lora.train as train_mod
 from billiard_lora.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -652,23 +653,109 @@ def test_auto_gradient_checkpointing_trains_without_it_when_the_trial_step_fits(
     assert all(torch.equal(a[k], b[k]) for k in a), "the trial step must leave no trace in training"
 
 
-def test_auto_gradient_checkpointing_turns_it_on_when_memory_runs_out(tiny_model_dir, tmp_path, monkeypatch):
+def simulate_memory(monkeypatch, kept_fraction_that_fits: float) -> list[float]:
+    """A GPU too small for the tiny UNet unless at most this fraction of its blocks keeps its activations (the rest
+    recomputed by checkpointing); returns the kept fractions of the forwards that ran out of memory."""
     from diffusers import UNet2DConditionModel
 
-    real_forward = UNet2DConditionModel.forward
+    real_forward, refused = UNet2DConditionModel.forward, []
 
-    def forward(self, *args, **kwargs):  # a GPU too small for this model without checkpointing
-        if not self.is_gradient_checkpointing and torch.is_grad_enabled():
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            recompute = [getattr(m, "_billiard_recompute", True) for m in self.modules()
+                         if type(m).__name__ in train_mod.CHECKPOINTED_BLOCKS]
+            kept = 1.0 if not self.is_gradient_checkpointing else 1 - sum(recompute) / len(recompute)
+            if kept > kept_fraction_that_fits:
+                refused.append(kept)
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    return refused
+
+
+@pytest.mark.parametrize("fits, interval", [(0.0, 1), (0.55, 2)])
+def test_auto_gradient_checkpointing_turns_it_on_when_memory_runs_out(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                                      fits, interval):
+    """Trial steps try no checkpointing, then every 4th, 3rd, 2nd block; the first that fits is trained with, else
+    every block is checkpointed; the LoRA is the one that setting gives when asked for directly."""
+    refused = simulate_memory(monkeypatch, kept_fraction_that_fits=fits)
     data = make_images(tmp_path / "data", n=3)
-    ckpt = train(tiny_config(tiny_model_dir, data, tmp_path / "ckpt", gradient_checkpointing=True))
+    ckpt = train(tiny_config(tiny_model_dir, data, tmp_path / "ckpt", gradient_checkpointing=True,
+                             gradient_checkpointing_interval=interval))
+    assert not refused
     auto = train(tiny_config(tiny_model_dir, data, tmp_path / "auto", auto_gradient_checkpointing=True))
-    assert json.loads((auto / "config.json").read_text())["gradient_checkpointing"] is True
+    # 24 blocks: every 4th recomputed keeps 18 (0.75), every 3rd 16, every 2nd 12
+    assert refused == pytest.approx([1.0, 0.75, 2 / 3, 0.5] if interval == 1 else [1.0, 0.75, 2 / 3])
+    saved = json.loads((auto / "config.json").read_text())
+    assert (saved["gradient_checkpointing"], saved["gradient_checkpointing_interval"]) == (True, interval)
+    log = capsys.readouterr()
+    assert "without checkpointing: does not fit" in log.out + log.err
     a, b = lora_tensors(ckpt), lora_tensors(auto)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpointing_interval_recomputes_every_nth_block_with_the_same_gradients(tiny_components, monkeypatch):
+    """--gradient_checkpointing_interval N checkpoints every Nth of the blocks diffusers hands over and runs the
+    others plainly (their activations kept): the loss and LoRA gradients of no checkpointing, every N."""
+    import copy
+
+    import torch.utils.checkpoint
+
+    from billiard_lora.lora import add_lora
+    from billiard_lora.train import checkpoint_unet
+
+    unet = tiny_components.unet.requires_grad_(False)
+    torch.manual_seed(0)
+    add_lora(unet, rank=4)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+    plain = copy.deepcopy(unet)
+    loss_p, grads_p = _unet_step(plain)
+    calls, real = [], torch.utils.checkpoint.checkpoint
+
+    def spy(fn, *args, **kw):
+        calls.append(fn)
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    seen = {}
+    for interval in (1, 2, 3, 0):
+        calls.clear()
+        checkpoint_unet(unet, interval=interval)
+        loss, grads = _unet_step(unet)
+        torch.testing.assert_close(loss, loss_p)
+        for name in grads_p:
+            torch.testing.assert_close(grads[name], grads_p[name], rtol=1e-5, atol=1e-7)
+        seen[interval] = list(calls)
+        for p in unet.parameters():
+            p.grad = None
+    assert len(seen[1]) == 23 and not seen[0] and not unet.is_gradient_checkpointing  # (mid_block.resnets.0 never)
+    order = [m for m in unet.modules() if type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock")]
+    for interval in (2, 3):
+        assert set(seen[interval]) == {b for i, b in enumerate(order) if i % interval == 0} & set(seen[1])
+        assert 23 / interval - 1 <= len(seen[interval]) <= 23 / interval + 1
+
+
+def test_checkpointing_interval_is_checked():
+    for kw, words in ((dict(gradient_checkpointing=True, gradient_checkpointing_interval=0), "at least 1"),
+                      (dict(gradient_checkpointing_interval=2), "only applies with --gradient_checkpointing")):
+        with pytest.raises(UserError, match=words) as err:
+            TrainConfig(instance_prompt="x", **kw)
+        assert "--gradient_checkpointing_interval=" in str(err.value) and "\n" not in str(err.value)
+    TrainConfig(instance_prompt="x", auto_gradient_checkpointing=True, gradient_checkpointing_interval=3)
+
+
+def test_auto_gradient_checkpointing_tries_only_the_interval_given():
+    config = TrainConfig(instance_prompt="x", auto_gradient_checkpointing=True, gradient_checkpointing_interval=3)
+    asked = []
+    interval, tried = train_mod.choose_checkpointing(config, lambda k: asked.append(k) or False)
+    assert (interval, asked) == (1, [0, 3]) and tried[-1] == "with checkpointing of every 3rd block: does not fit"
+    asked.clear()
+    assert train_mod.choose_checkpointing(config.replace(gradient_checkpointing_interval=1),
+                                          lambda k: asked.append(k) or k == 3)[0] == 3
+    assert asked == [0, 4, 3]
 
 
 def test_views_are_counted_and_a_complete_cache_says_so_once(tiny_components, tmp_path):
