@@ -28,6 +28,8 @@
 #  19. ours at the seed's settings with one of those ways (VARIANT19=fp16_norms, or addmm_lora): against part 2
 #  20. ours at the seed's settings, recomputing only every 2nd, then every 4th block (--gradient_checkpointing_interval,
 #      INTERVALS20="2 4"): time and memory between part 2 (every block) and no checkpointing (part 6 on an H100)
+#  21. as 11 with --lora_dropout=0.1: the masks drawn inside the recorded micro-step, the checkpoint's recompute
+#      drawing them again (needs PyTorch 2.10+; opt-in until this passes): the same LoRA as eager?
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -154,6 +156,9 @@ p11() { part "11. --cuda_graphs on the tiny model: the same LoRA as eager? ($(le
 p17() { part "17. --cuda_graphs --train_text_encoder on the tiny model: recorded, and the same LoRA as eager? ($(left) s left)"
   graphs_vs_eager 17 text_encoders --train_text_encoder; }
 
+p21() { part "21. --cuda_graphs --lora_dropout on the tiny model: recorded, and the same LoRA as eager? ($(left) s left)"
+  graphs_vs_eager 21 lora_dropout --lora_dropout=0.1; }
+
 p12() { part "12. ours, seed settings, eager (--cuda_graphs off) ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 12 "$(upto ${CAP12:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --cuda_graphs off; }
@@ -189,7 +194,7 @@ p20() { for k in ${INTERVALS20:-2 4}; do
     --gradient_checkpointing --gradient_checkpointing_interval "$k"; done; }
 
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'

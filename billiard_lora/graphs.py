@@ -14,8 +14,12 @@ the adapters' ``.grad`` -- so it must see the same shapes and the same tensors e
 
 The optimizer step, gradient clipping and the fp16 loss scaler's inf check stay outside the graph. Used only on
 CUDA GPUs (with several processes, each records its own micro-step on the bare UNet and ``train`` averages the
-gradients itself, as DDP would), no LoRA dropout; with ``--train_text_encoder`` the text encoders run inside the
-recorded step too, on token ids (only when asked for; see ``train.resolve_hardware``).
+gradients itself, as DDP would); with ``--train_text_encoder`` the text encoders run inside the recorded step too,
+on token ids, and with ``--lora_dropout`` the dropout masks are drawn inside it (both only when asked for; see
+``train.resolve_hardware``). Random numbers drawn in a graph come from the default generator as eagerly: each
+replay advances it by what the recorded step drew, so a replay draws the masks an eager step would have drawn.
+Gradient checkpointing then saves and restores the random-number state inside the graph (so its recompute draws
+the forward's masks again), which PyTorch can record from 2.10 on.
 """
 
 from __future__ import annotations

@@ -140,13 +140,16 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         c.unet.to(device)  # now 2.6 instead of 5.2 GB (SDXL), and after the text encoders left
 
     # ---- 4. how the UNet runs: gradient checkpointing (decided by trial steps if asked), compilation
-    # (the UNet draws no random numbers: no RNG state to save, which a CUDA graph could not record anyway)
+    # (without LoRA dropout the UNet draws no random numbers: no RNG state to save, which a CUDA graph records only
+    # from PyTorch 2.10 on)
     # reentrant where it applies (see checkpoint_unet), except where DDP must look for parameters without
     # gradients (text-encoder training on several processes): its search cannot follow reentrant checkpoints
     # (with CUDA graphs, which bypass DDP, the same form keeps the numbers equal to DDP's)
     ddp_unused = config.train_text_encoder and accelerator.num_processes > 1
+    # with --lora_dropout the recompute must draw the forward's masks again: RNG state saved (recorded, in a graph)
+    keep_rng = not config.cuda_graphs or config.lora_dropout > 0
     unet_checkpointing = partial(checkpoint_unet, c.unet, reentrant=config.torch_compile == "none" and not ddp_unused,
-                                 preserve_rng_state=not config.cuda_graphs)
+                                 preserve_rng_state=keep_rng)
     if config.auto_gradient_checkpointing:
         def trial(interval: int) -> bool:
             unet_checkpointing(interval=interval)
@@ -161,7 +164,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     unet_checkpointing(interval=config.gradient_checkpointing_interval if config.gradient_checkpointing else 0)
     if config.gradient_checkpointing:
         for te in text_encoders:
-            checkpoint_text_encoder(te, preserve_rng_state=not config.cuda_graphs)
+            checkpoint_text_encoder(te, preserve_rng_state=keep_rng)
     compile_unet(c.unet, config.torch_compile, mode=config.torch_compile_mode)
 
     # ---- 5. latents: each view VAE-encoded once; the dataloader
@@ -657,7 +660,9 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
     if config.cuda_graphs is not False:  # asked for (True), or to be decided (None: on where it applies)
         asked = config.cuda_graphs is True
         why = ("needs a CUDA GPU" if not _cuda_graphs_possible() else
-               "does not record --lora_dropout's random masks" if config.lora_dropout > 0
+               "with --lora_dropout and gradient checkpointing needs PyTorch 2.10 or later (the recompute must draw "
+               "the forward's dropout masks again: older versions cannot record the random-number state in a graph)"
+               if config.lora_dropout > 0 and (checkpointing or config.fp8_base) and not _rng_state_recordable()
                else None)
         compile_mode = changes.get("torch_compile_mode", config.torch_compile_mode)
         if not asked and why is None and config.torch_compile != "none" and (
@@ -665,6 +670,9 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
             # undecided: not where the user chose torch.compile's own CUDA graphs, nor with full compilation, which
             # has not been run with them on a GPU (regional has: benchmarks/RESULTS.md)
             why = "not chosen by default with this --torch_compile setting"
+        if not asked and why is None and config.lora_dropout > 0:
+            # random masks inside the recorded step: same numbers as eager by PyTorch's design, not yet run on a GPU
+            why = "not chosen by default with --lora_dropout"
         if not asked and why is None and config.train_text_encoder:
             # the text encoders in the recorded step: tested on the CPU with recording stood in for, not yet run on a
             # GPU, so only when asked for
@@ -717,6 +725,12 @@ def _mps_available() -> bool:
 def _bf16_emulated() -> bool:
     """Whether this CUDA GPU only emulates bfloat16: NVIDIA's before compute capability 8.0 (T4, V100)."""
     return not torch.version.hip and torch.cuda.get_device_capability() < (8, 0)
+
+
+def _rng_state_recordable() -> bool:
+    """Can a CUDA graph record checkpointing's save and restore of the random-number state? (pytorch#162505, 2.10)"""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 10)
 
 
 def _cuda_graphs_possible() -> bool:

@@ -967,9 +967,14 @@ def test_cuda_graphs_fall_back_with_a_note_where_they_cannot_work(tiny_model_dir
     used = json.loads((out / "config.json").read_text())
     assert used["cuda_graphs"] is False and any("--cuda_graphs needs a CUDA GPU" in n for n in used["fallbacks"])
     monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
-    resolved = train_mod.resolve_hardware(tiny_config(tiny_model_dir, data, tmp_path / "o", cuda_graphs=True,
-                                                      lora_dropout=0.1))
-    assert resolved.cuda_graphs is False and "--lora_dropout" in resolved.fallbacks[-1]
+    dropout = tiny_config(tiny_model_dir, data, tmp_path / "o", cuda_graphs=True, lora_dropout=0.1)
+    monkeypatch.setattr(train_mod, "_rng_state_recordable", lambda: False)  # PyTorch before 2.10
+    for kw in (dict(gradient_checkpointing=True), dict(auto_gradient_checkpointing=True), dict(fp8_base=True)):
+        resolved = train_mod.resolve_hardware(dropout.replace(**kw))
+        assert resolved.cuda_graphs is False and "--lora_dropout" in resolved.fallbacks[-2 if "fp8" in str(kw) else -1]
+    assert train_mod.resolve_hardware(dropout).cuda_graphs is True  # no recompute: masks drawn once, in the graph
+    monkeypatch.setattr(train_mod, "_rng_state_recordable", lambda: True)
+    assert train_mod.resolve_hardware(dropout.replace(gradient_checkpointing=True)).cuda_graphs is True
     resolved = train_mod.resolve_hardware(tiny_config(tiny_model_dir, data, tmp_path / "o", cuda_graphs=True,
                                                       torch_compile="regional", torch_compile_mode="reduce-overhead"))
     assert resolved.cuda_graphs and resolved.torch_compile_mode == "default"
@@ -1044,6 +1049,45 @@ def test_the_recorded_micro_step_never_needs_the_host(tiny_model_dir, tmp_path, 
     if text_encoders:
         assert "embedding" in seen, "the text encoders ran in the recorded step"
     assert not seen & needs_host and not moves, (seen & needs_host, moves)
+
+
+def test_cuda_graphs_with_lora_dropout_and_checkpointing_equal_eager_training(tiny_model_dir, tmp_path, monkeypatch):
+    """--lora_dropout --cuda_graphs (recording stood in for on the CPU) with checkpointing: the checkpoint saves and
+    restores the random-number state, so the recompute draws the forward's masks again, and training is eager
+    training: LoRA and losses bit for bit, through a resume. (That a real graph draws the numbers an eager step
+    would is PyTorch's design; gpu_check.sh part 21 compares the two on a GPU.)"""
+    import torch.utils.checkpoint
+
+    import billiard_lora.graphs as graphs
+
+    data = make_images(tmp_path / "data", n=4)
+    kw = dict(max_train_steps=4, gradient_accumulation_steps=2, gradient_checkpointing=True, lora_dropout=0.3,
+              checkpointing_steps=2)
+    eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", **kw))
+    undropped = train(tiny_config(tiny_model_dir, data, tmp_path / "undropped", **{**kw, "lora_dropout": 0.0}))
+    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
+    monkeypatch.setattr(graphs, "_capture", _fake_capture)
+    preserved, real = [], torch.utils.checkpoint.checkpoint
+
+    def spy(fn, *args, preserve_rng_state=True, **kw2):
+        preserved.append(preserve_rng_state)
+        return real(fn, *args, preserve_rng_state=preserve_rng_state, **kw2)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    graphed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", cuda_graphs=True, **kw))
+    assert json.loads((graphed / "summary.json").read_text())["cuda_graph_replays"] > 0
+    assert preserved and all(preserved), "the recompute must restore the random-number state"
+    assert (eager / "loss_history.csv").read_text() == (graphed / "loss_history.csv").read_text()
+    a, b, u = lora_tensors(eager), lora_tensors(graphed), lora_tensors(undropped)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], u[k]) for k in a)
+    # stopped after the checkpoint at step 2, resumed: the same masks from there on
+    import shutil
+
+    shutil.rmtree(graphed / "checkpoint-4")
+    resumed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", cuda_graphs=True,
+                                resume_from_checkpoint="latest", overwrite_output_dir=True, **kw))
+    r = lora_tensors(resumed)
+    assert all(torch.equal(a[k], r[k]) for k in a)
 
 
 def test_cuda_graphs_with_text_encoder_training_equal_eager_training(tiny_model_dir, tmp_path, monkeypatch):
