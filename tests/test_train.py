@@ -535,15 +535,11 @@ def test_cuda_graphs_with_regional_compile_and_checkpointing_fall_back_with_a_no
     assert resolved.torch_compile_mode == "default"  # the trial step may well choose checkpointing
 
 
-def test_reentrant_checkpointing_gives_every_adapter_its_gradient(tiny_components, monkeypatch):
-    """train() checkpoints with PyTorch's reentrant form (less CPU per step) wherever a block's input needs a
-    gradient, the non-reentrant form elsewhere; the gradients match a run without checkpointing."""
+def _lora_unet_and_copy(tiny_components):
+    """The tiny UNet with a rank-4 LoRA whose weights are all non-zero (as after training), and an exact copy."""
     import copy
 
-    import torch.utils.checkpoint
-
     from billiard_lora.lora import add_lora
-    from billiard_lora.train import checkpoint_unet
 
     unet = tiny_components.unet.requires_grad_(False)
     torch.manual_seed(0)
@@ -551,7 +547,17 @@ def test_reentrant_checkpointing_gives_every_adapter_its_gradient(tiny_component
     for p in unet.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.02)
-    plain = copy.deepcopy(unet)
+    return unet, copy.deepcopy(unet)
+
+
+def test_reentrant_checkpointing_gives_every_adapter_its_gradient(tiny_components, monkeypatch):
+    """train() checkpoints with PyTorch's reentrant form (less CPU per step) wherever a block's input needs a
+    gradient, the non-reentrant form elsewhere; the gradients match a run without checkpointing."""
+    import torch.utils.checkpoint
+
+    from billiard_lora.train import checkpoint_unet
+
+    unet, plain = _lora_unet_and_copy(tiny_components)
     calls, real = [], torch.utils.checkpoint.checkpoint
 
     def spy(fn, *args, use_reentrant, **kw):
@@ -698,20 +704,11 @@ def test_auto_gradient_checkpointing_turns_it_on_when_memory_runs_out(tiny_model
 def test_checkpointing_interval_recomputes_every_nth_block_with_the_same_gradients(tiny_components, monkeypatch):
     """--gradient_checkpointing_interval N checkpoints every Nth of the blocks diffusers hands over and runs the
     others plainly (their activations kept): the loss and LoRA gradients of no checkpointing, every N."""
-    import copy
-
     import torch.utils.checkpoint
 
-    from billiard_lora.lora import add_lora
     from billiard_lora.train import checkpoint_unet
 
-    unet = tiny_components.unet.requires_grad_(False)
-    torch.manual_seed(0)
-    add_lora(unet, rank=4)
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.02)
-    plain = copy.deepcopy(unet)
+    unet, plain = _lora_unet_and_copy(tiny_components)
     loss_p, grads_p = _unet_step(plain)
     calls, real = [], torch.utils.checkpoint.checkpoint
 
