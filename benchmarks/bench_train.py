@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from billiard_lora import paths  # noqa: E402
 from billiard_lora.config import TrainConfig  # noqa: E402
+from billiard_lora.lora import UNET_TARGET_MODULES  # noqa: E402
 from billiard_lora.models import Components  # noqa: E402
 from billiard_lora.optim import make_optimizer  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
@@ -65,7 +66,10 @@ def unet_forward_flops(c: Components, resolution: int, batch: int, checkpoint_in
         nonlocal recomputed
         before = counter.get_total_flops()
         out = block(*args)
-        if getattr(block, "_billiard_recompute", True):
+        # (a block before the first adapter gets no gradient: backward never reaches it, nothing is recomputed)
+        needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args) or \
+            any(p.requires_grad for p in block.parameters())
+        if getattr(block, "_billiard_recompute", True) and needs_grad:
             recomputed += counter.get_total_flops() - before
         return out
 
@@ -80,6 +84,10 @@ def unet_forward_flops(c: Components, resolution: int, batch: int, checkpoint_in
         cond = {"text_embeds": torch.randn(batch, te2_dim),
                 "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch).float()}
     if checkpoint_interval:
+        unet.requires_grad_(False)  # gradients flow where the trainer's adapters sit (no adapter FLOPs added)
+        for name, module in unet.named_modules():
+            if any(name.endswith(t) for t in UNET_TARGET_MODULES):
+                module.weight.requires_grad_(True)
         checkpoint_unet(unet, interval=checkpoint_interval)  # which blocks
         unet.enable_gradient_checkpointing(gradient_checkpointing_func=count_recomputed)
         unet.train()
