@@ -159,8 +159,8 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         # what runs, as config.json will record it
         config = config.replace(gradient_checkpointing=interval > 0,
                                 gradient_checkpointing_interval=interval or config.gradient_checkpointing_interval)
-        say(f"--auto_gradient_checkpointing: trial steps {'; '.join(tried)}: training "
-            f"{describe_checkpointing(interval)}")
+        say(f"--auto_gradient_checkpointing: trial step{'s' if len(tried) > 1 else ''} {', '.join(tried)}; "
+            f"training {describe_checkpointing(interval)}")
     unet_checkpointing(interval=config.gradient_checkpointing_interval if config.gradient_checkpointing else 0)
     if config.gradient_checkpointing:
         for te in text_encoders:
@@ -396,7 +396,7 @@ def choose_checkpointing(config: TrainConfig, fits: Callable[[int], bool]) -> tu
     tried = []
     for interval in (0, *((asked,) if asked > 1 else AUTO_INTERVALS)):
         ok = fits(interval)
-        tried.append(f"{describe_checkpointing(interval)}: {'fits' if ok else 'does not fit'}")
+        tried.append(f"{describe_checkpointing(interval)} {'fits' if ok else 'does not fit'}")
         if ok:
             return interval, tried
     return 1, tried
