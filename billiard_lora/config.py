@@ -100,8 +100,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Trade compute for memory by recomputing activations.")
     gradient_checkpointing_interval: int = _f(
         1, "(SimpleTuner's name) With --gradient_checkpointing, recompute only every Nth of the UNet's ResNet and "
-           "transformer blocks and keep the others' activations: less recomputation (faster), more memory. 1: every "
-           "block, as diffusers' script. Same results.")
+           "transformer blocks (and, with --train_text_encoder, of the text encoders' layers) and keep the others' "
+           "activations: less recomputation (faster), more memory. 1: every block, as diffusers' script. Same "
+           "results.")
     auto_gradient_checkpointing: bool = _f(
         False, "(billiard-lora) Decide --gradient_checkpointing by measuring: trial steps before training, first "
                "without it, then checkpointing every 4th, 3rd, 2nd block (or only the --gradient_checkpointing_interval "
@@ -136,7 +137,8 @@ class TrainConfig:
                "compute dtype only while its layer runs (as kohya's --fp8_base): the UNet's weights take half the "
                "memory (SDXL: 2.6 instead of 5.2 GB), rounded to 3 mantissa bits; the LoRA still trains in fp32, on "
                "exactly the rounded model. Pays off with --gradient_checkpointing (without it, backward keeps the "
-               "upcast weights). Combines with --torch_compile, not with --use_dora. A UNet passed to train() in a "
+               "upcast weights, as it does in the blocks a --gradient_checkpointing_interval above 1 leaves out). "
+               "Combines with --torch_compile, not with --use_dora. A UNet passed to train() in a "
                "notebook stays stored in fp8.")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")

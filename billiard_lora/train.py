@@ -164,7 +164,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     unet_checkpointing(interval=config.gradient_checkpointing_interval if config.gradient_checkpointing else 0)
     if config.gradient_checkpointing:
         for te in text_encoders:
-            checkpoint_text_encoder(te, preserve_rng_state=keep_rng)
+            checkpoint_text_encoder(te, preserve_rng_state=keep_rng, interval=config.gradient_checkpointing_interval)
     compile_unet(c.unet, config.torch_compile, mode=config.torch_compile_mode)
 
     # ---- 5. latents: each view VAE-encoded once; the dataloader
@@ -492,12 +492,17 @@ def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = 
         _checkpoint_block, reentrant=reentrant, preserve_rng_state=preserve_rng_state))
 
 
-def checkpoint_text_encoder(text_encoder, *, preserve_rng_state: bool = True) -> None:
+def checkpoint_text_encoder(text_encoder, *, preserve_rng_state: bool = True, interval: int = 1) -> None:
     """Gradient checkpointing of a CLIP text encoder's layers (non-reentrant: its LoRA gets gradients whether or not
-    the embeddings need any). Without saving RNG state under CUDA graphs, which cannot record it (CLIP draws none)."""
+    the embeddings need any), of every ``interval``-th layer where transformers can (``every_n_layers``), else of
+    every layer. Without saving RNG state under CUDA graphs unless LoRA dropout needs it (CLIP itself draws none)."""
+    import inspect
+
     kwargs = {"use_reentrant": False, "preserve_rng_state": preserve_rng_state}
     if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.23; the older name warns there
-        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        enable = text_encoder.activation_checkpointing_enable
+        every = {"every_n_layers": interval} if "every_n_layers" in inspect.signature(enable).parameters else {}
+        enable(activation_checkpointing_kwargs=kwargs, **every)
     else:
         text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 

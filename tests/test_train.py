@@ -1234,3 +1234,31 @@ def test_prodigy_over_flat_buffers_trains_and_resumes_exactly(tiny_model_dir, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ups = [k for k in a if "lora_B" in k or ".up." in k]
     assert ups and any(a[k].abs().max() > 0 for k in ups), "the LoRA trained (B starts at zero)"
+
+
+def test_text_encoder_checkpointing_interval_checkpoints_every_nth_layer(tiny_components):
+    """With --train_text_encoder the interval applies to the CLIP layers too (transformers' every_n_layers)."""
+    import inspect
+
+    from billiard_lora.train import checkpoint_text_encoder
+
+    te = tiny_components.text_encoder_one
+    if "every_n_layers" not in inspect.signature(getattr(te, "activation_checkpointing_enable", print)).parameters:
+        pytest.skip("this transformers checkpoints every layer (no every_n_layers)")
+    for interval, expected in ((2, [True, False, True]), (1, [True, True, True])):
+        checkpoint_text_encoder(te, interval=interval)
+        layers = [m for name, m in te.named_modules() if name.rsplit(".", 1)[0].endswith("encoder.layers")]
+        assert [layer.gradient_checkpointing for layer in layers] == expected
+
+
+def test_training_with_a_checkpointing_interval_learns_what_checkpointing_every_block_learns(tiny_model_dir, tmp_path):
+    """End to end, text encoders training too: every 2nd block or layer recomputed gives the LoRA of every one."""
+    data = make_images(tmp_path / "data", n=3)
+    kw = dict(gradient_checkpointing=True, train_text_encoder=True, text_encoder_lr=5e-4, max_train_steps=2)
+    every = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "every", **kw)))
+    second = train(tiny_config(tiny_model_dir, data, tmp_path / "second", gradient_checkpointing_interval=2, **kw))
+    assert json.loads((second / "config.json").read_text())["gradient_checkpointing_interval"] == 2
+    second = lora_tensors(second)
+    assert every.keys() == second.keys() and any(k.startswith("text_encoder") for k in every)
+    for k in every:
+        torch.testing.assert_close(second[k], every[k], rtol=1e-4, atol=1e-6)  # (sums in another order)
