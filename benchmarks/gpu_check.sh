@@ -189,7 +189,7 @@ p19() { part "19. ours, seed settings, UNet run as ${VARIANT19:-fp16_norms} ($(l
     --gradient_checkpointing --unet_variant "${VARIANT19:-fp16_norms}"; }
 
 p20() { for k in ${INTERVALS20:-2 4}; do
-  part "20. ours, seed settings, checkpointing every ${k}th block ($(left) s left)"
+  part "20. ours, seed settings, checkpointing every ${k}$(case $k in 2) echo nd;; 3) echo rd;; *) echo th;; esac) block ($(left) s left)"
   [ "$(left)" -gt 60 ] && run "20-$k" "$(upto ${CAP20:-150})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --gradient_checkpointing_interval "$k"; done; }
 
