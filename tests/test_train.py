@@ -1045,6 +1045,8 @@ def test_cuda_graphs_with_lora_dropout_and_checkpointing_equal_eager_training(ti
     restores the random-number state, so the recompute draws the forward's masks again, and training is eager
     training: LoRA and losses bit for bit, through a resume. (That a real graph draws the numbers an eager step
     would is PyTorch's design; gpu_check.sh part 21 compares the two on a GPU.)"""
+    import shutil
+
     import torch.utils.checkpoint
 
     import billiard_lora.graphs as graphs
@@ -1070,8 +1072,6 @@ def test_cuda_graphs_with_lora_dropout_and_checkpointing_equal_eager_training(ti
     a, b, u = lora_tensors(eager), lora_tensors(graphed), lora_tensors(undropped)
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], u[k]) for k in a)
     # stopped after the checkpoint at step 2, resumed: the same masks from there on
-    import shutil
-
     shutil.rmtree(graphed / "checkpoint-4")
     resumed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", cuda_graphs=True,
                                 resume_from_checkpoint="latest", overwrite_output_dir=True, **kw))
