@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 from typing import Callable
+
+import torch
+
+# torch >= 2.5 names it torch.OutOfMemoryError (any device); before, only CUDA's existed
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 class UserError(Exception):
@@ -20,6 +26,7 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs) or 0
         except UserError as exc:
+            _close_progress_bars()
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -29,8 +36,30 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
     return wrapper
 
 
+def _close_progress_bars() -> None:
+    """End any progress bar left open by the error (its line), so that the error starts a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot close only costs the line break
+            pass
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes are a ``UserError``: one line through ``cli_entry`` instead of a usage block."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def out_of_memory_detail(exc: BaseException) -> str:
+    """The useful part of torch's out-of-memory message, e.g. "20.00 MiB more was asked of a 14.75 GiB GPU"."""
+    text = str(exc)
+    asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    total = re.search(r"total capacity of ([\d.]+ [KMGT]?i?B)", text)
+    if asked and total:
+        return f"{asked[1]} more was asked of a {total[1]} GPU"
+    if asked:
+        return f"{asked[1]} more was asked"
+    return ""

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.nn.utils import parametrize
 
-from .errors import ArgumentParser, UserError, cli_entry
+from .errors import OUT_OF_MEMORY, ArgumentParser, UserError, cli_entry, out_of_memory_detail
 from .lora import CHECKPOINT_PREFIX, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, read_metadata
 from .models import SDXL_BASE, SDXL_VAE_FP16_FIX, load_pipeline, store_weights_in_fp8
 from .viz import image_grid, save_image
@@ -128,7 +128,8 @@ def resolve_lora_file(path: str | Path) -> Path:
 def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_VAE_FP16_FIX,
                              loras: Sequence[LoraSpec | str] = (), fuse: bool = False,
                              device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
-                             fp8_base: bool = False, cuda_graphs: bool = False):
+                             fp8_base: bool = False, cuda_graphs: bool = False, cpu_offload: bool = False,
+                             vae_tiling: bool | int = False):
     """SDXL, a separate VAE unless ``vae`` is None, and LoRAs loaded and weighted; cuda/fp16 if present, else cpu/fp32.
 
     ``fuse=True`` merges the weighted LoRAs into the base weights (faster sampling); their scales are then baked in,
@@ -138,14 +139,35 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
     so. LoRAs loaded later still work, unfused.
     ``cuda_graphs=True``: on a CUDA GPU, ``generate`` records the UNet's forward as a CUDA graph within each call and
     replays it at each denoising step (sampling is otherwise bound by the CPU launching kernels on a fast GPU).
+
+    For GPUs too small to hold SDXL whole (diffusers' own memory savers):
+    ``cpu_offload=True`` keeps the models in CPU memory and moves each whole model to ``device`` when it runs (the
+    text encoders, then the UNet for all the steps, then the VAE), so the GPU holds the largest of them instead of
+    all four (the same images; the moves cost time each image). ``vae_tiling=True`` decodes the latents in
+    overlapping 512-px tiles (diffusers' tiled decoder; an int: that tile size in pixels) where the image is larger:
+    the decoder's activations shrink to a tile's, the pixels differ slightly where tiles blend.
     """
     specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
     files = [resolve_lora_file(s.path) for s in specs]  # fail on a typo before minutes of model loading
+    _check_memory_options(cpu_offload=cpu_offload, cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch_dtype is None:
         torch_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     pipe = load_pipeline(model, pretrained_vae_model_name_or_path=vae, torch_dtype=torch_dtype,
-                         device="cpu" if fp8_base else device)
+                         device="cpu" if fp8_base or cpu_offload else device)
+    return prepare_pipeline(pipe, specs, files=files, fuse=fuse, device=device, fp8_base=fp8_base,
+                            cuda_graphs=cuda_graphs, cpu_offload=cpu_offload, vae_tiling=vae_tiling)
+
+
+def prepare_pipeline(pipe, loras: Sequence[LoraSpec | str] = (), *, files: Sequence[Path] | None = None,
+                     fuse: bool = False, device: str | torch.device = "cpu", fp8_base: bool = False,
+                     cuda_graphs: bool = False, cpu_offload: bool = False, vae_tiling: bool | int = False):
+    """What ``load_generation_pipeline`` does to a loaded SDXL pipeline (e.g. one built in code), in place.
+
+    Models stored in float8 or offloaded should arrive in CPU memory (a GPU might not hold them meanwhile)."""
+    specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
+    files = list(files) if files is not None else [resolve_lora_file(s.path) for s in specs]
+    _check_memory_options(cpu_offload=cpu_offload, cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
     for spec, file in zip(specs, files):
         load_lora(pipe, spec, file=file, activate=False)
     if specs:
@@ -154,10 +176,60 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
         if fuse:
             fuse_loras(pipe)
     if fp8_base:
-        store_weights_in_fp8(pipe.unet.requires_grad_(False), torch_dtype)  # (only frozen weights are stored so)
+        store_weights_in_fp8(pipe.unet.requires_grad_(False), pipe.unet.dtype)  # (only frozen weights go to float8)
+    if vae_tiling:
+        enable_vae_tiling(pipe.vae, DEFAULT_VAE_TILE if vae_tiling is True else int(vae_tiling))
+    if cpu_offload:
+        # (diffusers' enable_sequential_cpu_offload, layer by layer, is not offered: with accelerate 1.15 and
+        # transformers 5.23 it fails in the CLIP text encoders' embeddings, tried on the CPU)
+        pipe.enable_model_cpu_offload(device=device)
+    else:
         pipe.to(device)
     pipe.billiard_cuda_graphs = cuda_graphs
     return pipe
+
+
+DEFAULT_VAE_TILE = 512  # pixels; SDXL's own VAE config says 1024, i.e. no tiling at SDXL's usual size
+
+
+def enable_vae_tiling(vae, tile: int = DEFAULT_VAE_TILE) -> None:
+    """diffusers' tiled decoding with tiles of ``tile`` pixels (overlapping by diffusers' quarter, blended).
+
+    diffusers takes the tile size from the VAE's config (``sample_size``): 1024 px for SDXL's VAE, so 1024-px images
+    would not be tiled at all; the tile size is set here instead."""
+    vae.enable_tiling()
+    if hasattr(vae, "tile_sample_min_size") and hasattr(vae, "tile_latent_min_size"):
+        vae.tile_sample_min_size = tile
+        vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _check_memory_options(*, cpu_offload: bool, cuda_graphs: bool, vae_tiling: bool | int = False) -> None:
+    if cpu_offload and cuda_graphs:
+        raise UserError("--cuda_graphs cannot be combined with --cpu_offload: a CUDA graph keeps the UNet's weights "
+                        "where it recorded them, offloading moves them; drop one of the two")
+    if vae_tiling and vae_tiling is not True and (int(vae_tiling) < 64 or int(vae_tiling) % 64):
+        raise UserError(f"--vae_tiling takes a tile size in pixels, a multiple of 64 (e.g. 512), got {vae_tiling}")
+
+
+def _is_offloaded(pipe) -> bool:
+    return any(hasattr(m, "_hf_hook") for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+
+
+@contextlib.contextmanager
+def _offload_lifted(pipe) -> Iterator[None]:
+    """No offload hooks for the duration, then offloading again to the same device.
+
+    diffusers lifts them itself while loading a LoRA, but puts them back for the default accelerator, which fails
+    where there is none (a CPU run) and would pick the wrong one on a machine with several kinds."""
+    device = getattr(pipe, "_offload_device", None) if _is_offloaded(pipe) else None
+    if device is None:
+        yield
+        return
+    pipe.remove_all_hooks()
+    try:
+        yield
+    finally:
+        pipe.enable_model_cpu_offload(device=device)
 
 
 def fuse_loras(pipe) -> None:
@@ -185,7 +257,7 @@ def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool 
     taken = {n for names in pipe.get_list_adapters().values() for n in names}
     name = _unique_name(spec.name or _default_name(file), taken)
     try:
-        with _quiet_loading():
+        with _quiet_loading(), _offload_lifted(pipe):
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except (RuntimeError, ValueError, KeyError) as exc:  # size mismatch / no module matches / not LoRA keys
         raise _does_not_fit(pipe, file, _first_line(exc)) from None
@@ -313,6 +385,7 @@ class GeneratedImage:
     model: str = ""
     fused: bool = False  # LoRAs merged into the weights at load time
     fp8_base: bool = False  # the UNet's weights stored in float8 (load_generation_pipeline(fp8_base=True))
+    vae_tiling: int = 0  # the tile size in pixels where the VAE decoded this image in tiles (vae_tiling=...), else 0
 
     def metadata(self) -> dict[str, str]:
         """Settings as PNG text chunks (all strings; empty where not applicable)."""
@@ -320,7 +393,7 @@ class GeneratedImage:
             prompt=self.prompt, negative_prompt=self.negative_prompt, seed=self.seed, steps=self.steps,
             guidance_scale=self.guidance_scale, lora_scale=self.lora_scale, lora_names=",".join(self.lora_names),
             lora_weights=",".join(f"{w:g}" for w in self.lora_weights), width=self.width, height=self.height,
-            model=self.model, fused=self.fused, fp8_base=self.fp8_base,
+            model=self.model, fused=self.fused, fp8_base=self.fp8_base, vae_tiling=self.vae_tiling,
         )
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
@@ -359,16 +432,52 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
             # A CPU generator per image: the same seed gives the same starting noise on any GPU or CPU, and an
             # image never depends on the ones generated before it.
             generator = torch.Generator("cpu").manual_seed(seed)
-            image = pipe(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                         guidance_scale=guidance_scale, height=height, width=width, generator=generator).images[0]
+            try:
+                image = pipe(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, height=height, width=width,
+                             generator=generator).images[0]
+            except OUT_OF_MEMORY as exc:
+                raise GenerationOutOfMemory(pipe, exc, height, width, cuda_graphs, results, len(jobs)) from None
             results.append(GeneratedImage(
                 image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=num_inference_steps,
                 guidance_scale=guidance_scale, lora_scale=recorded_scale,
                 lora_names=tuple(s.name for s in loras), width=image.width, height=image.height,
                 lora_weights=tuple(s.scale for s in loras), model=getattr(pipe.config, "_name_or_path", ""),
-                fused=fused, fp8_base=fp8,
+                fused=fused, fp8_base=fp8, vae_tiling=_decoded_in_tiles(pipe, image),
             ))
     return results
+
+
+class GenerationOutOfMemory(UserError):
+    """The device ran out of memory making an image: what would fit, and the images made before it (``results``)."""
+
+    def __init__(self, pipe, exc: BaseException, height: int | None, width: int | None, cuda_graphs: bool,
+                 results: list[GeneratedImage], total: int):
+        self.results = results
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        hints = [hint for hint, applies in (
+            ("--cpu_offload (the models wait in CPU memory and reach the GPU one at a time)", not _is_offloaded(pipe)),
+            ("--vae_tiling", not getattr(pipe.vae, "use_tiling", False)),
+            ("--fp8_base", not _is_fp8(pipe)),
+            ("no --cuda_graphs", bool(cuda_graphs) and torch.cuda.is_available()),
+        ) if applies]
+        hints.append("a smaller --height/--width")
+        device = torch.device(getattr(pipe, "_execution_device", pipe.device)).type
+        detail = out_of_memory_detail(exc)
+        super().__init__(f"out of {device} memory generating a {width or size}x{height or size} image"
+                         f"{f' ({detail})' if detail else ''}, {len(results)} of {total} made before it: try "
+                         f"{', '.join(hints)}")
+
+
+def _decoded_in_tiles(pipe, image: Image.Image) -> int:
+    """The tile size where the VAE decoded this image in tiles (tiling on, latents above one tile: diffusers' test),
+    else 0."""
+    vae = pipe.vae
+    if not getattr(vae, "use_tiling", False):
+        return 0
+    f = pipe.vae_scale_factor
+    tiled = image.width // f > vae.tile_latent_min_size or image.height // f > vae.tile_latent_min_size
+    return int(vae.tile_sample_min_size) if tiled else 0
 
 
 def _check_settings(seeds: list[int], steps: int, height: int | None, width: int | None) -> None:
@@ -565,6 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda_graphs", action="store_true",
                    help="on a CUDA GPU, record the UNet's forward once as a CUDA graph and replay it at each denoising "
                         "step (the same images; a fast GPU otherwise waits on the CPU launching kernels)")
+    p.add_argument("--cpu_offload", action="store_true",
+                   help="for smaller GPUs: keep the models in CPU memory and move each whole model to the GPU when it "
+                        "runs (diffusers' enable_model_cpu_offload); the same images, plus the moves' time per image")
+    p.add_argument("--vae_tiling", type=int, nargs="?", const=DEFAULT_VAE_TILE, default=0, metavar="PIXELS",
+                   help="for smaller GPUs: decode the image in overlapping tiles of 512 px (or PIXELS, a multiple of "
+                        "64), blended (diffusers' tiled decoder); the pixels differ slightly where tiles blend")
     p.add_argument("--grid", action="store_true", help="also a prompts x seeds grid of the images")
     p.add_argument("--sweep", action="store_true", help="a LoRA-scale sweep grid per prompt (see --scales)")
     p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="scales for --sweep")
@@ -609,13 +724,15 @@ def main(argv: list[str] | None = None) -> int:
 
     vae = None if str(args.vae).lower() == "none" else args.vae
     pipe = load_generation_pipeline(args.model, vae=vae, loras=specs, fuse=args.fuse, device=args.device,
-                                    fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs)
+                                    fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs,
+                                    cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
               height=args.height, width=args.width)
     out = Path(args.out)
     # Grids carry the settings that made them; single images carry their own (GeneratedImage.metadata).
     settings = {**{k: v for k, v in kw.items() if v is not None}, "model": args.model, "loras": args.lora,
-                "prompts": prompts, **({"fp8_base": True} if args.fp8_base else {})}
+                "prompts": prompts, **({"fp8_base": True} if args.fp8_base else {}),
+                **({"vae_tiling": args.vae_tiling} if args.vae_tiling else {})}
 
     def save_grid(grid: Image.Image, name: str, **extra) -> Path:
         return save_image(grid, _free_path(out / name), {**settings, **extra})
@@ -623,7 +740,12 @@ def main(argv: list[str] | None = None) -> int:
     written: list[Path] = []
 
     if args.grid or not (args.sweep or args.compare or args.checkpoints):
-        results = generate(pipe, prompts, args.seeds, **kw)
+        try:
+            results = generate(pipe, prompts, args.seeds, **kw)
+        except GenerationOutOfMemory as exc:  # the images made before it are kept
+            for path in save_results(exc.results, out):
+                print(path)
+            raise
         written += save_results(results, out)
         if args.grid:
             grid = _grid(results, prompts, [f"seed {s}" for s in args.seeds])

@@ -302,6 +302,93 @@ def test_fp8_base_generation_halves_the_unet_and_keeps_the_images(tiny_model_dir
         fuse_loras(base8)
 
 
+def test_cpu_offload_gives_the_same_images_and_loras_still_load_and_sweep(tiny_model_dir, lora_run):
+    """cpu_offload: accelerate's hooks move each whole model to the device as it runs (on the CPU the moves are
+    CPU to CPU, but the hooks run); the images equal those of a pipeline that holds everything, with a LoRA loaded at
+    start, with float8 weights, and with a LoRA loaded, scaled and unloaded on the offloaded pipeline."""
+    plain = _pipe(tiny_model_dir, loras=[str(lora_run)])
+    offloaded = _pipe(tiny_model_dir, loras=[str(lora_run)], cpu_offload=True)
+    assert all(hasattr(getattr(offloaded, m), "_hf_hook") for m in ("unet", "vae", "text_encoder", "text_encoder_2"))
+    assert np.array_equal(_px(generate(offloaded, PROMPT, 3, **FAST)[0]), _px(generate(plain, PROMPT, 3, **FAST)[0]))
+    assert np.array_equal(_px(generate(offloaded, PROMPT, 3, lora_scale=0.5, **FAST)[0]),
+                          _px(generate(plain, PROMPT, 3, lora_scale=0.5, **FAST)[0]))
+
+    fp8 = _pipe(tiny_model_dir, loras=[str(lora_run)], fuse=True, fp8_base=True)
+    fp8_offloaded = _pipe(tiny_model_dir, loras=[str(lora_run)], fuse=True, fp8_base=True, cpu_offload=True)
+    assert np.array_equal(_px(generate(fp8_offloaded, PROMPT, 3, **FAST)[0]), _px(generate(fp8, PROMPT, 3, **FAST)[0]))
+
+    base = _pipe(tiny_model_dir, cpu_offload=True)  # a LoRA loaded after offloading (as checkpoint grids do)
+    name = load_lora(base, LoraSpec(str(lora_run)))
+    assert np.array_equal(_px(generate(base, PROMPT, 3, **FAST)[0]), _px(generate(plain, PROMPT, 3, **FAST)[0]))
+    from billiard_lora.generate import unload_lora
+
+    unload_lora(base, name)
+    assert _close(generate(base, PROMPT, 3, **FAST)[0], generate(_pipe(tiny_model_dir), PROMPT, 3, **FAST)[0])
+    with pytest.raises(UserError, match="--cuda_graphs cannot be combined with --cpu_offload"):
+        _pipe(tiny_model_dir, cpu_offload=True, cuda_graphs=True)
+
+
+def test_vae_tiling_decodes_large_images_in_tiles_and_says_so(tiny_model_dir, monkeypatch):
+    """vae_tiling=N: above N pixels the decoder sees tiles of N/8 latents, never the whole latent; at or below N
+    nothing changes; each image records the tile size it was decoded with (0: whole). A bad size is one line."""
+    plain, tiled = _pipe(tiny_model_dir), _pipe(tiny_model_dir, vae_tiling=64)
+    small = dict(FAST, height=64, width=64)
+    a, b = generate(plain, PROMPT, 0, **small)[0], generate(tiled, PROMPT, 0, **small)[0]
+    assert np.array_equal(_px(a), _px(b)) and b.vae_tiling == 0 and b.metadata()["vae_tiling"] == "0"
+
+    seen = []
+    decoder_forward = type(tiled.vae.decoder).forward
+    monkeypatch.setattr(type(tiled.vae.decoder), "forward",
+                        lambda self, z, *a, **k: seen.append(tuple(z.shape[-2:])) or decoder_forward(self, z, *a, **k))
+    big = dict(FAST, height=128, width=96)
+    c = generate(tiled, PROMPT, 0, **big)[0]
+    assert c.vae_tiling == 64 and c.metadata()["vae_tiling"] == "64" and c.image.size == (96, 128)
+    assert len(seen) > 1 and max(h for h, _ in seen) <= 8 and max(w for _, w in seen) <= 8, seen
+    seen.clear()
+    d = generate(plain, PROMPT, 0, **big)[0]
+    assert seen == [(16, 12)] and d.vae_tiling == 0
+    assert np.abs(_px(c) - _px(d)).max() > 0, "tiles blend: not the same pixels (random weights make that plain)"
+
+    assert _pipe(tiny_model_dir, vae_tiling=True).vae.tile_sample_min_size == 512, "the default tile: 512 px"
+    with pytest.raises(UserError, match="--vae_tiling takes a tile size in pixels, a multiple of 64"):
+        _pipe(tiny_model_dir, vae_tiling=100)
+
+
+def test_running_out_of_memory_names_what_would_fit_and_keeps_the_images_made(tiny_model_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    """An out-of-memory error while generating is one line that names the flags that save memory (those not yet
+    used) and the size; the CLI writes the images made before it."""
+    from billiard_lora.generate import GenerationOutOfMemory
+
+    calls = []
+    real_call = type(_pipe(tiny_model_dir)).__call__
+
+    def third_runs_out(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total "
+                                         "capacity of 14.75 GiB of which 3.06 MiB is free. Including ...")
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(type(_pipe(tiny_model_dir)), "__call__", third_runs_out)
+    with pytest.raises(GenerationOutOfMemory) as info:
+        generate(_pipe(tiny_model_dir, vae_tiling=64), PROMPT, [0, 1, 2, 3], **FAST)
+    msg = str(info.value)
+    assert "\n" not in msg and "out of cpu memory generating a 32x32 image (20.00 MiB more was asked of a 14.75 GiB " \
+        "GPU), 2 of 4 made before it" in msg
+    assert "--cpu_offload" in msg and "--fp8_base" in msg and "--vae_tiling" not in msg, "only what is not used yet"
+    assert len(info.value.results) == 2
+
+    calls.clear()
+    out = tmp_path / "out"
+    code = main(["--model", str(tiny_model_dir), "--vae", "none", "--prompt", PROMPT, "--seeds", "0", "1", "2",
+                 "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "out of cpu memory" in errors[0] and "Traceback" not in err
+    assert len(list(out.glob("*.png"))) == 2, "the two images made before it are written"
+
+
 def test_bad_generation_settings_are_clear_errors(tiny_model_dir):
     pipe = _pipe(tiny_model_dir)
     with pytest.raises(UserError, match="multiple of 8"):
@@ -415,6 +502,8 @@ def test_cli_sweep_and_checkpoints(tiny_model_dir, lora_run, tmp_path, capsys):
     (["--lora", "x", "--fuse", "--compare"], "--fuse"),
     (["--height", "30"], "multiple of 8"),
     (["--stepz", "3"], "unrecognized arguments"),
+    (["--vae_tiling", "100"], "multiple of 64"),
+    (["--cpu_offload", "--cuda_graphs"], "cannot be combined"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(["--model", "/nonexistent", *args]) == 2
