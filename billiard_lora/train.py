@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .caches import LatentCache, LatentStore, PromptCache, TimeIdCache, count_views
 from .conditioning import compute_time_ids, encode_prompt, tokenize
 from .config import TrainConfig, parse_args
-from .errors import UserError, cli_entry
+from .errors import OUT_OF_MEMORY, UserError, cli_entry, out_of_memory_detail
 from .graphs import MicroStepGraph
 from .io import atomic_write_json, atomic_write_text, publish_dir
 from .lora import CHECKPOINT_PREFIX, lora_parameters  # (the prefix: shared with generate/evaluate)
@@ -48,6 +48,20 @@ ADAPTER_STATE_FILE = "adapter_state.safetensors"
 
 
 # ============================================================================ the loop
+def explain_out_of_memory(train_fn):
+    """``train`` that reports running out of memory as a ``TrainingOutOfMemory``: one line, not a traceback."""
+
+    @wraps(train_fn)
+    def wrapper(config: TrainConfig, *args, **kwargs):
+        try:
+            return train_fn(config, *args, **kwargs)
+        except OUT_OF_MEMORY as exc:  # (raised from None: the traceback's frames, and their tensors, are freed)
+            raise TrainingOutOfMemory(config, exc) from None
+
+    return wrapper
+
+
+@explain_out_of_memory
 def train(config: TrainConfig, *, components=None, callback: Callback | None = None) -> Path:
     """Train a DreamBooth LoRA for SDXL as ``config`` says; returns the output folder with the LoRA in it.
 
@@ -418,7 +432,6 @@ def fits_in_memory(config: TrainConfig, c, text_encoders, prompt_cache, accelera
     """
     device = accelerator.device
     cuda = device.type == "cuda"
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     batch = config.train_batch_size * (2 if config.with_prior_preservation else 1)
     lat = config.resolution // 8
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
@@ -445,7 +458,7 @@ def fits_in_memory(config: TrainConfig, c, text_encoders, prompt_cache, accelera
         del pred
         if cuda:
             fits = torch.cuda.max_memory_allocated(device) - before <= 0.85 * free
-    except oom:
+    except OUT_OF_MEMORY:
         fits = False
     finally:
         for m in (c.unet, *text_encoders):
@@ -959,6 +972,50 @@ class TrainingDiverged(UserError):
                     "; in fp16 use --pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix")
         super().__init__(f"the loss became NaN/inf at step {step + 1}: likely fp16 overflow (try --mixed_precision=bf16"
                          f"{vae_hint}) or a learning rate too high (--learning_rate={config.learning_rate}); {kept}")
+
+
+# Where training was when memory ran out, by the innermost of these functions on the stack.
+_OOM_PHASES = (("run_validation", "making validation images"), ("ensure_class_images", "generating class images"),
+               ("PromptCache.build", "encoding the prompts"), ("LatentCache", "encoding the images into latents"),
+               ("save_checkpoint", "saving a checkpoint"), ("train.<locals>.forward_backward", "in a training step"),
+               ("MicroStepGraph", "in a training step"),
+               ("make_optimizer", "setting up the optimizer"), ("load_components", "loading the models"))
+
+
+class TrainingOutOfMemory(UserError):
+    """The device ran out of memory: where, which flags (not yet used) would save memory, and what is kept."""
+
+    def __init__(self, config: TrainConfig, exc: BaseException):
+        frames = [tb.tb_frame.f_code.co_qualname for tb in _traceback_frames(exc)]
+        phase = next((what for name in reversed(frames) for key, what in _OOM_PHASES if name.startswith(key)),
+                     "training")
+        effective_batch = config.train_batch_size * config.gradient_accumulation_steps
+        hints = [hint for hint, applies in (
+            ("--gradient_checkpointing", not config.gradient_checkpointing),
+            ("--gradient_checkpointing_interval 1",
+             config.gradient_checkpointing and config.gradient_checkpointing_interval > 1),
+            ("--use_8bit_adam", config.optimizer.lower() == "adamw" and not config.use_8bit_adam),
+            ("--fp8_base", not config.fp8_base),
+            ("no --train_text_encoder", config.train_text_encoder),
+            (f"--train_batch_size 1 --gradient_accumulation_steps {effective_batch} (the same batch per step)",
+             config.train_batch_size > 1),
+            ("--cache_latents", not config.cache_latents),
+            ("a smaller --resolution", config.resolution > 512),
+        ) if applies]
+        ckpt = find_checkpoint(Path(config.output_dir), "latest")
+        kept = (f"the last checkpoint, {ckpt}, and every file written are kept (add --resume_from_checkpoint latest)"
+                if ckpt else "no checkpoint was saved yet")
+        detail = out_of_memory_detail(exc)
+        where = "GPU " if "CUDA" in str(exc) else ""
+        super().__init__(f"out of {where}memory {phase}{f' ({detail})' if detail else ''}: "
+                         f"{'try ' + ', '.join(hints) if hints else 'every memory saver is already on'}; {kept}")
+
+
+def _traceback_frames(exc: BaseException) -> Iterator:
+    tb = exc.__traceback__
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
 
 
 # ============================================================================ checkpoints

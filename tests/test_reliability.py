@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from billiard_lora.errors import UserError
 from billiard_lora.train import find_checkpoint, list_checkpoints, train
+from billiard_lora.train import main as train_main
 from test_train import REPO, make_images, tiny_config
 
 
@@ -90,6 +91,57 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
     out = tmp_path / "out"
     assert list_checkpoints(out), "the checkpoints written before the loss diverged must remain"
     assert not (out / "pytorch_lora_weights.safetensors").exists(), "no final LoRA from a diverged run"
+
+
+OOM_MESSAGE = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 14.75 GiB of which "
+               "1.02 GiB is free. Including non-PyTorch memory, this process has 13.72 GiB memory in use.")
+
+
+@pytest.mark.parametrize("where, phase", [("step", "in a training step"), ("validation", "making validation images")])
+def test_running_out_of_memory_is_one_line_naming_what_would_fit_and_keeps_the_checkpoints(
+        tiny_model_dir, tmp_path, monkeypatch, capsys, where, phase):
+    """Out of memory at the 3rd optimizer step (or in the validation after step 2): one line saying where, the
+    memory savers not yet used, and the last checkpoint; every checkpoint written before stays."""
+    import billiard_lora.models as models_mod
+    import billiard_lora.train as train_mod
+
+    if where == "step":
+        real, calls = train_mod.diffusion_loss, []
+
+        def loss_then_out_of_memory(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError(OOM_MESSAGE)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_mod, "diffusion_loss", loss_then_out_of_memory)
+    else:
+        real_pipe, made = models_mod.pipeline_from_components, []
+
+        def pipeline_then_out_of_memory(*args, **kwargs):
+            made.append(1)
+            if len(made) == 2:  # the first is the baseline before training
+                raise torch.OutOfMemoryError(OOM_MESSAGE)
+            return real_pipe(*args, **kwargs)
+
+        monkeypatch.setattr(models_mod, "pipeline_from_components", pipeline_then_out_of_memory)
+    data, out = make_images(tmp_path / "data"), tmp_path / "out"
+    args = [f"--pretrained_model_name_or_path={tiny_model_dir}", f"--instance_data_dir={data}", f"--output_dir={out}",
+            "--instance_prompt=a photo of sks billiard", "--resolution=32", "--train_batch_size=2",
+            "--max_train_steps=4", "--checkpointing_steps=1", "--seed=0", "--report_to=none", "--lr_warmup_steps=0",
+            "--validation_prompt=a photo of sks billiard", "--validation_steps=2", "--num_validation_images=1",
+            "--validation_inference_steps=1"]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    msg = errors[0]
+    assert f"out of GPU memory {phase} (2.00 GiB more was asked of a 14.75 GiB GPU): try --gradient_checkpointing, " \
+           f"--use_8bit_adam, --fp8_base, --train_batch_size 1 --gradient_accumulation_steps 2" in msg, msg
+    assert "--resume_from_checkpoint latest" in msg and "--resolution" not in msg, "32 px is small already"
+    written = [p.name for p in list_checkpoints(out)]
+    assert written == ["checkpoint-1", "checkpoint-2"] and f"the last checkpoint, {out / 'checkpoint-2'}," in msg
+    assert load_file(str(out / "checkpoint-2" / "pytorch_lora_weights.safetensors"))
 
 
 def test_a_failed_write_is_one_clear_error_and_earlier_files_survive(tiny_model_dir, tmp_path, monkeypatch):
