@@ -30,6 +30,8 @@
 #      INTERVALS20="2 4"): time and memory between part 2 (every block) and no checkpointing (part 6 on an H100)
 #  21. as 11 with --lora_dropout=0.1: the masks drawn inside the recorded micro-step, the checkpoint's recompute
 #      drawing them again (needs PyTorch 2.10+; opt-in until this passes): the same LoRA as eager?
+#  22. generation's memory savers (bench_generation_memory.py): one 1024-px image with everything on the GPU, with
+#      --vae_tiling, --cpu_offload, both, and both with --fp8_base: peak GPU memory and seconds per image
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -193,8 +195,12 @@ p20() { for k in ${INTERVALS20:-2 4}; do
   [ "$(left)" -gt 60 ] && run "20-$k" "$(upto ${CAP20:-150})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --gradient_checkpointing_interval "$k"; done; }
 
+p22() { part "22. generation's memory: resident / VAE tiling / CPU offload / both / + float8 ($(left) s left)"
+  [ "$(left)" -gt 40 ] && run 22 "$(upto ${CAP22:-120})" "$PY" benchmarks/bench_generation_memory.py --shape "$SHAPE" \
+    --resolution "$RES" --device "$DEV" --steps 10 --json "$OUT/bench.jsonl"; }
+
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'

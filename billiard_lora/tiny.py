@@ -143,7 +143,7 @@ def build_components(shape: SDXLShape = TINY, *, seed: int = 0, device: str | to
 
     Built directly on ``device`` (the full-size UNet alone is 10 GB in float32) and seeded, so two calls agree.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tok1, tok2 = build_tokenizers()
@@ -164,13 +164,7 @@ def build_components(shape: SDXLShape = TINY, *, seed: int = 0, device: str | to
             addition_embed_type="text_time", addition_time_embed_dim=shape.addition_time_embed_dim,
             projection_class_embeddings_input_dim=6 * shape.addition_time_embed_dim + shape.te2["projection_dim"],
         )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=shape.vae_channels,
-            down_block_types=("DownEncoderBlock2D",) * len(shape.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(shape.vae_channels), layers_per_block=2 if shape is FULL else 1,
-            norm_num_groups=shape.vae_norm_groups, sample_size=shape.sample_size * 8,
-            scaling_factor=0.13025, force_upcast=False,
-        )
+        vae = _vae(shape)
         text_encoder = CLIPTextModel(CLIPTextConfig(**te_common, **shape.te1))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_common, **shape.te2))
     # SDXL base's scheduler config; training builds a DDPMScheduler from the same config.
@@ -183,6 +177,27 @@ def build_components(shape: SDXLShape = TINY, *, seed: int = 0, device: str | to
             m.to(dtype)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                 tokenizer=tok1, tokenizer_2=tok2, scheduler=scheduler)
+
+
+def _vae(shape: SDXLShape):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=shape.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(shape.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(shape.vae_channels), layers_per_block=2 if shape is FULL else 1,
+        norm_num_groups=shape.vae_norm_groups, sample_size=shape.sample_size * 8,
+        scaling_factor=0.13025, force_upcast=False,
+    )
+
+
+def build_vae(shape: SDXLShape = TINY, *, seed: int = 0, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32):
+    """The VAE of ``shape`` alone, at random weights (not those ``build_components`` draws: its RNG starts here)."""
+    with torch.device(device):
+        torch.manual_seed(seed)
+        vae = _vae(shape)
+    return vae.eval().to(dtype)
 
 
 def build_pipeline(shape: SDXLShape = TINY, **kwargs):

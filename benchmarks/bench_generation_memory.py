@@ -1,0 +1,163 @@
+"""Memory of generating an SDXL image, with and without ``generate``'s memory savers.
+
+    python benchmarks/bench_generation_memory.py --shape full --resolution 1024 --steps 10   # on a GPU: pipelines
+    python benchmarks/bench_generation_memory.py --shape full --resolution 1024 --what vae   # the decoder alone
+
+``--what pipeline`` (the default on a GPU): for each setting -- everything on the GPU (``resident``), ``vae_tiling``,
+``cpu_offload``, both, and both with ``fp8_base`` -- a pipeline of random weights is built, prepared as
+``generate`` prepares it (``prepare_pipeline``: the same code path as ``--cpu_offload`` / ``--vae_tiling`` /
+``--fp8_base``), warmed up with a 2-step image, then one image is timed: peak GPU memory allocated and reserved
+during it, what stays allocated between images, and seconds per image.
+
+``--what vae`` (the default on the CPU, where a full-size image takes minutes): the VAE's decode of one latent,
+whole and in tiles, each in a process of its own so that one cannot lend the other its freed memory: on a GPU the
+peak allocated above what was allocated before; on the CPU the rise of the process's peak RSS during the decode
+(Linux /proc). Numbers to read and record in RESULTS.md; nothing here asserts a size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from billiard_lora.tiny import SHAPES, build_components, build_vae  # noqa: E402
+from common import device_name, emit  # noqa: E402
+
+SETTINGS = {  # name -> prepare_pipeline keywords
+    "resident": {},
+    "vae_tiling": {"vae_tiling": True},
+    "cpu_offload": {"cpu_offload": True},
+    "cpu_offload+vae_tiling": {"cpu_offload": True, "vae_tiling": True},
+    "cpu_offload+vae_tiling+fp8_base": {"cpu_offload": True, "vae_tiling": True, "fp8_base": True},
+}
+GiB = 2**30
+
+
+def _rss_gib(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 2**20
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_pipeline(args, setting: str) -> dict:
+    """One image with ``setting``'s memory savers: peak and held GPU memory, seconds."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from billiard_lora.generate import generate, prepare_pipeline
+
+    cuda = args.device.startswith("cuda")
+    dtype = torch.float16 if cuda else torch.float32
+    kw = SETTINGS[setting]
+    # built where it is fastest to build; offloaded and float8 models are prepared from CPU memory, as loading does
+    built_on = "cpu" if (kw.get("cpu_offload") and not cuda) else args.device
+    pipe = StableDiffusionXLPipeline(**build_components(SHAPES[args.shape], device=built_on, seed=0, dtype=dtype))
+    pipe = prepare_pipeline(pipe, device=args.device, vae_tiling=kw.get("vae_tiling", False) and args.tile,
+                            cpu_offload=kw.get("cpu_offload", False), fp8_base=kw.get("fp8_base", False))
+    gen = dict(height=args.resolution, width=args.resolution, progress=False)
+    generate(pipe, "a photo of messi playing billiard", [0], num_inference_steps=2, **gen)  # warm-up
+    _sync(args.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    image = generate(pipe, "a photo of messi playing billiard", [1], num_inference_steps=args.steps, **gen)[0]
+    _sync(args.device)
+    seconds = time.perf_counter() - t
+    row = {"what": "generation_memory", "setting": setting, "shape": args.shape, "resolution": args.resolution,
+           "steps": args.steps, "device": device_name(args.device), "s_per_image": seconds,
+           "vae_tile_px": image.vae_tiling}
+    if cuda:
+        row.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GiB,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB,
+                   held_between_images_gib=torch.cuda.memory_allocated() / GiB)
+    pipe.remove_all_hooks()
+    del pipe
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def bench_vae(args, tiled: bool) -> dict:
+    """One decode of a (1, 4, H/8, W/8) latent by the shape's VAE, whole or in ``args.tile``-px tiles."""
+    from billiard_lora.generate import enable_vae_tiling
+
+    cuda = args.device.startswith("cuda")
+    dtype = torch.float16 if cuda else torch.float32
+    vae = build_vae(SHAPES[args.shape], device=args.device, dtype=dtype)
+    if tiled:
+        enable_vae_tiling(vae, args.tile)
+    lat = args.resolution // 8
+    z = torch.randn(1, 4, lat, lat, generator=torch.Generator().manual_seed(0)).to(args.device, dtype)
+    with torch.no_grad():
+        vae.decode(z[..., :8, :8])  # warm-up (a small decode: kernels chosen, buffers made)
+    _sync(args.device)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / GiB
+    else:
+        before = _rss_gib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # peak RSS (VmHWM) starts again from here
+    t = time.perf_counter()
+    with torch.no_grad():
+        image = vae.decode(z).sample
+    _sync(args.device)
+    seconds = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() / GiB if cuda else _rss_gib("VmHWM")
+    return {"what": "vae_decode_memory", "tiled": tiled, "tile_px": args.tile if tiled else 0, "shape": args.shape,
+            "resolution": args.resolution, "dtype": str(dtype).removeprefix("torch."), "image": list(image.shape),
+            "device": device_name(args.device), "seconds": seconds,
+            "memory": "cuda allocated" if cuda else "process RSS",
+            "peak_rise_gib": peak - before, "vae_weights_gib": sum(p.numel() * p.element_size()
+                                                                    for p in vae.parameters()) / GiB}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=list(SHAPES), default="small")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps of the timed image")
+    p.add_argument("--tile", type=int, default=512, help="tile size in pixels for the tiled settings")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--what", choices=["pipeline", "vae"], default=None,
+                   help="whole pipelines per setting (default on a GPU) or the VAE's decode alone, whole and tiled "
+                        "(default on the CPU)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one VAE case in this process
+    p.add_argument("--json", default=None, help="also append the results to this JSON-lines file")
+    args = p.parse_args(argv)
+    if args.one is not None:  # a child process: one decode, one JSON line
+        print(json.dumps(bench_vae(args, tiled=args.one == "tiled")), flush=True)
+        return
+    what = args.what or ("pipeline" if args.device.startswith("cuda") else "vae")
+    if what == "pipeline":
+        emit([bench_pipeline(args, s) for s in args.settings], args.json)
+        return
+    rows = []
+    for case in ("whole", "tiled"):
+        cmd = [sys.executable, __file__, "--one", case, "--shape", args.shape, "--resolution", str(args.resolution),
+               "--device", args.device, "--tile", str(args.tile)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    emit(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
