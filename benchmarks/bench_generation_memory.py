@@ -4,10 +4,10 @@
     python benchmarks/bench_generation_memory.py --shape full --resolution 1024 --what vae   # the decoder alone
 
 ``--what pipeline`` (the default on a GPU): for each setting -- everything on the GPU (``resident``), ``vae_tiling``,
-``cpu_offload``, both, and both with ``fp8_base`` -- a pipeline of random weights is built, prepared as
-``generate`` prepares it (``prepare_pipeline``: the same code path as ``--cpu_offload`` / ``--vae_tiling`` /
-``--fp8_base``), warmed up with a 2-step image, then one image is timed: peak GPU memory allocated and reserved
-during it, what stays allocated between images, and seconds per image.
+``cpu_offload``, both, and both with ``fp8_base`` -- one pipeline of random weights is prepared as ``generate``
+prepares it (``prepare_pipeline``: the code behind ``--cpu_offload`` / ``--vae_tiling`` / ``--fp8_base``), warmed
+up with a 2-step image, then one image is timed: peak GPU memory allocated and reserved during it, what stays
+allocated between images, and seconds per image.
 
 ``--what vae`` (the default on the CPU, where a full-size image takes minutes): the VAE's decode of one latent,
 whole and in tiles, each in a process of its own so that one cannot lend the other its freed memory: on a GPU the
@@ -54,42 +54,46 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_pipeline(args, setting: str) -> dict:
-    """One image with ``setting``'s memory savers: peak and held GPU memory, seconds."""
+def bench_pipelines(args) -> list[dict]:
+    """One image per setting, each with its memory savers: peak and held GPU memory, seconds.
+
+    One pipeline of random weights is built (on the GPU: seconds) and prepared for each setting in turn, its hooks
+    and tiling undone in between; ``fp8_base`` changes the UNet for good, so settings with it come last."""
     from diffusers import StableDiffusionXLPipeline
 
-    from billiard_lora.generate import generate, prepare_pipeline
+    from billiard_lora.generate import _is_fp8, _is_offloaded, generate, prepare_pipeline
 
     cuda = args.device.startswith("cuda")
     dtype = torch.float16 if cuda else torch.float32
-    kw = SETTINGS[setting]
-    # built where it is fastest to build; offloaded and float8 models are prepared from CPU memory, as loading does
-    built_on = "cpu" if (kw.get("cpu_offload") and not cuda) else args.device
-    pipe = StableDiffusionXLPipeline(**build_components(SHAPES[args.shape], device=built_on, seed=0, dtype=dtype))
-    pipe = prepare_pipeline(pipe, device=args.device, vae_tiling=kw.get("vae_tiling", False) and args.tile,
-                            cpu_offload=kw.get("cpu_offload", False), fp8_base=kw.get("fp8_base", False))
+    pipe = StableDiffusionXLPipeline(**build_components(SHAPES[args.shape], device=args.device, seed=0, dtype=dtype))
     gen = dict(height=args.resolution, width=args.resolution, progress=False)
-    generate(pipe, "a photo of messi playing billiard", [0], num_inference_steps=2, **gen)  # warm-up
-    _sync(args.device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    image = generate(pipe, "a photo of messi playing billiard", [1], num_inference_steps=args.steps, **gen)[0]
-    _sync(args.device)
-    seconds = time.perf_counter() - t
-    row = {"what": "generation_memory", "setting": setting, "shape": args.shape, "resolution": args.resolution,
-           "steps": args.steps, "device": device_name(args.device), "s_per_image": seconds,
-           "vae_tile_px": image.vae_tiling}
-    if cuda:
-        row.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GiB,
-                   peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB,
-                   held_between_images_gib=torch.cuda.memory_allocated() / GiB)
-    pipe.remove_all_hooks()
-    del pipe
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return row
+    rows = []
+    for setting in sorted(args.settings, key=lambda name: SETTINGS[name].get("fp8_base", False)):
+        kw = SETTINGS[setting]
+        pipe.remove_all_hooks()
+        pipe.vae.disable_tiling()
+        pipe = prepare_pipeline(pipe, device=args.device, vae_tiling=kw.get("vae_tiling", False) and args.tile,
+                                cpu_offload=kw.get("cpu_offload", False), fp8_base=kw.get("fp8_base", False))
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        generate(pipe, "a photo of messi playing billiard", [0], num_inference_steps=2, **gen)  # warm-up
+        _sync(args.device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        image = generate(pipe, "a photo of messi playing billiard", [1], num_inference_steps=args.steps, **gen)[0]
+        _sync(args.device)
+        row = {"what": "generation_memory", "setting": setting, "shape": args.shape, "resolution": args.resolution,
+               "steps": args.steps, "device": device_name(args.device), "s_per_image": time.perf_counter() - t,
+               "vae_tile_px": image.vae_tiling, "offloaded": _is_offloaded(pipe), "fp8_base": _is_fp8(pipe)}
+        if cuda:
+            row.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GiB,
+                       peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB,
+                       held_between_images_gib=torch.cuda.memory_allocated() / GiB)
+        emit([row], args.json)  # each as it comes: a time-boxed run keeps what it measured
+        rows.append(row)
+    return rows
 
 
 def bench_vae(args, tiled: bool) -> dict:
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     what = args.what or ("pipeline" if args.device.startswith("cuda") else "vae")
     if what == "pipeline":
-        emit([bench_pipeline(args, s) for s in args.settings], args.json)
+        bench_pipelines(args)
         return
     rows = []
     for case in ("whole", "tiled"):

@@ -170,3 +170,26 @@ def test_activation_memory_counted_on_meta_is_what_a_real_forward_saves():
     # device shares with another one)
     assert meta.keys() == cpu.keys() and all(abs(meta[k] - cpu[k]) <= 0.01 * cpu[k] for k in cpu)
     assert meta[0] > meta[4] > meta[2] > meta[1] > 0
+
+
+def test_generation_memory_benchmark_applies_each_setting_to_the_pipeline_it_times(tmp_path):
+    """Each row's pipeline was prepared as its setting says (tiles, offload hooks, float8), float8 last and only
+    there; the VAE-only case runs in child processes and reports a decode of the full image."""
+    import json
+
+    import bench_generation_memory as bgm
+
+    out = tmp_path / "rows.jsonl"
+    bgm.main(["--shape", "tiny", "--resolution", "128", "--tile", "64", "--what", "pipeline", "--steps", "1",
+              "--device", "cpu", "--json", str(out), "--settings", "cpu_offload+vae_tiling+fp8_base", "resident",
+              "vae_tiling", "cpu_offload"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    got = [(r["setting"], r["vae_tile_px"], r["offloaded"], r["fp8_base"]) for r in rows]
+    assert got == [("resident", 0, False, False), ("vae_tiling", 64, False, False), ("cpu_offload", 0, True, False),
+                   ("cpu_offload+vae_tiling+fp8_base", 64, True, True)]
+
+    bgm.main(["--shape", "tiny", "--resolution", "128", "--tile", "64", "--what", "vae", "--device", "cpu",
+              "--json", str(out)])
+    whole, tiled = [json.loads(line) for line in out.read_text().splitlines()][-2:]
+    assert (whole["tiled"], tiled["tiled"], tiled["tile_px"]) == (False, True, 64)
+    assert whole["image"] == tiled["image"] == [1, 3, 128, 128] and whole["peak_rise_gib"] >= 0
