@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ArgumentParser, UserError, cli_entry
-from .generate import (LoraSpec, active_loras, generate, load_generation_pipeline, load_lora, lora_checkpoints,
-                       read_prompts_file, slugify, unload_lora)
+from .generate import (DEFAULT_VAE_TILE, LoraSpec, active_loras, add_memory_arguments, check_memory_options,
+                       generate, load_generation_pipeline, load_lora, lora_checkpoints, read_prompts_file, slugify,
+                       unload_lora)
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .models import CLIP_VIT_B32, CLIP_VIT_L14, DINO_VIT_S16
 from .viz import image_grid, save_image
@@ -355,6 +356,7 @@ class Settings:
     height: int
     width: int
     dtype: str
+    vae_tiling: int = 0  # tile size in pixels where the VAE decodes in tiles (images larger than a tile), else 0
 
 
 @dataclass(frozen=True)
@@ -401,7 +403,10 @@ def _sha256(path: Path) -> str:
 
 def image_key(job: Job, settings: Settings, lora_sha256: str | None) -> str:
     """16 hex digits naming an image by everything that determines its pixels."""
-    payload = dict(prompt=job.prompt, seed=job.seed, lora=lora_sha256, **dataclasses.asdict(settings))
+    fields = dataclasses.asdict(settings)
+    if not fields["vae_tiling"]:  # (not in the key when off: caches written before the field existed stay valid)
+        del fields["vae_tiling"]
+    payload = dict(prompt=job.prompt, seed=job.seed, lora=lora_sha256, **fields)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -411,7 +416,8 @@ def _cache_index(images_dir: Path) -> dict[str, Path]:
 
 
 def generate_all(variants: Sequence[Variant], jobs: Sequence[Job], settings: Settings, images_dir: Path, *,
-                 pipe=None, device: str | None = None, progress: bool = True) -> tuple[dict[str, list[Path]], dict]:
+                 pipe=None, device: str | None = None, progress: bool = True,
+                 cpu_offload: bool = False) -> tuple[dict[str, list[Path]], dict]:
     """Every (variant, job) image as a PNG path, generating only what the cache lacks; also per-label counts.
 
     The pipeline is loaded only when something is missing, so a rerun over a finished evaluation loads no SDXL.
@@ -440,7 +446,8 @@ def generate_all(variants: Sequence[Variant], jobs: Sequence[Job], settings: Set
     if missing:
         if pipe is None:
             pipe = load_generation_pipeline(settings.model, vae=settings.vae, device=device,
-                                            torch_dtype=getattr(torch, settings.dtype))
+                                            torch_dtype=getattr(torch, settings.dtype), cpu_offload=cpu_offload,
+                                            vae_tiling=settings.vae_tiling or False)
         bar = tqdm(total=missing, desc="generating", unit="image", disable=not progress)
         try:
             for v in variants:
@@ -489,17 +496,20 @@ def evaluate_run(output_dir: str | Path, *, prompts: Sequence[str] | None = None
                  vae: str | None = "config", clip_model: str = CLIP_VIT_B32, dino_model: str = DINO_VIT_S16,
                  out: str | Path | None = None, include_base: bool = True, copy_threshold: float = COPY_THRESHOLD,
                  device: str | None = None, pipe=None, clip: Embedder | None = None, dino: Embedder | None = None,
-                 real_images: Sequence[Image.Image] | None = None, progress: bool = True) -> dict:
+                 real_images: Sequence[Image.Image] | None = None, progress: bool = True, cpu_offload: bool = False,
+                 vae_tiling: bool | int = False) -> dict:
     """Generate (cached), embed and score a run; write eval.json, eval.md and pictures; return eval.json's dict.
 
     ``model``/``vae`` default to the run's (``vae="config"``; None or "none": the model's own). ``height``/``width``
     default to the training resolution. ``prompts`` may contain ``{}`` for the subject phrase. ``pipe`` (the run's
     base model; its LoRAs are switched off for the base row), ``clip``, ``dino`` and ``real_images`` may be passed
-    in to skip loading them.
+    in to skip loading them. ``cpu_offload`` and ``vae_tiling`` as in ``load_generation_pipeline`` (for smaller
+    GPUs); offloading gives the same images, so cached ones are reused; tiled images are cached apart.
     """
     run = Path(output_dir).expanduser()
     config = _read_run_config(run)
     _check_counts(images_per_prompt, num_class_images, steps, height, width, copy_threshold)
+    check_memory_options(cpu_offload=cpu_offload, cuda_graphs=False, vae_tiling=vae_tiling)
     variants = run_variants(run, include_base=include_base)
     out_dir = Path(out).expanduser() if out is not None else run / "eval"
 
@@ -530,8 +540,11 @@ def evaluate_run(output_dir: str | Path, *, prompts: Sequence[str] | None = None
     dtype = "float16" if torch.device(device).type == "cuda" else "float32"
     if pipe is not None:
         dtype = str(pipe.unet.dtype).replace("torch.", "")
-    settings = Settings(model, vae, steps, guidance_scale, height or config.resolution, width or config.resolution,
-                        dtype)
+    height, width = height or config.resolution, width or config.resolution
+    tile = DEFAULT_VAE_TILE if vae_tiling is True else int(vae_tiling or 0)
+    # the tile size is part of the images' key only where it changes their pixels (an image larger than a tile)
+    settings = Settings(model, vae, steps, guidance_scale, height, width, dtype,
+                        vae_tiling=tile if max(height, width) > tile > 0 else 0)
 
     # CLIP and DINO load first, on the CPU: a wrong model name should fail before minutes of generation, and the
     # GPU stays SDXL's until generation is done.
@@ -540,7 +553,7 @@ def evaluate_run(output_dir: str | Path, *, prompts: Sequence[str] | None = None
 
     t0 = time.perf_counter()
     paths, counts = generate_all(variants, jobs, settings, out_dir / "images", pipe=pipe, device=device,
-                                 progress=progress)
+                                 progress=progress, cpu_offload=cpu_offload)
     t_generate = time.perf_counter() - t0
     gc.collect()  # a pipeline generate_all loaded is unreferenced now: its GPU memory goes before CLIP and DINO move in
     if torch.cuda.is_available():
@@ -569,7 +582,8 @@ def evaluate_run(output_dir: str | Path, *, prompts: Sequence[str] | None = None
         "protocol": {"instance_prompt": config.instance_prompt, "subject": subject_phrase(config.instance_prompt),
                      "prompts": prompt_list, "seeds": seeds, "class_prompt": class_prompt, "class_seeds": class_seeds,
                      "steps": steps, "guidance_scale": guidance_scale, "height": settings.height,
-                     "width": settings.width, "dtype": dtype, "copy_threshold": copy_threshold},
+                     "width": settings.width, "dtype": dtype, "vae_tiling": settings.vae_tiling,
+                     "copy_threshold": copy_threshold},
         "real_images": {"count": len(real), "keys": real_keys, "dino": self_similarity(real_dino),
                         "clip_i": self_similarity(real_clip)},
         "paper": PAPER_TABLE1,
@@ -877,6 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy_threshold", type=float, default=COPY_THRESHOLD,
                    help="DINO cosine at or above which a generated image counts as a near-copy of a training image")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    add_memory_arguments(p)
     return p
 
 
@@ -890,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
                           steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
                           model=args.model, vae=args.vae, clip_model=args.clip_model, dino_model=args.dino_model,
                           out=args.out, include_base=not args.no_base, copy_threshold=args.copy_threshold,
-                          device=args.device)
+                          device=args.device, cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)
     print(f"{'label':<16}{'step':>6}" + "".join(f"{METRIC_NAMES[k]:>9}" for k in METRICS) + "  near-copies")
     for r in result["labels"]:
         step = "" if r["step"] is None else r["step"]

@@ -149,7 +149,7 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
     """
     specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
     files = [resolve_lora_file(s.path) for s in specs]  # fail on a typo before minutes of model loading
-    _check_memory_options(cpu_offload=cpu_offload, cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
+    check_memory_options(cpu_offload=cpu_offload, cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch_dtype is None:
         torch_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
@@ -167,7 +167,7 @@ def prepare_pipeline(pipe, loras: Sequence[LoraSpec | str] = (), *, files: Seque
     Models stored in float8 or offloaded should arrive in CPU memory (a GPU might not hold them meanwhile)."""
     specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
     files = list(files) if files is not None else [resolve_lora_file(s.path) for s in specs]
-    _check_memory_options(cpu_offload=cpu_offload, cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
+    check_memory_options(cpu_offload=cpu_offload, cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
     for spec, file in zip(specs, files):
         load_lora(pipe, spec, file=file, activate=False)
     if specs:
@@ -203,7 +203,7 @@ def enable_vae_tiling(vae, tile: int = DEFAULT_VAE_TILE) -> None:
         vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _check_memory_options(*, cpu_offload: bool, cuda_graphs: bool, vae_tiling: bool | int = False) -> None:
+def check_memory_options(*, cpu_offload: bool, cuda_graphs: bool, vae_tiling: bool | int = False) -> None:
     if cpu_offload and cuda_graphs:
         raise UserError("--cuda_graphs cannot be combined with --cpu_offload: a CUDA graph keeps the UNet's weights "
                         "where it recorded them, offloading moves them; drop one of the two")
@@ -648,6 +648,16 @@ def save_results(results: Sequence[GeneratedImage], out_dir: str | Path) -> list
 # Command line
 
 
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
+    """--cpu_offload and --vae_tiling, for every command that generates."""
+    p.add_argument("--cpu_offload", action="store_true",
+                   help="for smaller GPUs: keep the models in CPU memory and move each whole model to the GPU when it "
+                        "runs (diffusers' enable_model_cpu_offload); the same images, plus the moves' time per image")
+    p.add_argument("--vae_tiling", type=int, nargs="?", const=DEFAULT_VAE_TILE, default=0, metavar="PIXELS",
+                   help="for smaller GPUs: decode the image in overlapping tiles of 512 px (or PIXELS, a multiple of "
+                        "64), blended (diffusers' tiled decoder); the pixels differ slightly where tiles blend")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m billiard_lora.generate`` flags."""
     p = ArgumentParser(prog="python -m billiard_lora.generate", description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -674,12 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda_graphs", action="store_true",
                    help="on a CUDA GPU, record the UNet's forward once as a CUDA graph and replay it at each denoising "
                         "step (the same images; a fast GPU otherwise waits on the CPU launching kernels)")
-    p.add_argument("--cpu_offload", action="store_true",
-                   help="for smaller GPUs: keep the models in CPU memory and move each whole model to the GPU when it "
-                        "runs (diffusers' enable_model_cpu_offload); the same images, plus the moves' time per image")
-    p.add_argument("--vae_tiling", type=int, nargs="?", const=DEFAULT_VAE_TILE, default=0, metavar="PIXELS",
-                   help="for smaller GPUs: decode the image in overlapping tiles of 512 px (or PIXELS, a multiple of "
-                        "64), blended (diffusers' tiled decoder); the pixels differ slightly where tiles blend")
+    add_memory_arguments(p)
     p.add_argument("--grid", action="store_true", help="also a prompts x seeds grid of the images")
     p.add_argument("--sweep", action="store_true", help="a LoRA-scale sweep grid per prompt (see --scales)")
     p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="scales for --sweep")

@@ -254,6 +254,25 @@ def test_a_changed_setting_generates_only_what_it_changes(evaluated, trained_run
     assert all(row["generated"] == 2 and row["cached"] == 6 for row in r["labels"])
 
 
+def test_memory_savers_reuse_offloaded_images_and_cache_tiled_ones_apart(trained_run, tiny_eval_models, tmp_path):
+    """--vae_tiling changes pixels, so tiled images are keyed apart (and say so); --cpu_offload does not, so its
+    evaluation takes every image from the cache."""
+    clip_dir, dino_dir = tiny_eval_models
+    kw = dict(num_prompts=1, images_per_prompt=1, num_class_images=1, steps=2, height=96, width=96,
+              include_base=False, clip_model=str(clip_dir), dino_model=str(dino_dir), device="cpu", progress=False,
+              out=tmp_path / "eval")
+    tiled = ev.evaluate_run(trained_run, vae_tiling=64, **kw)
+    assert tiled["protocol"]["vae_tiling"] == 64 and all(row["generated"] == 2 for row in tiled["labels"])
+    png = next((tmp_path / "eval" / "images" / "final").glob("*.png"))
+    assert Image.open(png).text["vae_tiling"] == "64"
+    whole = ev.evaluate_run(trained_run, **kw)
+    assert whole["protocol"]["vae_tiling"] == 0 and all(row["generated"] == 2 for row in whole["labels"])
+    offloaded = ev.evaluate_run(trained_run, cpu_offload=True, vae_tiling=64, **kw)
+    assert all(row["generated"] == 0 and row["cached"] == 2 for row in offloaded["labels"])
+    with pytest.raises(UserError, match="multiple of 64"):
+        ev.evaluate_run(trained_run, vae_tiling=100, **kw)
+
+
 def test_cli_evaluates_from_the_cache_and_prints_the_table(evaluated, trained_run, tiny_eval_models, capsys):
     clip_dir, dino_dir = tiny_eval_models
     rc = ev.main([str(trained_run), "--num_prompts", "2", "--images_per_prompt", "2", "--num_class_images", "2",
