@@ -68,9 +68,14 @@ def _friendly_errors(what: str, name: str) -> Iterator[None]:
 
 
 def load_components(pretrained_model_name_or_path: str, *, pretrained_vae_model_name_or_path: str | None = None,
-                    revision: str | None = None, variant: str | None = None,
-                    cache_dir: str | None = None) -> Components:
-    """Load tokenizers, both text encoders, VAE (optionally a separate one), UNet and a DDPM noise scheduler, in float32 on CPU."""
+                    revision: str | None = None, variant: str | None = None, cache_dir: str | None = None,
+                    torch_dtype: torch.dtype | None = None) -> Components:
+    """Load tokenizers, both text encoders, VAE (optionally a separate one), UNet and a DDPM noise scheduler, on CPU.
+
+    By default in the files' float32, which stays memory-mapped until the weights move (SDXL: 0.4 GiB of private
+    memory); ``torch_dtype`` loads the UNet and text encoders converted instead, into private memory (float16:
+    6.7 GiB for SDXL; ``benchmarks/bench_load.py``). The VAE stays float32 either way.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -80,9 +85,10 @@ def load_components(pretrained_model_name_or_path: str, *, pretrained_vae_model_
     with _friendly_errors("SDXL pipeline", name):
         tok1 = AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
         tok2 = AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", **common)
-        te1 = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **weights)
-        te2 = CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **weights)
-        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **weights)
+        te1 = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **weights, **_tf_dtype_kw(torch_dtype))
+        te2 = CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **weights,
+                                                          **_tf_dtype_kw(torch_dtype))
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **weights, **_dtype_kw(torch_dtype))
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **common)
         if pretrained_vae_model_name_or_path is None:
             vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
@@ -104,6 +110,16 @@ def _dtype_kw(dtype: torch.dtype | None) -> dict[str, Any]:
         return {"dtype": dtype}
     except ImportError:
         return {"torch_dtype": dtype}
+
+
+def _tf_dtype_kw(dtype: torch.dtype | None) -> dict[str, Any]:
+    """transformers renamed ``torch_dtype`` to ``dtype`` (4.56); pass whichever this version takes."""
+    if dtype is None:
+        return {}
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
 
 
 FP8 = torch.float8_e4m3fn

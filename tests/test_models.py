@@ -102,3 +102,20 @@ def test_a_non_sdxl_model_is_refused(tmp_path):
     sd15_unet.save_pretrained(folder / "unet")
     with pytest.raises(UserError, match="not an SDXL model"):
         load_components(str(folder))
+
+
+def test_load_components_in_a_given_dtype_converts_the_unet_and_text_encoders_not_the_vae(tiny_model_dir):
+    """torch_dtype loads the UNet and both text encoders converted (the same numbers as casting after loading);
+    the VAE stays float32, for its own config to decide."""
+    import torch
+
+    from billiard_lora.models import load_components
+
+    half = load_components(str(tiny_model_dir), torch_dtype=torch.float16)
+    full = load_components(str(tiny_model_dir))
+    assert {next(m.parameters()).dtype for m in (half.unet, half.text_encoder_one, half.text_encoder_two)} == \
+        {torch.float16}
+    assert next(half.vae.parameters()).dtype == next(full.unet.parameters()).dtype == torch.float32
+    for a, b in ((half.unet, full.unet), (half.text_encoder_two, full.text_encoder_two)):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p, q.to(torch.float16)), name
