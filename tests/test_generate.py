@@ -488,13 +488,16 @@ def test_cli_makes_famous_prompt_images_and_a_comparison(tiny_model_dir, lora_ru
     assert bad.stderr.strip().count("\n") == 0 and "missing' does not exist" in bad.stderr
 
 
-def test_cli_sweep_and_checkpoints(tiny_model_dir, lora_run, tmp_path, capsys):
+@pytest.mark.parametrize("savers", [[], ["--cpu_offload", "--vae_tiling", "64"]])
+def test_cli_sweep_and_checkpoints(tiny_model_dir, lora_run, tmp_path, capsys, savers):
+    """Also with the memory savers: the checkpoint grid loads and unloads LoRAs on an offloaded pipeline."""
     common = ["--model", str(tiny_model_dir), "--vae", "none", "--steps", "2", "--height", "32", "--width", "32",
               "--device", "cpu", "--out", str(tmp_path)]
     assert main([*common, "--lora", str(lora_run), "--prompt", "snooker", "--sweep", "--scales", "0", "1",
-                 "--checkpoints", str(lora_run)]) == 0
+                 "--checkpoints", str(lora_run), *savers]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["checkpoints_seed0.png", "sweep_snooker.png"]
-    assert Image.open(tmp_path / "sweep_snooker.png").text["prompt"] == "snooker"
+    text = Image.open(tmp_path / "sweep_snooker.png").text
+    assert text["prompt"] == "snooker" and ("vae_tiling" in text) == bool(savers)
 
 
 @pytest.mark.parametrize("args, message", [
