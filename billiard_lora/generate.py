@@ -437,6 +437,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                              guidance_scale=guidance_scale, height=height, width=width,
                              generator=generator).images[0]
             except OUT_OF_MEMORY as exc:
+                if _is_offloaded(pipe):
+                    pipe.maybe_free_model_hooks()  # the model that ran out goes back to CPU memory, for what follows
                 raise GenerationOutOfMemory(pipe, exc, height, width, cuda_graphs, results, len(jobs)) from None
             results.append(GeneratedImage(
                 image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=num_inference_steps,
@@ -464,7 +466,7 @@ class GenerationOutOfMemory(UserError):
         hints.append("a smaller --height/--width")
         device = torch.device(getattr(pipe, "_execution_device", pipe.device)).type
         detail = out_of_memory_detail(exc)
-        super().__init__(f"out of {device} memory generating a {width or size}x{height or size} image"
+        super().__init__(f"out of {'GPU' if device == 'cuda' else device} memory generating a {width or size}x{height or size} image"
                          f"{f' ({detail})' if detail else ''}, {len(results)} of {total} made before it: try "
                          f"{', '.join(hints)}")
 

@@ -380,6 +380,13 @@ def test_running_out_of_memory_names_what_would_fit_and_keeps_the_images_made(ti
     assert len(info.value.results) == 2
 
     calls.clear()
+    offloaded = _pipe(tiny_model_dir, cpu_offload=True)
+    with pytest.raises(GenerationOutOfMemory, match="try --vae_tiling, --fp8_base, a smaller") as info:
+        generate(offloaded, PROMPT, [0, 1, 2], **FAST)
+    assert "--cpu_offload" not in str(info.value)
+    assert generate(offloaded, PROMPT, [0], **FAST)[0].image, "the offloaded pipeline still works afterwards"
+
+    calls.clear()
     out = tmp_path / "out"
     code = main(["--model", str(tiny_model_dir), "--vae", "none", "--prompt", PROMPT, "--seeds", "0", "1", "2",
                  "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--out", str(out)])
