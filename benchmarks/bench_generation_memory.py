@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from billiard_lora.tiny import SHAPES, build_components, build_vae  # noqa: E402
-from common import device_name, emit  # noqa: E402
+from common import device_name, emit, peak_memory_since_reset, proc_status_gib, reset_peak_memory  # noqa: E402
 
 SETTINGS = {  # name -> prepare_pipeline keywords
     "resident": {},
@@ -42,11 +42,6 @@ SETTINGS = {  # name -> prepare_pipeline keywords
     "cpu_offload+vae_tiling+fp8_base": {"cpu_offload": True, "vae_tiling": True, "fp8_base": True},
 }
 GiB = 2**30
-
-
-def _rss_gib(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 2**20
 
 
 def _sync(device: str) -> None:
@@ -113,18 +108,14 @@ def bench_vae(args, tiled: bool) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / GiB
-    else:
-        before = _rss_gib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # peak RSS (VmHWM) starts again from here
+    before = torch.cuda.memory_allocated() / GiB if cuda else proc_status_gib("VmRSS")["VmRSS"]
+    reset_peak_memory(args.device)  # CUDA's peak counters, or the process's peak RSS (VmHWM)
     t = time.perf_counter()
     with torch.no_grad():
         image = vae.decode(z).sample
     _sync(args.device)
     seconds = time.perf_counter() - t
-    peak = torch.cuda.max_memory_allocated() / GiB if cuda else _rss_gib("VmHWM")
+    peak = next(iter(peak_memory_since_reset(args.device).values()))  # max allocated, or peak RSS
     return {"what": "vae_decode_memory", "tiled": tiled, "tile_px": args.tile if tiled else 0, "shape": args.shape,
             "resolution": args.resolution, "dtype": str(dtype).removeprefix("torch."), "image": list(image.shape),
             "device": device_name(args.device), "seconds": seconds,

@@ -34,13 +34,9 @@ GiB = 2**30
 
 def _status() -> dict[str, float]:
     """RssAnon and RssFile of this process, in GiB."""
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) / 2**20
-    return out
+    from common import proc_status_gib
+
+    return proc_status_gib("RssAnon", "RssFile")
 
 
 def load_once(folder: str, case: str) -> dict:

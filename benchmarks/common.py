@@ -41,11 +41,20 @@ def peak_memory_since_reset(device: str) -> dict:
         return {"cuda_max_allocated_gb_timed": torch.cuda.max_memory_allocated() / 2**30,
                 "cuda_max_reserved_gb_timed": torch.cuda.max_memory_reserved() / 2**30}
     try:
-        with open("/proc/self/status") as fh:
-            kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-        return {"cpu_peak_rss_gb_timed": kb / 2**20}
-    except (OSError, StopIteration):
+        return {"cpu_peak_rss_gb_timed": proc_status_gib("VmHWM")["VmHWM"]}
+    except (OSError, KeyError):
         return {}
+
+
+def proc_status_gib(*fields: str) -> dict[str, float]:
+    """Memory fields of /proc/self/status (Linux: VmRSS, VmHWM, RssAnon, RssFile, ...) in GiB; absent ones left out."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in fields:
+                out[key] = int(value.split()[0]) / 2**20
+    return out
 
 
 def emit(results: list[dict], json_path: str | None) -> None:
