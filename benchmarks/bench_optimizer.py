@@ -15,6 +15,7 @@ equal the per-tensor form's after the timed steps. No assertions: numbers to rea
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import statistics
 import sys
@@ -77,6 +78,13 @@ def build(name: str, params):
     return torch.optim.AdamW(groups, lr=1e-4, fused=True)
 
 
+def missing(name: str) -> str | None:
+    """Why ``name`` cannot run here (a package it needs is absent), or None."""
+    if "prodigy" in name and importlib.util.find_spec("prodigyopt") is None:
+        return "prodigyopt is not installed (pip install prodigyopt)"
+    return None
+
+
 def run(name: str, groups, args) -> tuple[dict, list]:
     params = make_params(groups, args.device)
     opt = build(name, params)
@@ -136,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     groups = lora_groups(SHAPES[args.shape] if args.shape != "full" else FULL, args.rank, args.text_encoders)
     results, finals = [], {}
     for name in args.optimizers:
+        why = missing(name)
+        if why:  # the others still run (the GPU machine has no prodigyopt unless it is carried there)
+            print(f"[bench_optimizer] skipping {name}: {why}", file=sys.stderr, flush=True)
+            continue
         row, finals[name] = run(name, groups, args)
         results.append(row)
     for per_tensor, flat in (("bnb_per_tensor", "ours_flat_8bit"), ("prodigy_per_tensor", "ours_flat_prodigy")):

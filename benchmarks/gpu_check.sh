@@ -44,7 +44,7 @@
 #
 # Usage on the GPU machine (no internet needed):  bash benchmarks/gpu_check.sh
 #   WHEELS=.whl       folder of wheels to install first where the machine lacks them (on the lent H100: diffusers,
-#                     peft, bitsandbytes, ImageHash, PyWavelets; see RESULTS.md for the download command)
+#                     peft, bitsandbytes, ImageHash, PyWavelets, prodigyopt; see RESULTS.md for the download command)
 #   DIFFUSERS_SCRIPT  path to diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py (never committed here)
 set -uo pipefail
 cd "$(dirname "$0")/.."

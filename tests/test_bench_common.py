@@ -36,6 +36,25 @@ def test_optimizer_benchmark_reports_each_form_and_whether_flat_equals_per_tenso
     assert rows[1]["max_abs_diff_vs_per_tensor"] == 0.0 and all(r["ms_per_step"] > 0 for r in rows)
 
 
+def test_optimizer_benchmark_skips_with_a_reason_what_it_cannot_import(tmp_path, capsys, monkeypatch):
+    """A machine without prodigyopt (the lent GPU's) still gets the 8-bit optimizers' rows."""
+    import importlib.util
+    import json
+
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    import bench_optimizer
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prodigyopt" else real(name, *a))
+    assert bench_optimizer.main(["--shape", "tiny", "--warmup", "1", "--steps", "1", "--json",
+                                 str(tmp_path / "r.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["optimizer"] for r in rows] == ["bnb_per_tensor", "ours_flat_8bit", "torch_fused_adamw"]
+    assert "skipping prodigy_per_tensor: prodigyopt is not installed" in capsys.readouterr().err
+
+
 def test_unet_ceiling_counts_what_each_computation_runs(tmp_path):
     """bench_unet.py: the FLOPs it divides by are the ones each computation ran (recompute included), and the
     training computations put gradients where a frozen or a LoRA trainer would, nowhere else."""
