@@ -128,10 +128,10 @@ class TrainConfig:
               "replay it: one launch instead of ~25,000 kernel launches per micro-step (H100, seed's settings: 180 "
               "instead of 995 ms per micro-step, the same losses). Unset (the default): on where it applies -- CUDA "
               "GPUs (with several processes each records its own and the gradients are averaged as DDP does), UNet "
-              "LoRA only, no --lora_dropout, --torch_compile none or regional -- else off; "
-              "--cuda_graphs asks for it (a warning where it cannot be; with --train_text_encoder or --lora_dropout "
-              "only when asked for, dropout with checkpointing from PyTorch 2.10 on), --cuda_graphs false turns it "
-              "off. If recording fails, training goes on without it.")
+              "LoRA (dropout drawn inside the graph; with checkpointing from PyTorch 2.10 on), --torch_compile none "
+              "or regional -- else off; --cuda_graphs asks for it (a warning where it cannot be; with "
+              "--train_text_encoder only when asked for), --cuda_graphs false turns it off. If recording fails, "
+              "training goes on without it.")
     fp8_base: bool = _f(
         False, "(billiard-lora) Keep the frozen UNet's Linear and Conv weights in float8 (e4m3), each cast up to the "
                "compute dtype only while its layer runs (as kohya's --fp8_base): the UNet's weights take half the "

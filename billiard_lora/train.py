@@ -690,12 +690,11 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
             # undecided: not where the user chose torch.compile's own CUDA graphs, nor with full compilation, which
             # has not been run with them on a GPU (regional has: benchmarks/RESULTS.md)
             why = "not chosen by default with this --torch_compile setting"
-        if not asked and why is None and config.lora_dropout > 0:
-            # random masks inside the recorded step: same numbers as eager by PyTorch's design, not yet run on a GPU
-            why = "not chosen by default with --lora_dropout"
+        # with --lora_dropout the masks are drawn inside the recorded step: on by default since an H100 (torch
+        # 2.11, checkpointing) gave the eager LoRA bit for bit (gpu_check.sh part 21, benchmarks/RESULTS.md)
         if not asked and why is None and config.train_text_encoder:
-            # the text encoders in the recorded step: tested on the CPU with recording stood in for, not yet run on a
-            # GPU, so only when asked for
+            # the text encoders in the recorded step: recorded on an H100, but its LoRA differed from eager's by up to
+            # 2.7e-5 after 6 steps (part 17; UNet-only runs agree bit for bit), so only when asked for
             why = "not chosen by default with --train_text_encoder"
         if why:
             if asked:
