@@ -12,7 +12,8 @@
 #   9. ours at the seed's settings without checkpointing + --torch_compile regional --torch_compile_mode reduce-overhead
 #      (CUDA graphs; with checkpointing they failed on an H100, and train() falls back to compiling without them)
 #  10. ours at the seed's settings + --fp8_base (the UNet's frozen weights in float8: memory, and the casts' cost)
-#  11. CUDA graphs, correctness: the tiny model on CUDA, 6 steps, --cuda_graphs false vs --cuda_graphs: the LoRAs agree
+#  11. CUDA graphs, correctness: the tiny model on CUDA, 6 steps, --cuda_graphs false (twice: the noise floor) vs
+#      --cuda_graphs: the LoRAs agree
 #  12. ours at the seed's settings, eager: --cuda_graphs off (each kernel launched by the host)
 #  13. ours at the seed's settings + --torch_compile regional, without CUDA graphs (--cuda_graphs off)
 #  14. one optimizer step over SDXL's LoRA shapes (UNet + text encoders): bitsandbytes per tensor vs ours over flat
@@ -135,20 +136,21 @@ p10() { part "10. ours, seed settings + --fp8_base ($(left) s left)"
 # graphs_vs_eager N LABEL [EXTRA FLAGS]: the tiny model trained 6 steps on CUDA both ways; do the LoRAs agree?
 graphs_vs_eager() { local n=$1 label=$2; shift 2
   [ -d "$WORK/tiny" ] || "$PY" -m billiard_lora.tiny "$WORK/tiny" | tail -1
-  for g in "--cuda_graphs=false" --cuda_graphs; do
+  # eager twice (the noise floor: does eager training even repeat itself bit for bit here?), then with graphs
+  for run_as in eager:--cuda_graphs=false eager2:--cuda_graphs=false graphs:--cuda_graphs; do
     run "$n" 120 "$PY" -m billiard_lora.train --pretrained_model_name_or_path="$WORK/tiny" --dataset_name=default \
-      --instance_prompt="a photo of messi playing billiard" --output_dir="$WORK/graphs$n$g" --resolution=64 \
+      --instance_prompt="a photo of messi playing billiard" --output_dir="$WORK/graphs$n-${run_as%%:*}" --resolution=64 \
       --train_batch_size=1 --gradient_accumulation_steps=3 --gradient_checkpointing --mixed_precision=fp16 \
-      --use_8bit_adam --max_train_steps=6 --seed=0 --report_to=none --overwrite_output_dir $g "$@"; done
-  "$PY" - "$WORK/graphs$n--cuda_graphs=false" "$WORK/graphs$n--cuda_graphs" "$label" <<'PYEOF'
+      --use_8bit_adam --max_train_steps=6 --seed=0 --report_to=none --overwrite_output_dir "${run_as#*:}" "$@"; done
+  "$PY" - "$WORK/graphs$n-eager" "$WORK/graphs$n-graphs" "$label" "$WORK/graphs$n-eager2" <<'PYEOF'
 import json, sys
 from safetensors.torch import load_file
-a, b = (load_file(f"{d}/pytorch_lora_weights.safetensors") for d in sys.argv[1:3])
-diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+a, b, c = (load_file(f"{d}/pytorch_lora_weights.safetensors") for d in sys.argv[1:3] + sys.argv[4:5])
+diff = lambda x, y: max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
 summary = json.load(open(f"{sys.argv[2]}/summary.json"))
-print(json.dumps({"what": "cuda_graphs_check", "variant": sys.argv[3], "lora_max_abs_diff": diff,
-                  "same_keys": a.keys() == b.keys(), "graphs": summary.get("cuda_graph_replays"),
-                  "failure": summary.get("cuda_graph_failure")}))
+print(json.dumps({"what": "cuda_graphs_check", "variant": sys.argv[3], "lora_max_abs_diff": diff(a, b),
+                  "eager_repeat_max_abs_diff": diff(a, c), "same_keys": a.keys() == b.keys(),
+                  "graphs": summary.get("cuda_graph_replays"), "failure": summary.get("cuda_graph_failure")}))
 PYEOF
 }
 
