@@ -27,6 +27,8 @@ kernels cost; a trainer's step against ``lora`` (``bench_train.py``) is what eve
   fp16_norms   LayerNorm and GroupNorm in the weights' half precision: CUDA autocast runs them in float32 (a cast
                up before, a float32 output that the next layer casts back down); half-precision kernels
                accumulate in float32 all the same. (CPU autocast leaves them alone: there it changes nothing.)
+In half precision each result is also compared with the same computation in float32 (``rel_err_vs_fp32``):
+as_trained's own error is the yardstick for a variant's.
 Numbers to read and record in RESULTS.md; nothing here asserts a time.
 """
 
@@ -182,6 +184,24 @@ def eager_result(unet, kind: str, x: dict, autocast) -> list[torch.Tensor]:
     return [out, torch.cat([g.float().reshape(-1) for g in grads])]
 
 
+def fp32_result(unet, kind: str, x: dict) -> list[torch.Tensor]:
+    """``eager_result`` computed in float32 throughout: the frozen weights and the inputs upcast, no autocast. The
+    exact answer every half-precision run approximates, so a variant's error can be told from as_trained's own
+    (half-precision gradients of a random-weight UNet differ a lot between two correct orders of summation). The
+    weights go back to their dtypes afterwards, the same values (half -> float32 -> half is exact)."""
+    tensors = [*unet.parameters(), *unet.buffers()]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.float() if t.is_floating_point() else t.data
+    try:  # all float32: peft's input cast (off, as in training) has nothing to cast
+        return eager_result(unet, kind, {k: v.float() if v.is_floating_point() else v for k, v in x.items()},
+                            contextlib.nullcontext)
+    finally:
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(dtype)
+        unet.zero_grad(set_to_none=True)
+
+
 def relative_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """The largest difference between two results, relative to the largest magnitude in ``a``."""
     return max(float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)) for x, y in zip(a, b))
@@ -248,6 +268,12 @@ def run(args) -> list[dict]:
             counts["model", batch] = counted_flops(make_call(unet, "forward", x, autocast))  # MFU's unit
             for kind in kinds:
                 counts[kind, batch] = counted_flops(make_call(unet, kind, x, autocast))
+        exact = {}  # float32 results per (kind, batch), before compiling: how far each half-precision run is off
+        if dtype != torch.float32 and not args.no_fp32_reference:
+            for batch in args.batches:
+                x = make_inputs(unet, args, batch, dtype)
+                for kind in kinds:
+                    exact[kind, batch] = fp32_result(unet, kind, x)
         compile_unet(unet, args.torch_compile)
         reference = {}  # as_trained's eager results per (kind, batch), what the variants are compared with
         for variant in args.variants:
@@ -272,6 +298,8 @@ def run(args) -> list[dict]:
                            "counted_tflop": counts[kind, batch] / 1e12,
                            "counted_tflops_per_s": counts[kind, batch] / s / 1e12, "model_tflop": model_flops / 1e12,
                            "rel_diff_vs_as_trained": relative_diff(reference[kind, batch], outputs),
+                           "rel_err_vs_fp32": (relative_diff(exact[kind, batch], outputs)
+                                               if (kind, batch) in exact else None),
                            **peak_memory(args.device), **(profile or {})}
                     if args.peak_tflops:
                         row["mfu"] = model_flops / s / (args.peak_tflops * 1e12)
@@ -313,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--iters", type=int, default=10, help="timed calls per computation")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (H100 bf16 dense: ~790)")
+    p.add_argument("--no_fp32_reference", action="store_true",
+                   help="skip the float32 run each half-precision result is compared with (rel_err_vs_fp32)")
     p.add_argument("--json", default=None, help="also append the results to this JSON-lines file")
     args = p.parse_args(argv)
     emit(run(args), args.json)

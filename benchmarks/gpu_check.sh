@@ -227,6 +227,7 @@ for r in rows:
     elif r["what"] == "unet_ceiling":
         print(f"unet alone {r['kind']:8s} {r.get('variant', ''):11s} batch {r['batch']} graphs={r['cuda_graphs']!s:5s} "
               f"{r['ms']:.1f} ms x{r.get('speedup_vs_as_trained', 1):.3f} diff={r.get('rel_diff_vs_as_trained', 0):.1e} "
+              f"err_vs_fp32={r.get('rel_err_vs_fp32') or float('nan'):.1e} "
               f"{r['counted_tflops_per_s']:.0f} TFLOP/s counted, mfu={r.get('mfu', float('nan')):.3f} "
               f"lora_over_frozen={r.get('lora_over_frozen_pct', float('nan')):.1f}% "
               f"kernels={r.get('gpu_kernel_ms', float('nan')):.1f} ms ({r.get('gpu_kernel_launches', '-')}) "

@@ -212,3 +212,32 @@ def test_generation_memory_benchmark_applies_each_setting_to_the_pipeline_it_tim
     whole, tiled = [json.loads(line) for line in out.read_text().splitlines()][-2:]
     assert (whole["tiled"], tiled["tiled"], tiled["tile_px"]) == (False, True, 64)
     assert whole["image"] == tiled["image"] == [1, 3, 128, 128] and whole["peak_rise_gib"] >= 0
+
+
+def test_unet_ceiling_float32_reference_is_exact_and_leaves_the_half_precision_model_as_it_was():
+    """bench_unet.fp32_result: the yardstick a half-precision variant's error is read against (rel_err_vs_fp32)."""
+    import argparse
+
+    import bench_unet
+    import torch
+
+    args = argparse.Namespace(shape="tiny", device="cpu", rank=4, resolution=64, gradient_checkpointing=True,
+                              torch_compile="none")
+    half = bench_unet.build_unet(args, torch.bfloat16, lora=True)
+    before = {n: t.clone() for n, t in half.state_dict().items()}
+    x = bench_unet.make_inputs(half, args, 1, torch.bfloat16)
+    exact = bench_unet.fp32_result(half, "lora", x)
+    after = half.state_dict()
+    assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())
+    assert all(p.grad is None for p in half.parameters())
+    # the same as a float32 model given the same (half-rounded) weights and inputs, bit for bit
+    full = bench_unet.build_unet(args, torch.bfloat16, lora=True).float()
+    full.load_state_dict({n: t.float() for n, t in before.items()})
+    want = bench_unet.eager_result(full, "lora", {k: v.float() if v.is_floating_point() else v for k, v in x.items()},
+                                   lambda: torch.autocast("cpu", enabled=False))
+    assert all(torch.equal(a, b) for a, b in zip(exact, want))
+    # and bf16 autocast is measurably off it, by a bf16-sized amount
+    err = bench_unet.relative_diff(exact, bench_unet.eager_result(half, "lora", x,
+                                                                  lambda: torch.autocast("cpu", torch.bfloat16)))
+    assert 0 < err < 0.5
+
