@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from billiard_lora.graphs import _capture, _on_side_stream  # noqa: E402
 from billiard_lora.lora import add_lora, lora_parameters, set_input_casting  # noqa: E402
+from billiard_lora.models import run_norms_in_half  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
 from billiard_lora.train import checkpoint_unet, compile_unet  # noqa: E402
 from common import device_name, emit, peak_memory, reset_peak_memory  # noqa: E402
@@ -150,17 +151,9 @@ def addmm_lora(unet):
 
 
 def fp16_norms(unet):
-    """Variant: LayerNorm and GroupNorm run in their weights' half precision, outside autocast. Returns the undo."""
-
-    def forward(self, x):
-        half = x.dtype in (torch.float16, torch.bfloat16) and (self.weight is None or self.weight.dtype == x.dtype)
-        if half and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return type(self).forward(self, x)
-        return type(self).forward(self, x)
-
-    return _patch_forward([m for m in unet.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))],
-                          forward)
+    """Variant: LayerNorm and GroupNorm run in their weights' half precision, outside autocast (the trainer's
+    ``--half_precision_norms``). Returns the undo."""
+    return run_norms_in_half(unet)
 
 
 def _patch_forward(modules, forward):

@@ -116,6 +116,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
     class_images = ensure_class_images(config, c, accelerator, weight_dtype) if config.with_prior_preservation else []
 
     from .lora import add_lora, peft_state_dict, set_input_casting
+    from .models import run_norms_in_half
     from .lora_tools import is_mutating_init, validate_init_lora_weights
 
     init = validate_init_lora_weights(config.init_lora_weights, use_dora=config.use_dora)
@@ -136,6 +137,8 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         store_weights_in_fp8(c.unet, weight_dtype)
     skip_upcast = weight_dtype != torch.float32 and not config.use_dora  # training's forwards all run in autocast
     set_input_casting(trainable, enabled=not skip_upcast)  # same numbers, fewer operations (see set_input_casting)
+    restore_norms = (run_norms_in_half(c.unet) if config.half_precision_norms and weight_dtype != torch.float32
+                     else lambda: None)
     # PiSSA/OLoRA moved part of each base weight into the adapter: what we save is the change training makes
     # relative to this starting point, a LoRA that fits the unmodified base model.
     pissa_initial = None
@@ -393,6 +396,7 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         if callback:
             callback({"event": "done", "output_dir": str(out), "summary": summary, "images": final_images})
     set_input_casting(trainable, enabled=True)  # the caller's model, if it passed one, works outside autocast again
+    restore_norms()
     accelerator.end_training()
     return out
 

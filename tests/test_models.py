@@ -119,3 +119,38 @@ def test_load_components_in_a_given_dtype_converts_the_unet_and_text_encoders_no
     for a, b in ((half.unet, full.unet), (half.text_encoder_two, full.text_encoder_two)):
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
             assert torch.equal(p, q.to(torch.float16)), name
+
+
+def test_run_norms_in_half_takes_layer_and_group_norms_out_of_autocast_only_in_half_precision():
+    from billiard_lora.models import run_norms_in_half
+
+    seen = []
+
+    class LN(torch.nn.LayerNorm):
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().forward(x)
+
+    class GN(torch.nn.GroupNorm):
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().forward(x)
+
+    ln, gn = LN(8).bfloat16(), GN(2, 8).bfloat16()
+    model = torch.nn.ModuleList([ln, gn])
+    x, y = torch.randn(2, 8).bfloat16(), torch.randn(2, 8, 4, 4).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        want = ln(x), gn(y)
+    assert seen == [True, True]
+    undo = run_norms_in_half(model)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = ln(x), gn(y)
+    assert seen[2:] == [False, False]
+    assert all(torch.equal(a, b) for a, b in zip(want, got))  # on a CPU autocast left them in bf16 already
+    ln.float()
+    with torch.autocast("cpu", torch.bfloat16):
+        ln(x.float())  # float32 weights: left to autocast, as before
+    assert seen[4:] == [True]
+    undo()
+    assert not any("forward" in m.__dict__ for m in model)
+

@@ -807,6 +807,36 @@ def test_skipping_peft_input_upcast_under_autocast_changes_no_number(tiny_model_
     assert again.mixed_precision == "no", "a notebook can train again with another precision"
 
 
+def test_half_precision_norms_patch_the_unets_norms_for_the_run_and_give_them_back(tiny_model_dir, tiny_components,
+                                                                                   tmp_path, monkeypatch):
+    """--half_precision_norms: every norm of the UNet runs outside autocast while training, none after; on a CPU
+    (where autocast leaves norms in bf16 anyway) the LoRA is bit for bit the one trained without it."""
+    import billiard_lora.models as models_mod
+
+    data = make_images(tmp_path / "data", n=2)
+    kw = dict(mixed_precision="bf16", max_train_steps=2)
+    c = tiny_components
+    norms = [m for m in c.unet.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))]
+    calls = []
+    real = models_mod.run_norms_in_half
+
+    def spy(model):
+        undo = real(model)
+        calls.append(sum("forward" in m.__dict__ for m in norms))
+        return lambda: (undo(), calls.append("undone"))
+
+    monkeypatch.setattr(models_mod, "run_norms_in_half", spy)
+    half = train(tiny_config(tiny_model_dir, data, tmp_path / "half", half_precision_norms=True, **kw), components=c)
+    assert calls == [len(norms), "undone"] and norms and not any("forward" in m.__dict__ for m in norms)
+    assert json.loads((half / "config.json").read_text())["half_precision_norms"] is True
+    plain = train(tiny_config(tiny_model_dir, data, tmp_path / "plain", **kw))
+    assert len(calls) == 2, "not asked for: not applied"
+    a, b = lora_tensors(half), lora_tensors(plain)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    train(tiny_config(tiny_model_dir, data, tmp_path / "fp32", half_precision_norms=True, max_train_steps=1))
+    assert len(calls) == 2, "float32 training has no half precision to run them in"
+
+
 @pytest.mark.parametrize("checkpointing, compile", [(True, "none"), (False, "none"), (True, "regional")])
 def test_fp8_base_trains_the_float8_rounded_model_exactly(tiny_model_dir, tmp_path, monkeypatch, checkpointing,
                                                           compile):
