@@ -290,7 +290,8 @@ def bench_generation(args) -> dict:
     """Seconds per image: base, LoRA unfused, LoRA fused, fused + float8 UNet -- four pipelines sharing the text
     encoders and VAE, each with a UNet of its own -- and, on a GPU, base and fused with ``cuda_graphs``; timed in
     interleaved rounds (base, unfused, fused, fp8, ..., base, ...) so that a slow moment of the machine hits every
-    variant alike; medians over the rounds."""
+    variant alike; medians over the rounds. On a GPU, one more image of each under the profiler: its kernels' time
+    and count, which the host's pace does not move."""
     import statistics
 
     from billiard_lora.generate import LoraSpec, fuse_loras, generate, load_lora
@@ -344,6 +345,25 @@ def bench_generation(args) -> dict:
         for name, (pipe, graphs) in variants.items():
             rounds[name].append(timed(pipe, [1 + r * args.gen_images + i for i in range(args.gen_images)], graphs))
     med = {name: statistics.median(v) for name, v in rounds.items()}
+    kernels = {}
+    if args.device.startswith("cuda"):
+        # the GPU's own time per image, kernel by kernel: free of the host's pace, which sets the wall time of
+        # eager sampling (and part of it with graphs: text encoders, VAE, scheduler); fused = base's kernels?
+        try:
+            for name, (pipe, graphs) in variants.items():
+                profiler = GpuTime()
+                profiler.start()
+                generate(pipe, "a photo of messi playing billiard", [10**6], cuda_graphs=graphs, **kw)
+                profiler.stop()
+                report = profiler.report(1)
+                kernels[name] = (report["gpu_kernel_ms_per_micro_step"], report["gpu_kernel_launches_per_micro_step"])
+        except Exception as exc:  # noqa: BLE001 -- a profiler that fails must not cost the timings
+            print(f"[bench] generation profile failed: {exc!r}", file=sys.stderr, flush=True)
+            kernels = {}
+    if kernels:
+        kernels = {"gpu_kernel_ms_per_image": {k: round(ms, 1) for k, (ms, _) in kernels.items()},
+                   "gpu_kernels_per_image": {k: n for k, (_, n) in kernels.items()},
+                   "fused_overhead_pct_gpu_kernels": 100 * (kernels["fused"][0] / kernels["base"][0] - 1)}
     with_graphs = {}
     if "base_graphs" in med:
         with_graphs = {"s_per_image_base_cuda_graphs": med["base_graphs"],
@@ -358,7 +378,7 @@ def bench_generation(args) -> dict:
             "fused_overhead_pct": 100 * (med["fused"] / med["base"] - 1),
             "unfused_overhead_pct": 100 * (med["unfused"] / med["base"] - 1),
             "fp8_overhead_pct": 100 * (med["fused_fp8"] / med["fused"] - 1),
-            **with_graphs, "s_per_image_each_round": {k: [round(x, 4) for x in v] for k, v in rounds.items()},
+            **with_graphs, **kernels, "s_per_image_each_round": {k: [round(x, 4) for x in v] for k, v in rounds.items()},
             "unet_weights_gb": unet_gb, "unet_weights_gb_fp8": unet_fp8_gb}
 
 

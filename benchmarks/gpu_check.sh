@@ -118,7 +118,7 @@ p6() { part "6. ours, seed settings + --auto_gradient_checkpointing (an H100 has
     --gradient_checkpointing --auto_gradient_checkpointing; }
 
 p7() { part "7. generation: base / LoRA unfused / LoRA fused ($(left) s left)"
-  [ "$(left)" -gt 40 ] && run 7 "$(upto ${CAP7:-150})" "$PY" benchmarks/bench_train.py --shape "$SHAPE" --resolution "$RES" --device "$DEV" \
+  [ "$(left)" -gt 40 ] && run 7 "$(upto ${CAP7:-180})" "$PY" benchmarks/bench_train.py --shape "$SHAPE" --resolution "$RES" --device "$DEV" \
     --no_training --gen_steps 30 --gen_images 1 --gen_rounds 3 --json "$OUT/bench.jsonl"; }
 
 p8() { part "8. ours, seed settings + --torch_compile full --torch_compile_mode reduce-overhead (CUDA graphs) ($(left) s left)"
