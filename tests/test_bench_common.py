@@ -240,4 +240,3 @@ def test_unet_ceiling_float32_reference_is_exact_and_leaves_the_half_precision_m
     err = bench_unet.relative_diff(exact, bench_unet.eager_result(half, "lora", x,
                                                                   lambda: torch.autocast("cpu", torch.bfloat16)))
     assert 0 < err < 0.5
-

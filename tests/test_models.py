@@ -153,4 +153,3 @@ def test_run_norms_in_half_takes_layer_and_group_norms_out_of_autocast_only_in_h
     assert seen[4:] == [True]
     undo()
     assert not any("forward" in m.__dict__ for m in model)
-
