@@ -110,11 +110,12 @@ def load_model(args) -> Components:
 
 @contextlib.contextmanager
 def unet_variant(name: str, unet):
-    """The trainer with one of bench_unet.py's variants of running the UNet (a measurement: train() has neither)."""
+    """The trainer with one of bench_unet.py's variants of running the UNet (a measurement; fp16_norms is train()'s
+    --half_precision_norms)."""
     import bench_unet
 
-    if name == "fp16_norms":
-        undo = bench_unet.fp16_norms(unet)
+    if name in ("fp16_norms", "fp32_norms"):
+        undo = bench_unet.VARIANTS[name](unet)
     elif name == "addmm_lora":  # train() adds the adapters itself: every peft Linear made in here takes it
         bench_unet.PeftLinear.forward = bench_unet.addmm_lora_forward
 

@@ -27,6 +27,8 @@ kernels cost; a trainer's step against ``lora`` (``bench_train.py``) is what eve
   fp16_norms   LayerNorm and GroupNorm in the weights' half precision: CUDA autocast runs them in float32 (a cast
                up before, a float32 output that the next layer casts back down); half-precision kernels
                accumulate in float32 all the same. (CPU autocast leaves them alone: there it changes nothing.)
+  fp32_norms   LayerNorm and GroupNorm in float32, as CUDA autocast runs them (on a GPU: as_trained); on a CPU
+               with --mixed_precision fp16 it stands for the GPU's default and as_trained for fp16_norms.
 In half precision each result is also compared with the same computation in float32 (``rel_err_vs_fp32``):
 as_trained's own error is the yardstick for a variant's.
 Numbers to read and record in RESULTS.md; nothing here asserts a time.
@@ -156,13 +158,33 @@ def fp16_norms(unet):
     return run_norms_in_half(unet)
 
 
+def fp32_norms(unet):
+    """Variant: LayerNorm and GroupNorm computed in float32 from an upcast input, with a float32 output -- what CUDA
+    autocast does with them, and so as_trained on a GPU. On a CPU, whose autocast leaves norms in half precision,
+    this stands for the GPU's default, and as_trained for ``--half_precision_norms``: with ``--mixed_precision
+    fp16`` both can then be held against float32 (``rel_err_vs_fp32``) without a GPU. Returns the undo."""
+
+    def forward(self, x):
+        if x.dtype not in (torch.float16, torch.bfloat16) or not torch.is_autocast_enabled(x.device.type):
+            return type(self).forward(self, x)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            if isinstance(self, torch.nn.GroupNorm):
+                return F.group_norm(x.float(), self.num_groups, w, b, self.eps)
+            return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+    return _patch_forward([m for m in unet.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))],
+                          forward)
+
+
 def _patch_forward(modules, forward):
     for m in modules:
         m.forward = types.MethodType(forward, m)
     return lambda: [m.__dict__.pop("forward") for m in modules]
 
 
-VARIANTS = {"as_trained": None, "addmm_lora": addmm_lora, "fp16_norms": fp16_norms}
+VARIANTS = {"as_trained": None, "addmm_lora": addmm_lora, "fp16_norms": fp16_norms, "fp32_norms": fp32_norms}
 VARIANT_KINDS = {"addmm_lora": {"lora"}}  # kinds a variant changes (the rest: all)
 
 
@@ -238,8 +260,9 @@ def seconds_per_call(call, iters: int, graphs: bool, sync, profile: dict | None 
 
 def run(args) -> list[dict]:
     on_gpu = args.device.startswith("cuda")
-    # on a CPU, float32 (as the trainer falls back there)
-    precision = args.mixed_precision if on_gpu else "no"
+    # as asked, on a CPU too (the trainer falls back to float32 there; half precision here emulates a GPU's numbers,
+    # with --variants fp32_norms standing for CUDA autocast's float32 norms)
+    precision = args.mixed_precision
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     graphs = on_gpu and args.cuda_graphs == "on"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)

@@ -240,3 +240,27 @@ def test_unet_ceiling_float32_reference_is_exact_and_leaves_the_half_precision_m
     err = bench_unet.relative_diff(exact, bench_unet.eager_result(half, "lora", x,
                                                                   lambda: torch.autocast("cpu", torch.bfloat16)))
     assert 0 < err < 0.5
+
+
+def test_unet_ceiling_in_half_precision_on_a_cpu_holds_both_norm_policies_against_float32(tmp_path):
+    """--mixed_precision fp16 on a CPU: as_trained keeps the norms in fp16 (CPU autocast, = --half_precision_norms),
+    fp32_norms computes them as CUDA autocast does; each result gets its error against float32."""
+    import json
+
+    import bench_unet
+    import torch
+
+    path = tmp_path / "n.jsonl"
+    bench_unet.main(["--shape", "tiny", "--resolution", "64", "--iters", "1", "--mixed_precision", "fp16",
+                     "--kinds", "forward", "lora", "--variants", "as_trained", "fp32_norms", "--json", str(path)])
+    rows = {(r["kind"], r["variant"]): r for r in map(json.loads, path.read_text().splitlines())}
+    assert len(rows) == 4 and all(0 < r["rel_err_vs_fp32"] < 0.1 for r in rows.values())
+    assert rows["forward", "fp32_norms"]["rel_diff_vs_as_trained"] > 0  # it changes what runs on a CPU
+    ln = torch.nn.LayerNorm(8).half()
+    undo = bench_unet.fp32_norms(torch.nn.ModuleList([ln]))
+    x = torch.randn(2, 8).half()
+    with torch.autocast("cpu", torch.float16):
+        out = ln(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.nn.functional.layer_norm(x.float(), (8,), ln.weight.float(), ln.bias.float()))
+    undo()
