@@ -26,7 +26,8 @@
 #  18. the UNet alone at batch 1 and 2 (bench_unet.py), replayed as CUDA graphs: forward, frozen forward+backward
 #      without LoRA, and with the LoRA -- the MFU its kernels reach with no trainer and no host time around them;
 #      and two ways the trainer could run it (the LoRA's add as one addmm; norms in fp16), timed and diffed
-#  19. ours at the seed's settings with one of those ways (VARIANT19=fp16_norms, or addmm_lora): against part 2
+#  19. ours at the seed's settings with the norms in float32 as autocast runs them (--half_precision_norms false, the
+#      default before session 11): against part 2; VARIANT19=addmm_lora adds that way of running the LoRA
 #  20. ours at the seed's settings, recomputing only every 2nd, then every 4th block (--gradient_checkpointing_interval,
 #      INTERVALS20="2 4"): time and memory between part 2 (every block) and no checkpointing (part 6 on an H100)
 #  21. as 11 with --lora_dropout=0.1: the masks drawn inside the recorded micro-step, the checkpoint's recompute
@@ -188,9 +189,9 @@ p18() { part "18. the UNet alone: forward / frozen / LoRA, batch 1 and 2, CUDA g
     --device "$DEV" --mixed_precision fp16 --gradient_checkpointing --batches 1 2 --peak_tflops "${PEAK_TFLOPS:-790}" \
     --variants as_trained addmm_lora fp16_norms --profile --json "$OUT/bench.jsonl" ${CEIL_FLAGS:-}; }
 
-p19() { part "19. ours, seed settings, UNet run as ${VARIANT19:-fp16_norms} ($(left) s left)"
+p19() { part "19. ours, seed settings, norms in float32 as autocast runs them (--half_precision_norms false)${VARIANT19:+, UNet run as $VARIANT19} ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 19 "$(upto ${CAP19:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
-    --gradient_checkpointing --unet_variant "${VARIANT19:-fp16_norms}"; }
+    --gradient_checkpointing --half_precision_norms false ${VARIANT19:+--unet_variant "$VARIANT19"}; }
 
 p20() { for k in ${INTERVALS20:-2 4}; do
   part "20. ours, seed settings, checkpointing every ${k}$(case $k in 2) echo nd;; 3) echo rd;; *) echo th;; esac) block ($(left) s left)"
@@ -214,7 +215,7 @@ for r in rows:
               f"every={r.get('gradient_checkpointing_interval') or '-'!s:3s} "
               f"compile={r.get('torch_compile', '-'):8s} fp8={r.get('fp8_base', False)!s:5s} "
               f"graphs={r.get('cuda_graph_replays', '-')!s:4s} opt={r.get('optimizer_form', '-'):14s} "
-              f"nhwc={r.get('channels_last', False)!s:5s} unet={r.get('unet_variant', 'as_trained')} "
+              f"nhwc={r.get('channels_last', False)!s:5s} unet={r.get('unet_variant', 'as_trained')} half_norms={r.get('half_precision_norms', '-')} "
               f"{r['optimizer_steps_per_s']:.3f} steps/s "
               f"{r['images_per_s']:.2f} img/s {r['ms_per_micro_step']:.1f} ms/micro "
               f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB alloc / {r.get('cuda_max_reserved_gb', 0):.2f} reserved "

@@ -141,12 +141,13 @@ class TrainConfig:
                "Combines with --torch_compile, not with --use_dora. A UNet passed to train() in a "
                "notebook stays stored in fp8.")
     half_precision_norms: bool = _f(
-        False, "(billiard-lora) Run the UNet's LayerNorms and GroupNorms in fp16/bf16 under --mixed_precision "
-               "instead of autocast's float32 (their kernels still accumulate in float32; the output is rounded to "
-               "half in the norm instead of at the next layer's input): H100, seed's settings, 158.4 -> 139.9 ms "
-               "per micro-step. Off by default until its error against float32 is measured on a GPU; as kohya's "
-               "--full_fp16 and SimpleTuner's pure-bf16 training run their norms. No effect in fp32 or on a CPU, "
-               "where autocast leaves the norms in half precision already.")
+        True, "(billiard-lora) Run the UNet's LayerNorms and GroupNorms in fp16/bf16 under --mixed_precision, as "
+              "diffusers' fp16 pipelines run them when sampling, instead of CUDA autocast's float32 (their kernels "
+              "still accumulate in float32; the output is rounded to half in the norm instead of at the next "
+              "layer's input): H100, seed's settings, 139.9 instead of 158.4 ms per micro-step, same memory. Error "
+              "against float32, SDXL's UNet in fp16: the same size either way (benchmarks/RESULTS.md). "
+              "--half_precision_norms false gives autocast's float32 norms. No effect in fp32 or on a CPU, whose "
+              "autocast leaves the norms in half precision already.")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
     learning_rate: float = _f(1e-4, "Learning rate of the UNet LoRA.")

@@ -809,8 +809,8 @@ def test_skipping_peft_input_upcast_under_autocast_changes_no_number(tiny_model_
 
 def test_half_precision_norms_patch_the_unets_norms_for_the_run_and_give_them_back(tiny_model_dir, tiny_components,
                                                                                    tmp_path, monkeypatch):
-    """--half_precision_norms: every norm of the UNet runs outside autocast while training, none after; on a CPU
-    (where autocast leaves norms in bf16 anyway) the LoRA is bit for bit the one trained without it."""
+    """--half_precision_norms (the default): every norm of the UNet runs outside autocast while training, none after;
+    on a CPU (where autocast leaves norms in bf16 anyway) the LoRA is bit for bit the one trained without it."""
     import billiard_lora.models as models_mod
 
     data = make_images(tmp_path / "data", n=2)
@@ -829,8 +829,9 @@ def test_half_precision_norms_patch_the_unets_norms_for_the_run_and_give_them_ba
     half = train(tiny_config(tiny_model_dir, data, tmp_path / "half", half_precision_norms=True, **kw), components=c)
     assert calls == [len(norms), "undone"] and norms and not any("forward" in m.__dict__ for m in norms)
     assert json.loads((half / "config.json").read_text())["half_precision_norms"] is True
-    plain = train(tiny_config(tiny_model_dir, data, tmp_path / "plain", **kw))
-    assert len(calls) == 2, "not asked for: not applied"
+    plain = train(tiny_config(tiny_model_dir, data, tmp_path / "plain", half_precision_norms=False, **kw))
+    assert len(calls) == 2, "turned off: not applied"
+    assert TrainConfig(instance_prompt="x").half_precision_norms is True  # the default
     a, b = lora_tensors(half), lora_tensors(plain)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     train(tiny_config(tiny_model_dir, data, tmp_path / "fp32", half_precision_norms=True, max_train_steps=1))
