@@ -65,9 +65,20 @@ def explain_out_of_memory(train_fn):
 def train(config: TrainConfig, *, components=None, callback: Callback | None = None) -> Path:
     """Train a DreamBooth LoRA for SDXL as ``config`` says; returns the output folder with the LoRA in it.
 
-    ``components`` (a ``models.Components``) skips loading, for notebooks and tests that already hold a model.
+    ``components`` (a ``models.Components``) skips loading, for notebooks and tests that already hold a model; what
+    training changes in how its models run (peft's input cast, the norms' precision) is put back however training
+    ends, an error included.
     ``callback`` receives a dict per event: step (loss, lr), validation (images, path), done.
     """
+    undo: list[Callable[[], None]] = []
+    try:
+        return _train(config, components, callback, undo)
+    finally:
+        for put_back in reversed(undo):
+            put_back()
+
+
+def _train(config: TrainConfig, components, callback: Callback | None, undo: list[Callable[[], None]]) -> Path:
     from accelerate.utils import set_seed
 
     # ---- 1. settings and data, checked before anything heavy happens or anything is written
@@ -137,8 +148,9 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
         store_weights_in_fp8(c.unet, weight_dtype)
     skip_upcast = weight_dtype != torch.float32 and not config.use_dora  # training's forwards all run in autocast
     set_input_casting(trainable, enabled=not skip_upcast)  # same numbers, fewer operations (see set_input_casting)
-    restore_norms = (run_norms_in_half(c.unet) if config.half_precision_norms and weight_dtype != torch.float32
-                     else lambda: None)
+    undo.append(lambda: set_input_casting(trainable, enabled=True))  # a caller's model works outside autocast again
+    if config.half_precision_norms and weight_dtype != torch.float32:
+        undo.append(run_norms_in_half(c.unet))
     # PiSSA/OLoRA moved part of each base weight into the adapter: what we save is the change training makes
     # relative to this starting point, a LoRA that fits the unmodified base model.
     pissa_initial = None
@@ -395,8 +407,6 @@ def train(config: TrainConfig, *, components=None, callback: Callback | None = N
                 + (f" (recording failed: {micro_step.failure})" if micro_step.failure else ""))
         if callback:
             callback({"event": "done", "output_dir": str(out), "summary": summary, "images": final_images})
-    set_input_casting(trainable, enabled=True)  # the caller's model, if it passed one, works outside autocast again
-    restore_norms()
     accelerator.end_training()
     return out
 
@@ -982,7 +992,7 @@ class TrainingDiverged(UserError):
 # Where training was when memory ran out, by the innermost of these functions on the stack.
 _OOM_PHASES = (("run_validation", "making validation images"), ("ensure_class_images", "generating class images"),
                ("PromptCache.build", "encoding the prompts"), ("LatentCache", "encoding the images into latents"),
-               ("save_checkpoint", "saving a checkpoint"), ("train.<locals>.forward_backward", "in a training step"),
+               ("save_checkpoint", "saving a checkpoint"), ("_train.<locals>.forward_backward", "in a training step"),
                ("MicroStepGraph", "in a training step"),
                ("make_optimizer", "setting up the optimizer"), ("load_components", "loading the models"))
 

@@ -838,6 +838,25 @@ def test_half_precision_norms_patch_the_unets_norms_for_the_run_and_give_them_ba
     assert len(calls) == 2, "float32 training has no half precision to run them in"
 
 
+def test_a_failed_run_gives_the_callers_model_back_as_it_came(tiny_model_dir, tiny_components, tmp_path, monkeypatch):
+    """Training that stops with an error still puts back what it changed in how the caller's models run."""
+    import billiard_lora.train as train_mod
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def broken(*args, **kwargs):
+        raise ValueError("optimizer broke")
+
+    monkeypatch.setattr(train_mod, "make_optimizer", broken)
+    c = tiny_components
+    with pytest.raises(ValueError, match="optimizer broke"):
+        train(tiny_config(tiny_model_dir, make_images(tmp_path / "data", n=2), tmp_path / "o", mixed_precision="bf16",
+                          max_train_steps=1), components=c)
+    layers = [m for m in c.unet.modules() if isinstance(m, BaseTunerLayer)]
+    norms = [m for m in c.unet.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))]
+    assert layers and all(m.cast_input_dtype_enabled for m in layers)
+    assert norms and not any("forward" in m.__dict__ for m in norms)
+
+
 @pytest.mark.parametrize("checkpointing, compile", [(True, "none"), (False, "none"), (True, "regional")])
 def test_fp8_base_trains_the_float8_rounded_model_exactly(tiny_model_dir, tmp_path, monkeypatch, checkpointing,
                                                           compile):
