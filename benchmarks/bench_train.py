@@ -173,7 +173,7 @@ def bench_training(args) -> dict:
             checkpointing_steps=10**9, learning_rate=1e-4, lr_warmup_steps=0, snr_gamma=5.0, seed=0,
             report_to="none", cache_latents=not args.no_cache_latents, torch_compile=args.torch_compile,
             torch_compile_mode=args.torch_compile_mode, fp8_base=args.fp8_base,
-            half_precision_norms=args.half_precision_norms == "true",
+            half_precision_norms=args.half_precision_norms == "true", fused_lora_ops=args.fused_lora_ops,
             cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -222,7 +222,7 @@ def bench_training(args) -> dict:
         "s_to_first_step": step_times[0] - t0 if step_times else None, **whole_run, **timed_peak,
         "fp8_base": used["fp8_base"], "cuda_graphs": used["cuda_graphs"],
         "channels_last": args.channels_last, "unet_variant": args.unet_variant,
-        "half_precision_norms": used["half_precision_norms"],
+        "half_precision_norms": used["half_precision_norms"], "fused_lora_ops": used.get("fused_lora_ops", False),
         "optimizer_form": ("bnb_per_tensor" if args.bnb_per_tensor else "flat") if used["use_8bit_adam"] else "torch",
     }
     if used["cuda_graphs"]:
@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fp8_base", action="store_true", help="the UNet's frozen weights stored in float8")
     p.add_argument("--half_precision_norms", choices=["true", "false"], default="true",
                    help="the trainer's flag (default true, as train()): false runs the norms as CUDA autocast does")
+    p.add_argument("--fused_lora_ops", action="store_true",
+                   help="the trainer's --fused_lora_ops: each adapted layer as one autograd operation")
     p.add_argument("--channels_last", action="store_true",
                    help="the UNet in channels-last memory format (NHWC), for training and generation: a measurement "
                         "first; the trainer does not do this")

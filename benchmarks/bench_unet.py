@@ -29,6 +29,8 @@ kernels cost; a trainer's step against ``lora`` (``bench_train.py``) is what eve
                accumulate in float32 all the same. (CPU autocast leaves them alone: there it changes nothing.)
   fp32_norms   LayerNorm and GroupNorm in float32, as CUDA autocast runs them (on a GPU: as_trained); on a CPU
                with --mixed_precision fp16 it stands for the GPU's default and as_trained for fp16_norms.
+  fused_lora_ops  each adapted Linear (base + LoRA) as one autograd operation: the trainer's --fused_lora_ops
+               (off by default until this and gpu_check.sh part 23 have timed it)
 In half precision each result is also compared with the same computation in float32 (``rel_err_vs_fp32``):
 as_trained's own error is the yardstick for a variant's.
 Numbers to read and record in RESULTS.md; nothing here asserts a time.
@@ -51,7 +53,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from billiard_lora.graphs import _capture, _on_side_stream  # noqa: E402
-from billiard_lora.lora import add_lora, lora_parameters, set_input_casting  # noqa: E402
+from billiard_lora.lora import add_lora, lora_parameters, run_adapters_fused, set_input_casting  # noqa: E402
 from billiard_lora.models import run_norms_in_half  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
 from billiard_lora.train import checkpoint_unet, compile_unet  # noqa: E402
@@ -184,8 +186,15 @@ def _patch_forward(modules, forward):
     return lambda: [m.__dict__.pop("forward") for m in modules]
 
 
-VARIANTS = {"as_trained": None, "addmm_lora": addmm_lora, "fp16_norms": fp16_norms, "fp32_norms": fp32_norms}
-VARIANT_KINDS = {"addmm_lora": {"lora"}}  # kinds a variant changes (the rest: all)
+def fused_lora_ops(unet):
+    """Variant: every adapted Linear of ``unet`` as one autograd operation (the trainer's ``--fused_lora_ops``,
+    ``lora.run_adapters_fused``). Returns the undo."""
+    return run_adapters_fused([unet])
+
+
+VARIANTS = {"as_trained": None, "addmm_lora": addmm_lora, "fp16_norms": fp16_norms, "fp32_norms": fp32_norms,
+            "fused_lora_ops": fused_lora_ops}
+VARIANT_KINDS = {"addmm_lora": {"lora"}, "fused_lora_ops": {"lora"}}  # kinds a variant changes (the rest: all)
 
 
 def eager_result(unet, kind: str, x: dict, autocast) -> list[torch.Tensor]:

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from billiard_lora.lora import add_lora, set_input_casting  # noqa: E402
+from billiard_lora.lora import add_lora, run_adapters_fused, set_input_casting  # noqa: E402
 from billiard_lora.tiny import FULL, SHAPES, build_components  # noqa: E402
 from billiard_lora.train import checkpoint_unet, compile_unet  # noqa: E402
 
@@ -87,10 +87,10 @@ def count(shape: str, resolution: int, rank: int, checkpointing: bool) -> dict:
     with CountOps() as bwd:
         loss.backward()
     every = fwd.counts + bwd.counts
+    views = sum(n for k, n in every.items() if k.split(".")[0] in VIEWS)
     return {"shape": shape, "resolution": resolution, "gradient_checkpointing": checkpointing,
             "forward_ops": sum(fwd.counts.values()), "backward_ops": sum(bwd.counts.values()),
-            "total_ops": sum(every.values()),
-            "view_ops": sum(n for k, n in every.items() if k.split(".")[0] in VIEWS),
+            "total_ops": sum(every.values()), "view_ops": views, "non_view_ops": sum(every.values()) - views,
             "most_common": every.most_common(10)}
 
 
@@ -115,6 +115,7 @@ VARIANTS = {
     "ours_compiled_regional": (True, True, False, False, "regional"),
     "ours_compiled_full": (True, True, False, False, "full"),
     "ours_fp8_base": (True, True, True, False, "none"),  # + --fp8_base: frozen weights in float8, cast per layer
+    "ours_fused_lora_ops": (True, True, True, False, "none"),  # + --fused_lora_ops (lora.run_adapters_fused)
 }
 DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items() if spec[4] == "none" and v != "ours_fp8_base"]
 
@@ -134,6 +135,10 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
 
         fp8 = build(True)
         store_weights_in_fp8(fp8, dtype)
+    fused = None
+    if "ours_fused_lora_ops" in variants:
+        fused = build(True)
+        run_adapters_fused([fused])
     bare.conv_in.weight.requires_grad_(True)  # something to train, so backward runs through the blocks
     compiled = {}
     for name in variants:  # a model of their own: compiling works in place
@@ -148,7 +153,7 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
         with_lora, ckpt, reentrant, upcast, scope = VARIANTS[name]
         if scope != "none":
             return compiled[name].train()
-        unet = fp8 if name == "ours_fp8_base" else lora if with_lora else bare
+        unet = {"ours_fp8_base": fp8, "ours_fused_lora_ops": fused}.get(name) or (lora if with_lora else bare)
         unet.disable_gradient_checkpointing()
         if ckpt:
             checkpoint_unet(unet, reentrant=reentrant)
@@ -156,7 +161,7 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
             set_input_casting([unet], enabled=upcast)
         return unet.train()
 
-    models = (bare, lora, *compiled.values(), *([fp8] if fp8 is not None else []))
+    models = (bare, lora, *compiled.values(), *[m for m in (fp8, fused) if m is not None])
     trainable = {id(u): [p for p in u.parameters() if p.requires_grad] for u in models}
 
     def step(unet):
@@ -168,6 +173,7 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
 
     times: dict[str, list[float]] = {v: [] for v in variants}
     ops: dict[str, int | None] = {}
+    non_view_ops: dict[str, int | None] = {}
     compile_s = {}
     for name in variants:
         unet = setup(name)
@@ -175,10 +181,11 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
             with CountOps() as co:
                 step(unet)
             ops[name] = sum(co.counts.values())
+            non_view_ops[name] = ops[name] - sum(n for k, n in co.counts.items() if k.split(".")[0] in VIEWS)
         else:  # operations inside compiled graphs are not dispatched one by one: not counted
             t0 = time.perf_counter()
             step(unet)
-            compile_s[name], ops[name] = round(time.perf_counter() - t0, 1), None
+            compile_s[name], ops[name], non_view_ops[name] = round(time.perf_counter() - t0, 1), None, None
         step(unet)  # warm
     for _ in range(repeats):
         for name in variants:  # interleaved: a slow moment of the machine hits every variant alike
@@ -190,6 +197,7 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
              "variant": name, "lora": VARIANTS[name][0], "gradient_checkpointing": VARIANTS[name][1],
              "reentrant": VARIANTS[name][2], "peft_input_upcast": VARIANTS[name][3],
              "torch_compile": VARIANTS[name][4], "first_step_s": compile_s.get(name), "ops": ops[name],
+             "non_view_ops": non_view_ops[name],
              "host_ms_per_micro_step": round(statistics.median(times[name]) * 1000, 1),
              "host_ms_min": round(min(times[name]) * 1000, 1), "repeats": repeats} for name in variants]
 

@@ -34,6 +34,10 @@
 #      drawing them again (needs PyTorch 2.10+; opt-in until this passes): the same LoRA as eager?
 #  22. generation's memory savers (bench_generation_memory.py): one 1024-px image with everything on the GPU, with
 #      --vae_tiling, --cpu_offload, both, and both with --fp8_base: peak GPU memory and seconds per image
+#  23. --fused_lora_ops (each adapted layer as one autograd operation; off by default until this has run): the UNet
+#      alone, as_trained vs fused_lora_ops (CUDA graphs, batch 1, kernels counted), then the trainer at the seed's
+#      settings with it, against part 2
+#  24. as 11 with --fused_lora_ops: recorded, and the same LoRA as eager with it?
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -202,8 +206,18 @@ p22() { part "22. generation's memory: resident / VAE tiling / CPU offload / bot
   [ "$(left)" -gt 40 ] && run 22 "$(upto ${CAP22:-120})" "$PY" benchmarks/bench_generation_memory.py --shape "$SHAPE" \
     --resolution "$RES" --device "$DEV" --steps 10 --json "$OUT/bench.jsonl"; }
 
+p23() { part "23. --fused_lora_ops: the UNet alone, then the trainer at the seed's settings ($(left) s left)"
+  [ "$(left)" -gt 60 ] && run 23u "$(upto ${CAP23U:-150})" "$PY" benchmarks/bench_unet.py --shape "$SHAPE" --resolution "$RES" \
+    --device "$DEV" --mixed_precision fp16 --gradient_checkpointing --batches 1 --peak_tflops "${PEAK_TFLOPS:-790}" \
+    --variants as_trained fused_lora_ops --profile --json "$OUT/bench.jsonl" ${CEIL_FLAGS:-}
+  [ "$(left)" -gt 60 ] && run 23 "$(upto ${CAP23:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --fused_lora_ops; }
+
+p24() { part "24. --cuda_graphs --fused_lora_ops on the tiny model: the same LoRA as eager? ($(left) s left)"
+  graphs_vs_eager 24 fused_lora_ops --fused_lora_ops; }
+
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'
@@ -216,6 +230,7 @@ for r in rows:
               f"compile={r.get('torch_compile', '-'):8s} fp8={r.get('fp8_base', False)!s:5s} "
               f"graphs={r.get('cuda_graph_replays', '-')!s:4s} opt={r.get('optimizer_form', '-'):14s} "
               f"nhwc={r.get('channels_last', False)!s:5s} unet={r.get('unet_variant', 'as_trained')} half_norms={r.get('half_precision_norms', '-')} "
+              f"fused_ops={r.get('fused_lora_ops', False)!s:5s} "
               f"{r['optimizer_steps_per_s']:.3f} steps/s "
               f"{r['images_per_s']:.2f} img/s {r['ms_per_micro_step']:.1f} ms/micro "
               f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB alloc / {r.get('cuda_max_reserved_gb', 0):.2f} reserved "

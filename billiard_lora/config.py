@@ -148,6 +148,14 @@ class TrainConfig:
               "against float32, SDXL's UNet in fp16: the same size either way (benchmarks/RESULTS.md). "
               "--half_precision_norms false gives autocast's float32 norms. No effect in fp32 or on a CPU, whose "
               "autocast leaves the norms in half precision already.")
+    fused_lora_ops: bool = _f(
+        False, "(billiard-lora) Run each adapted Linear layer (frozen weight plus LoRA) as one autograd operation "
+               "instead of peft's separate ones: the LoRA's product added inside the base layer's GEMM, forward and "
+               "backward, the scale applied on the rank-r tensors. The same math, summed in another order (tested: "
+               "float32 LoRA equal to 1e-4, error against float64 under bf16 the size of peft's); "
+               "SDXL's layout under autocast: 13,102 instead of 16,319 non-view operations per checkpointed "
+               "micro-step, i.e. fewer GPU kernels. Off until a GPU has timed it (benchmarks/gpu_check.sh part 23). "
+               "Layers where it does not apply (DoRA, several adapters) run peft's forward.")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
     learning_rate: float = _f(1e-4, "Learning rate of the UNet LoRA.")

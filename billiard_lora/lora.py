@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -53,6 +53,113 @@ def set_input_casting(models, enabled: bool) -> None:
         for module in model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = enabled
+
+
+def run_adapters_fused(models) -> Callable[[], None]:
+    """peft's adapted Linear layers of ``models`` compute base layer and LoRA as one autograd operation, with the
+    same math and fewer kernels, until the returned undo is called. Training turns it on (``--fused_lora_ops``).
+
+    peft's layer runs ``base(x) + lora_B(lora_A(dropout(x))) * scale``; under autocast each adapter weight is cast
+    to fp16/bf16 in every forward and recompute, the product is scaled and added in separate passes over the
+    layer's output, and in backward the input's two gradients are summed in another. Counted on an H100 (session
+    11), the rank-4 LoRA adds 15,000 kernels, about 3 µs each, to a checkpointed micro-step of SDXL's UNet: 45 %
+    more time for 0.15 % more FLOPs. Here (``_LoraLinearOp``): the up-projection adds into the base output inside
+    its GEMM (``addmm_``), the LoRA's share of the input's gradient likewise, the scale goes on the small rank-r
+    tensors, and the adapter weights' casts stay one per pass. The adapter is still peft's (parameters, config,
+    state dict, saving, loading); a layer runs peft's own forward wherever this one does not apply: several active
+    adapters, DoRA and other variants, a merged or disabled adapter, extra arguments, a base layer with hooks or
+    trainable weights, or mixed dtypes outside autocast.
+    """
+    import types
+
+    from peft.tuners.lora import Linear as LoraLinear
+
+    layers = [m for model in models for m in model.modules() if type(m) is LoraLinear]
+    for m in layers:
+        m.forward = types.MethodType(_fused_forward, m)
+
+    def undo() -> None:
+        for m in layers:
+            m.__dict__.pop("forward", None)
+
+    return undo
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    from peft.tuners.lora import Linear as LoraLinear
+
+    name, dtype = _fusable(self, x, args, kwargs)
+    if name is None:
+        return LoraLinear.forward(self, x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    lora_x = None if isinstance(dropout, torch.nn.Identity) or not dropout.training else dropout(x)
+    base = self.base_layer
+    return _LoraLinearOp.apply(x, lora_x, base.weight, base.bias, self.lora_A[name].weight,
+                               self.lora_B[name].weight, float(self.scaling[name]), dtype)
+
+
+def _fusable(layer, x, args, kwargs) -> tuple[str | None, torch.dtype | None]:
+    """(adapter name, compute dtype) where ``_LoraLinearOp`` computes what peft's forward would; else (None, None)."""
+    if args or kwargs or layer.disable_adapters or layer.merged or not x.is_floating_point():
+        return None, None
+    names = [n for n in layer.active_adapters if n in layer.lora_A]
+    if len(names) != 1 or names[0] in layer.lora_variant:
+        return None, None
+    base = layer.base_layer
+    if (type(base).forward is not torch.nn.Linear.forward or "forward" in base.__dict__ or base._forward_hooks
+            or base._forward_pre_hooks or base.weight.requires_grad
+            or (base.bias is not None and base.bias.requires_grad)):
+        return None, None
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return names[0], torch.get_autocast_dtype(device)
+    a, b = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight
+    if not x.dtype == base.weight.dtype == a.dtype == b.dtype:  # peft's dtype promotions: left to peft
+        return None, None
+    return names[0], x.dtype
+
+
+class _LoraLinearOp(torch.autograd.Function):
+    """``y = x W^T + b + scale * (lora_x A^T) B^T`` in ``dtype``, lora_x being ``x`` (None) or its dropout; the
+    frozen ``W``, ``b`` get no gradient, ``A`` and ``B`` theirs in their own dtype (float32 in training)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_x, weight, bias, lora_a, lora_b, scale, dtype):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        l2 = x2 if lora_x is None else lora_x.reshape(-1, shape[-1]).to(dtype)
+        w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        z = torch.mm(l2, a.t())
+        y.addmm_(z, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, None if lora_x is None else l2, w, a, b, z)
+        ctx.scale, ctx.shape, ctx.lora_shape = scale, shape, None if lora_x is None else lora_x.shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, l2, w, a, b, z = ctx.saved_tensors
+        own_input = l2 is None
+        l2 = x2 if own_input else l2
+        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        gz = torch.mm(g, b)  # the gradient at the rank-r bottleneck
+        if ctx.scale != 1.0:
+            gz.mul_(ctx.scale)
+        gx = gl = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.mm(g, w)
+            if own_input:
+                gx.addmm_(gz, a)
+            gx = gx.view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            gl = torch.mm(gz, a).view(ctx.lora_shape)
+        if ctx.needs_input_grad[4]:
+            ga = torch.mm(gz.t(), l2)
+        if ctx.needs_input_grad[5]:
+            gb = torch.mm(g.t(), z)
+            if ctx.scale != 1.0:
+                gb.mul_(ctx.scale)
+        return gx, gl, None, None, ga, gb, None, None
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

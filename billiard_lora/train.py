@@ -126,7 +126,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
 
     class_images = ensure_class_images(config, c, accelerator, weight_dtype) if config.with_prior_preservation else []
 
-    from .lora import add_lora, peft_state_dict, set_input_casting
+    from .lora import add_lora, peft_state_dict, run_adapters_fused, set_input_casting
     from .models import run_norms_in_half
     from .lora_tools import is_mutating_init, validate_init_lora_weights
 
@@ -151,6 +151,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     undo.append(lambda: set_input_casting(trainable, enabled=True))  # a caller's model works outside autocast again
     if config.half_precision_norms and weight_dtype != torch.float32:
         undo.append(run_norms_in_half(c.unet))
+    if config.fused_lora_ops:  # base layer + LoRA as one autograd operation: the same math, fewer kernels
+        undo.append(run_adapters_fused(trainable))
     # PiSSA/OLoRA moved part of each base weight into the adapter: what we save is the change training makes
     # relative to this starting point, a LoRA that fits the unmodified base model.
     pissa_initial = None

@@ -379,11 +379,12 @@ def _unet_step(unet, seed=0):
     return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("mode, interval", [("regional", 1), ("full", 1), ("regional", 2), ("full", 2)])
-def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode, interval):
+@pytest.mark.parametrize("mode, interval, fused", [("regional", 1, False), ("full", 1, False), ("regional", 2, False),
+                                                   ("full", 2, False), ("regional", 1, True)])
+def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode, interval, fused):
     """--torch_compile compiles in place (regions, or the whole UNet), checkpointed as train() does (every block,
     or every 2nd), without a graph break: same loss and LoRA gradients as the eager UNet without checkpointing, same
-    state-dict keys.
+    state-dict keys; with --fused_lora_ops too (its autograd operation traced, not run around the graph).
 
     Traced with the aot_eager backend (dynamo + autograd tracing, no C++ compilation) to stay fast; inductor is
     what training uses, measured in benchmarks/RESULTS.md.
@@ -395,6 +396,10 @@ def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode, interva
 
     unet, plain = _lora_unet_and_copy(tiny_components)  # (non-zero B: the LoRA path shapes outputs and gradients)
     checkpoint_unet(unet, reentrant=False, interval=interval)  # as train() does when compiling
+    if fused:
+        from billiard_lora.lora import run_adapters_fused
+
+        run_adapters_fused([unet])
     keys = list(unet.state_dict())
     torch._dynamo.reset()
     counters.clear()
@@ -836,6 +841,43 @@ def test_half_precision_norms_patch_the_unets_norms_for_the_run_and_give_them_ba
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     train(tiny_config(tiny_model_dir, data, tmp_path / "fp32", half_precision_norms=True, max_train_steps=1))
     assert len(calls) == 2, "float32 training has no half precision to run them in"
+
+
+def test_fused_lora_ops_train_peft_s_lora_and_are_given_back(tiny_model_dir, tiny_components, tmp_path, monkeypatch):
+    """--fused_lora_ops: every adapted layer (UNet and text encoders) runs as one operation while training, none after;
+    the LoRA is peft's up to the order of float32 sums (addmm adds into its accumulator), through checkpointing,
+    dropout and a scale other than 1; in bf16 as close to peft's as two roundings allow."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    import billiard_lora.lora as lora_mod
+
+    data = make_images(tmp_path / "data", n=2)
+    kw = dict(max_train_steps=2, gradient_checkpointing=True, lora_dropout=0.1, lora_alpha=8, train_text_encoder=True)
+    calls = []
+    real = lora_mod._LoraLinearOp.apply
+    monkeypatch.setattr(lora_mod._LoraLinearOp, "apply", lambda *a: calls.append(1) or real(*a))
+    c = tiny_components
+    fused = train(tiny_config(tiny_model_dir, data, tmp_path / "fused", fused_lora_ops=True, **kw), components=c)
+    layers = [m for m in (*c.unet.modules(), *c.text_encoder_one.modules()) if isinstance(m, LoraLinear)]
+    assert calls and layers and not any("forward" in m.__dict__ for m in layers), "given back after the run"
+    assert json.loads((fused / "config.json").read_text())["fused_lora_ops"] is True
+    n = len(calls)
+    plain = train(tiny_config(tiny_model_dir, data, tmp_path / "plain", **kw))
+    assert len(calls) == n, "off by default"
+    a, b = lora_tensors(fused), lora_tensors(plain)
+    assert a.keys() == b.keys() and any("text_encoder" in k for k in a)
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-4 * b[k].abs().max(), k
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+    half = dict(kw, mixed_precision="bf16", lora_dropout=0.0, train_text_encoder=False)
+    a = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "f16", fused_lora_ops=True, **half)))
+    b = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "p16", **half)))
+    assert len(calls) > n
+    # Adam's first steps move each weight by about ±lr whatever the gradient's size: compare the LoRA as a whole
+    ups = [k for k in a if "lora_B" in k or "lora.up" in k]
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in ups]).norm() / torch.cat([b[k].flatten() for k in ups]).norm()
+    print("bf16: relative difference of the up-projections", diff.item())
+    assert diff < 0.05
 
 
 def test_a_failed_run_gives_the_callers_model_back_as_it_came(tiny_model_dir, tiny_components, tmp_path, monkeypatch):

@@ -1,0 +1,125 @@
+"""lora.run_adapters_fused (--fused_lora_ops): peft's adapted Linear as one autograd operation -- same math, and
+peft's own forward wherever it does not apply."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import billiard_lora.lora as lora_mod
+from billiard_lora.lora import run_adapters_fused
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.to_q = torch.nn.Linear(width, width, bias=False)
+        self.to_out = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.to_out(torch.nn.functional.silu(self.to_q(x)))
+
+
+def adapted(seed: int = 0, alpha: int = 4, dropout: float = 0.0, use_dora: bool = False, width: int = 64):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=alpha, lora_dropout=dropout, use_dora=use_dora,
+                                               target_modules=["to_q", "to_out"]), Block(width))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # peft starts B at 0: give the adapter something to add
+    return model
+
+
+def run(model, x, *, autocast: bool, seed: int = 1):
+    """Output, input gradient and the trainable parameters' gradients of one forward/backward."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)  # the same dropout masks for every model
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = model(x.bfloat16() if autocast else x)
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return [y.detach().double(), x.grad.double()] + [p.grad.double() for p in model.parameters() if p.requires_grad]
+
+
+def rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("alpha, dropout", [(4, 0.0), (8, 0.0), (4, 0.3)])
+def test_float32_gives_peft_s_outputs_and_gradients(alpha, dropout):
+    model = adapted(alpha=alpha, dropout=dropout)
+    fused = copy.deepcopy(model)
+    undo = run_adapters_fused([fused])
+    x = torch.randn(3, 9, 64)
+    for got, want in zip(run(fused, x, autocast=False), run(model, x, autocast=False)):
+        assert rel(got, want) < 1e-6
+    undo()
+    assert not any("forward" in m.__dict__ for m in fused.modules())
+
+
+@pytest.mark.parametrize("alpha, dropout", [(4, 0.0), (8, 0.3)])
+def test_under_bf16_autocast_its_error_against_float64_is_the_size_of_peft_s(alpha, dropout):
+    """The frozen weights in bf16, the adapter in float32, as training runs them; each held against the same model
+    in float64 (the weights rounded to bf16 first, so only the arithmetic differs)."""
+    errors = {"peft": [], "fused": []}
+    for seed in range(4):
+        model = adapted(seed, alpha=alpha, dropout=dropout, width=256)
+        for name, p in model.named_parameters():
+            if "lora" not in name:
+                p.data = p.data.bfloat16()
+        reference = copy.deepcopy(model).double()
+        fused = copy.deepcopy(model)
+        run_adapters_fused([fused])
+        x = torch.randn(2, 128, 256).bfloat16().float()
+        want = run(reference, x.double(), autocast=False)
+        for name, m in (("peft", model), ("fused", fused)):
+            errors[name].append([rel(g, w) for g, w in zip(run(m, x, autocast=True), want)])
+    peft = torch.tensor(errors["peft"]).mean(0)
+    fused = torch.tensor(errors["fused"]).mean(0)
+    assert (peft > 0).all() and (peft < 0.02).all()  # bf16 rounding, nothing larger
+    assert (fused <= 1.5 * peft).all(), (fused, peft)
+
+
+def _count_fused_calls(monkeypatch) -> list:
+    calls = []
+    real = lora_mod._LoraLinearOp.apply
+    monkeypatch.setattr(lora_mod._LoraLinearOp, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_where_it_does_not_apply_peft_s_forward_runs(monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    x = torch.randn(2, 5, 64)
+
+    dora = adapted(use_dora=True)
+    expected = run(dora, x, autocast=False)
+    run_adapters_fused([dora])
+    assert all(torch.equal(a, b) for a, b in zip(run(dora, x, autocast=False), expected)) and not calls
+
+    model = adapted()
+    run_adapters_fused([model])
+    model.to_q.enable_adapters(False)  # peft's switch for "the base model only"
+    model.to_out.enable_adapters(False)
+    with torch.no_grad():
+        base_only = model.to_out.base_layer(torch.nn.functional.silu(model.to_q.base_layer(x)))
+        assert torch.equal(model(x), base_only) and not calls
+    model.to_q.enable_adapters(True)
+    model.to_out.enable_adapters(True)
+
+    with torch.no_grad():  # a merged adapter is in the base weight already
+        model.to_q.merge()
+        model(x)
+    assert len(calls) == 1, "only the unmerged layer took the fused path"
+    model.to_q.unmerge()
+
+    mixed = adapted()
+    run_adapters_fused([mixed])
+    mixed.to_q.base_layer.half()  # fp16 base, fp32 adapter, no autocast: peft's dtype rules decide, not ours
+    calls.clear()
+    with torch.no_grad():
+        mixed.to_q(x.half())
+    assert not calls
