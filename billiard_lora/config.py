@@ -151,10 +151,11 @@ class TrainConfig:
     fused_lora_ops: bool = _f(
         False, "(billiard-lora) Run each adapted Linear layer (frozen weight plus LoRA) as one autograd operation "
                "instead of peft's separate ones: the LoRA's product added inside the base layer's GEMM, forward and "
-               "backward, the scale applied on the rank-r tensors. The same math, summed in another order (tested: "
-               "float32 LoRA equal to 1e-4, error against float64 under bf16 the size of peft's); "
-               "SDXL's layout under autocast: 13,102 instead of 16,319 non-view operations per checkpointed "
-               "micro-step, i.e. fewer GPU kernels. Off until a GPU has timed it (benchmarks/gpu_check.sh part 23). "
+               "backward, the scale applied on the rank-r tensors, and under --mixed_precision the adapters kept "
+               "cast to fp16/bf16 between optimizer steps instead of cast in every forward and recompute. The same "
+               "math summed in another order (tested: float32 LoRA equal to 1e-4, error against float64 under bf16 "
+               "the size of peft's). SDXL's layout, checkpointed micro-step: 10,862 instead of 16,319 non-view "
+               "operations, each a GPU kernel. Off until a GPU has timed it (benchmarks/gpu_check.sh parts 23-24). "
                "Layers where it does not apply (DoRA, several adapters) run peft's forward.")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")

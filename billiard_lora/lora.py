@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -55,20 +55,23 @@ def set_input_casting(models, enabled: bool) -> None:
                 module.cast_input_dtype_enabled = enabled
 
 
-def run_adapters_fused(models) -> Callable[[], None]:
+def run_adapters_fused(models, *, half_copies: bool = False) -> "FusedAdapters":
     """peft's adapted Linear layers of ``models`` compute base layer and LoRA as one autograd operation, with the
-    same math and fewer kernels, until the returned undo is called. Training turns it on (``--fused_lora_ops``).
+    same math and fewer kernels, until the returned object is called (the undo). Training turns it on
+    (``--fused_lora_ops``).
 
     peft's layer runs ``base(x) + lora_B(lora_A(dropout(x))) * scale``; under autocast each adapter weight is cast
     to fp16/bf16 in every forward and recompute, the product is scaled and added in separate passes over the
     layer's output, and in backward the input's two gradients are summed in another. Counted on an H100 (session
     11), the rank-4 LoRA adds 15,000 kernels, about 3 µs each, to a checkpointed micro-step of SDXL's UNet: 45 %
     more time for 0.15 % more FLOPs. Here (``_LoraLinearOp``): the up-projection adds into the base output inside
-    its GEMM (``addmm_``), the LoRA's share of the input's gradient likewise, the scale goes on the small rank-r
-    tensors, and the adapter weights' casts stay one per pass. The adapter is still peft's (parameters, config,
-    state dict, saving, loading); a layer runs peft's own forward wherever this one does not apply: several active
-    adapters, DoRA and other variants, a merged or disabled adapter, extra arguments, a base layer with hooks or
-    trainable weights, or mixed dtypes outside autocast.
+    its GEMM (``addmm_``), the LoRA's share of the input's gradient likewise, and the scale goes on the small
+    rank-r tensors. With ``half_copies`` the adapter weights are also kept cast to the compute dtype between
+    optimizer steps instead of cast in every forward and recompute (``FusedAdapters.refresh``).
+
+    The adapter is still peft's (parameters, config, state dict, saving, loading); a layer runs peft's own forward
+    wherever this one does not apply: several active adapters, DoRA and other variants, a merged or disabled
+    adapter, extra arguments, a base layer with hooks or trainable weights, or mixed dtypes outside autocast.
     """
     import types
 
@@ -77,12 +80,54 @@ def run_adapters_fused(models) -> Callable[[], None]:
     layers = [m for model in models for m in model.modules() if type(m) is LoraLinear]
     for m in layers:
         m.forward = types.MethodType(_fused_forward, m)
+        m._billiard_half_copies = {} if half_copies else None
+    return FusedAdapters(layers)
 
-    def undo() -> None:
-        for m in layers:
+
+class FusedAdapters:
+    """What ``run_adapters_fused`` switched on: call it to switch back; ``refresh()`` after the adapters' weights
+    changed (the trainer: after each optimizer step).
+
+    The half-precision copies are made at a layer's first forward (on the weights' device, in the autocast dtype)
+    and kept at fixed addresses, so a recorded CUDA graph reads the fresh values once ``refresh()`` has run. A
+    forward outside a graph also casts again where the weights' version counters moved (a loaded state, most
+    in-place changes), but not every update moves them -- torch's fused AdamW does not (measured, torch 2.13), and a
+    replayed graph runs no Python at all -- hence ``refresh()`` after every optimizer step.
+    """
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def refresh(self) -> None:
+        copies = [c for m in self.layers for c in (m.__dict__.get("_billiard_half_copies") or {}).values()]
+        if copies:
+            with torch.no_grad():
+                torch._foreach_copy_([t for c in copies for t in c.copies],
+                                     [w.detach() for c in copies for w in c.weights])
+            for c in copies:
+                c.versions = [w._version for w in c.weights]
+
+    def __call__(self) -> None:
+        for m in self.layers:
             m.__dict__.pop("forward", None)
+            m.__dict__.pop("_billiard_half_copies", None)
 
-    return undo
+
+class _HalfCopy:
+    """An adapter's (A, B) cast to the compute dtype, with the weights' versions it was cast at."""
+
+    def __init__(self, weights: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype):
+        self.weights = weights
+        self.copies = [w.detach().to(dtype) for w in weights]
+        self.versions = [w._version for w in weights]
+
+    def current(self) -> list[torch.Tensor]:
+        if [w._version for w in self.weights] != self.versions:  # changed since: cast again, in place
+            with torch.no_grad():
+                for c, w in zip(self.copies, self.weights):
+                    c.copy_(w.detach())
+            self.versions = [w._version for w in self.weights]
+        return self.copies
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -93,9 +138,17 @@ def _fused_forward(self, x, *args, **kwargs):
         return LoraLinear.forward(self, x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     lora_x = None if isinstance(dropout, torch.nn.Identity) or not dropout.training else dropout(x)
-    base = self.base_layer
-    return _LoraLinearOp.apply(x, lora_x, base.weight, base.bias, self.lora_A[name].weight,
-                               self.lora_B[name].weight, float(self.scaling[name]), dtype)
+    base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+    a_half = b_half = None
+    copies = self.__dict__.get("_billiard_half_copies")
+    if copies is not None and a.dtype != dtype:
+        kept = copies.get(name)
+        if kept is None or kept.weights[0] is not a or kept.weights[1] is not b or kept.copies[0].dtype != dtype \
+                or kept.copies[0].device != a.device:
+            kept = copies[name] = _HalfCopy((a, b), dtype)
+        a_half, b_half = kept.current()
+    return _LoraLinearOp.apply(x, lora_x, base.weight, base.bias, a, b, float(self.scaling[name]), dtype,
+                               a_half, b_half)
 
 
 def _fusable(layer, x, args, kwargs) -> tuple[str | None, torch.dtype | None]:
@@ -121,14 +174,17 @@ def _fusable(layer, x, args, kwargs) -> tuple[str | None, torch.dtype | None]:
 
 class _LoraLinearOp(torch.autograd.Function):
     """``y = x W^T + b + scale * (lora_x A^T) B^T`` in ``dtype``, lora_x being ``x`` (None) or its dropout; the
-    frozen ``W``, ``b`` get no gradient, ``A`` and ``B`` theirs in their own dtype (float32 in training)."""
+    frozen ``W``, ``b`` get no gradient, ``A`` and ``B`` theirs in their own dtype (float32 in training).
+    ``a_half``, ``b_half``: A and B already in ``dtype`` (the same values), used instead of casting them here."""
 
     @staticmethod
-    def forward(ctx, x, lora_x, weight, bias, lora_a, lora_b, scale, dtype):
+    def forward(ctx, x, lora_x, weight, bias, lora_a, lora_b, scale, dtype, a_half=None, b_half=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         l2 = x2 if lora_x is None else lora_x.reshape(-1, shape[-1]).to(dtype)
-        w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        w = weight.to(dtype)
+        a = lora_a.to(dtype) if a_half is None else a_half  # (half_copies: cast once per optimizer step)
+        b = lora_b.to(dtype) if b_half is None else b_half
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         z = torch.mm(l2, a.t())
         y.addmm_(z, b.t(), alpha=scale)
@@ -159,7 +215,7 @@ class _LoraLinearOp(torch.autograd.Function):
             gb = torch.mm(g.t(), z)
             if ctx.scale != 1.0:
                 gb.mul_(ctx.scale)
-        return gx, gl, None, None, ga, gb, None, None
+        return gx, gl, None, None, ga, gb, None, None, None, None
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -151,8 +151,13 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     undo.append(lambda: set_input_casting(trainable, enabled=True))  # a caller's model works outside autocast again
     if config.half_precision_norms and weight_dtype != torch.float32:
         undo.append(run_norms_in_half(c.unet))
+    fused_ops = None
     if config.fused_lora_ops:  # base layer + LoRA as one autograd operation: the same math, fewer kernels
-        undo.append(run_adapters_fused(trainable))
+        # (and the adapters cast to the compute dtype once per optimizer step, not in every forward and recompute:
+        # left to inductor when compiling)
+        fused_ops = run_adapters_fused(trainable, half_copies=weight_dtype != torch.float32
+                                       and config.torch_compile == "none")
+        undo.append(fused_ops)
     # PiSSA/OLoRA moved part of each base weight into the adapter: what we save is the change training makes
     # relative to this starting point, a LoRA that fits the unmodified base model.
     pissa_initial = None
@@ -361,6 +366,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                         raise TrainingDiverged(global_step, out, config)
                     accelerator.clip_grad_norm_(adapters, config.max_grad_norm)
                 optimizer.step()
+                if fused_ops is not None and accelerator.sync_gradients:
+                    fused_ops.refresh()  # the adapters' half-precision copies (a replayed graph reads them)
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=not config.cuda_graphs)  # a recorded graph adds into these tensors
 

@@ -123,3 +123,49 @@ def test_where_it_does_not_apply_peft_s_forward_runs(monkeypatch):
     with torch.no_grad():
         mixed.to_q(x.half())
     assert not calls
+
+
+def test_half_copies_cast_once_per_step_and_follow_every_change_of_the_weights(monkeypatch):
+    """half_copies: the adapters cast to bf16 once and kept -- the same outputs and gradients as casting in every
+    forward, through weight changes seen by their version counters (here SGD's step) or, where nothing moves them
+    (torch's fused AdamW; any change, for a replayed CUDA graph), by refresh()."""
+    casts = []
+    real_to = torch.Tensor.to
+
+    model = adapted(width=32)
+    for name, p in model.named_parameters():
+        if "lora" not in name:
+            p.data = p.data.bfloat16()
+    plain, kept = copy.deepcopy(model), copy.deepcopy(model)
+    run_adapters_fused([plain])
+    fused = run_adapters_fused([kept], half_copies=True)
+    x = torch.randn(2, 6, 32)
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (plain, kept)]
+
+    def counting_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.dtype == torch.float32 and out.dtype == torch.bfloat16 and self.dim() == 2 and self.shape[0] in (4, 32):
+            casts.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    for step in range(3):
+        casts.clear()
+        got, want = run(kept, x, autocast=True), run(plain, x, autocast=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), f"step {step}"
+        kept_casts = len(casts) - 4  # plain's forward casts A and B of both layers
+        assert kept_casts == (4 if step == 0 else 0), "copies made at the first forward, then updated in place"
+        for opt in optimizers:
+            opt.step()  # in place: the version counters move, so the next forward casts again (step 2's equality)
+        if step == 0:
+            fused.refresh()  # ... unless refresh() already did (as the trainer calls it after each step)
+    fused.refresh()
+    for m in (plain, kept):  # a change no version counter sees (as from a replayed graph): stale until refresh()
+        m.to_q.lora_A["default"].weight.detach().numpy()[:] *= 0.5
+    stale = run(kept, x, autocast=True)[0]
+    fresh = run(plain, x, autocast=True)[0]
+    assert not torch.equal(stale, fresh)
+    fused.refresh()
+    assert torch.equal(run(kept, x, autocast=True)[0], fresh)
+    fused()
+    assert not any("_billiard_half_copies" in m.__dict__ or "forward" in m.__dict__ for m in kept.modules())

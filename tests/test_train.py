@@ -870,9 +870,18 @@ def test_fused_lora_ops_train_peft_s_lora_and_are_given_back(tiny_model_dir, tin
         assert (a[k] - b[k]).abs().max() <= 1e-4 * b[k].abs().max(), k
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
     half = dict(kw, mixed_precision="bf16", lora_dropout=0.0, train_text_encoder=False)
+    kept = []
+    real_current = lora_mod._HalfCopy.current
+    monkeypatch.setattr(lora_mod._HalfCopy, "current", lambda self: kept.append(1) or real_current(self))
     a = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "f16", fused_lora_ops=True, **half)))
+    assert kept, "under autocast the adapters' half-precision copies are kept"
     b = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "p16", **half)))
     assert len(calls) > n
+    # the adapters' bf16 copies, kept between optimizer steps, train what casting them in every forward trains
+    real_run = lora_mod.run_adapters_fused
+    monkeypatch.setattr(lora_mod, "run_adapters_fused", lambda models, half_copies: real_run(models))
+    c16 = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "c16", fused_lora_ops=True, **half)))
+    assert all(torch.equal(a[k], c16[k]) for k in a)
     # Adam's first steps move each weight by about ±lr whatever the gradient's size: compare the LoRA as a whole
     ups = [k for k in a if "lora_B" in k or "lora.up" in k]
     diff = torch.cat([(a[k] - b[k]).flatten() for k in ups]).norm() / torch.cat([b[k].flatten() for k in ups]).norm()
@@ -1229,6 +1238,32 @@ def test_cuda_graphs_default_path_with_prior_preservation_validation_and_resume_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in (graphed / "validation").iterdir()) == \
         sorted(p.name for p in (eager / "validation").iterdir())
+
+
+def test_cuda_graphs_with_fused_lora_ops_refresh_the_kept_half_copies_after_every_step(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch):
+    """--fused_lora_ops under bf16 keeps the adapters' bf16 copies between optimizer steps; a replayed CUDA graph
+    runs no Python, so no version check: only the trainer's refresh() after each step keeps them current. Stood in
+    for on the CPU (copies never re-checked, as in a replay), through a crash and resume: the LoRA and loss history
+    of an eager run, bit for bit."""
+    import billiard_lora.graphs as graphs
+    import billiard_lora.lora as lora_mod
+    import billiard_lora.train as train_mod
+
+    data = make_images(tmp_path / "data", n=3)
+    kw = dict(max_train_steps=6, gradient_accumulation_steps=2, checkpointing_steps=3, mixed_precision="bf16",
+              fused_lora_ops=True, gradient_checkpointing=True, use_8bit_adam=True)
+    eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", cuda_graphs=False, **kw))
+    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
+    monkeypatch.setattr(graphs, "_capture", _fake_capture)
+    monkeypatch.setattr(lora_mod._HalfCopy, "current", lambda self: self.copies)  # as a replay: never re-checked
+    with pytest.raises(Crash):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", **kw), callback=crash_at_step(4))
+    graphed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", resume_from_checkpoint="latest", **kw))
+    assert json.loads((graphed / "summary.json").read_text())["cuda_graph_replays"] > 0
+    assert (eager / "loss_history.csv").read_text() == (graphed / "loss_history.csv").read_text()
+    a, b = lora_tensors(eager), lora_tensors(graphed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 _STAND_IN_LAUNCHER = """
