@@ -187,9 +187,9 @@ def _patch_forward(modules, forward):
 
 
 def fused_lora_ops(unet):
-    """Variant: every adapted Linear of ``unet`` as one autograd operation (the trainer's ``--fused_lora_ops``,
-    ``lora.run_adapters_fused``). Returns the undo."""
-    return run_adapters_fused([unet])
+    """Variant: every adapted Linear of ``unet`` as one autograd operation, the adapters' half-precision copies kept
+    (the trainer's ``--fused_lora_ops``, ``lora.run_adapters_fused``). Returns the undo."""
+    return run_adapters_fused([unet], half_copies=True)
 
 
 VARIANTS = {"as_trained": None, "addmm_lora": addmm_lora, "fp16_norms": fp16_norms, "fp32_norms": fp32_norms,
