@@ -169,3 +169,34 @@ def test_half_copies_cast_once_per_step_and_follow_every_change_of_the_weights(m
     assert torch.equal(run(kept, x, autocast=True)[0], fresh)
     fused()
     assert not any("_billiard_half_copies" in m.__dict__ or "forward" in m.__dict__ for m in kept.modules())
+
+
+def test_adapter_gradients_come_out_of_the_gemm_in_float32_where_the_device_can(monkeypatch):
+    """On CUDA the adapter weights' gradients come from torch.mm(..., out_dtype=float32) (no half-precision result, no
+    cast after it). No GPU here: the same code path on the meta device, which has that operation too (shapes and
+    dtypes only), and the fallback where a device lacks it."""
+    monkeypatch.setattr(lora_mod, "GEMM_TO_FLOAT32_DEVICES", ("meta",))
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(k.get("out_dtype")) or real_mm(*a, **k))
+    with torch.device("meta"):
+        x = torch.empty(2, 7, 32, dtype=torch.float16, requires_grad=True)
+        w, bias = torch.empty(48, 32, dtype=torch.float16), torch.empty(48, dtype=torch.float16)
+        a = torch.empty(4, 32, requires_grad=True)
+        b = torch.empty(48, 4, requires_grad=True)
+    y = lora_mod._LoraLinearOp.apply(x, None, w, bias, a, b, 2.0, torch.float16)
+    assert y.shape == (2, 7, 48) and y.dtype == torch.float16
+    y.sum().backward()
+    assert calls.count(torch.float32) == 2 and a.grad.dtype == b.grad.dtype == torch.float32
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape and x.grad.shape == x.shape
+
+    def fails(*args, **kwargs):  # a PyTorch without out_dtype for this device
+        if kwargs.get("out_dtype") is not None:
+            raise RuntimeError("aten::mm.dtype not available")
+        return real_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", fails)
+    a.grad = b.grad = None
+    lora_mod._LoraLinearOp.apply(x, None, w, bias, a, b, 2.0, torch.float16).sum().backward()
+    assert a.grad.dtype == torch.float32 and "meta" in lora_mod._gemm_to_float32_failed
+    lora_mod._gemm_to_float32_failed.discard("meta")
