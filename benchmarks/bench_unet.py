@@ -31,6 +31,7 @@ kernels cost; a trainer's step against ``lora`` (``bench_train.py``) is what eve
                with --mixed_precision fp16 it stands for the GPU's default and as_trained for fp16_norms.
   fused_lora_ops  each adapted Linear (base + LoRA) as one autograd operation: the trainer's --fused_lora_ops
                (off by default until this and gpu_check.sh part 23 have timed it)
+  fp16_norms_fused_lora_ops  both, as the trainer runs with --fused_lora_ops (norms in half: its default)
 In half precision each result is also compared with the same computation in float32 (``rel_err_vs_fp32``):
 as_trained's own error is the yardstick for a variant's.
 Numbers to read and record in RESULTS.md; nothing here asserts a time.
@@ -192,8 +193,14 @@ def fused_lora_ops(unet):
     return run_adapters_fused([unet], half_copies=True)
 
 
+def fp16_norms_fused_lora_ops(unet):
+    """Variant: both, as the trainer runs with ``--fused_lora_ops`` and its default ``--half_precision_norms``."""
+    undo = [fp16_norms(unet), fused_lora_ops(unet)]
+    return lambda: [u() for u in reversed(undo)]
+
+
 VARIANTS = {"as_trained": None, "addmm_lora": addmm_lora, "fp16_norms": fp16_norms, "fp32_norms": fp32_norms,
-            "fused_lora_ops": fused_lora_ops}
+            "fused_lora_ops": fused_lora_ops, "fp16_norms_fused_lora_ops": fp16_norms_fused_lora_ops}
 VARIANT_KINDS = {"addmm_lora": {"lora"}, "fused_lora_ops": {"lora"}}  # kinds a variant changes (the rest: all)
 
 
