@@ -66,8 +66,9 @@ def run_adapters_fused(models, *, half_copies: bool = False) -> "FusedAdapters":
     11), the rank-4 LoRA adds 15,000 kernels, about 3 µs each, to a checkpointed micro-step of SDXL's UNet: 45 %
     more time for 0.15 % more FLOPs. Here (``_LoraLinearOp``): the up-projection adds into the base output inside
     its GEMM (``addmm_``), the LoRA's share of the input's gradient likewise, the scale goes on the small rank-r
-    tensors, and on CUDA the adapters' float32 gradients come out of their GEMMs directly. With ``half_copies`` the adapter weights are also kept cast to the compute dtype between
-    optimizer steps instead of cast in every forward and recompute (``FusedAdapters.refresh``).
+    tensors, and on CUDA the adapters' float32 gradients come out of their GEMMs directly. With ``half_copies``
+    the adapter weights are also kept cast to the compute dtype between optimizer steps instead of cast in every
+    forward and recompute (``FusedAdapters.refresh``).
 
     The adapter is still peft's (parameters, config, state dict, saving, loading); a layer runs peft's own forward
     wherever this one does not apply: several active adapters, DoRA and other variants, a merged or disabled
@@ -156,20 +157,35 @@ def _fusable(layer, x, args, kwargs) -> tuple[str | None, torch.dtype | None]:
     if args or kwargs or layer.disable_adapters or layer.merged or not x.is_floating_point():
         return None, None
     names = [n for n in layer.active_adapters if n in layer.lora_A]
-    if len(names) != 1 or names[0] in layer.lora_variant:
+    variants = getattr(layer, "lora_variant", None) or {}  # DoRA and the like (older peft: use_dora)
+    if len(names) != 1 or names[0] in variants or getattr(layer, "use_dora", {}).get(names[0]):
         return None, None
     base = layer.base_layer
     if (type(base).forward is not torch.nn.Linear.forward or "forward" in base.__dict__ or base._forward_hooks
             or base._forward_pre_hooks or base.weight.requires_grad
             or (base.bias is not None and base.bias.requires_grad)):
         return None, None
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return names[0], torch.get_autocast_dtype(device)
+    autocast = _autocast_dtype(x.device.type)
+    if autocast is not None:
+        return names[0], autocast
     a, b = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight
     if not x.dtype == base.weight.dtype == a.dtype == b.dtype:  # peft's dtype promotions: left to peft
         return None, None
     return names[0], x.dtype
+
+
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device`` now, None where it is off (or the device has none, e.g. meta)."""
+    try:
+        if not torch.is_autocast_enabled(device):
+            return None
+        return torch.get_autocast_dtype(device)
+    except (RuntimeError, TypeError, AttributeError):  # no autocast for this device; PyTorch before 2.4
+        if device == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if device == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
 
 
 class _LoraLinearOp(torch.autograd.Function):
@@ -223,6 +239,11 @@ GEMM_TO_FLOAT32_DEVICES = ("cuda",)  # where torch.mm(..., out_dtype=float32) ta
 _gemm_to_float32_failed: set[str] = set()
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # PyTorch 2.3+
+    return bool(is_compiling and is_compiling())
+
+
 def _weight_grad(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``m1 @ m2`` as an adapter weight's gradient in ``dtype`` (float32 in training). On CUDA it comes straight out
     of the GEMM's float32 accumulator (``out_dtype``): no half-precision rounding and no cast kernel after it --
@@ -230,7 +251,7 @@ def _weight_grad(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torc
     itself), or where that fails once: the product, then a cast, as autograd would do it."""
     device = m1.device.type
     if (dtype == torch.float32 and m1.dtype in (torch.float16, torch.bfloat16) and device in GEMM_TO_FLOAT32_DEVICES
-            and device not in _gemm_to_float32_failed and not torch.compiler.is_compiling()):
+            and device not in _gemm_to_float32_failed and not _compiling()):
         try:
             return torch.mm(m1, m2, out_dtype=dtype)
         except (RuntimeError, TypeError, NotImplementedError):  # an older PyTorch: cast after the product
