@@ -102,9 +102,13 @@ class FusedAdapters:
     def refresh(self) -> None:
         copies = [c for m in self.layers for c in (m.__dict__.get("_billiard_half_copies") or {}).values()]
         if copies:
+            halves, weights = [t for c in copies for t in c.copies], [w.detach() for c in copies for w in c.weights]
             with torch.no_grad():
-                torch._foreach_copy_([t for c in copies for t in c.copies],
-                                     [w.detach() for c in copies for w in c.weights])
+                try:
+                    torch._foreach_copy_(halves, weights)  # one multi-tensor kernel where PyTorch has it
+                except (RuntimeError, AttributeError):  # older PyTorch: no _foreach_copy_ across dtypes
+                    for half, weight in zip(halves, weights):
+                        half.copy_(weight)
             for c in copies:
                 c.versions = [w._version for w in c.weights]
 
