@@ -416,9 +416,10 @@ def main(argv: list[str] | None = None) -> None:
                         "first; the trainer does not do this")
     from bench_unet import VARIANTS
 
-    p.add_argument("--unet_variant", choices=list(VARIANTS), default="as_trained",
+    # (the fused variants are the trainer's own --fused_lora_ops: applied by train() to the adapters it adds)
+    p.add_argument("--unet_variant", choices=[v for v in VARIANTS if "fused_lora_ops" not in v], default="as_trained",
                    help="train with one of bench_unet.py's variants of running the UNet (a measurement first; the "
-                        "trainer does neither)")
+                        "trainer does neither); for fused_lora_ops use --fused_lora_ops")
     p.add_argument("--cuda_graphs", choices=["auto", "on", "off"], default="auto",
                    help="the micro-step recorded as a CUDA graph and replayed: as the trainer decides by default (on "
                         "one CUDA GPU), asked for, or off (eager)")
