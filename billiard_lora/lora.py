@@ -136,10 +136,10 @@ class _HalfCopy:
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    from peft.tuners.lora import Linear as LoraLinear
-
     name, dtype = _fusable(self, x, args, kwargs)
     if name is None:
+        from peft.tuners.lora import Linear as LoraLinear
+
         return LoraLinear.forward(self, x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     lora_x = None if isinstance(dropout, torch.nn.Identity) or not dropout.training else dropout(x)
