@@ -414,12 +414,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--channels_last", action="store_true",
                    help="the UNet in channels-last memory format (NHWC), for training and generation: a measurement "
                         "first; the trainer does not do this")
-    from bench_unet import VARIANTS
-
-    # (the fused variants are the trainer's own --fused_lora_ops: applied by train() to the adapters it adds)
-    p.add_argument("--unet_variant", choices=[v for v in VARIANTS if "fused_lora_ops" not in v], default="as_trained",
+    # (bench_unet.py's other variants are flags here: --fused_lora_ops, the trainer's own, applied by train() to
+    # the adapters it adds; --channels_last)
+    p.add_argument("--unet_variant", choices=["as_trained", "addmm_lora", "fp16_norms", "fp32_norms"],
+                   default="as_trained",
                    help="train with one of bench_unet.py's variants of running the UNet (a measurement first; the "
-                        "trainer does neither); for fused_lora_ops use --fused_lora_ops")
+                        "trainer does neither); for fused_lora_ops and channels_last use those flags")
     p.add_argument("--cuda_graphs", choices=["auto", "on", "off"], default="auto",
                    help="the micro-step recorded as a CUDA graph and replayed: as the trainer decides by default (on "
                         "one CUDA GPU), asked for, or off (eager)")

@@ -31,7 +31,12 @@ kernels cost; a trainer's step against ``lora`` (``bench_train.py``) is what eve
                with --mixed_precision fp16 it stands for the GPU's default and as_trained for fp16_norms.
   fused_lora_ops  each adapted Linear (base + LoRA) as one autograd operation: the trainer's --fused_lora_ops
                (off by default until this and gpu_check.sh part 23 have timed it)
-  fp16_norms_fused_lora_ops  both, as the trainer runs with --fused_lora_ops (norms in half: its default)
+  channels_last  the UNet's weights, and so its activations from the first convolution on, in channels-last (NHWC)
+               memory format: cuDNN's convolutions then need no layout conversions of their own (session 11's
+               profile: nchwToNhwcKernel, 5.8 ms of the frozen UNet's 87.5) -- unless the norms and attention's
+               reshapes add copies back, which is what this measures. The trainer has no flag for it (yet).
+Variants combine with "+": ``fp16_norms+fused_lora_ops`` is the trainer with ``--fused_lora_ops`` (and its default
+``--half_precision_norms``), ``fp16_norms+channels_last`` the trainer's default in channels-last.
 In half precision each result is also compared with the same computation in float32 (``rel_err_vs_fp32``):
 as_trained's own error is the yardstick for a variant's.
 Numbers to read and record in RESULTS.md; nothing here asserts a time.
@@ -193,15 +198,37 @@ def fused_lora_ops(unet):
     return run_adapters_fused([unet], half_copies=True)
 
 
-def fp16_norms_fused_lora_ops(unet):
-    """Variant: both, as the trainer runs with ``--fused_lora_ops`` and its default ``--half_precision_norms``."""
-    undo = [fp16_norms(unet), fused_lora_ops(unet)]
-    return lambda: [u() for u in reversed(undo)]
+def channels_last(unet):
+    """Variant: the UNet's 4-D weights in channels-last memory format; a convolution with such a weight gives a
+    channels-last output, so the activations follow from ``conv_in`` on. Returns the undo."""
+    unet.to(memory_format=torch.channels_last)
+    return lambda: unet.to(memory_format=torch.contiguous_format)
 
 
 VARIANTS = {"as_trained": None, "addmm_lora": addmm_lora, "fp16_norms": fp16_norms, "fp32_norms": fp32_norms,
-            "fused_lora_ops": fused_lora_ops, "fp16_norms_fused_lora_ops": fp16_norms_fused_lora_ops}
+            "fused_lora_ops": fused_lora_ops, "channels_last": channels_last}
 VARIANT_KINDS = {"addmm_lora": {"lora"}, "fused_lora_ops": {"lora"}}  # kinds a variant changes (the rest: all)
+
+
+def variant_spec(text: str) -> str:
+    """``--variants``' type: one of VARIANTS, or several joined by "+" (as_trained only alone), each once."""
+    parts = text.split("+")
+    unknown = [v for v in parts if v not in VARIANTS]
+    if unknown or len(set(parts)) != len(parts) or (len(parts) > 1 and "as_trained" in parts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use one of {', '.join(VARIANTS)}, or several of them (not as_trained) joined by '+'")
+    return text
+
+
+def variant_kinds(spec: str) -> set[str]:
+    """The kinds of computation the variant ``spec`` changes: the union of its parts' (as_trained: all)."""
+    return set().union(*(VARIANT_KINDS.get(v, set(KINDS)) for v in spec.split("+")))
+
+
+def apply_variant(unet, spec: str):
+    """Put the variant ``spec`` in place on ``unet``, its parts in order. Returns the undo (None for as_trained)."""
+    undo = [VARIANTS[v](unet) for v in spec.split("+") if VARIANTS[v]]
+    return (lambda: [u() for u in reversed(undo)]) if undo else None
 
 
 def eager_result(unet, kind: str, x: dict, autocast) -> list[torch.Tensor]:
@@ -309,8 +336,8 @@ def run(args) -> list[dict]:
         compile_unet(unet, args.torch_compile)
         reference = {}  # as_trained's eager results per (kind, batch), what the variants are compared with
         for variant in args.variants:
-            changed = [k for k in kinds if k in VARIANT_KINDS.get(variant, KINDS)]
-            undo = VARIANTS[variant](unet) if VARIANTS[variant] and changed else None
+            changed = [k for k in kinds if k in variant_kinds(variant)]
+            undo = apply_variant(unet, variant) if changed else None
             for batch in args.batches:
                 x = make_inputs(unet, args, batch, dtype)
                 for kind in changed:
@@ -366,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch_compile", default="none", choices=["none", "regional", "full"])
     p.add_argument("--cuda_graphs", choices=["on", "off"], default="on",
                    help="on a GPU: time CUDA-graph replays (the kernels alone) or eager calls (host time included)")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["as_trained"],
-                   help="ways of running the same UNet, each timed and compared with as_trained (see the top)")
+    p.add_argument("--variants", nargs="+", type=variant_spec, default=["as_trained"], metavar="VARIANT",
+                   help=f"ways of running the same UNet, each timed and compared with as_trained: {', '.join(VARIANTS)}"
+                        ", or several joined by '+' (see the top)")
     p.add_argument("--profile", action="store_true",
                    help="on a GPU: one more call under torch's profiler (kernel time, launches, top kernels)")
     p.add_argument("--rank", type=int, default=4)

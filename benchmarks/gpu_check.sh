@@ -35,9 +35,9 @@
 #  22. generation's memory savers (bench_generation_memory.py): one 1024-px image with everything on the GPU, with
 #      --vae_tiling, --cpu_offload, both, and both with --fp8_base: peak GPU memory and seconds per image
 #  23. --fused_lora_ops (each adapted layer as one autograd operation; off by default until this has run): the UNet
-#      alone, as_trained vs fused_lora_ops, and with the norms in fp16 too as the trainer would run it (CUDA graphs,
-#      batch 1, kernels counted, error against float32), then the trainer at the seed's settings with it, against
-#      part 2
+#      alone (CUDA graphs, batch 1, kernels counted, error against float32) as autocast runs it, as the trainer
+#      does by default (norms in fp16), and that with the fused operation, in channels-last, and both; then the
+#      trainer at the seed's settings with --fused_lora_ops, against part 2
 #  24. as 11 with --fused_lora_ops: recorded, and the same LoRA as eager with it?
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
@@ -210,7 +210,8 @@ p22() { part "22. generation's memory: resident / VAE tiling / CPU offload / bot
 p23() { part "23. --fused_lora_ops: the UNet alone, then the trainer at the seed's settings ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 23u "$(upto ${CAP23U:-150})" "$PY" benchmarks/bench_unet.py --shape "$SHAPE" --resolution "$RES" \
     --device "$DEV" --mixed_precision fp16 --gradient_checkpointing --batches 1 --peak_tflops "${PEAK_TFLOPS:-790}" \
-    --variants as_trained fused_lora_ops fp16_norms_fused_lora_ops --profile --json "$OUT/bench.jsonl" ${CEIL_FLAGS:-}
+    --variants as_trained fp16_norms fp16_norms+fused_lora_ops fp16_norms+channels_last \
+    fp16_norms+fused_lora_ops+channels_last --profile --json "$OUT/bench.jsonl" ${CEIL_FLAGS:-}
   [ "$(left)" -gt 60 ] && run 23 "$(upto ${CAP23:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --fused_lora_ops; }
 

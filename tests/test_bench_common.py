@@ -61,6 +61,7 @@ def test_unet_ceiling_counts_what_each_computation_runs(tmp_path):
     import json
 
     import bench_unet
+    import pytest
     import torch
 
     def rows(*extra):
@@ -82,14 +83,15 @@ def test_unet_ceiling_counts_what_each_computation_runs(tmp_path):
     assert "lora_over_frozen_pct" in ckpt["lora", 1] and all(r["ms"] > 0 and r["mfu"] > 0 for r in ckpt.values())
 
     # the variants run what they claim and, in float32 on the CPU, compute as_trained's numbers: exactly, or (the
-    # fused operation, which adds inside its GEMMs) to float32 rounding
+    # fused operation, which adds inside its GEMMs; convolutions in another layout) to float32 rounding
     path = tmp_path / "v.jsonl"
-    variants = ["as_trained", "addmm_lora", "fp16_norms", "fused_lora_ops", "fp16_norms_fused_lora_ops"]
+    variants = ["as_trained", "addmm_lora", "fp16_norms", "fused_lora_ops", "fp16_norms+fused_lora_ops",
+                "channels_last", "fp16_norms+fused_lora_ops+channels_last"]
     bench_unet.main(["--shape", "tiny", "--resolution", "64", "--iters", "1", "--kinds", "lora", "--variants",
                      *variants, "--json", str(path)])
     by_variant = {r["variant"]: r for r in map(json.loads, path.read_text().splitlines())}
     assert set(by_variant) == set(variants)
-    assert all(r["rel_diff_vs_as_trained"] == 0.0 for v, r in by_variant.items() if "fused" not in v)
+    assert all(r["rel_diff_vs_as_trained"] == 0.0 for v, r in by_variant.items() if "fused" not in v and "channels" not in v)
     assert all(r["rel_diff_vs_as_trained"] < 1e-5 for r in by_variant.values())
     assert "speedup_vs_as_trained" in by_variant["addmm_lora"]
 
@@ -114,6 +116,25 @@ def test_unet_ceiling_counts_what_each_computation_runs(tmp_path):
         torch.addmm = real
     adapted = sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
     assert patched == adapted > 0 and len(calls) == patched
+
+    # channels_last: the convolutions' weights and so the activations NHWC, combined in order and undone in reverse
+    convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    undo = bench_unet.apply_variant(unet, "fp16_norms+channels_last")
+    seen = []
+    hook = convs[1].register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    try:
+        assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+        bench_unet.make_call(unet, "forward", x, lambda: torch.autocast("cpu", enabled=False))()
+        assert seen == [True]
+    finally:
+        hook.remove()
+        undo()
+    assert all(c.weight.is_contiguous() for c in convs) and not any("forward" in vars(m) for m in unet.modules())
+    assert bench_unet.variant_kinds("fp16_norms+fused_lora_ops") == set(bench_unet.KINDS)
+    assert bench_unet.variant_kinds("fused_lora_ops") == {"lora"} and bench_unet.apply_variant(unet, "as_trained") is None
+    for bad in ("nope", "as_trained+fp16_norms", "fp16_norms+fp16_norms"):
+        with pytest.raises(SystemExit):
+            bench_unet.main(["--variants", bad])
 
 
 def test_bench_train_runs_the_trainer_with_a_unet_variant_and_puts_peft_back(tmp_path, monkeypatch):
