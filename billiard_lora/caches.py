@@ -40,14 +40,17 @@ class PromptCache:
         return (torch.stack([self.table[c][0] for c in captions]), torch.stack([self.table[c][1] for c in captions]))
 
 
-def count_views(images: Sequence[TrainImage], config: TrainConfig) -> int:
-    """How many distinct views (crop position x flip) training can draw from these images."""
-    from .data import resized_size
+def count_views(images: Sequence[TrainImage], config: TrainConfig,
+                targets: Sequence[tuple[int, int]] | None = None) -> int:
+    """How many distinct views (crop position x flip) training can draw from these images, each made at its
+    ``targets`` (h, w) (an aspect-ratio bucket; by default the square resolution)."""
+    from .data import cover_size
 
     total = 0
-    for im in images:
-        w, h = resized_size(im.image.width, im.image.height, config.resolution)
-        crops = 1 if config.center_crop else (w - config.resolution + 1) * (h - config.resolution + 1)
+    for i, im in enumerate(images):
+        th, tw = targets[i] if targets else (config.resolution, config.resolution)
+        w, h = cover_size(im.image.width, im.image.height, (th, tw))
+        crops = 1 if config.center_crop else (w - tw + 1) * (h - th + 1)
         total += crops * (2 if config.random_flip else 1)
     return total
 
@@ -63,15 +66,18 @@ class TimeIdCache:
         self.resolution, self.dtype, self.device = resolution, dtype, device
         self.table: dict[tuple, torch.Tensor] = {}
 
-    def lookup(self, original_sizes: Sequence[Sequence[int]], crops: Sequence[Sequence[int]]) -> torch.Tensor:
+    def lookup(self, original_sizes: Sequence[Sequence[int]], crops: Sequence[Sequence[int]],
+               target_sizes: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """(B, 6) time ids; ``target_sizes``: each view's (h, w), by default the square resolution."""
         from .conditioning import compute_time_ids
 
         rows = []
-        for size, crop in zip(original_sizes, crops):
-            key = (*size, *crop)
+        square = (self.resolution, self.resolution)
+        for i, (size, crop) in enumerate(zip(original_sizes, crops)):
+            target = tuple(target_sizes[i]) if target_sizes else square
+            key = (*size, *crop, *target)
             if key not in self.table:
-                self.table[key] = compute_time_ids(size, crop, (self.resolution, self.resolution), dtype=self.dtype,
-                                                   device=self.device)
+                self.table[key] = compute_time_ids(size, crop, target, dtype=self.dtype, device=self.device)
             rows.append(self.table[key])
         return torch.stack(rows)
 

@@ -61,6 +61,14 @@ class TrainConfig:
     resolution: int = _f(1024, "Training resolution in pixels (square); a multiple of 8.")
     center_crop: bool = _f(False, "Center-crop to the resolution instead of random crops.")
     random_flip: bool = _f(False, "Randomly flip images horizontally, re-drawn every epoch.")
+    use_aspect_ratio_buckets: bool = _f(
+        False, "(diffusers' newer scripts, kohya's --enable_bucket) Aspect-ratio bucketing: each image is resized to "
+               "cover the bucket nearest its shape and cropped to it, instead of cropped to a square; each batch "
+               "holds one bucket. Buckets: --aspect_ratio_buckets, else SDXL's own at --resolution's area.")
+    aspect_ratio_buckets: Optional[str] = _f(
+        None, "(diffusers' newer scripts) The buckets as 'h1,w1;h2,w2;...' in pixels (e.g. "
+              "'1024,1024;896,1152;1152,896'), or 'auto': sides multiples of 64, area up to --resolution squared, "
+              "aspect ratios up to 4:1. Giving them turns bucketing on.")
     crops_coords_top_left_h: int = _f(0, "Crop top (height) coordinate for SDXL's micro-conditioning at validation.")
     crops_coords_top_left_w: int = _f(0, "Crop left (width) coordinate for SDXL's micro-conditioning at validation.")
     image_interpolation_mode: str = _f("lanczos", "Resize filter: lanczos, bicubic, bilinear or nearest.")
@@ -218,6 +226,7 @@ class TrainConfig:
         if self.resolution <= 0 or self.resolution % 8:
             raise UserError(f"--resolution={self.resolution} must be a positive multiple of 8 "
                             f"(SDXL's VAE downsamples by 8); try {max(8, round(self.resolution / 8) * 8)}")
+        self.buckets  # a malformed --aspect_ratio_buckets says so here
         if self.with_prior_preservation and not self.class_prompt:
             raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a man playing billiard')")
         if not self.with_prior_preservation and (self.class_prompt or self.class_data_dir):
@@ -274,6 +283,15 @@ class TrainConfig:
     def alpha(self) -> int:
         """LoRA alpha actually used (alpha/rank scales the update)."""
         return self.lora_alpha if self.lora_alpha is not None else self.rank
+
+    @property
+    def buckets(self) -> list[tuple[int, int]] | None:
+        """The aspect-ratio buckets as (h, w) pixels, or None: every image cropped to the square --resolution."""
+        if not (self.use_aspect_ratio_buckets or self.aspect_ratio_buckets):
+            return None
+        from .data import parse_buckets
+
+        return parse_buckets(self.aspect_ratio_buckets or "auto", self.resolution)
 
     @property
     def splits(self) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -626,23 +627,82 @@ def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return int(resolution * width / height), resolution
 
 
+# ---- aspect-ratio buckets: each image trained at the size of its own shape instead of cropped to a square
+BUCKET_STEP = 64  # bucket sides are multiples of this (kohya's and SDXL's own buckets; the model may ask for more)
+MAX_BUCKET_RATIO = 4.0  # SDXL's training buckets run from 512x2048 to 2048x512
+
+
+def auto_buckets(resolution: int, step: int = BUCKET_STEP, max_ratio: float = MAX_BUCKET_RATIO) -> list[tuple[int, int]]:
+    """SDXL-style buckets for ``resolution``: (h, w) with sides multiples of ``step``, the largest area not above
+    resolution^2 for each width, aspect ratios up to ``max_ratio`` either way; square first. At 1024 px these are
+    SDXL's own (1024x1024, 896x1152, 832x1216, 768x1344, 640x1536, 512x2048 and their transposes among them)."""
+    area = resolution * resolution
+    wide = {(h, w) for w in range(step, int(resolution * max_ratio ** 0.5) + 1, step)
+            if (h := area // w // step * step) >= step and max(w / h, h / w) <= max_ratio}
+    buckets = wide | {(w, h) for h, w in wide}  # portrait and landscape alike
+    square = (resolution // step * step,) * 2
+    return [square] + sorted((b for b in buckets if b != square), key=lambda b: b[1] / b[0])
+
+
+def parse_buckets(text: str, resolution: int, flag: str = "--aspect_ratio_buckets") -> list[tuple[int, int]]:
+    """``"auto"`` (``auto_buckets(resolution)``) or ``"h1,w1;h2,w2;..."`` (diffusers' form) as a list of (h, w)."""
+    if text.strip().lower() == "auto":
+        return auto_buckets(resolution)
+    buckets = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            h, w = (int(v) for v in part.split(","))
+        except ValueError:
+            raise UserError(f"{flag}={text!r}: write each bucket as height,width in pixels, separated by ';' "
+                            f"(e.g. '1024,1024;896,1152;1152,896'), or 'auto'") from None
+        if h <= 0 or w <= 0 or h % 8 or w % 8:
+            raise UserError(f"{flag}: bucket {h},{w} must have positive sides that are multiples of 8 (SDXL's VAE "
+                            f"downsamples by 8)")
+        if (h, w) not in buckets:
+            buckets.append((h, w))
+    if not buckets:
+        raise UserError(f"{flag}={text!r} names no bucket: give 'height,width;...' or 'auto'")
+    return buckets
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The (h, w) bucket whose aspect ratio is closest to the image's (in log ratio, so 2:1 and 1:2 are as far
+    from 1:1); the first listed on a tie."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ratio))
+
+
+def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
+    """(w, h) of the image scaled to just cover the (h, w) ``target``; for a square target the same as
+    ``resized_size`` (the shorter side = the target, the longer truncated)."""
+    th, tw = target
+    if tw * height >= th * width:  # the width is the tight side
+        return tw, max(th, int(tw * height / width))
+    return max(tw, int(th * width / height)), th
+
+
 def plan_crop(
-    width: int, height: int, resolution: int, *, center_crop: bool, crop_rng: random.Random | None = None
+    width: int, height: int, resolution: int, *, center_crop: bool, crop_rng: random.Random | None = None,
+    target: tuple[int, int] | None = None,
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Where a view comes from, without touching pixels: ((w, h) after the resize, crop top-left (top, left))."""
-    w, h = resized_size(width, height, resolution)
+    """Where a view comes from, without touching pixels: ((w, h) after the resize, crop top-left (top, left)).
+
+    ``target``: the (h, w) of the view (an aspect-ratio bucket); by default the square ``resolution``."""
+    th, tw = target or (resolution, resolution)
+    w, h = cover_size(width, height, (th, tw))
     if center_crop:
         # Same rounding as torchvision's CenterCrop and diffusers' y1/x1.
-        return (w, h), (int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0)))
+        return (w, h), (int(round((h - th) / 2.0)), int(round((w - tw) / 2.0)))
     if crop_rng is None:
         raise ValueError("a random crop needs crop_rng (a seeded random.Random) so it can be reproduced")
-    top = crop_rng.randint(0, h - resolution)
-    return (w, h), (top, crop_rng.randint(0, w - resolution))
+    top = crop_rng.randint(0, h - th)
+    return (w, h), (top, crop_rng.randint(0, w - tw))
 
 
 def render_view(image: Image.Image, resolution: int, size: tuple[int, int], crop: tuple[int, int], *, flip: bool,
-                interpolation: str = "lanczos") -> torch.Tensor:
-    """The pixels of a planned view: resize to ``size``, flip, crop at ``crop``; (3, R, R) in [-1, 1]."""
+                interpolation: str = "lanczos", target: tuple[int, int] | None = None) -> torch.Tensor:
+    """The pixels of a planned view: resize to ``size``, flip, crop at ``crop``; (3, h, w) in [-1, 1], the (h, w)
+    of ``target`` (by default the square ``resolution``)."""
     resample = INTERPOLATIONS.get(interpolation.lower())
     if resample is None:
         raise UserError(f"unknown interpolation {interpolation!r}; choose from {', '.join(INTERPOLATIONS)}")
@@ -653,8 +713,9 @@ def render_view(image: Image.Image, resolution: int, size: tuple[int, int], crop
     if flip:
         image = ImageOps.mirror(image)
     top, left = crop
-    image = image.crop((left, top, left + resolution, top + resolution))
-    arr = np.asarray(image, dtype=np.uint8)  # (R, R, 3)
+    th, tw = target or (resolution, resolution)
+    image = image.crop((left, top, left + tw, top + th))
+    arr = np.asarray(image, dtype=np.uint8)  # (h, w, 3)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 

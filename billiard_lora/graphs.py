@@ -8,7 +8,10 @@ the adapters' ``.grad`` -- so it must see the same shapes and the same tensors e
 - inputs are copied into fixed buffers before each replay;
 - gradients accumulate into fixed ``.grad`` tensors: the optimizer clears them in place (``zero_grad(set_to_none=
   False)``), and a replay checks that no gradient or weight was swapped for another tensor (else it stops);
-- a micro-step of another shape (a smaller last batch) runs eagerly, into the same gradients;
+- a micro-step of another shape (a smaller last batch, another aspect-ratio bucket) runs eagerly the first time,
+  into the same gradients, and is recorded as a graph of its own the next (up to MAX_GRAPHS shapes; the graphs
+  share one memory pool, so they need the memory of the largest, not of all: they never run at the same time, and
+  each one's output stays alive);
 - the first micro-steps run eagerly on a side stream (PyTorch's rule before capturing: lazy initialisations done);
 - if recording fails, training continues eagerly, with a one-line warning.
 
@@ -30,12 +33,14 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 WARMUP_CALLS = 3  # eager micro-steps before recording
+MAX_GRAPHS = 8  # micro-step shapes recorded (one per aspect-ratio bucket in use, and a smaller last batch); more: eager
 
 
-def _capture(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
-    """Record ``fn(*inputs)`` as a CUDA graph; returns (replay, output). Nothing runs while recording."""
+def _capture(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], pool=None):
+    """Record ``fn(*inputs)`` as a CUDA graph; returns (replay, output). Nothing runs while recording. ``pool``: a
+    memory pool shared with graphs recorded before (``torch.cuda.graph_pool_handle()``)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn(*inputs)
     return graph.replay, out
 
@@ -55,39 +60,44 @@ def _on_side_stream(fn: Callable, *args, **kwargs):
 
 class MicroStepGraph:
     """Calls ``fn`` (micro-step inputs -> detached loss, gradients accumulated as a side effect), through a CUDA
-    graph once warmed up. ``watched``: the tensors whose identity the graph depends on (weights and gradients)."""
+    graph once warmed up, one graph per shape of the inputs. ``watched``: the tensors whose identity the graphs
+    depend on (weights and gradients)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], watched: Callable[[], list[torch.Tensor]], *, enabled: bool,
                  say: Callable[[str], None] = print):
         self.fn, self.watched, self.enabled, self.say = fn, watched, enabled, say
         self.calls = self.replays = 0
-        self.replay = None
-        self.static_in: list[torch.Tensor] = []
-        self.static_out: torch.Tensor | None = None
-        self.signature: list = []
+        self.graphs: dict[tuple, tuple[Callable[[], None], list[torch.Tensor], torch.Tensor]] = {}
+        self.seen: set[tuple] = set()  # shapes run eagerly at least once: lazy initialisations done
         self.pointers: list[int] = []
+        self.pool = None
         self.failure: str | None = None
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.fn(*inputs)
         self.calls += 1
-        signature = [(t.shape, t.dtype, t.device) for t in inputs]
-        if self.replay is not None and signature == self.signature:
-            if self._pointers() != self.pointers:
-                raise RuntimeError("--cuda_graphs: a LoRA weight or gradient was replaced by another tensor after the "
-                                   "graph was recorded (gradients must be cleared in place)")
-            for buf, t in zip(self.static_in, inputs):
+        signature = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+        if signature in self.graphs:
+            self._check_pointers()
+            replay, static_in, static_out = self.graphs[signature]
+            for buf, t in zip(static_in, inputs):
                 buf.copy_(t)
-            self.replay()
+            replay()
             self.replays += 1
-            return self.static_out
-        if self.replay is not None or self.calls <= WARMUP_CALLS:
-            return self._eager(inputs)  # warming up, or a shape the graph was not recorded for
+            return static_out
+        if self.calls <= WARMUP_CALLS or signature not in self.seen or len(self.graphs) >= MAX_GRAPHS:
+            self.seen.add(signature)
+            return self._eager(inputs)  # warming up, or a shape met for the first time
         return self._record(inputs, signature)
 
     def _pointers(self) -> list[int]:
         return [0 if t is None else t.data_ptr() for t in self.watched()]
+
+    def _check_pointers(self) -> None:
+        if self._pointers() != self.pointers:
+            raise RuntimeError("--cuda_graphs: a LoRA weight or gradient was replaced by another tensor after the "
+                               "graph was recorded (gradients must be cleared in place)")
 
     def _eager(self, inputs) -> torch.Tensor:
         return _on_side_stream(self.fn, *inputs)
@@ -96,19 +106,24 @@ class MicroStepGraph:
         # Recorded after WARMUP_CALLS eager micro-steps: every gradient a backward reaches exists by now, so the
         # graph adds into it. One still None is never reached (the LoRA of the first text encoder's last layer,
         # whose output SDXL does not use): the graph leaves it alone, and a replay checks it stays None.
-        self.static_in = [t.detach().clone() for t in inputs]
+        if self.graphs:
+            self._check_pointers()
+        elif torch.cuda.is_available():
+            self.pool = torch.cuda.graph_pool_handle()
+        static_in = [t.detach().clone() for t in inputs]
         try:
-            self.replay, self.static_out = _capture(self.fn, self.static_in)
+            replay, static_out = _capture(self.fn, static_in, pool=self.pool)
         except Exception as exc:  # noqa: BLE001 - any failure to record means: train eagerly
-            self.enabled, self.replay = False, None
+            self.enabled, self.graphs = False, {}
             self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
             self.say(f"warning: --cuda_graphs: recording the micro-step failed ({self.failure}); training without "
                      f"CUDA graphs")
             return self.fn(*inputs)
-        self.signature, self.pointers = signature, self._pointers()
-        self.replay()  # recording ran nothing: this micro-step's work happens now
+        self.graphs[signature] = replay, static_in, static_out
+        self.pointers = self._pointers()
+        replay()  # recording ran nothing: this micro-step's work happens now
         self.replays += 1
-        return self.static_out
+        return static_out
 
 
 # ---------------------------------------------------------------------------------------------- sampling

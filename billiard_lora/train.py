@@ -105,6 +105,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                                      pretrained_vae_model_name_or_path=config.pretrained_vae_model_name_or_path,
                                      revision=config.revision, variant=config.variant, cache_dir=config.cache_dir)
     c = components
+    check_buckets(config, c)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's own VAE overflows in fp16 (black images); the fp16-fix VAE does not, so only that one is cast. Where bf16
     # fell back to fp16 on this GPU, the VAE given was chosen for bf16: cast only if its config says fp16 is safe.
@@ -191,7 +192,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if config.auto_gradient_checkpointing:
         def trial(interval: int) -> bool:
             unet_checkpointing(interval=interval)
-            return fits_in_memory(config, c, text_encoders, prompt_cache, accelerator, weight_dtype)
+            return fits_in_memory(config, c, text_encoders, prompt_cache, accelerator, weight_dtype,
+                                  size=largest_view(instance_images, config))
 
         interval, tried = choose_checkpointing(config, trial)
         # what runs, as config.json will record it
@@ -216,18 +218,25 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if config.cache_latents and config.cache_latents_to_disk:
         store = LatentStore(latent_cache_root(config), c.vae, say=say)
         say(f"latent cache on disk: {store.folder}")
-    latent_cache = LatentCache(c.vae, device, enabled=config.cache_latents, say=say, store=store,
-                               views=count_views([*instance_images, *class_images], config), on_complete=vae_off_gpu)
-    time_id_cache = TimeIdCache(config.resolution, weight_dtype, device)
     # Workers hold copies of the dataset that never see the cache fill up: only the main process skips pixels.
     in_main_process = config.dataloader_num_workers == 0
     dataset = DreamBoothDataset(instance_images, class_images, config,
-                                cached=latent_cache.__contains__ if in_main_process else None)
+                                cached=(lambda key: key in latent_cache) if in_main_process else None)
+    views = dataset.views()
+    latent_cache = LatentCache(c.vae, device, enabled=config.cache_latents, say=say, store=store,
+                               views=count_views([im for im, _ in views], config, targets=[t for _, t in views]),
+                               on_complete=vae_off_gpu)
+    time_id_cache = TimeIdCache(config.resolution, weight_dtype, device)
     sampler = EpochShuffleSampler(len(dataset), config.seed)
     # Its own generator: creating a DataLoader iterator then draws from it, not from the global RNG that
     # LoRA dropout uses (otherwise a resumed run would draw different dropout masks).
-    dataloader = DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=config.dataloader_num_workers, generator=torch.Generator().manual_seed(config.seed))
+    loader_kw = dict(collate_fn=collate, num_workers=config.dataloader_num_workers,
+                     generator=torch.Generator().manual_seed(config.seed))
+    if config.buckets:  # a batch holds one bucket's views
+        dataloader = DataLoader(dataset, batch_sampler=BucketBatchSampler(sampler, dataset.target,
+                                                                          config.train_batch_size), **loader_kw)
+    else:
+        dataloader = DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler, **loader_kw)
 
     # ---- 6. optimizer and schedule
     steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / config.gradient_accumulation_steps)
@@ -345,7 +354,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                 # the forward diffusion process: noise the latents to the sampled timestep
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
-                time_ids = time_id_cache.lookup(batch["original_sizes"], batch["crop_top_lefts"])  # (B, 6)
+                time_ids = time_id_cache.lookup(batch["original_sizes"], batch["crop_top_lefts"],  # (B, 6)
+                                                batch["target_sizes"])
                 if prompt_cache is not None:
                     text = prompt_cache.lookup(batch["captions"])  # (B, 77, 2048), (B, 1280)
                 else:  # the text encoders learn: they encode the token ids (B, 77) inside the micro-step
@@ -448,8 +458,31 @@ def describe_checkpointing(interval: int) -> str:
     return f"with checkpointing of every {nth}block"
 
 
-def fits_in_memory(config: TrainConfig, c, text_encoders, prompt_cache, accelerator, weight_dtype) -> bool:
+def check_buckets(config: TrainConfig, c) -> None:
+    """Every aspect-ratio bucket must be a size the model takes: sides divisible by the VAE's and the UNet's
+    downsampling together (32 px for SDXL)."""
+    buckets = config.buckets or []
+    multiple = 2 ** (len(c.vae.config.block_out_channels) - 1) * 2 ** (len(c.unet.config.block_out_channels) - 1)
+    bad = [b for b in buckets if b[0] % multiple or b[1] % multiple]
+    if bad:
+        raise UserError(f"--aspect_ratio_buckets: bucket {bad[0][0]},{bad[0][1]} does not fit this model, whose "
+                        f"image sides must be multiples of {multiple} px; round it, or use 'auto'")
+
+
+def largest_view(images: Sequence[TrainImage], config: TrainConfig) -> tuple[int, int]:
+    """The (h, w) of the largest view training will make: the square resolution, or the largest bucket in use."""
+    from .data import nearest_bucket
+
+    buckets = config.buckets
+    if not buckets:
+        return config.resolution, config.resolution
+    return max((nearest_bucket(im.image.width, im.image.height, buckets) for im in images), key=lambda b: b[0] * b[1])
+
+
+def fits_in_memory(config: TrainConfig, c, text_encoders, prompt_cache, accelerator, weight_dtype,
+                   size: tuple[int, int] | None = None) -> bool:
     """One forward and backward of a full-size batch, checkpointed as the UNet is now set: does training fit?
+    ``size``: the (h, w) of the largest view (by default the square resolution).
 
     On a GPU the trial must also leave 15 % of the memory that was free before it (optimizer state, fragmentation
     and validation come later); anywhere, running out of memory means no. Every process must fit. Gradients and
@@ -458,7 +491,7 @@ def fits_in_memory(config: TrainConfig, c, text_encoders, prompt_cache, accelera
     device = accelerator.device
     cuda = device.type == "cuda"
     batch = config.train_batch_size * (2 if config.with_prior_preservation else 1)
-    lat = config.resolution // 8
+    height, width = size or (config.resolution, config.resolution)
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
     if cuda:
         torch.cuda.empty_cache()
@@ -472,9 +505,9 @@ def fits_in_memory(config: TrainConfig, c, text_encoders, prompt_cache, accelera
                 embeds, pooled = prompt_cache.lookup([next(iter(prompt_cache.table))] * batch)
             else:
                 embeds, pooled = encode_prompt(text_encoders, c.tokenizers, [config.instance_prompt] * batch)
-            ids = compute_time_ids((config.resolution,) * 2, (0, 0), (config.resolution,) * 2, dtype=weight_dtype,
+            ids = compute_time_ids((height, width), (0, 0), (height, width), dtype=weight_dtype,
                                    device=device).expand(batch, 6)
-            noisy = torch.randn(batch, 4, lat, lat, device=device, dtype=weight_dtype)
+            noisy = torch.randn(batch, 4, height // 8, width // 8, device=device, dtype=weight_dtype)
             timesteps = torch.full((batch,), 500, device=device)
             pred = c.unet(noisy, timesteps, embeds.to(weight_dtype),
                           added_cond_kwargs={"time_ids": ids, "text_embeds": pooled.to(weight_dtype)},
@@ -885,43 +918,68 @@ class DreamBoothDataset(Dataset):
 
     def __init__(self, instance: Sequence[TrainImage], class_images: Sequence[TrainImage], config: TrainConfig,
                  cached: Callable[[str], bool] | None = None):
+        from .data import nearest_bucket
+
         self.instance = list(instance) * config.repeats
         self.class_images = list(class_images)
         self.config = config
         # ``cached(key)`` says the latent cache already holds a view: its pixels (a resize of a full photo on the
         # CPU, tens of ms at 1024 px) are then not made at all.
         self.cached = cached or (lambda key: False)
+        # each instance image's view size (h, w): its aspect-ratio bucket, or the square resolution; a class image
+        # takes the size of the instance image it is paired with (both go through the UNet in one batch)
+        buckets = config.buckets
+        square = (config.resolution, config.resolution)
+        self.instance_targets = [nearest_bucket(im.image.width, im.image.height, buckets) if buckets else square
+                                 for im in self.instance]
 
     def __len__(self) -> int:
         return max(len(self.instance), len(self.class_images))
 
-    def _prepare(self, item: TrainImage, rng: random.Random) -> dict:
+    def target(self, index: int) -> tuple[int, int]:
+        """The (h, w) of every view at dataset index ``index`` (a batch must hold one size)."""
+        return self.instance_targets[index % len(self.instance)]
+
+    def views(self) -> list[tuple[TrainImage, tuple[int, int]]]:
+        """Each (image, view size) pair training can draw, once: what the latent cache can hold at most."""
+        pairs = {(id(im), t): (im, t) for im, t in zip(self.instance, self.instance_targets)}
+        for i in range(len(self) if self.class_images else 0):
+            im = self.class_images[i % len(self.class_images)]
+            pairs.setdefault((id(im), self.target(i)), (im, self.target(i)))
+        return list(pairs.values())
+
+    def _prepare(self, item: TrainImage, rng: random.Random, target: tuple[int, int]) -> dict:
         from .data import plan_crop, render_view
 
         cfg = self.config
         flip = cfg.random_flip and rng.random() < 0.5
         image = item.image
-        size, crop = plan_crop(image.width, image.height, cfg.resolution, center_crop=cfg.center_crop, crop_rng=rng)
-        # the view's identity for the latent cache: the file's content, never its index in the dataloader
-        view_key = lambda crop, flip: f"{item.key}:{cfg.resolution}:{crop[0]},{crop[1]}:{int(flip)}:{cfg.image_interpolation_mode}"
+        th, tw = target
+        size, crop = plan_crop(image.width, image.height, cfg.resolution, center_crop=cfg.center_crop, crop_rng=rng,
+                               target=target)
+        # the view's identity for the latent cache: the file's content, never its index in the dataloader (a
+        # square view keeps the key it had before buckets existed: caches on disk stay valid)
+        scale = cfg.resolution if target == (cfg.resolution, cfg.resolution) else f"{th}x{tw}"
+        view_key = lambda crop, flip: f"{item.key}:{scale}:{crop[0]},{crop[1]}:{int(flip)}:{cfg.image_interpolation_mode}"
         key = view_key(crop, flip)
         # With one crop position per image, --random_flip gives each image two views, and when the crop sits in the
         # middle (flipping comes before cropping) each is the other's mirror image: the cache takes both at once.
         # With random crops most mirrored crops would never be drawn, so they are not encoded ahead.
-        one_crop = cfg.center_crop or size == (cfg.resolution, cfg.resolution)
-        centred = size[0] - cfg.resolution - crop[1] == crop[1]
+        one_crop = cfg.center_crop or size == (tw, th)
+        centred = size[0] - tw - crop[1] == crop[1]
         twin = view_key(crop, not flip) if cfg.random_flip and one_crop and centred else None
         pixels = None if self.cached(key) else render_view(image, cfg.resolution, size, crop, flip=flip,
-                                                           interpolation=cfg.image_interpolation_mode)
+                                                           interpolation=cfg.image_interpolation_mode, target=target)
         return {"pixel_values": pixels, "original_size": (image.height, image.width), "crop_top_left": crop,
-                "caption": item.caption, "flipped": flip, "key": key, "twin": twin}
+                "target_size": target, "caption": item.caption, "flipped": flip, "key": key, "twin": twin}
 
     def __getitem__(self, epoch_and_index: tuple[int, int]) -> dict:
         epoch, index = epoch_and_index
         rng = random.Random(f"{self.config.seed}:{epoch}:{index}")
-        example = {"instance": self._prepare(self.instance[index % len(self.instance)], rng)}
+        target = self.target(index)
+        example = {"instance": self._prepare(self.instance[index % len(self.instance)], rng, target)}
         if self.class_images:
-            example["class"] = self._prepare(self.class_images[index % len(self.class_images)], rng)
+            example["class"] = self._prepare(self.class_images[index % len(self.class_images)], rng, target)
         return example
 
 
@@ -942,6 +1000,30 @@ class EpochShuffleSampler(Sampler):
         return self.n
 
 
+class BucketBatchSampler(Sampler):
+    """Batches of one aspect-ratio bucket each: ``sampler``'s order (an ``EpochShuffleSampler``) grouped by
+    ``target(index)``, each group cut into batches of ``batch_size`` (its last one smaller), the batches then
+    shuffled by (seed, epoch). Yields lists of (epoch, index) pairs, like a ``BatchSampler`` over ``sampler``
+    (accelerate finds ``sampler.set_epoch`` through it, and shards its batches across processes whole)."""
+
+    def __init__(self, sampler: "EpochShuffleSampler", target: Callable[[int], tuple[int, int]], batch_size: int):
+        self.sampler, self.target, self.size = sampler, target, batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for pair in self.sampler:
+            groups.setdefault(self.target(pair[1]), []).append(pair)
+        batches = [g[i:i + self.size] for g in groups.values() for i in range(0, len(g), self.size)]
+        g = torch.Generator().manual_seed(self.sampler.seed * 100_003 + self.sampler.epoch + 1)
+        return iter([batches[i] for i in torch.randperm(len(batches), generator=g)])
+
+    def __len__(self) -> int:
+        counts: dict[tuple[int, int], int] = {}
+        for i in range(self.sampler.n):
+            counts[self.target(i)] = counts.get(self.target(i), 0) + 1
+        return sum(math.ceil(n / self.size) for n in counts.values())
+
+
 def collate(examples: list[dict]) -> dict:
     """Stack a batch; with prior preservation, class examples follow instance ones (one forward pass for both)."""
     parts = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
@@ -950,6 +1032,7 @@ def collate(examples: list[dict]) -> dict:
         "pixel_values": [p["pixel_values"] for p in parts],
         "original_sizes": [p["original_size"] for p in parts],
         "crop_top_lefts": [p["crop_top_left"] for p in parts],
+        "target_sizes": [p["target_size"] for p in parts],
         "captions": [p["caption"] for p in parts],
         "keys": [p["key"] for p in parts],
         "twins": [p["twin"] for p in parts],  # each view's mirror image's key, where the cache should take it too
@@ -1250,7 +1333,8 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
     vae = config.pretrained_vae_model_name_or_path
     shown = ("instance_prompt", "resolution", "rank", "lora_alpha", "learning_rate", "max_train_steps",
              "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "mixed_precision", "lr_scheduler", "seed",
-             "train_text_encoder", "with_prior_preservation", "init_lora_weights", "fallbacks")
+             "train_text_encoder", "with_prior_preservation", "init_lora_weights", "use_aspect_ratio_buckets",
+             "aspect_ratio_buckets", "fallbacks")
     template = Template((Path(__file__).parent / "templates" / "model_card.md").read_text())
     text = template.substitute(
         base_model=config.pretrained_model_name_or_path, instance_prompt=config.instance_prompt, folder=out.name,
