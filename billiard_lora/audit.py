@@ -32,6 +32,7 @@ DEFAULT_HASH_THRESHOLD = 10
 # mean colours within this many levels per channel (the known pair above differs by 12 because of the caption bar).
 COLOR_TOLERANCE = 32
 UPSCALE_WARN = 2.0  # beyond 2x the model mostly learns the blur of the upscale
+CROP_LOSS_WARN = 0.2  # a square crop cutting off this much of a photo's longer side (4:5 and wider) is worth a note
 SHOWN = 20  # summary lines per list before "... and N more"
 
 
@@ -339,6 +340,15 @@ def _warnings(r: AuditReport) -> list[str]:
         out.append(
             f"{photos} and training is at {r.resolution} px: a {r.upscale_factor_max:.1f}x upscale; {advice}"
         )
+    if r.images:  # a square crop of a 3:2 photo drops a third of it; buckets keep its shape
+        lost = [1 - min(im.size) / max(im.size) for im in r.images]
+        cut = [x for x in lost if x >= CROP_LOSS_WARN]
+        if len(cut) * 4 >= len(lost):
+            share = f"{min(cut):.0%}" if f"{min(cut):.0%}" == f"{max(cut):.0%}" else f"{min(cut):.0%} to {max(cut):.0%}"
+            out.append(
+                f"{len(cut)} of {len(lost)} photos lose {share} of their width or height to a square crop; "
+                f"--use_aspect_ratio_buckets trains each at its own shape"
+            )
     if r.near_duplicates:
         out.append(
             f"{len(r.near_duplicates)} near-duplicate pair(s) count twice in training; delete one of each if unintended"

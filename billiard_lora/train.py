@@ -223,6 +223,12 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     dataset = DreamBoothDataset(instance_images, class_images, config,
                                 cached=(lambda key: key in latent_cache) if in_main_process else None)
     views = dataset.views()
+    shapes = len(set(dataset.instance_targets))
+    if shapes > 1:
+        say(f"aspect-ratio buckets: {shapes} shapes in use ("
+            + ", ".join(f"{h}x{w}" for h, w in sorted(set(dataset.instance_targets))) + ", height x width)"
+            + ("; --torch_compile compiles again for each new shape, on its first batch" if config.torch_compile !=
+               "none" else ""))
     latent_cache = LatentCache(c.vae, device, enabled=config.cache_latents, say=say, store=store,
                                views=count_views([im for im, _ in views], config, targets=[t for _, t in views]),
                                on_complete=vae_off_gpu)

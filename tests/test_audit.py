@@ -188,7 +188,10 @@ def test_sizes_and_upscale_warning(tmp_path):
         "the photos are 224 px and training is at 1024 px: a 4.6x upscale; consider --resolution 512 or "
         "higher-resolution photos"
     )
-    assert not audit(tmp_path, resolution=256).warnings  # 1.1x: fine
+    # 1.1x: fine; the 2:1 photo would lose half its width to a square crop
+    assert audit(tmp_path, resolution=256).warnings == [
+        "1 of 2 photos lose 50% of their width or height to a square crop; --use_aspect_ratio_buckets trains each "
+        "at its own shape"]
     json.dumps(report.to_dict())  # JSON-able
 
 

@@ -207,3 +207,12 @@ def test_cuda_graphs_record_one_graph_per_bucket_and_replay_each(monkeypatch):
         expected.append(loss.item())
     assert losses == expected and torch.equal(w.grad, w2.grad)
     assert math.isfinite(sum(losses))
+
+
+def test_audit_points_to_buckets_where_square_crops_would_cut_off_much_of_the_photos(tmp_path):
+    from billiard_lora.audit import audit
+
+    mixed = audit(make_mixed_images(tmp_path / "mixed"), resolution=32)
+    assert any("5 of 6 photos lose 31% to 38%" in w and "--use_aspect_ratio_buckets" in w for w in mixed.warnings)
+    square = audit(make_mixed_images(tmp_path / "square", shapes=((40, 40), (40, 44), (64, 64))), resolution=32)
+    assert not any("aspect_ratio_buckets" in w for w in square.warnings)
