@@ -216,3 +216,12 @@ def test_audit_points_to_buckets_where_square_crops_would_cut_off_much_of_the_ph
     assert any("5 of 6 photos lose 31% to 38%" in w and "--use_aspect_ratio_buckets" in w for w in mixed.warnings)
     square = audit(make_mixed_images(tmp_path / "square", shapes=((40, 40), (40, 44), (64, 64))), resolution=32)
     assert not any("aspect_ratio_buckets" in w for w in square.warnings)
+
+
+def test_the_memory_trial_runs_at_the_largest_bucket_in_use(tiny_model_dir, tmp_path, monkeypatch):
+    sizes, real = [], train_mod.fits_in_memory
+    monkeypatch.setattr(train_mod, "fits_in_memory", lambda *a, size=None, **k: sizes.append(size) or real(*a, size=size, **k))
+    data = make_mixed_images(tmp_path / "data", shapes=((40, 40), (50, 80)))
+    train(config(tiny_model_dir, data, tmp_path / "o", aspect_ratio_buckets="32,32;32,64", max_train_steps=1,
+                 auto_gradient_checkpointing=True))
+    assert sizes and set(sizes) == {(32, 64)}
