@@ -633,15 +633,17 @@ MAX_BUCKET_RATIO = 4.0  # SDXL's training buckets run from 512x2048 to 2048x512
 
 
 def auto_buckets(resolution: int, step: int = BUCKET_STEP, max_ratio: float = MAX_BUCKET_RATIO) -> list[tuple[int, int]]:
-    """SDXL-style buckets for ``resolution``: (h, w) with sides multiples of ``step``, the largest area not above
-    resolution^2 for each width, aspect ratios up to ``max_ratio`` either way; square first. At 1024 px these are
-    SDXL's own (1024x1024, 896x1152, 832x1216, 768x1344, 640x1536, 512x2048 and their transposes among them)."""
+    """SDXL-style buckets for ``resolution``: the square ``resolution`` first, then (h, w) with sides multiples of
+    ``step`` (at most the resolution), the largest area not above resolution^2 for each width, aspect ratios up to
+    ``max_ratio`` either way. At 1024 px these are SDXL's own (1024x1024, 896x1152, 832x1216, 768x1344, 640x1536,
+    512x2048 and their transposes among them)."""
     area = resolution * resolution
+    step = min(step, resolution)
     wide = {(h, w) for w in range(step, int(resolution * max_ratio ** 0.5) + 1, step)
             if (h := area // w // step * step) >= step and max(w / h, h / w) <= max_ratio}
     buckets = wide | {(w, h) for h, w in wide}  # portrait and landscape alike
-    square = (resolution // step * step,) * 2
-    return [square] + sorted((b for b in buckets if b != square), key=lambda b: b[1] / b[0])
+    square = (resolution, resolution)  # exactly: square photos train as they would without buckets
+    return [square] + sorted((b for b in buckets if b[0] != b[1]), key=lambda b: b[1] / b[0])
 
 
 def parse_buckets(text: str, resolution: int, flag: str = "--aspect_ratio_buckets") -> list[tuple[int, int]]:

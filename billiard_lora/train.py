@@ -105,7 +105,6 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                                      pretrained_vae_model_name_or_path=config.pretrained_vae_model_name_or_path,
                                      revision=config.revision, variant=config.variant, cache_dir=config.cache_dir)
     c = components
-    check_buckets(config, c)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's own VAE overflows in fp16 (black images); the fp16-fix VAE does not, so only that one is cast. Where bf16
     # fell back to fp16 on this GPU, the VAE given was chosen for bf16: cast only if its config says fp16 is safe.
@@ -238,7 +237,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     # LoRA dropout uses (otherwise a resumed run would draw different dropout masks).
     loader_kw = dict(collate_fn=collate, num_workers=config.dataloader_num_workers,
                      generator=torch.Generator().manual_seed(config.seed))
-    if config.buckets:  # a batch holds one bucket's views
+    if shapes > 1:  # a batch holds one bucket's views (with one shape in use, the order is the plain one's)
         dataloader = DataLoader(dataset, batch_sampler=BucketBatchSampler(sampler, dataset.target,
                                                                           config.train_batch_size), **loader_kw)
     else:
@@ -462,17 +461,6 @@ def describe_checkpointing(interval: int) -> str:
         return "without checkpointing"
     nth = {1: "", 2: "2nd ", 3: "3rd "}.get(interval, f"{interval}th ")
     return f"with checkpointing of every {nth}block"
-
-
-def check_buckets(config: TrainConfig, c) -> None:
-    """Every aspect-ratio bucket must be a size the model takes: sides divisible by the VAE's and the UNet's
-    downsampling together (32 px for SDXL)."""
-    buckets = config.buckets or []
-    multiple = 2 ** (len(c.vae.config.block_out_channels) - 1) * 2 ** (len(c.unet.config.block_out_channels) - 1)
-    bad = [b for b in buckets if b[0] % multiple or b[1] % multiple]
-    if bad:
-        raise UserError(f"--aspect_ratio_buckets: bucket {bad[0][0]},{bad[0][1]} does not fit this model, whose "
-                        f"image sides must be multiples of {multiple} px; round it, or use 'auto'")
 
 
 def largest_view(images: Sequence[TrainImage], config: TrainConfig) -> tuple[int, int]:
