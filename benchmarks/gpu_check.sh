@@ -39,6 +39,8 @@
 #      does by default (norms in fp16), and that with the fused operation, in channels-last, and both; then the
 #      trainer at the seed's settings with --fused_lora_ops, against part 2
 #  24. as 11 with --fused_lora_ops: recorded, and the same LoRA as eager with it?
+#  25. as 11 on photos of three shapes with --aspect_ratio_buckets: one graph per bucket in a shared memory pool, and
+#      the same LoRA as eager?
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -156,7 +158,8 @@ diff = lambda x, y: max(float((x[k].float() - y[k].float()).abs().max()) for k i
 summary = json.load(open(f"{sys.argv[2]}/summary.json"))
 print(json.dumps({"what": "cuda_graphs_check", "variant": sys.argv[3], "lora_max_abs_diff": diff(a, b),
                   "eager_repeat_max_abs_diff": diff(a, c), "same_keys": a.keys() == b.keys(),
-                  "graphs": summary.get("cuda_graph_replays"), "failure": summary.get("cuda_graph_failure")}))
+                  "graphs": summary.get("cuda_graph_replays"), "recorded": summary.get("cuda_graphs_recorded"),
+                  "failure": summary.get("cuda_graph_failure")}))
 PYEOF
 }
 
@@ -168,6 +171,17 @@ p17() { part "17. --cuda_graphs --train_text_encoder on the tiny model: recorded
 
 p21() { part "21. --cuda_graphs --lora_dropout on the tiny model: recorded, and the same LoRA as eager? ($(left) s left)"
   graphs_vs_eager 21 lora_dropout --lora_dropout=0.1; }
+
+p25() { part "25. --cuda_graphs with aspect-ratio buckets on the tiny model: a graph per shape, the same LoRA as eager? ($(left) s left)"
+  "$PY" - "$WORK/mixed" <<'PYEOF'
+import sys, pathlib, numpy as np
+from PIL import Image
+d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)
+rng = np.random.default_rng(0)
+for i, (h, w) in enumerate([(64, 96), (96, 64), (64, 64), (70, 110), (110, 70), (64, 100)]):
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"{i}.png")
+PYEOF
+  graphs_vs_eager 25 buckets --dataset_name="$WORK/mixed" --aspect_ratio_buckets="64,64;48,96;96,48" --max_train_steps=10; }
 
 p12() { part "12. ours, seed settings, eager (--cuda_graphs off) ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 12 "$(upto ${CAP12:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
@@ -219,7 +233,7 @@ p24() { part "24. --cuda_graphs --fused_lora_ops on the tiny model: the same LoR
   graphs_vs_eager 24 fused_lora_ops --fused_lora_ops; }
 
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] && "$PY" - "$OUT/bench.jsonl" <<'EOF'

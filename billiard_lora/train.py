@@ -420,7 +420,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         summary = timer.summary(global_step)
         if config.cuda_graphs:
             summary.update(cuda_graph_replays=micro_step.replays, micro_steps=micro_step.calls,
-                           cuda_graph_failure=micro_step.failure)
+                           cuda_graphs_recorded=len(micro_step.graphs), cuda_graph_failure=micro_step.failure)
         atomic_write_json(out / "summary.json", summary)
         say(f"done: {global_step} steps in {summary['seconds']:.1f} s, {summary['images_per_second']:.2f} images/s, "
             f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['memory_kind']}); LoRA in {out}")
