@@ -108,6 +108,19 @@ def load_model(args) -> Components:
     return components(args.shape, args.device, dtype or torch.float32)
 
 
+def mixed_shapes(folder: Path) -> str:
+    """The embedded images cropped to three shapes, a third each: square, landscape 3:2, portrait 2:3."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i, path in enumerate(sorted(paths.DEFAULT_DATA_DIR.glob("*.png"))):
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        box = [(0, 0, w, h), (0, 0, w, h * 2 // 3), (0, 0, w * 2 // 3, h)][i % 3]
+        image.crop(box).save(folder / path.name)
+    return str(folder)
+
+
 @contextlib.contextmanager
 def unet_variant(name: str, unet):
     """The trainer with one of bench_unet.py's variants of running the UNet (a measurement; fp16_norms is train()'s
@@ -164,7 +177,8 @@ def bench_training(args) -> dict:
         config = TrainConfig(
             pretrained_model_name_or_path=args.model or f"random-{args.shape}",
             pretrained_vae_model_name_or_path=args.vae, instance_prompt="a photo of messi playing billiard",
-            dataset_name=str(paths.DEFAULT_DATA_DIR), output_dir=str(Path(tmp) / "run"), resolution=args.resolution,
+            dataset_name=mixed_shapes(Path(tmp) / "mixed") if args.aspect_ratio_buckets else str(paths.DEFAULT_DATA_DIR),
+            aspect_ratio_buckets=args.aspect_ratio_buckets, output_dir=str(Path(tmp) / "run"), resolution=args.resolution,
             train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
             gradient_checkpointing=args.gradient_checkpointing,
             gradient_checkpointing_interval=args.gradient_checkpointing_interval,
@@ -222,11 +236,13 @@ def bench_training(args) -> dict:
         "s_to_first_step": step_times[0] - t0 if step_times else None, **whole_run, **timed_peak,
         "fp8_base": used["fp8_base"], "cuda_graphs": used["cuda_graphs"],
         "channels_last": args.channels_last, "unet_variant": args.unet_variant,
+        "aspect_ratio_buckets": args.aspect_ratio_buckets,
         "half_precision_norms": used["half_precision_norms"], "fused_lora_ops": used.get("fused_lora_ops", False),
         "optimizer_form": ("bnb_per_tensor" if args.bnb_per_tensor else "flat") if used["use_8bit_adam"] else "torch",
     }
     if used["cuda_graphs"]:
-        result.update({k: done.get(k) for k in ("cuda_graph_replays", "micro_steps", "cuda_graph_failure")})
+        result.update({k: done.get(k) for k in ("cuda_graph_replays", "micro_steps", "cuda_graphs_recorded",
+                                                "cuda_graph_failure")})
     if args.peak_tflops:
         result["mfu"] = (train_flops / (per_step / micro)) / (args.peak_tflops * 1e12)
     if profiler and profiler.kernels:
@@ -411,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="the trainer's flag (default true, as train()): false runs the norms as CUDA autocast does")
     p.add_argument("--fused_lora_ops", action="store_true",
                    help="the trainer's --fused_lora_ops: each adapted layer as one autograd operation")
+    p.add_argument("--aspect_ratio_buckets", default=None, metavar="BUCKETS",
+                   help="the trainer's flag ('auto' or 'h,w;...'), on the embedded images cropped to three shapes (a "
+                        "third each square, 3:2 and 2:3): time and memory with a CUDA graph recorded per shape (MFU still counts "
+                        "the square resolution's FLOPs: 'auto' buckets hold 96-100 %% of its area)")
     p.add_argument("--channels_last", action="store_true",
                    help="the UNet in channels-last memory format (NHWC), for training and generation: a measurement "
                         "first; the trainer does not do this")

@@ -10,8 +10,8 @@ the adapters' ``.grad`` -- so it must see the same shapes and the same tensors e
   False)``), and a replay checks that no gradient or weight was swapped for another tensor (else it stops);
 - a micro-step of another shape (a smaller last batch, another aspect-ratio bucket) runs eagerly the first time,
   into the same gradients, and is recorded as a graph of its own the next (up to MAX_GRAPHS shapes). The graphs
-  share one memory pool, so together they need about the memory of the largest, not the sum: they never run at
-  the same time, each one's output stays allocated (no later recording takes its place), and the train loop reads
+  share one memory pool, so together they should need about the memory of the largest, not the sum (gpu_check.sh
+  part 26 measures it): they never run at the same time, each one's output stays allocated (no later recording takes its place), and the train loop reads
   a replay's loss before the next replay, which may reuse the memory another graph's temporaries had;
 - the first micro-steps run eagerly on a side stream (PyTorch's rule before capturing: lazy initialisations done);
 - if recording fails, training continues eagerly, with a one-line warning.

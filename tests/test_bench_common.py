@@ -288,3 +288,24 @@ def test_unet_ceiling_in_half_precision_on_a_cpu_holds_both_norm_policies_agains
     assert out.dtype == torch.float32
     assert torch.equal(out, torch.nn.functional.layer_norm(x.float(), (8,), ln.weight.float(), ln.bias.float()))
     undo()
+
+
+def test_bench_train_with_buckets_trains_on_three_shapes(tmp_path, monkeypatch):
+    import json
+
+    import bench_train
+    from PIL import Image
+
+    import billiard_lora.train as train_mod
+
+    folder = Path(bench_train.mixed_shapes(tmp_path / "mixed"))
+    shapes = {Image.open(p).size for p in folder.iterdir()}
+    assert shapes == {(256, 256), (256, 170), (170, 256)}
+    seen, real = set(), train_mod.diffusion_loss
+    monkeypatch.setattr(train_mod, "diffusion_loss", lambda pred, *a, **k: seen.add(tuple(pred.shape[2:]))
+                        or real(pred, *a, **k))
+    path = tmp_path / "r.jsonl"
+    bench_train.main(["--shape", "tiny", "--resolution", "64", "--warmup", "1", "--steps", "1",
+                      "--aspect_ratio_buckets", "64,64;48,96;96,48", "--json", str(path)])
+    row = json.loads(path.read_text().splitlines()[0])
+    assert row["aspect_ratio_buckets"] == "64,64;48,96;96,48" and seen == {(8, 8), (6, 12), (12, 6)}
