@@ -947,17 +947,34 @@ def count_lora_layers(pipe) -> dict[str, int]:
     return counts
 
 
+def check_merge_out(out: Path, model: str, overwrite: bool = False) -> None:
+    """``--out`` of a merge must be a new or empty folder: never the base model's, never a run or anything else a
+    user keeps there. ``overwrite`` replaces only an earlier merge's output (its ``merged_lora.json`` says so)."""
+    if Path(model).expanduser().exists() and Path(model).expanduser().resolve() == out.resolve():
+        raise UserError(f"--out {out} is the base model's own folder: give the merged pipeline a new folder")
+    if out.is_file():
+        raise UserError(f"--out {out} is a file: give a folder for the merged pipeline")
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite and (out / "merged_lora.json").is_file():
+            return
+        extra = ("" if overwrite else "; --overwrite replaces an earlier merge's output (a folder with merged_lora.json)")
+        raise UserError(f"--out {out} is not empty and not an earlier merge's output: give a new folder{extra}"
+                        if overwrite else f"--out {out} is not empty: give a new folder{extra}")
+
+
 def merge_lora(path: str | Path, model: str, out: str | Path, *, vae: str | None = None, scale: float = 1.0,
-               torch_dtype: torch.dtype | None = None) -> Path:
+               torch_dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Fuse the LoRA into the base UNet (and text encoders) and save a standalone pipeline folder (safetensors).
 
-    The arithmetic is done in float32 (``torch_dtype`` only sets what is saved): W' = W + scale · ΔW.
+    The arithmetic is done in float32 (``torch_dtype`` only sets what is saved): W' = W + scale · ΔW. ``out`` must
+    be a new or empty folder (``overwrite``: or an earlier merge's output), checked before anything is loaded.
     """
     from .io import publish_dir
     from .models import load_pipeline
 
-    lora = load_lora_file(path)
     out = Path(out).expanduser()
+    check_merge_out(out, model, overwrite)
+    lora = load_lora_file(path)
     pipe = load_pipeline(model, pretrained_vae_model_name_or_path=vae)
     try:
         pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name="merge")
@@ -1124,6 +1141,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", required=True, metavar="DIR")
     sp.add_argument("--scale", type=float, default=1.0, help="LoRA strength fused in (W + scale * ΔW)")
     sp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="precision of the saved weights")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it holds an earlier merge's output (never any other folder)")
     args = p.parse_args(argv)
 
     if args.command is None:
@@ -1143,7 +1162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_resize(infos, out, per_layer=not args.quiet))
     elif args.command == "merge":
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        out = merge_lora(args.file, args.model, args.out, vae=args.vae, scale=args.scale, torch_dtype=dtype)
+        out = merge_lora(args.file, args.model, args.out, vae=args.vae, scale=args.scale, torch_dtype=dtype,
+                         overwrite=args.overwrite)
         print(f"wrote a standalone pipeline with the LoRA fused in at scale {args.scale:g} to {out}")
     return 0
 

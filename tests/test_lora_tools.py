@@ -418,3 +418,26 @@ def test_python_dash_m_billiard_lora_lora_runs(trained):
     bad = subprocess.run([sys.executable, "-m", "billiard_lora.lora", "inspect", "/nonexistent.safetensors"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=180)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "error:" in bad.stderr
+
+
+def test_merge_never_replaces_a_folder_that_is_not_an_earlier_merge(tmp_path, tiny_model_dir):
+    """`lora merge --out` once wiped whatever folder it named (a training run, the base model itself)."""
+    import billiard_lora.lora_tools as lt
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"precious")
+    for out, kw, match in [(tiny_model_dir, {}, "base model's own folder"), (run, {}, "not empty"),
+                           (run, {"overwrite": True}, "not an earlier merge"),
+                           (run / "pytorch_lora_weights.safetensors", {}, "is a file")]:
+        with pytest.raises(UserError, match=match):
+            lt.merge_lora(tmp_path / "missing.safetensors", str(tiny_model_dir), out, **kw)
+    assert (run / "pytorch_lora_weights.safetensors").read_bytes() == b"precious"
+    assert (tiny_model_dir / "model_index.json").is_file()
+    earlier = tmp_path / "merged"
+    earlier.mkdir()
+    (earlier / "merged_lora.json").write_text("{}")
+    lt.check_merge_out(earlier, str(tiny_model_dir), overwrite=True)  # allowed: an earlier merge's output
+    lt.check_merge_out(tmp_path / "new", str(tiny_model_dir))  # a new folder
+    with pytest.raises(UserError, match="--overwrite replaces"):
+        lt.check_merge_out(earlier, str(tiny_model_dir))
