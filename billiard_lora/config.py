@@ -23,6 +23,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 OPTIMIZERS = ("adamw", "prodigy")
 COMPILE_MODES = ("none", "regional", "full")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MIN_RESOLUTION = 32  # below, the VAE's deepest GroupNorms see a single value per channel
 NOT_FLAGS = ("fallbacks",)  # fields that train() fills in; saved with the config, never read from the command line
 
 
@@ -226,7 +227,11 @@ class TrainConfig:
         if self.resolution <= 0 or self.resolution % 8:
             raise UserError(f"--resolution={self.resolution} must be a positive multiple of 8 "
                             f"(SDXL's VAE downsamples by 8); try {max(8, round(self.resolution / 8) * 8)}")
+        if self.resolution < MIN_RESOLUTION:
+            raise UserError(f"--resolution={self.resolution} is too small: SDXL's VAE and UNet need at least "
+                            f"{MIN_RESOLUTION} px (the seed's run uses 1024)")
         self.buckets  # a malformed --aspect_ratio_buckets says so here
+        self._check_ranges()
         if self.with_prior_preservation and not self.class_prompt:
             raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a man playing billiard')")
         if not self.with_prior_preservation and (self.class_prompt or self.class_data_dir):
@@ -277,6 +282,38 @@ class TrainConfig:
         validate_init_lora_weights(self.init_lora_weights, use_dora=self.use_dora)
         if self.report_to not in ("tensorboard", "none", "all"):
             raise UserError(f"--report_to={self.report_to!r}: this trainer logs to tensorboard or none")
+
+    def _check_ranges(self) -> None:
+        """Values no run can use (libraries would stop with a traceback, or train silently to no effect)."""
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed={self.seed} must be between 0 and {2**32 - 1}")
+        for name in ("adam_beta1", "adam_beta2", "prodigy_beta3"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v < 1.0:
+                raise UserError(f"--{name}={v} must be in [0, 1) (e.g. 0.9 or 0.999)")
+        checks = [  # (name, value, ok, what it must be)
+            ("adam_epsilon", self.adam_epsilon, self.adam_epsilon > 0, "positive (e.g. 1e-8)"),
+            ("dataloader_num_workers", self.dataloader_num_workers, self.dataloader_num_workers >= 0,
+             "0 or more"),
+            ("lora_alpha", self.lora_alpha, self.lora_alpha is None or self.lora_alpha > 0,
+             "positive (the LoRA is scaled by alpha / rank: 0 switches it off)"),
+            ("lr_num_cycles", self.lr_num_cycles, self.lr_num_cycles >= 1, "at least 1"),
+            ("snr_gamma", self.snr_gamma, self.snr_gamma is None or self.snr_gamma > 0, "positive (5.0 recommended)"),
+            ("text_encoder_lr", self.text_encoder_lr, self.text_encoder_lr > 0, "positive"),
+            ("noise_offset", self.noise_offset, self.noise_offset >= 0, "0 or more (0.05-0.1 is usual)"),
+            ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "positive (1.0 is usual)"),
+            ("prior_loss_weight", self.prior_loss_weight, self.prior_loss_weight >= 0, "0 or more"),
+            ("lr_warmup_steps", self.lr_warmup_steps, self.lr_warmup_steps >= 0, "0 or more"),
+            ("lr_power", self.lr_power, self.lr_power > 0, "positive"),
+            ("adam_weight_decay", self.adam_weight_decay, self.adam_weight_decay >= 0, "0 or more"),
+            ("adam_weight_decay_text_encoder", self.adam_weight_decay_text_encoder,
+             self.adam_weight_decay_text_encoder >= 0, "0 or more"),
+            ("crops_coords_top_left_h", self.crops_coords_top_left_h, self.crops_coords_top_left_h >= 0, "0 or more"),
+            ("crops_coords_top_left_w", self.crops_coords_top_left_w, self.crops_coords_top_left_w >= 0, "0 or more"),
+        ]
+        for name, value, ok, what in checks:
+            if not ok:
+                raise UserError(f"--{name}={value} must be {what}")
 
     # ------------------------------------------------------------------ conveniences
     @property

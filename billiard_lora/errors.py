@@ -32,8 +32,21 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # the reader went away (`... | head`): nothing more to say, to anyone
+            _quiet_stdout()
+            return 141
 
     return wrapper
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so Python's exit flush does not print a second traceback."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout already closed or not a real file: nothing left to flush
+        pass
 
 
 def _close_progress_bars() -> None:

@@ -96,3 +96,16 @@ def test_cuda_graphs_flag_unset_bare_or_with_a_value():
     assert parse_args(base + ["--cuda_graphs", "--seed", "1"]).cuda_graphs is True
     assert parse_args(base + ["--cuda_graphs", "false"]).cuda_graphs is False
     assert parse_args(base + ["--cuda_graphs=no"]).cuda_graphs is False
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("seed", -5, "between 0 and"), ("adam_beta1", 1.5, "in [0, 1)"), ("adam_epsilon", -1.0, "positive"),
+    ("dataloader_num_workers", -1, "0 or more"), ("resolution", 16, "too small"), ("lora_alpha", 0, "switches it off"),
+    ("lr_num_cycles", 0, "at least 1"), ("snr_gamma", -1.0, "positive"), ("text_encoder_lr", -1.0, "positive"),
+    ("noise_offset", -1.0, "0 or more"), ("max_grad_norm", -1.0, "positive"), ("prior_loss_weight", -1.0, "0 or more"),
+    ("lr_warmup_steps", -5, "0 or more"), ("crops_coords_top_left_h", -5, "0 or more")])
+def test_values_no_run_can_use_are_one_line_errors_naming_the_flag(flag, value, message):
+    """Each of these once reached a library (a traceback) or trained to no effect without a word."""
+    with pytest.raises(UserError) as err:
+        TrainConfig(instance_prompt="x", **{flag: value})
+    assert message in str(err.value) and str(err.value).startswith(f"--{flag}={value}") and "\n" not in str(err.value)

@@ -214,3 +214,17 @@ def test_files_deleted_mid_run_do_not_stop_it(tiny_model_dir, tmp_path):
 
     out = train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_train_steps=3), callback=delete_the_data)
     assert not data.exists() and (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_reader_that_goes_away_early_costs_no_traceback():
+    """`python -m billiard_lora lora inspect F | head -1`: the pipe closes while a command still writes. Any
+    command's main through cli_entry, writing far more than a pipe holds."""
+    code = ("import sys\nfrom billiard_lora.errors import cli_entry\n"
+            "@cli_entry\ndef main():\n    for i in range(200000): print('line', i)\n"
+            "sys.exit(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # like `head -1`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert first == b"line 0\n" and "Traceback" not in err and "BrokenPipe" not in err, err
