@@ -1308,10 +1308,15 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
     from .lora import save_lora
     from .viz import plot_loss
 
+    from .lora import KOHYA_WEIGHT_NAME
+
     te = [accelerator.unwrap_model(t) for t in text_encoders] or [None, None]
+    # a kohya file an earlier run left here (resumed now without --output_kohya_format) would hold older weights
+    # beside the new LoRA: written again, so both files always hold the same LoRA
+    kohya = config.output_kohya_format or (out / KOHYA_WEIGHT_NAME).is_file()
     with writing(out):
         save_lora(out, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
-                  metadata=config.to_dict(), kohya=config.output_kohya_format, pissa_initial=pissa_initial)
+                  metadata=config.to_dict(), kohya=kohya, pissa_initial=pissa_initial)
         config.save(out / "config.json")
         _write_history(out, history)
         if history:

@@ -1399,3 +1399,17 @@ def test_training_with_a_checkpointing_interval_learns_what_checkpointing_every_
     assert every.keys() == second.keys() and any(k.startswith("text_encoder") for k in every)
     for k in every:
         torch.testing.assert_close(second[k], every[k], rtol=1e-4, atol=1e-6)  # (sums in another order)
+
+
+def test_a_kohya_file_left_by_an_earlier_run_is_written_again_with_the_new_lora(tiny_model_dir, tmp_path):
+    """Resumed without --output_kohya_format, a run once left the first run's kohya file beside its newer LoRA."""
+    from billiard_lora.lora_tools import load_lora_file
+
+    data = make_images(tmp_path / "data", n=2)
+    out = tmp_path / "o"
+    train(tiny_config(tiny_model_dir, data, out, max_train_steps=2, checkpointing_steps=2, output_kohya_format=True))
+    train(tiny_config(tiny_model_dir, data, out, max_train_steps=3, resume_from_checkpoint="latest"))
+    kohya = load_lora_file(out / "pytorch_lora_weights_kohya.safetensors")
+    assert kohya.training_config["max_train_steps"] == 3
+    diffusers = lora_tensors(out)
+    assert len(kohya.tensors) >= len(diffusers) > 0
