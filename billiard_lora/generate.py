@@ -663,8 +663,12 @@ def add_memory_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m billiard_lora.generate`` flags."""
     p = ArgumentParser(prog="python -m billiard_lora.generate", description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--model", default=SDXL_BASE, help="SDXL base model: hub id or local diffusers folder")
-    p.add_argument("--vae", default=SDXL_VAE_FP16_FIX, help="separate VAE (hub id or folder); 'none': the model's own")
+    p.add_argument("--model", default=None,
+                   help="SDXL base model: hub id or local diffusers folder (default: the one the first --lora was "
+                        f"trained on, else {SDXL_BASE})")
+    p.add_argument("--vae", default="config",
+                   help="separate VAE (hub id or folder); 'none': the model's own (default: the one the first --lora "
+                        f"was trained with, where it runs on that run's model; else {SDXL_VAE_FP16_FIX})")
     p.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",
                    help="training output folder or .safetensors (diffusers or kohya), optional weight; repeatable")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
@@ -719,6 +723,26 @@ def _default_instance_prompt(args: argparse.Namespace, lora_files: list[Path]) -
     return None
 
 
+def _default_model_and_vae(args: argparse.Namespace, lora_files: list[Path]) -> tuple[str, str | None]:
+    """--model and --vae, else what the first LoRA (or checkpoint run) that records them was trained with: a LoRA
+    trained on a local model generates with that model, as its model card's command says."""
+    trained: dict = {}
+    candidates = list(lora_files) + ([f for _, f in lora_checkpoints(args.checkpoints)] if args.checkpoints else [])
+    for f in candidates:
+        with contextlib.suppress(Exception):  # no or foreign metadata: try the next, then the defaults
+            if (meta := read_metadata(f)).get("pretrained_model_name_or_path"):
+                trained = meta
+                break
+    model = args.model or trained.get("pretrained_model_name_or_path") or SDXL_BASE
+    if str(args.vae).lower() == "none":
+        return model, None
+    if args.vae != "config":
+        return model, args.vae
+    if trained and model == trained.get("pretrained_model_name_or_path"):
+        return model, trained.get("pretrained_vae_model_name_or_path")  # None: the run used the model's own
+    return model, SDXL_VAE_FP16_FIX
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Generate images (and grids) from the command line; prints each file written."""
@@ -729,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     prompts = prompts or famous_prompts(_default_instance_prompt(args, lora_files))
 
-    vae = None if str(args.vae).lower() == "none" else args.vae
+    args.model, vae = _default_model_and_vae(args, lora_files)
     pipe = load_generation_pipeline(args.model, vae=vae, loras=specs, fuse=args.fuse, device=args.device,
                                     fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs,
                                     cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)

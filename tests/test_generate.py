@@ -519,3 +519,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(["--model", "/nonexistent", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_generates_with_the_model_and_vae_the_lora_was_trained_with(tiny_model_dir, lora_run, tmp_path):
+    """`generate --lora RUN` (the model card's command) once fell back to SDXL base from the Hub and the fp16-fix
+    VAE, whatever the run was trained on: offline, an error."""
+    import argparse
+
+    from billiard_lora.generate import SDXL_BASE, SDXL_VAE_FP16_FIX, _default_model_and_vae
+
+    out = tmp_path / "out"
+    code = main(["--lora", str(lora_run), "--prompt", PROMPT, "--steps", "2", "--height", "32", "--width", "32",
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 0 and len(list(out.glob("*.png"))) == 1
+    lora = lora_run / "pytorch_lora_weights.safetensors"
+    ns = lambda **kw: argparse.Namespace(**{"model": None, "vae": "config", "checkpoints": None, **kw})
+    assert _default_model_and_vae(ns(), [lora]) == (str(tiny_model_dir), None)  # the run used the model's own VAE
+    assert _default_model_and_vae(ns(model="other"), [lora]) == ("other", SDXL_VAE_FP16_FIX)
+    assert _default_model_and_vae(ns(vae="none"), []) == (SDXL_BASE, None)
+    assert _default_model_and_vae(ns(checkpoints=str(lora_run)), []) == (str(tiny_model_dir), None)
