@@ -281,6 +281,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         first_epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
         skip_batches = step_in_epoch * config.gradient_accumulation_steps
         say(f"resuming from {checkpoint} at step {global_step} (epoch {first_epoch}, skipping {skip_batches} batches)")
+        config = reconcile_resumed(config, checkpoint, accelerator.num_processes, say)
     elif config.resume_from_checkpoint:
         say(f"no checkpoint found in {out}; starting a new run")
 
@@ -1187,7 +1188,8 @@ def _save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, une
         save_lora(tmp, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
                   metadata={**config.to_dict(), "global_step": step}, pissa_initial=pissa_initial)
         _write_history(tmp, history)
-        atomic_write_json(tmp / STATE_FILE, {"global_step": step, "signature": lora_signature(config)})
+        atomic_write_json(tmp / STATE_FILE, {"global_step": step, "signature": lora_signature(config),
+                                             "num_processes": accelerator.num_processes})
         publish_dir(tmp, final)
     accelerator.wait_for_everyone()
 
@@ -1221,6 +1223,43 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
                         f"(no {STATE_FILE}); use 'latest' or one of: "
                         f"{', '.join(x.name for x in list_checkpoints(out)) or 'none found'}")
     return p
+
+
+# what a resumed run takes from the checkpoint whatever the command line says (accelerate restores the optimizer's
+# and the scheduler's state), and what it takes from the command line but then differs from an uninterrupted run
+RESTORED_ON_RESUME = ("learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
+                      "lr_power", "scale_lr")
+CHANGES_THE_RUN = ("dataset_name", "instance_data_dir", "kaggle_class", "kaggle_splits", "caption_column",
+                   "instance_prompt", "repeats", "resolution", "center_crop", "random_flip", "use_aspect_ratio_buckets",
+                   "aspect_ratio_buckets", "train_batch_size", "gradient_accumulation_steps", "seed", "snr_gamma",
+                   "noise_offset", "with_prior_preservation", "class_prompt", "prior_loss_weight", "max_grad_norm",
+                   "lora_dropout")
+
+
+def reconcile_resumed(config: TrainConfig, checkpoint: Path, num_processes: int, say) -> TrainConfig:
+    """Settings that differ from the checkpoint's: the restored ones are put back in the config (so config.json
+    says what runs), with a warning; for the others a warning that the run no longer equals an uninterrupted one."""
+    from .lora import LORA_WEIGHT_NAME, read_metadata
+
+    try:
+        saved = read_metadata(checkpoint / LORA_WEIGHT_NAME)
+    except Exception:  # noqa: BLE001 - an older checkpoint without the header: nothing to compare
+        saved = {}
+    restored = {k: saved[k] for k in RESTORED_ON_RESUME if k in saved and saved[k] != getattr(config, k)}
+    if restored:
+        say("warning: resuming keeps the checkpoint's " + ", ".join(
+            f"{k}={v!r} (not {getattr(config, k)!r})" for k, v in restored.items())
+            + ": the optimizer and scheduler state are restored; start a new --output_dir to change them")
+        config = config.replace(**restored)
+    changed = [k for k in CHANGES_THE_RUN if k in saved and saved[k] != getattr(config, k)]
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    if state.get("num_processes", num_processes) != num_processes:
+        changed.append(f"processes {state['num_processes']} -> {num_processes}")
+    if changed:
+        say(f"warning: {checkpoint.name} was made with other settings ("
+            + ", ".join(c if " " in c else f"{c}={saved[c]!r} -> {getattr(config, c)!r}" for c in changed)
+            + "): training goes on, but no longer as an uninterrupted run would")
+    return config
 
 
 def check_checkpoint_compatible(checkpoint: Path, config: TrainConfig) -> None:

@@ -1413,3 +1413,20 @@ def test_a_kohya_file_left_by_an_earlier_run_is_written_again_with_the_new_lora(
     assert kohya.training_config["max_train_steps"] == 3
     diffusers = lora_tensors(out)
     assert len(kohya.tensors) >= len(diffusers) > 0
+
+
+def test_resuming_with_other_settings_says_so_and_config_json_records_what_ran(tiny_model_dir, tmp_path, capsys):
+    """A resumed run once trained at the checkpoint's learning rate while config.json recorded the new one, and
+    took other data without a word."""
+    data = make_images(tmp_path / "data", n=2)
+    out = tmp_path / "o"
+    train(tiny_config(tiny_model_dir, data, out, max_train_steps=2, checkpointing_steps=2))
+    capsys.readouterr()
+    train(tiny_config(tiny_model_dir, data, out, max_train_steps=3, resume_from_checkpoint="latest",
+                      learning_rate=1e-2, random_flip=True))
+    err = capsys.readouterr().err
+    assert "keeps the checkpoint's learning_rate=0.001 (not 0.01)" in err
+    assert "random_flip=False -> True" in err and "no longer as an uninterrupted run would" in err
+    assert json.loads((out / "config.json").read_text())["learning_rate"] == 1e-3
+    rows = (out / "loss_history.csv").read_text().splitlines()
+    assert rows[-1].endswith(",0.001"), "the resumed step trained at the checkpoint's 1e-3"
