@@ -368,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", metavar="DIR", help="folder, Kaggle-layout folder, kaggle:owner/name, or default")
     p.add_argument("--resolution", type=int, default=1024, help="training resolution, for the upscale check")
     p.add_argument("--json", metavar="OUT", help="also write the full report as JSON here")
-    p.add_argument("--class", dest="kaggle_class", default="billiards", help="class folder in a Kaggle layout")
-    p.add_argument("--splits", default="train", help="comma-separated Kaggle splits, e.g. train,valid,test")
+    p.add_argument("--class", "--kaggle_class", dest="kaggle_class", default="billiards",
+                   help="class folder in a Kaggle layout (train's --kaggle_class)")
+    p.add_argument("--splits", "--kaggle_splits", dest="splits", default="train",
+                   help="comma-separated Kaggle splits, e.g. train,valid,test (train's --kaggle_splits)")
     p.add_argument("--caption_column", default=None, help="caption column of metadata.jsonl/csv, if any")
     p.add_argument("--hash_threshold", type=int, default=DEFAULT_HASH_THRESHOLD, help="max dHash bits apart")
     args = p.parse_args(argv)

@@ -84,6 +84,8 @@ def resolve_source(
 
     name = dataset_name.strip() if dataset_name else None
     if name == "default":
+        if instance_data_dir:
+            raise UserError(f"pass either --dataset_name default or --instance_data_dir ({instance_data_dir}), not both")
         name = None
     if instance_data_dir:
         if name:

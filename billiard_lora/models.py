@@ -59,6 +59,8 @@ def _friendly_errors(what: str, name: str) -> Iterator[None]:
                     f"(a pipeline folder has model_index.json and unet/, vae/, text_encoder/ ... subfolders)")
         elif os.path.exists(os.path.expanduser(name)):
             hint = "that path is a file; pass the folder that holds the model"
+        elif name.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(name):
+            raise UserError(f"could not load {what} '{name}': no such folder") from None
         else:
             reach = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached or has no such repo"
             hint = (f"it is not a local folder and {reach}; download it once where there is network "

@@ -301,6 +301,9 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if device.type == "cuda" and config.torch_compile == "none" and max_train_steps - global_step >= pays:
         say(f"tip: a run this long trains faster with --torch_compile regional (a few minutes of compiling first; "
             f"{gain} the steps/s on an H100 at the seed's settings, benchmarks/RESULTS.md)")
+    if not config.instance_data_dir and (config.dataset_name or "default").strip() == "default":
+        say(f"no --instance_data_dir or --dataset_name: training on the {len(instance_images)} synthetic billiard "
+            f"scenes embedded in data/default (a demo set); pass your photos' folder to train on them")
     say(f"training on {len(instance_images)} images ({len(class_images)} class images), {max_train_steps} steps, "
         f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
         f"{accelerator.num_processes} process(es), {accelerator.mixed_precision} precision, device {device}")

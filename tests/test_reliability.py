@@ -228,3 +228,27 @@ def test_a_reader_that_goes_away_early_costs_no_traceback():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert first == b"line 0\n" and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_missing_model_folder_and_a_second_data_source_are_named_plainly(tmp_path):
+    from billiard_lora.data import resolve_source
+    from billiard_lora.errors import UserError
+    from billiard_lora.models import load_components
+
+    with pytest.raises(UserError, match=r"'/nonexistent/model': no such folder$"):
+        load_components("/nonexistent/model")
+    with pytest.raises(UserError, match="--dataset_name default or --instance_data_dir"):
+        resolve_source("default", str(tmp_path))
+
+
+def test_audit_takes_trains_kaggle_flag_names_too(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from billiard_lora.audit import main
+
+    for split in ("train", "valid"):
+        (tmp_path / split / "pool").mkdir(parents=True)
+        Image.fromarray(np.full((40, 40, 3), 9 if split == "train" else 200, dtype=np.uint8)).save(
+            tmp_path / split / "pool" / "a.png")
+    assert main([str(tmp_path), "--kaggle_class", "pool", "--kaggle_splits", "train,valid", "--resolution", "64"]) == 0
