@@ -82,8 +82,10 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     from accelerate.utils import set_seed
 
     # ---- 1. settings and data, checked before anything heavy happens or anything is written
-    config = config.replace(seed=config.seed if config.seed is not None else random.SystemRandom().randint(0, 2**31 - 1))
     out = Path(config.output_dir)
+    # no --seed: a resumed run goes on with its checkpoint's (drawn at random when it started), else a new random one
+    seed = config.seed if config.seed is not None else checkpoint_seed(out, config)
+    config = config.replace(seed=seed if seed is not None else random.SystemRandom().randint(0, 2**31 - 1))
     check_output_dir(config, out)
     check_latent_cache_dir(config)
     instance_images = load_training_images(config)
@@ -1239,6 +1241,19 @@ CHANGES_THE_RUN = ("dataset_name", "instance_data_dir", "kaggle_class", "kaggle_
                    "lora_dropout")
 
 
+def checkpoint_seed(out: Path, config: TrainConfig) -> int | None:
+    """The seed the checkpoint that ``--resume_from_checkpoint`` names was trained with, where there is one."""
+    from .lora import LORA_WEIGHT_NAME, read_metadata
+
+    if not config.resume_from_checkpoint or not out.is_dir():
+        return None
+    try:
+        checkpoint = find_checkpoint(out, config.resume_from_checkpoint)
+        return read_metadata(checkpoint / LORA_WEIGHT_NAME).get("seed") if checkpoint else None
+    except Exception:  # noqa: BLE001 - a checkpoint that cannot be read is reported where it is loaded
+        return None
+
+
 def reconcile_resumed(config: TrainConfig, checkpoint: Path, num_processes: int, say) -> TrainConfig:
     """Settings that differ from the checkpoint's: the restored ones are put back in the config (so config.json
     says what runs), with a warning; for the others a warning that the run no longer equals an uninterrupted one."""
@@ -1347,10 +1362,8 @@ def load_history(out: Path) -> list[dict]:
 
 
 def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, accelerator, pissa_initial=None) -> None:
-    from .lora import save_lora
+    from .lora import KOHYA_WEIGHT_NAME, save_lora
     from .viz import plot_loss
-
-    from .lora import KOHYA_WEIGHT_NAME
 
     te = [accelerator.unwrap_model(t) for t in text_encoders] or [None, None]
     # a kohya file an earlier run left here (resumed now without --output_kohya_format) would hold older weights

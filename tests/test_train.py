@@ -1430,3 +1430,14 @@ def test_resuming_with_other_settings_says_so_and_config_json_records_what_ran(t
     assert json.loads((out / "config.json").read_text())["learning_rate"] == 1e-3
     rows = (out / "loss_history.csv").read_text().splitlines()
     assert rows[-1].endswith(",0.001"), "the resumed step trained at the checkpoint's 1e-3"
+
+
+def test_a_run_without_seed_resumes_with_its_checkpoints_seed(tiny_model_dir, tmp_path, capsys):
+    data = make_images(tmp_path / "data", n=2)
+    out = tmp_path / "o"
+    train(tiny_config(tiny_model_dir, data, out, seed=None, max_train_steps=2, checkpointing_steps=2))
+    first = json.loads((out / "config.json").read_text())["seed"]
+    capsys.readouterr()
+    train(tiny_config(tiny_model_dir, data, out, seed=None, max_train_steps=3, resume_from_checkpoint="latest"))
+    assert json.loads((out / "config.json").read_text())["seed"] == first
+    assert "other settings" not in capsys.readouterr().err
