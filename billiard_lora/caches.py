@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from .io import normal_mode
+
 if TYPE_CHECKING:
     from .config import TrainConfig
     from .train import TrainImage
@@ -141,6 +143,7 @@ class LatentStore:
             os.close(fd)
             save_file({"mean": mean.detach().to("cpu").contiguous(), "std": std.detach().to("cpu").contiguous()},
                       tmp, metadata={"key": key})
+            normal_mode(tmp)  # a cache folder shared between users stays readable to them
             os.replace(tmp, path)  # whole or absent: another process writing the same view is harmless
             self.writes += 1
         except OSError as exc:

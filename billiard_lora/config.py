@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,6 +335,19 @@ class TrainConfig:
     def splits(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.kaggle_splits.split(",") if s.strip())
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """The config with each local path among ``LOCAL_PATH_FIELDS`` made absolute (Hub ids stay as they are), so
+        that config.json, the model card and the LoRA's header still name the model and data from another folder:
+        ``generate --lora RUN`` reads the base model from there."""
+        changes = {}
+        for name in LOCAL_PATH_FIELDS:
+            value = getattr(self, name)
+            if value and os.path.exists(os.path.expanduser(value)):
+                absolute = os.path.abspath(os.path.expanduser(value))
+                if absolute != value:
+                    changes[name] = absolute
+        return self.replace(**changes) if changes else self
+
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -378,6 +392,21 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------- command line
+# Flags that name a local file or folder when one exists by that name (else a Hub id, or unset)
+LOCAL_PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir",
+                     "class_data_dir")
+
+
+def same_setting(name: str, a: Any, b: Any) -> bool:
+    """Whether two values of setting ``name`` mean the same; a path typed relative and the same path made absolute
+    do (config.json records absolute paths since they were made so; older runs kept them as typed)."""
+    if a == b:
+        return True
+    if name in LOCAL_PATH_FIELDS and isinstance(a, str) and isinstance(b, str):
+        return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+    return False
+
+
 def _closest(name: str, choices) -> str:
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""

@@ -6,6 +6,8 @@ import argparse
 import functools
 import re
 import sys
+import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,20 +25,49 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        shown = warnings.showwarning
+        warnings.showwarning = show_warning_plainly
         try:
             return main(*args, **kwargs) or 0
         except UserError as exc:
             _close_progress_bars()
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            _close_progress_bars()
+            print(f"interrupted; {exc}" if str(exc) else "interrupted", file=sys.stderr)
             return 130
         except BrokenPipeError:  # the reader went away (`... | head`): nothing more to say, to anyone
             _quiet_stdout()
             return 141
+        finally:
+            warnings.showwarning = shown
 
     return wrapper
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def show_warning_plainly(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as a command prints it: ``warning: <text>``, without Python's file:line and source-line echo.
+
+    Our own warnings are addressed to the user (they name the file or flag), so the text is all; a library's keeps
+    its category and package, so that a deprecation can still be told from a problem with the run."""
+    text = str(message).strip()
+    if not str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+        parts = Path(filename).parts
+        origin = next((parts[i + 1] for i in range(len(parts) - 1) if parts[i] == "site-packages"), Path(filename).name)
+        text = f"{text} [{category.__name__} from {origin}]"
+    stream = sys.stderr if file is None else file
+    std = sys.modules.get("tqdm.std")
+    try:
+        if std is not None and getattr(std.tqdm, "_instances", None):  # above a running progress bar, not inside it
+            std.tqdm.write(f"warning: {text}", file=stream)
+        else:
+            stream.write(f"warning: {text}\n")
+    except (OSError, ValueError):  # stderr gone: a warning is not worth a second error
+        pass
 
 
 def _quiet_stdout() -> None:

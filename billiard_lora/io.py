@@ -19,9 +19,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a normal file follows the umask
     try:
         yield tmp_path
+        # mkstemp makes 0600, and writers that replace the file (safetensors does) keep that: a normal file follows
+        # the umask, so the LoRA can be read by whoever can read the run's other files
+        normal_mode(tmp_path)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
@@ -35,6 +37,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def normal_mode(path: str | Path) -> None:
+    """Give a file made by ``mkstemp`` (0600) or a folder made by ``mkdtemp`` (0700) the mode ``open``/``mkdir``
+    would have: the umask's, so that others who can read the run's files can read this one too."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
 
 
 def _fsync_dir(d: Path) -> None:
@@ -69,6 +77,7 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] |
 
 def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written folder into place with one rename (replacing an older one of the same name)."""
+    normal_mode(tmp_dir)
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .caches import LatentCache, LatentStore, PromptCache, TimeIdCache, count_views
 from .conditioning import compute_time_ids, encode_prompt, tokenize
-from .config import TrainConfig, parse_args
+from .config import TrainConfig, parse_args, same_setting
 from .errors import OUT_OF_MEMORY, UserError, cli_entry, out_of_memory_detail
 from .graphs import MicroStepGraph
 from .io import atomic_write_json, atomic_write_text, publish_dir
@@ -82,6 +82,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     from accelerate.utils import set_seed
 
     # ---- 1. settings and data, checked before anything heavy happens or anything is written
+    config = config.with_absolute_paths()  # what config.json and the model card record works from any folder
     out = Path(config.output_dir)
     # no --seed: a resumed run goes on with its checkpoint's (drawn at random when it started), else a new random one
     seed = config.seed if config.seed is not None else checkpoint_seed(out, config)
@@ -308,7 +309,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             f"scenes embedded in data/default (a demo set); pass your photos' folder to train on them")
     say(f"training on {len(instance_images)} images ({len(class_images)} class images), {max_train_steps} steps, "
         f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
-        f"{accelerator.num_processes} process(es), {accelerator.mixed_precision} precision, device {device}")
+        f"{accelerator.num_processes} process(es), {_precision_words(accelerator.mixed_precision)}, device {device}")
     from tqdm.auto import tqdm
 
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
@@ -670,12 +671,28 @@ def check_output_dir(config: TrainConfig, out: Path) -> None:
     """Refuse to mix a new run into a folder that already holds something, unless resuming or told to."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir={out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not (config.resume_from_checkpoint or config.overwrite_output_dir):
+    if (out.is_dir() and any(out.iterdir()) and not (config.resume_from_checkpoint or config.overwrite_output_dir)
+            and not stopped_before_saving(out, config)):
         raise UserError(f"--output_dir={out} is not empty: pass --resume_from_checkpoint=latest to continue that run, "
                         f"--overwrite_output_dir to write over it, or choose another folder")
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise UserError(f"--output_dir={out}: {probe} is not writable; choose a folder you can write to")
+
+
+def stopped_before_saving(out: Path, config: TrainConfig) -> bool:
+    """Whether ``out`` holds only what one of our runs writes before its first save (its config.json, logs, the
+    class images it generated, a half-written hidden checkpoint): a run that crashed or was stopped there. A new
+    run may start in it without --overwrite_output_dir, and keeps the class images."""
+    names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    early = {"config.json", Path(config.logging_dir).parts[0] if config.logging_dir else "logs", "class_images"}
+    if "config.json" not in names or not names <= early:
+        return False
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"instance_prompt", "pretrained_model_name_or_path"} <= saved.keys()
 
 
 def latent_cache_root(config: TrainConfig) -> Path:
@@ -1269,7 +1286,7 @@ def reconcile_resumed(config: TrainConfig, checkpoint: Path, num_processes: int,
             f"{k}={v!r} (not {getattr(config, k)!r})" for k, v in restored.items())
             + ": the optimizer and scheduler state are restored; start a new --output_dir to change them")
         config = config.replace(**restored)
-    changed = [k for k in CHANGES_THE_RUN if k in saved and saved[k] != getattr(config, k)]
+    changed = [k for k in CHANGES_THE_RUN if k in saved and not same_setting(k, saved[k], getattr(config, k))]
     state = json.loads((checkpoint / STATE_FILE).read_text())
     if state.get("num_processes", num_processes) != num_processes:
         changed.append(f"processes {state['num_processes']} -> {num_processes}")
@@ -1359,6 +1376,11 @@ def load_history(out: Path) -> list[dict]:
     with open(p) as fh:
         return [{"step": int(r["step"]), "epoch": int(r["epoch"]), "loss": float(r["loss"]), "lr": float(r["lr"])}
                 for r in csv.DictReader(fh)]
+
+
+def _precision_words(mixed_precision: str) -> str:
+    """accelerate's ``mixed_precision`` as the banner says it: 'fp16 mixed precision', or 'fp32' for 'no'."""
+    return "fp32 (no mixed precision)" if mixed_precision == "no" else f"{mixed_precision} mixed precision"
 
 
 def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, accelerator, pissa_initial=None) -> None:
@@ -1472,8 +1494,25 @@ def ensure_class_images(config: TrainConfig, c, accelerator, weight_dtype) -> li
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    train(config)
+    try:
+        train(config)
+    except KeyboardInterrupt:  # Ctrl-C (or a notebook's stop): say what is kept and how to go on
+        raise KeyboardInterrupt(interrupted_hint(config)) from None
     return 0
+
+
+def interrupted_hint(config: TrainConfig) -> str:
+    """What a stopped run keeps and how to go on, for the line ``interrupted`` is printed with."""
+    out = Path(config.output_dir)
+    try:
+        ckpt = find_checkpoint(out, "latest") if out.is_dir() else None
+    except Exception:  # noqa: BLE001 - a folder that cannot be read: no hint beats a traceback after Ctrl-C
+        return ""
+    if ckpt is None:
+        return f"no checkpoint was saved in {out} yet: run the same command again to start over"
+    how = ("run the same command again" if config.resume_from_checkpoint == "latest" else
+           "add --resume_from_checkpoint=latest to the same command")
+    return f"{ckpt} is kept: {how} to go on from it"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from .io import normal_mode
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -143,6 +145,7 @@ def save_image(img: Image.Image, path: str | Path, metadata: dict[str, Any] | No
             img.save(f, format="PNG", pnginfo=info)
             f.flush()
             os.fsync(f.fileno())
+        normal_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

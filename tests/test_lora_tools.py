@@ -313,6 +313,9 @@ def test_merged_pipeline_gives_the_base_plus_lora_image(trained, tiny_model_dir,
     expected = sample(with_lora(tiny_model_dir, trained), cross_attention_kwargs={"scale": 0.5})
     np.testing.assert_allclose(sample(merged), expected, atol=1e-4)
     assert json.loads((out / "merged_lora.json").read_text())["scale"] == 0.5
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask, "the merged folder must get mkdir's mode, not mkdtemp's 0700"
 
 
 def test_merge_refuses_a_lora_whose_layers_are_not_in_the_model(tiny_model_dir, tmp_path):

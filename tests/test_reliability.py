@@ -252,3 +252,84 @@ def test_audit_takes_trains_kaggle_flag_names_too(tmp_path):
         Image.fromarray(np.full((40, 40, 3), 9 if split == "train" else 200, dtype=np.uint8)).save(
             tmp_path / split / "pool" / "a.png")
     assert main([str(tmp_path), "--kaggle_class", "pool", "--kaggle_splits", "train,valid", "--resolution", "64"]) == 0
+
+
+def test_written_files_follow_the_umask_like_any_other_file(tiny_model_dir, tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700) and safetensors replaces the file it writes: every file
+    of a run, checkpoints and kohya copy and loss plot included, must still get the mode open()/mkdir() would."""
+    old = os.umask(0o022)
+    try:
+        out = train(tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "out", max_train_steps=2,
+                                checkpointing_steps=1, output_kohya_format=True))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    assert "pytorch_lora_weights.safetensors" in modes and "checkpoint-2" in modes
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o755 if (out / name).is_dir() else 0o644)}
+    assert not wrong, wrong
+
+
+def test_commands_print_warnings_as_one_plain_line(tiny_model_dir, tmp_path, capsys):
+    data = make_images(tmp_path / "data", n=3)
+    (data / "notes.jpg").write_text("not an image")
+    args = _train_cmd(tiny_model_dir, data, tmp_path / "out", resume=False)[3:]
+    assert train_main([*args, "--skip_bad_images", "--max_train_steps=1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: skipping 1 bad image(s); training on the 3 good ones\n" in err
+    assert "UserWarning" not in err and "warnings.warn(" not in err, err
+
+
+def test_a_librarys_warning_keeps_its_category_and_package(capsys):
+    import io
+    import warnings
+
+    from billiard_lora.errors import show_warning_plainly
+
+    stream = io.StringIO()
+    show_warning_plainly(FutureWarning("`foo` is deprecated"), FutureWarning,
+                         "/x/lib/python3.11/site-packages/diffusers/utils/deprecation_utils.py", 40, file=stream)
+    assert stream.getvalue() == "warning: `foo` is deprecated [FutureWarning from diffusers]\n"
+    assert warnings.showwarning is not show_warning_plainly, "cli_entry must put Python's own back afterwards"
+
+
+def test_a_run_stopped_before_its_first_save_starts_again_without_flags(tiny_model_dir, tmp_path):
+    """A crash or Ctrl-C while the model loads left config.json (and logs, class images): the same command then
+    said the folder was not empty. It may start over there; a folder with anything else in it is still refused."""
+    data = make_images(tmp_path / "data", n=2)
+
+    def stop_at_first_step(event):
+        if event["event"] == "step":
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model_dir, data, out, max_train_steps=2, report_to="tensorboard"),
+              callback=stop_at_first_step)
+    assert (out / "config.json").is_file() and not list(out.glob("*.safetensors"))
+    assert (train(tiny_config(tiny_model_dir, data, out, max_train_steps=2)) / "pytorch_lora_weights.safetensors").is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "something else"}')
+    with pytest.raises(UserError, match="is not empty"):
+        train(tiny_config(tiny_model_dir, data, mine))
+
+
+def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_go_on(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import billiard_lora.train as train_mod
+
+    data = make_images(tmp_path / "data", n=2)
+    args = _train_cmd(tiny_model_dir, data, tmp_path / "out", resume=False)[3:]
+    real = train_mod.train
+
+    def interrupted(config, **kw):
+        def stop(event):
+            if event["event"] == "step" and event["step"] == 2:
+                raise KeyboardInterrupt
+        return real(config, callback=stop, **kw)
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    assert train_main(args) == 130
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"interrupted; {tmp_path / 'out' / 'checkpoint-1'} is kept: add --resume_from_checkpoint=latest "
+                   "to the same command to go on from it"), err

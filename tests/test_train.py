@@ -1441,3 +1441,39 @@ def test_a_run_without_seed_resumes_with_its_checkpoints_seed(tiny_model_dir, tm
     train(tiny_config(tiny_model_dir, data, out, seed=None, max_train_steps=3, resume_from_checkpoint="latest"))
     assert json.loads((out / "config.json").read_text())["seed"] == first
     assert "other settings" not in capsys.readouterr().err
+
+
+def test_relative_paths_are_recorded_absolute_so_the_run_works_from_any_folder(tiny_model_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    """`train --pretrained_model_name_or_path=model` once wrote "model" into config.json, the model card and the
+    LoRA's header, so `generate --lora RUN` from another folder looked for a model called "model" on the Hub."""
+    import argparse
+
+    from billiard_lora.config import same_setting
+    from billiard_lora.generate import _default_model_and_vae
+    from billiard_lora.lora import read_metadata
+
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    make_images(tmp_path / "data", n=2)
+    monkeypatch.chdir(tmp_path)
+    train(tiny_config(Path("model"), Path("data"), Path("o"), max_train_steps=2, checkpointing_steps=2))
+    saved = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert saved["pretrained_model_name_or_path"] == str(tmp_path / "model")
+    assert saved["instance_data_dir"] == str(tmp_path / "data")
+    assert saved["pretrained_vae_model_name_or_path"] is None and saved["output_dir"] == "o"
+    assert str(tmp_path / "model") in (tmp_path / "o" / "README.md").read_text()
+    lora = tmp_path / "o" / "pytorch_lora_weights.safetensors"
+    assert read_metadata(lora)["pretrained_model_name_or_path"] == str(tmp_path / "model")
+
+    monkeypatch.chdir(tiny_model_dir)  # elsewhere: the LoRA still names a model that is there
+    args = argparse.Namespace(model=None, vae="config", checkpoints=None)
+    assert _default_model_and_vae(args, [lora]) == (str(tmp_path / "model"), None)
+
+    monkeypatch.chdir(tmp_path)  # typed relative again: the same setting, no resume warning
+    capsys.readouterr()
+    train(tiny_config(Path("model"), Path("data"), Path("o"), max_train_steps=3, resume_from_checkpoint="latest"))
+    assert "other settings" not in capsys.readouterr().err
+    # a checkpoint from before, which recorded "data" as typed, is the same setting too; another folder is not
+    assert same_setting("instance_data_dir", "data", str(tmp_path / "data"))
+    assert not same_setting("instance_data_dir", "data2", str(tmp_path / "data"))
+    assert not same_setting("instance_prompt", "data", str(tmp_path / "data"))
