@@ -463,12 +463,13 @@ def build_parser(prog: str = "python -m billiard_lora.train") -> argparse.Argume
             action = parser._option_string_actions[f"--{f.name}"]
             action.nargs, action.const = "?", True
     # HfArgumentParser adds every field; NOT_FLAGS are outputs, not inputs.
-    for name in NOT_FLAGS:
-            for action in list(parser._actions):
-                if action.dest == name:
-                    parser._remove_action(action)
-                    for opt in action.option_strings:
-                        parser._option_string_actions.pop(opt, None)
+    for action in [a for a in parser._actions if a.dest in NOT_FLAGS]:
+        parser._remove_action(action)
+        for group in parser._action_groups:  # --help lists the groups' actions, not the parser's
+            if action in group._group_actions:
+                group._group_actions.remove(action)
+        for opt in action.option_strings:
+            parser._option_string_actions.pop(opt, None)
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings; flags given here override it.")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # torch.distributed.launch
     # diffusers' flags this trainer does not take: recognised, so a copied command gets a reason, not "unrecognized"

@@ -183,7 +183,7 @@ def _kaggle_layout_source(
         )
     wanted = kaggle_class.strip().lower()
     if wanted not in {c.lower() for c in classes}:
-        raise UserError(f"class {kaggle_class!r} not found in {root}; classes: {', '.join(classes)}")
+        raise UserError(f"--kaggle_class={kaggle_class!r} is not a class in {root}; {_class_hint(wanted, classes)}")
 
     if rows is not None:
         files, gone = [], []
@@ -211,6 +211,18 @@ def _kaggle_layout_source(
         f"({len(files)} images {listed_by}, {how})"
     )
     return ImageSource(examples, root, desc, columns, "kaggle")
+
+
+def _class_hint(wanted: str, classes: Sequence[str]) -> str:
+    """'did you mean ...?' for a misspelt class, else the classes (the first 12 of Kaggle's 100, with a count)."""
+    import difflib
+
+    by_lower = {c.lower(): c for c in classes}
+    close = difflib.get_close_matches(wanted, list(by_lower), n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(repr(by_lower[c]) for c in close) + "?"
+    shown = ", ".join(classes[:12]) + (f" ... ({len(classes)} classes in all)" if len(classes) > 12 else "")
+    return f"classes: {shown or 'none'}"
 
 
 def kaggle_class_counts(root: str | Path) -> dict[str, dict[str, int]]:

@@ -122,6 +122,10 @@ def resolve_lora_file(path: str | Path) -> Path:
             raise UserError(f"LoRA file {p} is not a .safetensors file: expected {expected} (pickled .bin/.pt "
                             f"files can run code when loaded, so they are not read)")
         return p
+    head, colon, tail = str(path).rpartition(":")
+    if colon and head and Path(head).expanduser().exists():  # "run:abc": the path is there, the scale is not a number
+        raise UserError(f"--lora '{path}': the scale '{tail}' after the colon is not a number; "
+                        f"write it as {head}:0.8 (or leave it out for 1.0)")
     raise UserError(f"LoRA '{path}' does not exist: expected {expected}")
 
 

@@ -875,6 +875,10 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, e
         raise UserError("DoRA LoRAs cannot be SVD-resized: the magnitude vector belongs to the full-rank direction")
     if lora.other_keys:
         raise UserError(f"{lora.path} has keys that are not LoRA matrices ({lora.other_keys[0]} ...); not resized")
+    top = max((layer.rank for layer in lora.layers.values()), default=0)
+    if rank is not None and rank > top:
+        raise UserError(f"--rank {rank} is above this LoRA's rank ({top}): resizing keeps the strongest directions of "
+                        f"each layer, so it can only lower a rank; train again with --rank {rank} for a larger one")
     default = {"kohya": KOHYA_WEIGHT_NAME, "peft": "adapter_model.safetensors"}.get(lora.format, LORA_WEIGHT_NAME)
     out_file = _output_file(out, lora.path.name if lora.path.name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME) else default)
     if out_file.resolve() == lora.path.resolve():

@@ -89,6 +89,16 @@ def test_xformers_flag_is_accepted_and_noted():
     assert parse_args(["--instance_prompt=x"]).fallbacks == []
 
 
+def test_fields_train_fills_in_are_not_flags(capsys):
+    from billiard_lora.config import build_parser
+
+    assert "--fallbacks" not in build_parser().format_help()  # it was listed, as "not a flag"
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--instance_prompt=x", "--fallbacks", "x"])
+    assert err.value.code == 2
+    assert "unrecognized arguments: --fallbacks" in capsys.readouterr().err
+
+
 def test_cuda_graphs_flag_unset_bare_or_with_a_value():
     base = ["--instance_prompt=x"]
     assert parse_args(base).cuda_graphs is None  # decided at training time

@@ -162,8 +162,10 @@ def test_kaggle_layout_without_csv_walks_the_folders(tmp_path):
 
 def test_kaggle_layout_unknown_class_or_split(tmp_path):
     root = make_kaggle_layout(tmp_path / "sports", with_csv=False)
-    with pytest.raises(UserError, match="class 'snooker'.*classes: billiards, golf"):
+    with pytest.raises(UserError, match="class='snooker' is not a class in .*; classes: billiards, golf$"):
         resolve_source(str(root), kaggle_class="snooker")
+    with pytest.raises(UserError, match="did you mean 'billiards'\\?$"):
+        resolve_source(str(root), kaggle_class="biliard")
     with pytest.raises(UserError, match="split validation not found.*available: train, valid, test"):
         resolve_source(str(root), splits=("validation",))
 

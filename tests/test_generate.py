@@ -131,6 +131,8 @@ def test_missing_or_empty_lora_paths_fail_before_the_model_loads(tmp_path):
     (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
     with pytest.raises(UserError, match=r"has no pytorch_lora_weights.safetensors.*try .*checkpoint-3"):
         resolve_lora_file(tmp_path / "run")
+    with pytest.raises(UserError, match=r"the scale 'abc' after the colon is not a number; write it as .*run:0.8"):
+        resolve_lora_file(parse_lora_arg(f"{tmp_path / 'run'}:abc").path)
     (tmp_path / "w.bin").write_bytes(b"x")
     with pytest.raises(UserError, match="not a .safetensors file"):
         resolve_lora_file(tmp_path / "w.bin")

@@ -302,6 +302,9 @@ def test_resize_arguments_are_checked(trained, tmp_path):
         lt.resize_lora(trained, tmp_path / "x", rank=2, energy=0.9)
     with pytest.raises(UserError, match="energy"):
         lt.resize_lora(trained, tmp_path / "x", energy=1.5)
+    top = max(layer.rank for layer in lt.load_lora_file(trained).layers.values())
+    with pytest.raises(UserError, match=f"--rank {top + 1} is above this LoRA's rank \\({top}\\).*only lower"):
+        lt.resize_lora(trained, tmp_path / "x", rank=top + 1)
 
 
 # ============================================================================ merge
