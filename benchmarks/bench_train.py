@@ -188,6 +188,7 @@ def bench_training(args) -> dict:
             report_to="none", cache_latents=not args.no_cache_latents, torch_compile=args.torch_compile,
             torch_compile_mode=args.torch_compile_mode, fp8_base=args.fp8_base,
             half_precision_norms=args.half_precision_norms == "true", fused_lora_ops=args.fused_lora_ops,
+            fold_accumulation=args.fold_accumulation,
             cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -238,6 +239,7 @@ def bench_training(args) -> dict:
         "channels_last": args.channels_last, "unet_variant": args.unet_variant,
         "aspect_ratio_buckets": args.aspect_ratio_buckets,
         "half_precision_norms": used["half_precision_norms"], "fused_lora_ops": used.get("fused_lora_ops", False),
+        "fold_accumulation": used.get("fold_accumulation", False),  # ms_per_micro_step: still per train_batch_size
         "optimizer_form": ("bnb_per_tensor" if args.bnb_per_tensor else "flat") if used["use_8bit_adam"] else "torch",
     }
     if used["cuda_graphs"]:
@@ -425,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fp8_base", action="store_true", help="the UNet's frozen weights stored in float8")
     p.add_argument("--half_precision_norms", choices=["true", "false"], default="true",
                    help="the trainer's flag (default true, as train()): false runs the norms as CUDA autocast does")
+    p.add_argument("--fold_accumulation", action="store_true",
+                   help="the trainer's --fold_accumulation: an optimizer step's micro-batches as one batch")
     p.add_argument("--fused_lora_ops", action="store_true",
                    help="the trainer's --fused_lora_ops: each adapted layer as one autograd operation")
     p.add_argument("--aspect_ratio_buckets", default=None, metavar="BUCKETS",

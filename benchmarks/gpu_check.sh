@@ -43,6 +43,8 @@
 #      the same LoRA as eager?
 #  26. ours at the seed's settings on the embedded images cropped to three shapes, --aspect_ratio_buckets auto (832x1216,
 #      1024x1024, 1216x832 at 1024 px): time and peak memory with three recorded graphs sharing a pool, against part 2
+#  27. ours at the seed's settings with --fold_accumulation: the 3 micro-batches of 1 as one batch of 3 (the same
+#      gradient), time and peak memory against part 2
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -189,6 +191,10 @@ p26() { part "26. ours, seed settings, on photos of three shapes with --aspect_r
   [ "$(left)" -gt 60 ] && run 26 "$(upto ${CAP26:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --aspect_ratio_buckets auto; }
 
+p27() { part "27. ours, seed settings, --fold_accumulation: one batch of 3 per optimizer step ($(left) s left)"
+  [ "$(left)" -gt 60 ] && run 27 "$(upto ${CAP27:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --fold_accumulation; }
+
 p12() { part "12. ours, seed settings, eager (--cuda_graphs off) ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 12 "$(upto ${CAP12:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --cuda_graphs off; }
@@ -239,7 +245,7 @@ p24() { part "24. --cuda_graphs --fused_lora_ops on the tiny model: the same LoR
   graphs_vs_eager 24 fused_lora_ops --fused_lora_ops; }
 
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] || exit 0  # parts that print their checks only (11, 17, 21, 24, 25) write no rows
@@ -253,7 +259,7 @@ for r in rows:
               f"compile={r.get('torch_compile', '-'):8s} fp8={r.get('fp8_base', False)!s:5s} "
               f"graphs={r.get('cuda_graph_replays', '-')!s:4s} opt={r.get('optimizer_form', '-'):14s} "
               f"nhwc={r.get('channels_last', False)!s:5s} buckets={r.get('aspect_ratio_buckets') or '-'} unet={r.get('unet_variant', 'as_trained')} half_norms={r.get('half_precision_norms', '-')} "
-              f"fused_ops={r.get('fused_lora_ops', False)!s:5s} "
+              f"fused_ops={r.get('fused_lora_ops', False)!s:5s} fold={r.get('fold_accumulation', False)!s:5s} "
               f"{r['optimizer_steps_per_s']:.3f} steps/s "
               f"{r['images_per_s']:.2f} img/s {r['ms_per_micro_step']:.1f} ms/micro "
               f"peak {r.get('cuda_max_allocated_gb', 0):.2f} GB alloc / {r.get('cuda_max_reserved_gb', 0):.2f} reserved "

@@ -107,6 +107,12 @@ class TrainConfig:
     num_train_epochs: int = _f(1, "Epochs; ignored when --max_train_steps is set.")
     max_train_steps: Optional[int] = _f(None, "Total optimizer steps; overrides num_train_epochs.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    fold_accumulation: bool = _f(
+        False, "(billiard-lora) Run an optimizer step's --gradient_accumulation_steps micro-batches as one batch of "
+               "train_batch_size x gradient_accumulation_steps: the same images, noise and timesteps, so the same "
+               "gradient (the mean over those images), in fewer and larger GPU launches; faster where the memory "
+               "allows (an H100 runs SDXL's UNet with LoRA at batch 2 in 0.72x batch 1's time per image). With "
+               "aspect-ratio buckets of several shapes, a step's images then all come from one bucket.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory by recomputing activations.")
     gradient_checkpointing_interval: int = _f(
         1, "(SimpleTuner's name) With --gradient_checkpointing, recompute only every Nth of the UNet's ResNet and "
@@ -347,6 +353,17 @@ class TrainConfig:
                 if absolute != value:
                     changes[name] = absolute
         return self.replace(**changes) if changes else self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """The batch one forward and backward runs: --train_batch_size, or with --fold_accumulation the batch of
+        a whole optimizer step."""
+        return self.train_batch_size * (self.gradient_accumulation_steps if self.fold_accumulation else 1)
+
+    @property
+    def micro_steps(self) -> int:
+        """Forward-and-backward passes per optimizer step, as they run (1 with --fold_accumulation)."""
+        return 1 if self.fold_accumulation else self.gradient_accumulation_steps
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some fields changed (validated again)."""

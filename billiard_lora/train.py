@@ -242,12 +242,12 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                      generator=torch.Generator().manual_seed(config.seed))
     if shapes > 1:  # a batch holds one bucket's views (with one shape in use, the order is the plain one's)
         dataloader = DataLoader(dataset, batch_sampler=BucketBatchSampler(sampler, dataset.target,
-                                                                          config.train_batch_size), **loader_kw)
+                                                                          config.micro_batch_size), **loader_kw)
     else:
-        dataloader = DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler, **loader_kw)
+        dataloader = DataLoader(dataset, batch_size=config.micro_batch_size, sampler=sampler, **loader_kw)
 
     # ---- 6. optimizer and schedule
-    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / config.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / config.micro_steps)
     max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     optimizer = make_optimizer(config, c.unet, text_encoders, accelerator.num_processes)
@@ -270,7 +270,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     unet, optimizer, dataloader, lr_scheduler, *text_encoders = accelerator.prepare(
         c.unet, optimizer, dataloader, lr_scheduler, *text_encoders)
     te_one, te_two = (text_encoders if text_encoders else (c.text_encoder_one, c.text_encoder_two))
-    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)  # now per process
+    steps_per_epoch = math.ceil(len(dataloader) / config.micro_steps)  # now per process
     register_checkpoint_hooks(accelerator, {"unet": unet, "text_encoder": text_encoders[0] if text_encoders else None,
                                             "text_encoder_2": text_encoders[1] if text_encoders else None})
 
@@ -282,7 +282,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         accelerator.load_state(str(checkpoint))
         global_step = json.loads((checkpoint / STATE_FILE).read_text())["global_step"]
         first_epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        skip_batches = step_in_epoch * config.gradient_accumulation_steps
+        skip_batches = step_in_epoch * config.micro_steps
         say(f"resuming from {checkpoint} at step {global_step} (epoch {first_epoch}, skipping {skip_batches} batches)")
         config = reconcile_resumed(config, checkpoint, accelerator.num_processes, say)
     elif config.resume_from_checkpoint:
@@ -309,7 +309,10 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             f"scenes embedded in data/default (a demo set); pass your photos' folder to train on them")
     say(f"training on {len(instance_images)} images ({len(class_images)} class images), {max_train_steps} steps, "
         f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
-        f"{accelerator.num_processes} process(es), {_precision_words(accelerator.mixed_precision)}, device {device}")
+        f"{accelerator.num_processes} process(es)"
+        + (f" (folded: one batch of {config.micro_batch_size} per step)" if config.micro_steps < config.gradient_accumulation_steps
+           else "")
+        + f", {_precision_words(accelerator.mixed_precision)}, device {device}")
     from tqdm.auto import tqdm
 
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
@@ -337,6 +340,37 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         accelerator.backward(loss)
         return loss.detach()
 
+    def draw(batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        latents = latent_cache.sample(batch["pixel_values"], batch["keys"], gen, weight_dtype, twins=batch["twins"])
+        noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
+        if config.noise_offset:
+            # https://www.crosslabs.org//blog/diffusion-with-offset-noise: learn overall brightness too
+            noise += config.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
+                                                       generator=gen, device=device, dtype=latents.dtype)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen,
+                                  device=device).long()
+        return latents, noise, timesteps
+
+    fold = config.gradient_accumulation_steps // config.micro_steps
+    processes, process = accelerator.num_processes, accelerator.process_index
+
+    def draw_batch(batch: dict, epoch: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's latents, noise and timesteps. One generator per micro-batch of --train_batch_size, seeded by
+        where training is (nothing to restore on resume); a folded batch draws for each micro-batch it holds with
+        the generator that micro-batch has without folding (global batch g: index g // processes, process
+        g % processes), so that folding changes how the step runs, not what it computes."""
+        parts = micro_batch_rows(len(batch["keys"]), config.train_batch_size, config.with_prior_preservation)
+        drawn = []
+        for j, rows in enumerate(parts):
+            g = (batch_index * processes + process) * fold + j
+            gen = seeded_generator(config.seed, epoch, g // processes, g % processes, device)
+            drawn.append(draw(batch if len(parts) == 1 else {k: [batch[k][i] for i in rows] for k in DRAWN_KEYS},
+                              gen))
+        if len(parts) == 1:
+            return drawn[0]
+        back = torch.tensor([i for rows in parts for i in rows]).argsort().to(device)  # drawn order -> batch order
+        return tuple(torch.cat(column)[back] for column in zip(*drawn))
+
     adapters = [p for m in (unet, *text_encoders) for p in lora_parameters(m)]
     micro_step = MicroStepGraph(forward_backward, lambda: [*adapters, *(p.grad for p in adapters)],
                                 enabled=config.cuda_graphs, say=say)
@@ -351,18 +385,9 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         batches.set_epoch(epoch)  # reaches EpochShuffleSampler: this epoch's order, crops and flips
         for batch_index, batch in enumerate(batches, start=start):
             with accelerator.accumulate(*[unet, *text_encoders]):
-                # One generator per micro-batch, seeded by where we are: nothing to restore on resume.
-                gen = seeded_generator(config.seed, epoch, batch_index, accelerator.process_index, device)
-                latents = latent_cache.sample(batch["pixel_values"], batch["keys"], gen, weight_dtype,  # (B, 4, H/8, W/8)
-                                              twins=batch["twins"])
-                noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
-                if config.noise_offset:
-                    # https://www.crosslabs.org//blog/diffusion-with-offset-noise: learn overall brightness too
-                    noise += config.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
-                                                               generator=gen, device=device, dtype=latents.dtype)
+                # latents drawn from the cache, noise and timesteps: (B, 4, H/8, W/8), the same, (B,)
+                latents, noise, timesteps = draw_batch(batch, epoch, batch_index)
                 bsz = latents.shape[0]
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen,
-                                          device=device).long()
                 # the forward diffusion process: noise the latents to the sampled timestep
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
@@ -491,7 +516,7 @@ def fits_in_memory(config: TrainConfig, c, text_encoders, prompt_cache, accelera
     """
     device = accelerator.device
     cuda = device.type == "cuda"
-    batch = config.train_batch_size * (2 if config.with_prior_preservation else 1)
+    batch = config.micro_batch_size * (2 if config.with_prior_preservation else 1)
     height, width = size or (config.resolution, config.resolution)
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
     if cuda:
@@ -876,7 +901,7 @@ def make_accelerator(config: TrainConfig, out: Path):
         # SDXL reads the first text encoder's penultimate layer: its last layer, LoRA included, gets no gradient,
         # and DDP must be told to expect that (as diffusers' script does), or the second step stops with an error
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu_distributed,
+    return Accelerator(gradient_accumulation_steps=config.micro_steps, cpu=cpu_distributed,
                        mixed_precision=config.mixed_precision, log_with=log_with, project_config=project,
                        kwargs_handlers=handlers)
 
@@ -1056,6 +1081,17 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
+DRAWN_KEYS = ("pixel_values", "keys", "twins")  # what draw() reads of a batch
+
+
+def micro_batch_rows(n: int, batch_size: int, prior: bool) -> list[list[int]]:
+    """A (folded) batch's rows as the micro-batches of ``batch_size`` that hold them without --fold_accumulation;
+    with prior preservation, each micro-batch's instance rows and then its class rows ([instance..., class...])."""
+    half = n // 2 if prior else n
+    chunks = [list(range(start, min(start + batch_size, half))) for start in range(0, half, batch_size)] or [[]]
+    return [c + [half + i for i in c] for c in chunks] if prior else chunks
+
+
 def seeded_generator(seed: int, epoch: int, batch_index: int, process: int, device) -> torch.Generator:
     """A generator whose seed is a hash of where training is; the same place always draws the same numbers."""
     digest = hashlib.sha256(f"{seed}:{epoch}:{batch_index}:{process}".encode()).digest()
@@ -1115,6 +1151,7 @@ class TrainingOutOfMemory(UserError):
                      "training")
         effective_batch = config.train_batch_size * config.gradient_accumulation_steps
         hints = [hint for hint, applies in (
+            ("no --fold_accumulation", config.fold_accumulation and config.gradient_accumulation_steps > 1),
             ("--gradient_checkpointing", not config.gradient_checkpointing),
             ("--gradient_checkpointing_interval 1",
              config.gradient_checkpointing and config.gradient_checkpointing_interval > 1),
