@@ -170,7 +170,7 @@ class AuditReport:
             lines.append("  warnings:")
             lines += [f"    - {w}" for w in self.warnings]
         verdict = "trainable" if self.trainable else "NOT trainable"
-        lines.append(f"  verdict: {verdict} ({len(self.images)} good images)")
+        lines.append(f"  verdict: {verdict} ({len(self.images)} good image{'s' * (len(self.images) != 1)})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

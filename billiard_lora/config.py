@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -292,6 +294,10 @@ class TrainConfig:
 
     def _check_ranges(self) -> None:
         """Values no run can use (libraries would stop with a traceback, or train silently to no effect)."""
+        for name, choices in _choices().items():  # a notebook's TrainConfig(mixed_precision="fp32") too
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise UserError(f"--{name}={value!r} must be one of {', '.join(choices)}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise UserError(f"--seed={self.seed} must be between 0 and {2**32 - 1}")
         for name in ("adam_beta1", "adam_beta2", "prodigy_beta3"):
@@ -385,7 +391,8 @@ class TrainConfig:
         if unknown:
             k = unknown[0]
             raise UserError(f"{source}: unknown setting {k!r}{_closest(k, names)}")
-        return cls(**data)
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, hints[k], v, source) for k, v in data.items()})
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -422,6 +429,67 @@ def same_setting(name: str, a: Any, b: Any) -> bool:
     if name in LOCAL_PATH_FIELDS and isinstance(a, str) and isinstance(b, str):
         return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
     return False
+
+
+@functools.lru_cache(maxsize=1)
+def _choices() -> dict[str, tuple]:
+    """The settings with a fixed set of values (Literal[...] fields) and those values."""
+    out = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is typing.Union \
+            else [hint]
+        if args and typing.get_origin(args[0]) is Literal:
+            out[name] = typing.get_args(args[0])
+    return out
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _coerce(name: str, hint: Any, value: Any, source: str) -> Any:
+    """A config file's value as the setting's type, as its command-line flag would parse it; one ``UserError``
+    naming the file and the setting for a value that is not one. (YAML reads ``1e-4`` as a string and ``"false"``
+    is a string: a bare ``cls(**data)`` trained with those silently wrong, or failed with a TypeError.)"""
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise UserError(f"{source}: {name} cannot be empty (null)")
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    where = f"{source}: {name}: "
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise UserError(f"{where}{value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise UserError(f"{where}expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise UserError(f"{where}expected a whole number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not number.is_integer():
+            raise UserError(f"{where}expected a whole number, got {value!r}")
+        return int(number)
+    if hint is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{where}expected text, got {value!r}")
+        return str(value)
+    return value  # lists (fallbacks): as recorded
 
 
 def _closest(name: str, choices) -> str:

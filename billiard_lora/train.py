@@ -89,6 +89,9 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     config = config.replace(seed=seed if seed is not None else random.SystemRandom().randint(0, 2**31 - 1))
     check_output_dir(config, out)
     check_latent_cache_dir(config)
+    if config.max_train_steps and (early := find_checkpoint(out, config.resume_from_checkpoint)):  # before loading
+        check_steps_left(early, json.loads((early / STATE_FILE).read_text())["global_step"], config.max_train_steps,
+                         config)
     instance_images = load_training_images(config)
     config = resolve_hardware(config)
 
@@ -283,12 +286,15 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         global_step = json.loads((checkpoint / STATE_FILE).read_text())["global_step"]
         first_epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
         skip_batches = step_in_epoch * config.micro_steps
+        check_steps_left(checkpoint, global_step, max_train_steps, config)
         say(f"resuming from {checkpoint} at step {global_step} (epoch {first_epoch}, skipping {skip_batches} batches)")
         config = reconcile_resumed(config, checkpoint, accelerator.num_processes, say)
     elif config.resume_from_checkpoint:
         say(f"no checkpoint found in {out}; starting a new run")
 
     if accelerator.is_main_process:
+        if checkpoint is None and config.overwrite_output_dir:
+            clear_earlier_run(out, say)
         out.mkdir(parents=True, exist_ok=True)
         config.save(out / "config.json")
         init_trackers(accelerator, config)
@@ -307,7 +313,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if not config.instance_data_dir and (config.dataset_name or "default").strip() == "default":
         say(f"no --instance_data_dir or --dataset_name: training on the {len(instance_images)} synthetic billiard "
             f"scenes embedded in data/default (a demo set); pass your photos' folder to train on them")
-    say(f"training on {len(instance_images)} images ({len(class_images)} class images), {max_train_steps} steps, "
+    say(f"training on {_count(len(instance_images), 'image')} ({_count(len(class_images), 'class image')}), "
+        f"{_count(max_train_steps, 'step')}, "
         f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
         f"{accelerator.num_processes} process(es)"
         + (f" (folded: one batch of {config.micro_batch_size} per step)" if config.micro_steps < config.gradient_accumulation_steps
@@ -454,7 +461,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             summary.update(cuda_graph_replays=micro_step.replays, micro_steps=micro_step.calls,
                            cuda_graphs_recorded=len(micro_step.graphs), cuda_graph_failure=micro_step.failure)
         atomic_write_json(out / "summary.json", summary)
-        say(f"done: {global_step} steps in {summary['seconds']:.1f} s, {summary['images_per_second']:.2f} images/s, "
+        say(f"done: {_count(global_step, 'step')} in {summary['seconds']:.1f} s, {summary['images_per_second']:.2f} images/s, "
             f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['memory_kind']}); LoRA in {out}")
         if store is not None:
             say(f"latent cache on disk: {store.reads} views read, {store.writes} written ({store.folder})")
@@ -1262,6 +1269,18 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def clear_earlier_run(out: Path, say) -> None:
+    """--overwrite_output_dir on a new run: the earlier run's checkpoints and validation images go, so that a later
+    --resume_from_checkpoint=latest, generate --checkpoints and evaluate see this run's alone (class images and
+    TensorBoard logs stay: the first is reused, the second keeps runs apart by itself)."""
+    gone = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)] if out.is_dir() else []
+    gone += [p for p in (out / "validation",) if p.is_dir()]
+    for p in gone:
+        shutil.rmtree(p)
+    if gone:
+        say(f"--overwrite_output_dir: removed the earlier run's {', '.join(sorted(p.name for p in gone))} from {out}")
+
+
 def prune_checkpoints(out: Path, keep: int) -> None:
     for old in list_checkpoints(out)[: max(0, len(list_checkpoints(out)) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
@@ -1282,6 +1301,16 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
                         f"(no {STATE_FILE}); use 'latest' or one of: "
                         f"{', '.join(x.name for x in list_checkpoints(out)) or 'none found'}")
     return p
+
+
+def check_steps_left(checkpoint: Path, step: int, max_train_steps: int, config: TrainConfig) -> None:
+    """Resuming a run that already reached its last step: say so, rather than train a step past it and write over
+    the final LoRA."""
+    if step >= max_train_steps:
+        what = (f"--max_train_steps={config.max_train_steps}" if config.max_train_steps else
+                f"--num_train_epochs={config.num_train_epochs} ({max_train_steps} step{'s' * (max_train_steps != 1)})")
+        raise UserError(f"{checkpoint} is at step {step}, already at {what}: nothing to train; raise it to train on "
+                        f"(the LoRA of that step is in {checkpoint})")
 
 
 # what a resumed run takes from the checkpoint whatever the command line says (accelerate restores the optimizer's
@@ -1413,6 +1442,11 @@ def load_history(out: Path) -> list[dict]:
     with open(p) as fh:
         return [{"step": int(r["step"]), "epoch": int(r["epoch"]), "loss": float(r["loss"]), "lr": float(r["lr"])}
                 for r in csv.DictReader(fh)]
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 image', '3 images'."""
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _precision_words(mixed_precision: str) -> str:

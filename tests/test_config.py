@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from billiard_lora.config import TrainConfig, parse_args
@@ -44,6 +46,29 @@ def test_config_file_then_flags_override(tmp_path):
     bad.write_text('{"instance_prompt": "x", "learnig_rate": 1}')
     with pytest.raises(UserError, match="did you mean 'learning_rate'"):
         parse_args([f"--config={bad}"])
+
+
+def test_config_file_values_are_read_as_their_flags_would_be(tmp_path):
+    """YAML reads 1e-4 as a string and "false" stays a string: the first stopped with a TypeError, the second
+    trained with DoRA switched on."""
+    f = tmp_path / "run.yaml"
+    f.write_text('instance_prompt: x\nlearning_rate: 1e-4\nuse_dora: "false"\nrandom_flip: "yes"\nrank: 8.0\n'
+                 "seed: null\ncuda_graphs: off\n")
+    c = parse_args([f"--config={f}"])
+    assert (c.learning_rate, c.use_dora, c.random_flip, c.rank, c.seed, c.cuda_graphs) == (1e-4, False, True, 8, None,
+                                                                                           False)
+    assert type(c.rank) is int
+    for line, message in [("rank: four", "rank: expected a whole number, got 'four'"),
+                          ("rank: 2.5", "rank: expected a whole number, got 2.5"),
+                          ("learning_rate: fast", "learning_rate: expected a number"),
+                          ("use_dora: maybe", "use_dora: expected true or false"),
+                          ("mixed_precision: fp64", "mixed_precision: 'fp64' is not one of no, fp16, bf16"),
+                          ("resolution: null", "resolution cannot be empty")]:
+        f.write_text(f"instance_prompt: x\n{line}\n")
+        with pytest.raises(UserError, match=f"^{re.escape(str(f))}: {re.escape(message)}"):
+            parse_args([f"--config={f}"])
+    with pytest.raises(UserError, match="--mixed_precision='fp32' must be one of no, fp16, bf16"):
+        TrainConfig(instance_prompt="x", mixed_precision="fp32")  # a notebook's config, no file involved
 
 
 @pytest.mark.parametrize("flags, message", [

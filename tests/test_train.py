@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from billiard_lora.config import TrainConfig
 from billiard_lora.errors import UserError
 import billiard_lora.train as train_mod
-from billiard_lora.train import train
+from billiard_lora.train import list_checkpoints, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1526,3 +1526,40 @@ def test_a_folded_run_resumes_bit_for_bit(tiny_model_dir, tmp_path):
     a, b = lora_tensors(full), lora_tensors(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (full / "loss_history.csv").read_text() == (resumed / "loss_history.csv").read_text()
+
+
+def test_resuming_past_the_last_step_says_so_and_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """--max_train_steps 1 against a checkpoint at step 2 trained a third step and wrote over the final LoRA."""
+    import billiard_lora.models as models
+
+    data = make_images(tmp_path / "data", n=2)
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "o", max_train_steps=2, checkpointing_steps=2))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded for a run with nothing to train")
+
+    monkeypatch.setattr(models, "load_components", must_not_load)
+    for steps in (1, 2):
+        with pytest.raises(UserError, match=r"checkpoint-2 is at step 2, already at --max_train_steps=%d: nothing "
+                                             r"to train" % steps):
+            train(tiny_config(tiny_model_dir, data, out, max_train_steps=steps, resume_from_checkpoint="latest"))
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"already at --num_train_epochs=1 \(1 step\)"):  # 2 images, batch 2
+        train(tiny_config(tiny_model_dir, data, out, max_train_steps=None, num_train_epochs=1,
+                          resume_from_checkpoint="latest"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_output_dir_leaves_no_checkpoint_of_the_earlier_run(tiny_model_dir, tmp_path, capsys):
+    """The earlier run's checkpoint-4 stayed beside the new run's checkpoint-1, and --resume_from_checkpoint=latest
+    then went on with the earlier run."""
+    data = make_images(tmp_path / "data", n=2)
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "o", max_train_steps=4, checkpointing_steps=2,
+                            validation_prompt="x", validation_steps=2, num_validation_images=1,
+                            validation_inference_steps=1))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    capsys.readouterr()
+    train(tiny_config(tiny_model_dir, data, out, max_train_steps=1, checkpointing_steps=1, overwrite_output_dir=True))
+    assert "removed the earlier run's checkpoint-2, checkpoint-4, validation" in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"] and not (out / "validation").exists()
