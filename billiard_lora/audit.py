@@ -361,6 +361,16 @@ def _warnings(r: AuditReport) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+REPORT_MARKER = "billiard_lora_audit"  # the first key of a report audit --json wrote
+
+
+def _is_audit_report(path: Path) -> bool:
+    try:
+        return json.loads(path.expanduser().read_text()).get(REPORT_MARKER) is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Audit DIR and print the summary; 0 when trainable, 1 when not."""
@@ -374,9 +384,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated Kaggle splits, e.g. train,valid,test (train's --kaggle_splits)")
     p.add_argument("--caption_column", default=None, help="caption column of metadata.jsonl/csv, if any")
     p.add_argument("--hash_threshold", type=int, default=DEFAULT_HASH_THRESHOLD, help="max dHash bits apart")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it is there")
     args = p.parse_args(argv)
     if args.resolution <= 0:
         raise UserError(f"--resolution must be positive, got {args.resolution}")
+    if args.json:  # checked before the audit: an earlier report may be replaced, any other file only if asked
+        from .io import check_new_file
+
+        check_new_file(args.json, "--json", overwrite=args.overwrite or _is_audit_report(Path(args.json)))
 
     source = resolve_source(
         args.dir,
@@ -387,10 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     report = audit(source, args.resolution, hash_threshold=args.hash_threshold)
     print(report.summary())
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        print(f"wrote {out}")
+        from .io import atomic_write_json
+
+        atomic_write_json(Path(args.json).expanduser(), {REPORT_MARKER: True, **report.to_dict()})
+        print(f"wrote {args.json}")
     return 0 if report.trainable else 1
 
 

@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    from .config import MIN_RESOLUTION
+    from .io import check_out_folder
+
+    if args.resolution < MIN_RESOLUTION or args.resolution % 8:  # said now, not after the model and grids are made
+        raise UserError(f"--resolution {args.resolution} must be a multiple of 8, at least {MIN_RESOLUTION}")
+    check_out_folder(args.out, "--out")
     run_demo(Path(args.out), model=args.model, vae=args.vae, steps=args.steps, resolution=args.resolution)
     return 0
 

@@ -107,3 +107,19 @@ def out_of_memory_detail(exc: BaseException) -> str:
     if asked:
         return f"{asked[1]} more was asked"
     return ""
+
+
+def check_device(device: str | None, flag: str = "--device") -> str | None:
+    """A device flag's value checked before any model loads: a name torch knows, and a GPU that is there."""
+    if device is None:
+        return None
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UserError(f"{flag} {device!r} is not a device: use cuda, cuda:N, cpu or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UserError(f"{flag} {device}: {why}; leave {flag} out to use what is here")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{flag} {device}: no Apple GPU (MPS) here; leave {flag} out to use what is here")
+    return device

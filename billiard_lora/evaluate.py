@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import ArgumentParser, UserError, cli_entry
+from .errors import ArgumentParser, UserError, check_device, cli_entry
 from .generate import (DEFAULT_VAE_TILE, LoraSpec, active_loras, add_memory_arguments, check_memory_options,
                        generate, load_generation_pipeline, load_lora, lora_checkpoints, read_prompts_file, slugify,
                        unload_lora)
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from .io import atomic_path, atomic_write_json, atomic_write_text, check_out_folder
 from .models import CLIP_VIT_B32, CLIP_VIT_L14, DINO_VIT_S16
 from .viz import image_grid, save_image
 
@@ -511,7 +511,8 @@ def evaluate_run(output_dir: str | Path, *, prompts: Sequence[str] | None = None
     _check_counts(images_per_prompt, num_class_images, steps, height, width, copy_threshold)
     check_memory_options(cpu_offload=cpu_offload, cuda_graphs=False, vae_tiling=vae_tiling)
     variants = run_variants(run, include_base=include_base)
-    out_dir = Path(out).expanduser() if out is not None else run / "eval"
+    out_dir = check_out_folder(out, "--out") if out is not None else run / "eval"
+    check_device(device)
 
     prompt_list = fill_prompts(prompts, config.instance_prompt) if prompts else \
         evaluation_prompts(config.instance_prompt, num_prompts)
@@ -597,6 +598,8 @@ def evaluate_run(output_dir: str | Path, *, prompts: Sequence[str] | None = None
 def _read_run_config(run: Path):
     from .config import TrainConfig
 
+    if run.exists() and not run.is_dir():
+        raise UserError(f"{run} is a file: pass a training run's folder (its --output_dir)")
     if not run.is_dir():
         raise UserError(f"training output folder {run} does not exist")
     if not (run / "config.json").is_file():

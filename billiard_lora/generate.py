@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 from torch.nn.utils import parametrize
 
-from .errors import OUT_OF_MEMORY, ArgumentParser, UserError, cli_entry, out_of_memory_detail
+from .config import same_setting
+from .errors import OUT_OF_MEMORY, ArgumentParser, UserError, check_device, cli_entry, out_of_memory_detail
 from .lora import CHECKPOINT_PREFIX, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, read_metadata
 from .models import SDXL_BASE, SDXL_VAE_FP16_FIX, load_pipeline, store_weights_in_fp8
 from .viz import image_grid, save_image
@@ -444,6 +445,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 if _is_offloaded(pipe):
                     pipe.maybe_free_model_hooks()  # the model that ran out goes back to CPU memory, for what follows
                 raise GenerationOutOfMemory(pipe, exc, height, width, cuda_graphs, results, len(jobs)) from None
+            except KeyboardInterrupt:  # Ctrl-C: the images already made go with it, for the caller to keep
+                raise GenerationInterrupted(results, len(jobs)) from None
             results.append(GeneratedImage(
                 image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=num_inference_steps,
                 guidance_scale=guidance_scale, lora_scale=recorded_scale,
@@ -452,6 +455,14 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 fused=fused, fp8_base=fp8, vae_tiling=_decoded_in_tiles(pipe, image),
             ))
     return results
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C while generating; ``results``: the images made before it (of ``total``)."""
+
+    def __init__(self, results: list["GeneratedImage"], total: int):
+        super().__init__(f"{len(results)} of {total} images were made")
+        self.results, self.total = results, total
 
 
 class GenerationOutOfMemory(UserError):
@@ -697,7 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_arguments(p)
     p.add_argument("--grid", action="store_true", help="also a prompts x seeds grid of the images")
     p.add_argument("--sweep", action="store_true", help="a LoRA-scale sweep grid per prompt (see --scales)")
-    p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="scales for --sweep")
+    p.add_argument("--scales", type=float, nargs="+", default=None,
+                   help=f"scales for --sweep (default: {' '.join(map(str, DEFAULT_SCALES))})")
     p.add_argument("--compare", action="store_true", help="base model vs LoRA grid per seed")
     p.add_argument("--checkpoints", metavar="DIR", help="grid of a training run's checkpoints per seed")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
@@ -706,6 +718,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from .io import check_out_folder
+
+    if args.scales is not None and not args.sweep:
+        raise UserError("--scales sets the LoRA scales of --sweep: add --sweep (or give one scale as --lora DIR:SCALE)")
+    args.scales = args.scales or list(DEFAULT_SCALES)
+    check_device(args.device)
+    check_out_folder(args.out, "--out")  # before minutes of sampling, not after
     if (args.sweep or args.compare) and not args.lora:
         raise UserError("--sweep and --compare need a LoRA: add --lora DIR")
     if args.fuse and (args.sweep or args.compare or args.checkpoints):
@@ -742,7 +761,7 @@ def _default_model_and_vae(args: argparse.Namespace, lora_files: list[Path]) -> 
         return model, None
     if args.vae != "config":
         return model, args.vae
-    if trained and model == trained.get("pretrained_model_name_or_path"):
+    if trained and same_setting("pretrained_model_name_or_path", model, trained.get("pretrained_model_name_or_path")):
         return model, trained.get("pretrained_vae_model_name_or_path")  # None: the run used the model's own
     return model, SDXL_VAE_FP16_FIX
 
@@ -781,6 +800,10 @@ def main(argv: list[str] | None = None) -> int:
             for path in save_results(exc.results, out):
                 print(path)
             raise
+        except GenerationInterrupted as exc:
+            for path in save_results(exc.results, out):
+                print(path)
+            raise KeyboardInterrupt(f"the {len(exc.results)} of {exc.total} images made are saved in {out}") from None
         written += save_results(results, out)
         if args.grid:
             grid = _grid(results, prompts, [f"seed {s}" for s in args.seeds])

@@ -87,3 +87,38 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     else:
         os.replace(tmp_dir, final_dir)
     _fsync_dir(final_dir.parent)
+
+
+# ============================================================================ where a command may write
+def _nearest_existing(p: Path) -> Path:
+    return p if p.exists() else next((q for q in p.parents if q.exists()), Path("."))
+
+
+def check_out_folder(path: str | Path, flag: str) -> Path:
+    """A folder a command will write into: one line naming ``flag`` for a file in the way or a place it cannot
+    write, before any work is done (not a traceback after it)."""
+    from .errors import UserError
+
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is a file; pass a folder")
+    probe = _nearest_existing(p)
+    if not probe.is_dir():
+        raise UserError(f"{flag} {p}: {probe} is a file, not a folder; choose another place")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {p}: {probe} is not writable; choose a folder you can write to")
+    return p
+
+
+def check_new_file(path: str | Path, flag: str, *, overwrite: bool = False) -> Path:
+    """A file a command will write: not a folder, in a place it can write, and not an existing file unless
+    ``overwrite`` (the command's --overwrite): nothing already written is replaced without being asked."""
+    from .errors import UserError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{flag} {p} is a folder; pass a file name")
+    if p.exists() and not overwrite:
+        raise UserError(f"{flag} {p} already exists; pass --overwrite to replace it, or choose another name")
+    check_out_folder(p.parent, flag)
+    return p

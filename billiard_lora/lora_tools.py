@@ -156,7 +156,7 @@ def _detect_format(keys: Iterable[str]) -> str:
     if any(k.endswith(d) for k in keys for d, _ in _STYLES):
         return "diffusers"
     first = keys[0] if keys else "(no tensors)"
-    raise UserError(f"not a LoRA file: no lora_down / lora.down / lora_A keys (first key: {first})")
+    raise UserError(f"not a LoRA file: it has no lora_down / lora.down / lora_A keys (first key: {first})")
 
 
 def _adapter_configs(header: Mapping[str, str], path: Path, fmt: str) -> dict[str, dict]:
@@ -196,7 +196,10 @@ def load_lora_file(path: str | Path) -> LoraFile:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
         raise UserError(f"{path} could not be read as safetensors ({type(exc).__name__}: {str(exc)[:120]})") from None
-    fmt = _detect_format(tensors)
+    try:
+        fmt = _detect_format(tensors)
+    except UserError as exc:
+        raise UserError(f"{path} is {exc}") from None
     configs = _adapter_configs(header, path, fmt)
 
     layers: dict[str, Layer] = {}
@@ -780,21 +783,31 @@ def kohya_to_diffusers(lora: LoraFile, unet_config: Mapping[str, Any] | None = N
     return layers, configs
 
 
-def _output_file(out: str | Path, default_name: str) -> Path:
+def _output_file(out: str | Path, default_name: str, overwrite: bool = False) -> Path:
+    """--out as a file: a .safetensors path, or ``default_name`` in the folder it names; never an existing file
+    (a run's own LoRA, say) unless ``overwrite``."""
+    from .io import check_new_file, check_out_folder
+
     out = Path(out).expanduser()
-    return out if out.suffix == ".safetensors" else out / default_name
+    if out.suffix != ".safetensors":
+        out = check_out_folder(out, "--out") / default_name
+    return check_new_file(out, "--out", overwrite=overwrite)
 
 
-def convert_lora(path: str | Path, to: str, out: str | Path, *, unet_config: Mapping[str, Any] | None = None) -> Path:
+def convert_lora(path: str | Path, to: str, out: str | Path, *, unet_config: Mapping[str, Any] | None = None,
+                 overwrite: bool = False) -> Path:
     """Convert FILE to ``to`` ("kohya" or "diffusers") and write it to ``out`` (a .safetensors path or a folder)."""
     from .io import save_safetensors
 
     if to not in ("kohya", "diffusers"):
         raise UserError(f"--to must be kohya or diffusers, not {to!r}")
     lora = load_lora_file(path)
-    out_file = _output_file(out, KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME)
+    out_file = Path(out).expanduser()
+    out_file = out_file if out_file.suffix == ".safetensors" else out_file / (
+        KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME)
     if out_file.resolve() == lora.path.resolve():
         raise UserError(f"--out {out_file} is the input file; write the converted LoRA somewhere else")
+    out_file = _output_file(out, KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME, overwrite)
     if to == "kohya":
         tensors, header = to_kohya(lora)
         save_safetensors(tensors, out_file, metadata=header)
@@ -857,8 +870,8 @@ def resize_layer(layer: Layer, *, rank: int | None = None, energy: float | None 
     return down.contiguous(), up.contiguous(), ResizedLayer(layer.name, layer.rank, k, kept, s)
 
 
-def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, energy: float | None = None
-                ) -> tuple[Path, list[ResizedLayer]]:
+def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, energy: float | None = None,
+                overwrite: bool = False) -> tuple[Path, list[ResizedLayer]]:
     """SVD-resize every layer and write the result in the input's own format (so it loads where the input did)."""
     from tqdm.auto import tqdm
 
@@ -880,9 +893,12 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, e
         raise UserError(f"--rank {rank} is above this LoRA's rank ({top}): resizing keeps the strongest directions of "
                         f"each layer, so it can only lower a rank; train again with --rank {rank} for a larger one")
     default = {"kohya": KOHYA_WEIGHT_NAME, "peft": "adapter_model.safetensors"}.get(lora.format, LORA_WEIGHT_NAME)
-    out_file = _output_file(out, lora.path.name if lora.path.name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME) else default)
+    name = lora.path.name if lora.path.name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME) else default
+    out_file = Path(out).expanduser()
+    out_file = out_file if out_file.suffix == ".safetensors" else out_file / name
     if out_file.resolve() == lora.path.resolve():
         raise UserError(f"--out {out_file} is the input file; write the resized LoRA somewhere else")
+    out_file = _output_file(out, name, overwrite)
 
     tensors = dict(lora.tensors)
     infos: list[ResizedLayer] = []
@@ -1130,6 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--to", required=True, choices=["kohya", "diffusers"])
     sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
+    sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     sp = sub.add_parser("resize", help="SVD to a lower rank (or the rank that keeps a fraction of the energy)")
     sp.add_argument("file", metavar="FILE")
     group = sp.add_mutually_exclusive_group(required=True)
@@ -1138,6 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="per layer, keep the fewest singular values holding this share of ||ΔW||² (e.g. 0.9)")
     sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
     sp.add_argument("--quiet", action="store_true", help="only the summary line, not one line per layer")
+    sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     sp = sub.add_parser("merge", help="fuse into the base model and save a standalone pipeline (safetensors)")
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--model", required=True, help="base model: hub id or local diffusers folder")
@@ -1156,13 +1174,13 @@ def main(argv: list[str] | None = None) -> int:
         report = inspect_lora(args.file)
         print(json.dumps(report, indent=2, default=str) if args.json else format_inspect(report))
     elif args.command == "convert":
-        out = convert_lora(args.file, args.to, args.out)
+        out = convert_lora(args.file, args.to, args.out, overwrite=args.overwrite)
         print(f"wrote {out}")
         converted = load_lora_file(out)
         if args.to == "kohya" and detect_base_model(converted)[0] == "SDXL":
             print(f"{kohya_key_report(converted.tensors).summary()} (checked against the SDXL base 1.0 layout)")
     elif args.command == "resize":
-        out, infos = resize_lora(args.file, args.out, rank=args.rank, energy=args.energy)
+        out, infos = resize_lora(args.file, args.out, rank=args.rank, energy=args.energy, overwrite=args.overwrite)
         print(format_resize(infos, out, per_layer=not args.quiet))
     elif args.command == "merge":
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]

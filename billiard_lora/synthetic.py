@@ -333,9 +333,14 @@ def write_default_dataset(out_dir: str | Path, n: int = 12, size: int = 256) -> 
 def main(argv: list[str] | None = None) -> int:
     """CLI: python -m billiard_lora.synthetic [OUT_DIR]."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: python -m billiard_lora.synthetic [OUT_DIR]\n\n{__doc__.strip()}")
+        return 0
     if len(argv) > 1 or (argv and argv[0].startswith("-")):
         raise UserError("usage: python -m billiard_lora.synthetic [OUT_DIR]  (default: data/default)")
-    out = write_default_dataset(argv[0] if argv else paths.DEFAULT_DATA_DIR)
+    from .io import check_out_folder
+
+    out = write_default_dataset(check_out_folder(argv[0], "OUT_DIR") if argv else paths.DEFAULT_DATA_DIR)
     total = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {out} ({total / 1024:.0f} KiB)")
     return 0

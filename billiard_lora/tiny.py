@@ -9,13 +9,16 @@ written by ``save_tiny_pipeline`` with ``HF_HUB_OFFLINE=1``.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .errors import ArgumentParser, cli_entry
+
+TINY_MARKER = "BILLIARD_LORA_TINY.json"  # in every folder save_tiny_pipeline writes: random weights, not a model
 
 # The words the tiny tokenizer learns merges from: enough for our prompts to become a handful of tokens each.
 _CORPUS = """
@@ -222,12 +225,26 @@ def save_tiny_pipeline(out_dir: str | Path, *, seed: int = 0, shape: str = "tiny
         (out / sub / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
         (out / sub / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     # Mark what this is so nobody mistakes it for real weights.
-    (out / "BILLIARD_LORA_TINY.json").write_text(json.dumps({"shape": shape, "seed": seed, "random_weights": True}))
+    (out / TINY_MARKER).write_text(json.dumps({"shape": shape, "seed": seed, "random_weights": True}))
     return out
 
 
+def check_tiny_out(out_dir: str | Path) -> Path:
+    """The folder ``tiny`` writes into: new, empty, or an earlier tiny pipeline's; never a real model's (its weights
+    would be replaced by random ones) or a training run's."""
+    from .errors import UserError
+    from .io import check_out_folder
+
+    out = check_out_folder(out_dir, "OUT_DIR")
+    if out.is_dir() and any(out.iterdir()) and not (out / TINY_MARKER).is_file():
+        raise UserError(f"{out} is not empty and holds no tiny pipeline ({TINY_MARKER}): it could be a real "
+                        f"model's folder, whose weights this would replace with random ones; choose a new folder")
+    return out
+
+
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m billiard_lora.tiny", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m billiard_lora.tiny", description=__doc__.splitlines()[0])
     p.add_argument("out_dir", help="folder to write the pipeline to")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", choices=["tiny", "small", "full"], default="tiny",
@@ -235,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="where to build it (cuda is much faster for --shape full)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="precision of the saved weights")
     args = p.parse_args(argv)
+    check_tiny_out(args.out_dir)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     out = save_tiny_pipeline(args.out_dir, seed=args.seed, shape=args.shape, device=args.device, dtype=dtype)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -286,5 +304,5 @@ def _save_eval_model(out_dir: str | Path, model, processor, kind: str, seed: int
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    (out / "BILLIARD_LORA_TINY.json").write_text(json.dumps({"kind": kind, "seed": seed, "random_weights": True}))
+    (out / TINY_MARKER).write_text(json.dumps({"kind": kind, "seed": seed, "random_weights": True}))
     return out

@@ -296,8 +296,12 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         if checkpoint is None and config.overwrite_output_dir:
             clear_earlier_run(out, say)
         out.mkdir(parents=True, exist_ok=True)
+        try:  # first: a logging folder that cannot be made stops the run before config.json is written
+            init_trackers(accelerator, config)
+        except OSError as exc:
+            raise UserError(f"--logging_dir={config.logging_dir}: cannot write there ({exc.strerror or exc}); "
+                            f"choose another folder, or --report_to none") from None
         config.save(out / "config.json")
-        init_trackers(accelerator, config)
     history = load_history(out) if checkpoint is not None else []
     history = [h for h in history if h["step"] <= global_step]
 
@@ -710,6 +714,10 @@ def check_output_dir(config: TrainConfig, out: Path) -> None:
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise UserError(f"--output_dir={out}: {probe} is not writable; choose a folder you can write to")
+    if config.report_to not in (None, "none") and config.logging_dir:
+        from .io import check_out_folder
+
+        check_out_folder(out / config.logging_dir, "--logging_dir")  # (an absolute one stands for itself)
 
 
 def stopped_before_saving(out: Path, config: TrainConfig) -> bool:

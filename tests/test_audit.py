@@ -231,6 +231,21 @@ def test_cli_exit_codes(messy, tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
 
 
+def test_cli_json_never_replaces_another_file_unasked(messy, tmp_path, capsys):
+    """`audit DIR --json RUN/config.json` replaced the run's config with the report, and exited 0."""
+    config = tmp_path / "config.json"
+    config.write_text('{"instance_prompt": "x"}')
+    assert main([str(messy), "--json", str(config)]) == 2
+    assert "--json " + str(config) + " already exists; pass --overwrite" in capsys.readouterr().err
+    assert config.read_text() == '{"instance_prompt": "x"}'
+    assert main([str(messy), "--json", str(tmp_path)]) == 2  # a folder: one line, not IsADirectoryError
+    assert "is a folder; pass a file name" in capsys.readouterr().err
+    report = tmp_path / "report.json"
+    assert main([str(messy), "--json", str(report)]) == 1 and main([str(messy), "--json", str(report)]) == 1
+    assert main([str(messy), "--json", str(config), "--overwrite"]) == 1  # an earlier report, or asked: replaced
+    assert json.loads(config.read_text())["n_bad"] == 4
+
+
 def test_cli_as_a_module_prints_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "billiard_lora.audit", str(tmp_path / "missing")],

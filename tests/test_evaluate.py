@@ -289,11 +289,14 @@ def test_cli_evaluates_from_the_cache_and_prints_the_table(evaluated, trained_ru
     ("{run}", ["--height", "30"], "multiple of 8"),
     ("{run}", ["--clip_model", "{tmp}"], "no config.json"),
     ("{run}", ["--bogus"], "unrecognized arguments"),
+    ("{run}/config.json", [], "is a file: pass a training run's folder"),
+    ("{run}", ["--out", "{run}/config.json"], "is a file; pass a folder"),
+    ("{run}", ["--device", "bogus"], "is not a device"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(run, extra, message, trained_run, tmp_path, capsys):
     small = ["--out", str(tmp_path / "eval"), "--num_prompts", "1", "--images_per_prompt", "1", "--steps", "1"]
     # argparse keeps a flag's last value: the case's flags come after the small defaults
-    argv = [run.format(run=trained_run)] + small + [a.format(tmp=tmp_path) for a in extra]
+    argv = [run.format(run=trained_run)] + small + [a.format(tmp=tmp_path, run=trained_run) for a in extra]
     rc = ev.main(argv)
     err = capsys.readouterr().err
     assert rc == 2

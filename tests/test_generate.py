@@ -516,6 +516,9 @@ def test_cli_sweep_and_checkpoints(tiny_model_dir, lora_run, tmp_path, capsys, s
     (["--stepz", "3"], "unrecognized arguments"),
     (["--vae_tiling", "100"], "multiple of 64"),
     (["--cpu_offload", "--cuda_graphs"], "cannot be combined"),
+    (["--scales", "0.5", "1.5"], "--scales sets the LoRA scales of --sweep: add --sweep"),  # was silently ignored
+    (["--device", "bogus"], "--device 'bogus' is not a device"),
+    (["--out", __file__], "is a file; pass a folder"),  # said before sampling, not as a traceback after it
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(["--model", "/nonexistent", *args]) == 2
@@ -538,5 +541,29 @@ def test_cli_generates_with_the_model_and_vae_the_lora_was_trained_with(tiny_mod
     ns = lambda **kw: argparse.Namespace(**{"model": None, "vae": "config", "checkpoints": None, **kw})
     assert _default_model_and_vae(ns(), [lora]) == (str(tiny_model_dir), None)  # the run used the model's own VAE
     assert _default_model_and_vae(ns(model="other"), [lora]) == ("other", SDXL_VAE_FP16_FIX)
+    os.chdir(tiny_model_dir.parent)  # the run's model typed as a relative path is still the run's model
+    try:
+        assert _default_model_and_vae(ns(model=tiny_model_dir.name), [lora]) == (tiny_model_dir.name, None)
+    finally:
+        os.chdir(REPO)
     assert _default_model_and_vae(ns(vae="none"), []) == (SDXL_BASE, None)
     assert _default_model_and_vae(ns(checkpoints=str(lora_run)), []) == (str(tiny_model_dir), None)
+
+
+def test_ctrl_c_keeps_the_images_already_made(tiny_model_dir, lora_run, tmp_path, monkeypatch, capsys):
+    from diffusers import StableDiffusionXLPipeline
+
+    real, calls = StableDiffusionXLPipeline.__call__, []
+
+    def interrupted_at_the_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", interrupted_at_the_third)
+    out = tmp_path / "out"
+    code = main(["--lora", str(lora_run), "--prompt", PROMPT, "--seeds", "0", "1", "2", "3", "--steps", "2",
+                 "--height", "32", "--width", "32", "--device", "cpu", "--out", str(out)])
+    assert code == 130 and len(list(out.glob("*.png"))) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"interrupted; the 2 of 4 images made are saved in {out}"

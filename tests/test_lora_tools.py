@@ -447,3 +447,32 @@ def test_merge_never_replaces_a_folder_that_is_not_an_earlier_merge(tmp_path, ti
     lt.check_merge_out(tmp_path / "new", str(tiny_model_dir))  # a new folder
     with pytest.raises(UserError, match="--overwrite replaces"):
         lt.check_merge_out(earlier, str(tiny_model_dir))
+
+
+def test_convert_and_resize_never_replace_a_file_unasked(trained, tmp_path):
+    """`lora convert x --to diffusers --out RUN` wrote over the run's own trained LoRA, and exited 0."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"the run's own LoRA")
+    kohya = lt.convert_lora(trained, "kohya", tmp_path / "k.safetensors")
+    with pytest.raises(UserError, match=r"--out .*run/pytorch_lora_weights.safetensors already exists; pass "
+                                        r"--overwrite to replace it"):
+        lt.convert_lora(kohya, "diffusers", run)
+    with pytest.raises(UserError, match="already exists"):
+        lt.resize_lora(trained, run / "pytorch_lora_weights.safetensors", rank=2)
+    with pytest.raises(UserError, match="already exists"):
+        lt.convert_lora(trained, "kohya", tmp_path / "k.safetensors")  # the same command twice
+    assert (run / "pytorch_lora_weights.safetensors").read_bytes() == b"the run's own LoRA"
+    assert lt.convert_lora(trained, "kohya", tmp_path / "k.safetensors", overwrite=True) == tmp_path / "k.safetensors"
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match=r"--out .*notes.txt is a file; pass a folder"):
+        lt.convert_lora(trained, "kohya", tmp_path / "notes.txt")
+    with pytest.raises(UserError, match=r"is not a LoRA file: it has no lora_down"):
+        lt.load_lora_file(_non_lora_file(tmp_path))
+
+
+def _non_lora_file(tmp_path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"conv_in.weight": torch.zeros(2, 2)}, str(tmp_path / "vae.safetensors"))
+    return tmp_path / "vae.safetensors"
