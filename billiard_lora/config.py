@@ -529,8 +529,8 @@ class _Parser(argparse.ArgumentParser):
                     hints.append(b.split("=")[0] + _closest(b.split("=")[0], flags))
             if hints:
                 message = "unrecognized arguments: " + ", ".join(hints)
-        # One line, not the 80-line usage: the full list is in --help.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        # One line through cli_entry ("error: ..."), not the 80-line usage: the full list is in --help.
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser(prog: str = "python -m billiard_lora.train") -> argparse.ArgumentParser:
@@ -555,6 +555,11 @@ def build_parser(prog: str = "python -m billiard_lora.train") -> argparse.Argume
                 group._group_actions.remove(action)
         for opt in action.option_strings:
             parser._option_string_actions.pop(opt, None)
+    for action in parser._actions:  # HfArgumentParser gives --no_X the help of --X, which then reads backwards
+        negative = next((o for o in action.option_strings if o.startswith("--no_")), None)
+        if negative:
+            # (%(default).0s prints nothing: it keeps the formatter from adding its own "(default: False)")
+            action.help = f"turn off --{negative[len('--no_'):]} (on by default)%(default).0s"
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings; flags given here override it.")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # torch.distributed.launch
     # diffusers' flags this trainer does not take: recognised, so a copied command gets a reason, not "unrecognized"

@@ -47,6 +47,11 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
+# Library warnings about nothing a user of ours can or should change, left out of a command's output
+HARMLESS_LIBRARY_WARNINGS = (
+    "local_dir_use_symlinks",  # huggingface_hub: diffusers itself still passes the deprecated argument
+    "will assume that the vocabulary was not modified",  # peft: SDXL's tokenizers are never resized here
+)
 
 
 def show_warning_plainly(message, category, filename, lineno, file=None, line=None) -> None:
@@ -55,7 +60,10 @@ def show_warning_plainly(message, category, filename, lineno, file=None, line=No
     Our own warnings are addressed to the user (they name the file or flag), so the text is all; a library's keeps
     its category and package, so that a deprecation can still be told from a problem with the run."""
     text = str(message).strip()
-    if not str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+    ours = str(Path(filename).resolve()).startswith(_PACKAGE_DIR)
+    if not ours and any(noise in text for noise in HARMLESS_LIBRARY_WARNINGS):
+        return
+    if not ours:
         parts = Path(filename).parts
         origin = next((parts[i + 1] for i in range(len(parts) - 1) if parts[i] == "site-packages"), Path(filename).name)
         text = f"{text} [{category.__name__} from {origin}]"

@@ -231,6 +231,8 @@ def load_lpips(device: str | torch.device = "cpu"):
     try:
         import lpips  # noqa: F401  (optional: pip install lpips; it imports torchvision)
     except Exception as exc:  # ImportError, or torchvision's own import errors
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "lpips":
+            return None, "the lpips package is not installed (pip install lpips)"
         return None, f"the lpips package cannot be imported ({type(exc).__name__}: {_first_line(exc)})"
     try:
         metric = lpips.LPIPS(net="alex", verbose=False).eval().to(device)
@@ -915,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['label']:<16}{step:>6}" + "".join(f"{_fmt(r['metrics'][k]):>9}" for k in METRICS) +
               f"  {len(r['memorisation']['near_copies'])}")
     if not result["lpips"]["available"]:
-        print(f"DIV: {DIV_FALLBACK} ({result['lpips']['reason']})")
+        print(f"DIV is 1 - DINO similarity here, not LPIPS: {result['lpips']['reason']}")
     print(f"report: {Path(result['out']) / 'eval.md'}")
     return 0
 

@@ -122,12 +122,31 @@ def resolve_lora_file(path: str | Path) -> Path:
         if p.suffix != ".safetensors":
             raise UserError(f"LoRA file {p} is not a .safetensors file: expected {expected} (pickled .bin/.pt "
                             f"files can run code when loaded, so they are not read)")
+        _check_is_lora(p)
         return p
     head, colon, tail = str(path).rpartition(":")
     if colon and head and Path(head).expanduser().exists():  # "run:abc": the path is there, the scale is not a number
         raise UserError(f"--lora '{path}': the scale '{tail}' after the colon is not a number; "
                         f"write it as {head}:0.8 (or leave it out for 1.0)")
     raise UserError(f"LoRA '{path}' does not exist: expected {expected}")
+
+
+def _check_is_lora(path: Path) -> None:
+    """A .safetensors file whose keys are a LoRA's (read from the header alone): a VAE or UNet file given by mistake
+    is named as such, not as a LoRA that "does not fit the base model"."""
+    from safetensors import safe_open
+
+    from .lora_tools import _detect_format
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error types for truncated or foreign files
+        raise UserError(f"{path} could not be read as safetensors ({type(exc).__name__}: {str(exc)[:120]})") from None
+    try:
+        _detect_format(keys)
+    except UserError as exc:
+        raise UserError(f"--lora {path} is {exc}") from None
 
 
 def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_VAE_FP16_FIX,
@@ -688,14 +707,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training output folder or .safetensors (diffusers or kohya), optional weight; repeatable")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     p.add_argument("--prompts_file", help="text file, one prompt per line")
-    p.add_argument("--instance_prompt", help="default prompts are famous people phrased like this "
-                                             "(default: the LoRA's training instance prompt)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=30, help="inference steps")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--negative_prompt")
+    p.add_argument("--instance_prompt",
+                   help="without --prompt: famous people put in this prompt's place, e.g. 'a photo of messi playing "
+                        "billiard' gives '... of cristiano ronaldo playing billiard' (default: the prompt the LoRA "
+                        "was trained with)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one image per prompt and seed; the same seed gives the same image (default: 0)")
+    p.add_argument("--steps", type=int, default=30, help="inference steps (default: 30)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5.0)")
+    p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's, 1024 "
+                                              "for SDXL)")
+    p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--negative_prompt", help="what the images should not show, e.g. 'blurry, lowres'")
     p.add_argument("--fuse", action="store_true",
                    help="merge the LoRAs into the model weights: base-model speed (unfused costs ~12%% more per step "
                         "on CPU); scales fixed")
@@ -713,7 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="base model vs LoRA grid per seed")
     p.add_argument("--checkpoints", metavar="DIR", help="grid of a training run's checkpoints per seed")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--out", default="outputs/generate", help="folder for the PNGs (never overwritten)")
+    p.add_argument("--out", default="outputs/generate",
+                   help="folder for the PNGs; an existing file is never overwritten (default: outputs/generate)")
     return p
 
 

@@ -996,16 +996,20 @@ def merge_lora(path: str | Path, model: str, out: str | Path, *, vae: str | None
     check_merge_out(out, model, overwrite)
     lora = load_lora_file(path)
     pipe = load_pipeline(model, pretrained_vae_model_name_or_path=vae)
+    from .generate import _quiet_loading
+
     try:
-        pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name="merge")
+        with _quiet_loading():  # "No LoRA keys associated to CLIPTextModel": what loaded is counted just below
+            pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name="merge")
     except (ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"diffusers could not load {lora.path} into {model}: {str(exc).strip()[:200]}") from None
     loaded = sum(count_lora_layers(pipe).values())
     if loaded != len(lora.layers):
         raise UserError(f"only {loaded} of the {len(lora.layers)} LoRA layers in {lora.path} found a module in "
                         f"{model}; is it the base model the LoRA was trained on?")
-    pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
-    pipe.unload_lora_weights()  # drops the adapter modules; the fused weights stay
+    with _quiet_loading():
+        pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
+        pipe.unload_lora_weights()  # drops the adapter modules; the fused weights stay
     if torch_dtype is not None:
         pipe.to(dtype=torch_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)

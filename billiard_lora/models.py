@@ -65,6 +65,8 @@ def _friendly_errors(what: str, name: str) -> Iterator[None]:
             reach = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached or has no such repo"
             hint = (f"it is not a local folder and {reach}; download it once where there is network "
                     f"(hf download {name} --local-dir DIR) and point at DIR, or set HF_HOME to a cache that has it")
+        if not _is_local(name):  # the hint says it all; the hub client's own text only repeats it, cut short
+            raise UserError(f"could not load {what} '{name}': {hint}") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load {what} '{name}': {hint} ({type(exc).__name__}: {first[:200]})") from None
 

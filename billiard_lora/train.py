@@ -1305,9 +1305,11 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
     if not p.is_absolute() and not p.exists():
         p = out / resume
     if not (p / STATE_FILE).is_file():
-        raise UserError(f"--resume_from_checkpoint={resume}: {p} is not a complete checkpoint "
-                        f"(no {STATE_FILE}); use 'latest' or one of: "
-                        f"{', '.join(x.name for x in list_checkpoints(out)) or 'none found'}")
+        found = ", ".join(x.name for x in list_checkpoints(out))
+        what = "does not exist" if not p.exists() else f"is not a complete checkpoint (no {STATE_FILE})"
+        raise UserError(f"--resume_from_checkpoint={resume}: {p} {what}; "
+                        + (f"use 'latest' or one of: {found}" if found else
+                           f"{out} holds no complete checkpoint, so leave the flag out to start the run"))
     return p
 
 

@@ -136,6 +136,9 @@ def test_missing_or_empty_lora_paths_fail_before_the_model_loads(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"x")
     with pytest.raises(UserError, match="not a .safetensors file"):
         resolve_lora_file(tmp_path / "w.bin")
+    save_file({"encoder.conv_in.weight": torch.zeros(2, 2)}, str(tmp_path / "vae.safetensors"))  # a VAE, say
+    with pytest.raises(UserError, match=r"--lora .*vae.safetensors is not a LoRA file: it has no lora_down"):
+        resolve_lora_file(tmp_path / "vae.safetensors")
 
 
 def test_lora_for_another_base_model_is_refused_and_the_pipeline_is_unharmed(tiny_model_dir, lora_run, tmp_path):

@@ -290,6 +290,10 @@ def test_a_librarys_warning_keeps_its_category_and_package(capsys):
     show_warning_plainly(FutureWarning("`foo` is deprecated"), FutureWarning,
                          "/x/lib/python3.11/site-packages/diffusers/utils/deprecation_utils.py", 40, file=stream)
     assert stream.getvalue() == "warning: `foo` is deprecated [FutureWarning from diffusers]\n"
+    show_warning_plainly(UserWarning("Could not find a config file in m - will assume that the vocabulary was not "
+                                     "modified."), UserWarning, "/x/site-packages/peft/utils/save_and_load.py", 313,
+                         file=stream)
+    assert stream.getvalue().count("\n") == 1, "a known harmless library warning is left out"
     assert warnings.showwarning is not show_warning_plainly, "cli_entry must put Python's own back afterwards"
 
 
