@@ -94,8 +94,8 @@ def resolve_source(
             )
         folder = Path(instance_data_dir).expanduser()
         if not folder.is_dir():
-            raise UserError(f"--instance_data_dir {instance_data_dir}: "
-                            + ("a file; pass the folder that holds the images" if folder.exists() else "no such folder"))
+            what = "a file; pass the folder that holds the images" if folder.exists() else "no such folder"
+            raise UserError(f"--instance_data_dir {instance_data_dir}: {what}")
         return _folder_source(folder, **folder_kw)
     if name is None:
         if not paths.DEFAULT_DATA_DIR.is_dir():

@@ -321,8 +321,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         f"{_count(max_train_steps, 'step')}, "
         f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
         f"{accelerator.num_processes} process(es)"
-        + (f" (folded: one batch of {config.micro_batch_size} per step)" if config.micro_steps < config.gradient_accumulation_steps
-           else "")
+        + (f" (folded: one batch of {config.micro_batch_size} per step)"
+           if config.micro_steps < config.gradient_accumulation_steps else "")
         + f", {_precision_words(accelerator.mixed_precision)}, device {device}")
     from tqdm.auto import tqdm
 
@@ -465,7 +465,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             summary.update(cuda_graph_replays=micro_step.replays, micro_steps=micro_step.calls,
                            cuda_graphs_recorded=len(micro_step.graphs), cuda_graph_failure=micro_step.failure)
         atomic_write_json(out / "summary.json", summary)
-        say(f"done: {_count(global_step, 'step')} in {summary['seconds']:.1f} s, {summary['images_per_second']:.2f} images/s, "
+        say(f"done: {_count(global_step, 'step')} in {summary['seconds']:.1f} s, "
+            f"{summary['images_per_second']:.2f} images/s, "
             f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['memory_kind']}); LoRA in {out}")
         if store is not None:
             say(f"latent cache on disk: {store.reads} views read, {store.writes} written ({store.folder})")

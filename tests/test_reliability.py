@@ -311,7 +311,8 @@ def test_a_run_stopped_before_its_first_save_starts_again_without_flags(tiny_mod
         train(tiny_config(tiny_model_dir, data, out, max_train_steps=2, report_to="tensorboard"),
               callback=stop_at_first_step)
     assert (out / "config.json").is_file() and not list(out.glob("*.safetensors"))
-    assert (train(tiny_config(tiny_model_dir, data, out, max_train_steps=2)) / "pytorch_lora_weights.safetensors").is_file()
+    again = train(tiny_config(tiny_model_dir, data, out, max_train_steps=2))
+    assert (again / "pytorch_lora_weights.safetensors").is_file()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.json").write_text('{"model_type": "something else"}')

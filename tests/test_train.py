@@ -1575,7 +1575,8 @@ def test_fold_accumulation_on_two_processes_trains_the_unfolded_runs_lora(tiny_m
     for fold in ([], ["--fold_accumulation"]):
         out = tmp_path / f"ddp{len(fold)}"
         r = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "billiard_lora.train",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "-m", "billiard_lora.train",
                   f"--pretrained_model_name_or_path={tiny_model_dir}", f"--instance_data_dir={data}",
                   f"--output_dir={out}", "--instance_prompt=sks billiard", "--resolution=32", "--train_batch_size=1",
                   "--gradient_accumulation_steps=2", "--max_train_steps=2", "--seed=0", "--report_to=none",
