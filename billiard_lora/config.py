@@ -114,7 +114,8 @@ class TrainConfig:
                "train_batch_size x gradient_accumulation_steps: the same images, noise and timesteps, so the same "
                "gradient (the mean over those images), in fewer and larger GPU launches; faster where the memory "
                "allows (an H100 runs SDXL's UNet with LoRA at batch 2 in 0.72x batch 1's time per image). With "
-               "aspect-ratio buckets of several shapes, a step's images then all come from one bucket.")
+               "aspect-ratio buckets of several shapes, a step's images then all come from one bucket; with "
+               "--lora_dropout the masks are drawn in another order.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory by recomputing activations.")
     gradient_checkpointing_interval: int = _f(
         1, "(SimpleTuner's name) With --gradient_checkpointing, recompute only every Nth of the UNet's ResNet and "
@@ -225,6 +226,8 @@ class TrainConfig:
     fallbacks: list[str] = field(default_factory=list, metadata={"help": "not a flag"})
 
     def __post_init__(self) -> None:
+        if self.aspect_ratio_buckets and not self.use_aspect_ratio_buckets:
+            self.use_aspect_ratio_buckets = True  # giving the buckets turns bucketing on: config.json says so
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -387,6 +390,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        data = {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in data.items()}  # as flags: either
         unknown = [k for k in data if k not in names]
         if unknown:
             k = unknown[0]
@@ -513,7 +517,7 @@ def _read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"--config {p}: cannot parse it ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {p}: expected a mapping of setting names to values")
-    return data
+    return {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in data.items()}  # as flags: - or _
 
 
 class _Parser(argparse.ArgumentParser):

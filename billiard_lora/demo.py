@@ -51,7 +51,8 @@ def run_demo(out: Path = paths.OUTPUTS_DIR / "demo", *, model: str | None = None
     # 2. audit the embedded default data, and show it
     source = resolve_source("default", caption_column="prompt")
     report = audit(source, resolution=resolution)
-    print(f"[2/5] audit of {source.description}:\n" + _indent(report.summary()))
+    head, *rest = report.summary().splitlines()  # "Audit of ...", then its lines
+    print(f"[2/5] {head}\n" + _indent("\n".join(rest)))
     written["audit"] = out / "audit.json"
     written["audit"].write_text(json.dumps(report.to_dict(), indent=2, default=str))
     images = [load_example(e) for e in source.examples]
@@ -73,7 +74,7 @@ def run_demo(out: Path = paths.OUTPUTS_DIR / "demo", *, model: str | None = None
         num_validation_images=2, validation_inference_steps=4, report_to="none", output_kohya_format=True,
         # the seed's 8-bit AdamW on a GPU; on a CPU bitsandbytes works but steps far slower than torch's AdamW
         use_8bit_adam=torch.cuda.is_available())
-    print(f"[3/5] training {steps} steps at {resolution} px (the seed's settings otherwise) into {run_dir}")
+    print(f"[3/5] training {steps} step{'s' * (steps != 1)} at {resolution} px (the seed's settings otherwise) into {run_dir}")
     train(config)
     written["lora"] = run_dir / "pytorch_lora_weights.safetensors"
     written["model_card"] = run_dir / "README.md"
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    if args.vae and not args.model:
+        raise UserError("--vae goes with --model: the tiny demo model brings its own VAE")
     from .config import MIN_RESOLUTION
     from .io import check_out_folder
 

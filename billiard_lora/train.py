@@ -22,6 +22,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial, wraps
 from pathlib import Path
@@ -315,8 +316,9 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         say(f"tip: a run this long trains faster with --torch_compile regional (a few minutes of compiling first; "
             f"{gain} the steps/s on an H100 at the seed's settings, benchmarks/RESULTS.md)")
     if not config.instance_data_dir and (config.dataset_name or "default").strip() == "default":
-        say(f"no --instance_data_dir or --dataset_name: training on the {len(instance_images)} synthetic billiard "
-            f"scenes embedded in data/default (a demo set); pass your photos' folder to train on them")
+        given = "--dataset_name default" if config.dataset_name else "no --instance_data_dir or --dataset_name"
+        say(f"{given}: training on the {len(instance_images)} synthetic billiard scenes embedded in data/default "
+            f"(a demo set); pass your photos' folder to train on them")
     say(f"training on {_count(len(instance_images), 'image')} ({_count(len(class_images), 'class image')}), "
         f"{_count(max_train_steps, 'step')}, "
         f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
@@ -327,7 +329,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     from tqdm.auto import tqdm
 
     progress = tqdm(total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
-    timer = Timer(device)
+    timer, start_step = Timer(device), global_step
     noise_scheduler = c.noise_scheduler
     compiled_graphs = config.torch_compile != "none" and config.torch_compile_mode in CUDA_GRAPH_MODES
 
@@ -460,12 +462,14 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         final_images = validate(global_step)
     if accelerator.is_main_process:
         save_final(out, config, unet, text_encoders, history, accelerator, pissa_initial)
-        summary = timer.summary(global_step)
+        summary = {**timer.summary(global_step), "steps_this_run": global_step - start_step}
         if config.cuda_graphs:
             summary.update(cuda_graph_replays=micro_step.replays, micro_steps=micro_step.calls,
                            cuda_graphs_recorded=len(micro_step.graphs), cuda_graph_failure=micro_step.failure)
         atomic_write_json(out / "summary.json", summary)
-        say(f"done: {_count(global_step, 'step')} in {summary['seconds']:.1f} s, "
+        ran = _count(global_step, "step") if not start_step else \
+            f"step {global_step} ({global_step - start_step} this run)"
+        say(f"done: {ran} in {summary['seconds']:.1f} s, "
             f"{summary['images_per_second']:.2f} images/s, "
             f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['memory_kind']}); LoRA in {out}")
         if store is not None:
@@ -727,8 +731,10 @@ def stopped_before_saving(out: Path, config: TrainConfig) -> bool:
     run may start in it without --overwrite_output_dir, and keeps the class images."""
     names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
     early = {"config.json", Path(config.logging_dir).parts[0] if config.logging_dir else "logs", "class_images"}
-    if "config.json" not in names or not names <= early:
+    if not names or not names <= early:
         return False
+    if "config.json" not in names:  # stopped while generating class images: ours if they carry our record
+        return (out / "class_images" / CLASS_PROMPT_RECORD).is_file()
     try:
         saved = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
@@ -830,6 +836,19 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
                      "backward (more memory than without fp8); training with checkpointing (or pass "
                      "--auto_gradient_checkpointing to let a trial step decide)")
         changes["gradient_checkpointing"] = True
+    if config.optimizer.lower() == "prodigy":  # what runs, as config.json records it
+        if config.use_8bit_adam:
+            notes.append("--use_8bit_adam is for AdamW and Prodigy has no 8-bit form: training Prodigy with its "
+                         "32-bit states")
+            changes["use_8bit_adam"] = False
+        if config.train_text_encoder and config.text_encoder_lr != config.learning_rate:
+            notes.append(f"--optimizer=prodigy adapts one learning rate: the text encoders train at --learning_rate="
+                         f"{config.learning_rate:g}, not --text_encoder_lr={config.text_encoder_lr:g} (as in "
+                         f"diffusers' script)")
+            changes["text_encoder_lr"] = config.learning_rate
+    if config.fold_accumulation and config.gradient_accumulation_steps == 1:
+        notes.append("--fold_accumulation has nothing to fold with --gradient_accumulation_steps 1; ignored")
+        changes["fold_accumulation"] = False
     if config.report_to in ("tensorboard", "all"):
         try:
             import tensorboard  # noqa: F401
@@ -956,6 +975,11 @@ def load_training_images(config: TrainConfig) -> list[TrainImage]:
     source = resolve_source(config.dataset_name, config.instance_data_dir, image_column=config.image_column,
                             caption_column=config.caption_column, kaggle_class=config.kaggle_class,
                             splits=config.splits, cache_dir=config.cache_dir)
+    defaults = TrainConfig.__dataclass_fields__
+    if source.kind != "kaggle" and (config.kaggle_class != defaults["kaggle_class"].default
+                                    or config.kaggle_splits != defaults["kaggle_splits"].default):
+        warnings.warn(f"--kaggle_class/--kaggle_splits select from a Kaggle-layout folder (train|valid|test/<class>/); "
+                      f"{source.description} is not one, so every image in it is used")
     report = audit(source, config.resolution)
     images = []
     for ex in report.raise_for_bad(skip_bad=config.skip_bad_images):
@@ -1327,12 +1351,17 @@ def check_steps_left(checkpoint: Path, step: int, max_train_steps: int, config: 
 # what a resumed run takes from the checkpoint whatever the command line says (accelerate restores the optimizer's
 # and the scheduler's state), and what it takes from the command line but then differs from an uninterrupted run
 RESTORED_ON_RESUME = ("learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
-                      "lr_power", "scale_lr")
+                      "lr_power", "scale_lr",
+                      # the optimizer's param_groups come back whole: its betas, decay, epsilon, Prodigy's settings
+                      "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_weight_decay_text_encoder",
+                      "adam_epsilon", "prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction",
+                      "prodigy_safeguard_warmup")
 CHANGES_THE_RUN = ("dataset_name", "instance_data_dir", "kaggle_class", "kaggle_splits", "caption_column",
                    "instance_prompt", "repeats", "resolution", "center_crop", "random_flip", "use_aspect_ratio_buckets",
                    "aspect_ratio_buckets", "train_batch_size", "gradient_accumulation_steps", "seed", "snr_gamma",
                    "noise_offset", "with_prior_preservation", "class_prompt", "prior_loss_weight", "max_grad_norm",
-                   "lora_dropout")
+                   "lora_dropout", "image_interpolation_mode", "num_class_images", "class_data_dir",
+                   "fold_accumulation")
 
 
 def checkpoint_seed(out: Path, config: TrainConfig) -> int | None:
@@ -1532,6 +1561,9 @@ class Timer:
 
 
 # ============================================================================ prior preservation
+CLASS_PROMPT_RECORD = ".class_prompt.json"  # written beside the class images the trainer generates
+
+
 def ensure_class_images(config: TrainConfig, c, accelerator, weight_dtype) -> list[TrainImage]:
     """Class images for prior preservation: use what ``class_data_dir`` holds, generate the missing ones once."""
     from .data import load_image
@@ -1541,10 +1573,20 @@ def ensure_class_images(config: TrainConfig, c, accelerator, weight_dtype) -> li
     exts = {".jpg", ".jpeg", ".png", ".webp"}
     existing = lambda: sorted(p for p in class_dir.glob("*") if p.suffix.lower() in exts and not p.name.startswith("."))
     missing = config.num_class_images - len(existing()) if class_dir.is_dir() else config.num_class_images
+    record = class_dir / CLASS_PROMPT_RECORD  # which prompt made the generated ones
+    if accelerator.is_main_process and record.is_file() and existing():
+        with contextlib.suppress(OSError, ValueError):
+            made_for = json.loads(record.read_text()).get("class_prompt")
+            if made_for != config.class_prompt:
+                warnings.warn(f"the class images in {class_dir} were generated for the class prompt {made_for!r}, "
+                              f"not {config.class_prompt!r}: the prior loss keeps that class; delete them (or give "
+                              f"another --class_data_dir) to generate new ones")
     if missing > 0 and accelerator.is_main_process:
         from tqdm.auto import tqdm
 
         class_dir.mkdir(parents=True, exist_ok=True)
+        if not existing():
+            atomic_write_json(record, {"class_prompt": config.class_prompt})
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
             config.prior_generation_precision or "", weight_dtype)
         pipe = pipeline_from_components(c)

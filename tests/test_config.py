@@ -69,6 +69,9 @@ def test_config_file_values_are_read_as_their_flags_would_be(tmp_path):
             parse_args([f"--config={f}"])
     with pytest.raises(UserError, match="--mixed_precision='fp32' must be one of no, fp16, bf16"):
         TrainConfig(instance_prompt="x", mixed_precision="fp32")  # a notebook's config, no file involved
+    f.write_text("instance_prompt: x\nfold-accumulation: true\naspect_ratio_buckets: auto\n")  # as flags: - or _
+    c = parse_args([f"--config={f}"])
+    assert c.fold_accumulation and c.use_aspect_ratio_buckets, "giving the buckets turns bucketing on, as recorded"
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -313,6 +313,34 @@ def test_a_run_stopped_before_its_first_save_starts_again_without_flags(tiny_mod
     assert (out / "config.json").is_file() and not list(out.glob("*.safetensors"))
     again = train(tiny_config(tiny_model_dir, data, out, max_train_steps=2))
     assert (again / "pytorch_lora_weights.safetensors").is_file()
+    # stopped while generating class images (before config.json): the same command starts again, keeping them
+    cls = tmp_path / "cls"
+
+    def stop_after_one(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    prior = dict(with_prior_preservation=True, class_prompt="a billiard table", num_class_images=2,
+                 sample_batch_size=1, validation_inference_steps=1)
+    import billiard_lora.io as io_mod
+
+    real_write = io_mod.atomic_write_bytes
+    writes = []
+
+    def write_then_stop(path, data):
+        real_write(path, data)
+        writes.append(path)
+        if Path(path).suffix == ".jpg":  # the first class image written (after the record of its prompt)
+            stop_after_one()
+
+    io_mod.atomic_write_bytes = write_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(tiny_model_dir, data, cls, max_train_steps=1, **prior))
+    finally:
+        io_mod.atomic_write_bytes = real_write
+    assert sorted(p.name for p in cls.iterdir()) == ["class_images"] and len(list(cls.glob("class_images/*.jpg"))) == 1
+    train(tiny_config(tiny_model_dir, data, cls, max_train_steps=1, **prior))
+    assert len(list(cls.glob("class_images/*.jpg"))) == 2 and (cls / "pytorch_lora_weights.safetensors").is_file()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.json").write_text('{"model_type": "something else"}')

@@ -201,11 +201,13 @@ def test_prior_preservation_generates_class_images_once(tiny_model_dir, tmp_path
     kw = dict(with_prior_preservation=True, class_prompt="a photo of a billiard table", class_data_dir=str(class_dir),
               num_class_images=3, sample_batch_size=2, validation_inference_steps=2, max_train_steps=2)
     train(tiny_config(tiny_model_dir, data, tmp_path / "a", **kw))
-    made = sorted(class_dir.iterdir())
+    made = sorted(class_dir.glob("*.jpg"))
     assert len(made) == 3
     stamps = [p.stat().st_mtime_ns for p in made]
     train(tiny_config(tiny_model_dir, data, tmp_path / "b", **kw))
-    assert sorted(class_dir.iterdir()) == made and [p.stat().st_mtime_ns for p in made] == stamps
+    assert sorted(class_dir.glob("*.jpg")) == made and [p.stat().st_mtime_ns for p in made] == stamps
+    with pytest.warns(UserWarning, match="generated for the class prompt 'a photo of a billiard table', not 'a dog'"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "c", **{**kw, "class_prompt": "a dog"}))
 
 
 def test_per_image_captions_reach_the_text_encoders(tiny_model_dir, tmp_path, monkeypatch):
@@ -1424,11 +1426,14 @@ def test_resuming_with_other_settings_says_so_and_config_json_records_what_ran(t
     train(tiny_config(tiny_model_dir, data, out, max_train_steps=2, checkpointing_steps=2))
     capsys.readouterr()
     train(tiny_config(tiny_model_dir, data, out, max_train_steps=3, resume_from_checkpoint="latest",
-                      learning_rate=1e-2, random_flip=True))
+                      learning_rate=1e-2, random_flip=True, adam_weight_decay=0.5, image_interpolation_mode="nearest"))
     err = capsys.readouterr().err
     assert "keeps the checkpoint's learning_rate=0.001 (not 0.01)" in err
+    assert "adam_weight_decay=0.0001 (not 0.5)" in err  # the optimizer's param_groups are restored whole
     assert "random_flip=False -> True" in err and "no longer as an uninterrupted run would" in err
-    assert json.loads((out / "config.json").read_text())["learning_rate"] == 1e-3
+    assert "image_interpolation_mode='lanczos' -> 'nearest'" in err
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["learning_rate"], saved["adam_weight_decay"]) == (1e-3, 1e-4)
     rows = (out / "loss_history.csv").read_text().splitlines()
     assert rows[-1].endswith(",0.001"), "the resumed step trained at the checkpoint's 1e-3"
 
@@ -1586,3 +1591,29 @@ def test_fold_accumulation_on_two_processes_trains_the_unfolded_runs_lora(tiny_m
     a, b = loras
     gap = math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) / sum(float((a[k] ** 2).sum()) for k in a))
     assert gap < 1e-3, gap  # measured 1.0e-5; other noise: order 1
+
+
+def test_settings_that_cannot_take_effect_are_recorded_as_what_ran():
+    """Prodigy ignored --use_8bit_adam and trained the text encoders at --learning_rate while config.json said
+    otherwise; --fold_accumulation with nothing to fold was recorded as on."""
+    import billiard_lora.train as train_mod
+
+    base = TrainConfig(instance_prompt="x", optimizer="prodigy", learning_rate=1.0, use_8bit_adam=True,
+                       train_text_encoder=True, text_encoder_lr=5e-6, fold_accumulation=True, report_to="none")
+    resolved = train_mod.resolve_hardware(base)
+    assert (resolved.use_8bit_adam, resolved.text_encoder_lr, resolved.fold_accumulation) == (False, 1.0, False)
+    notes = " | ".join(resolved.fallbacks)
+    assert "Prodigy has no 8-bit form" in notes and "text encoders train at --learning_rate=1" in notes
+    assert "nothing to fold with --gradient_accumulation_steps 1" in notes
+    adam = train_mod.resolve_hardware(TrainConfig(instance_prompt="x", use_8bit_adam=True, report_to="none",
+                                                  gradient_accumulation_steps=2, fold_accumulation=True))
+    assert adam.use_8bit_adam and adam.fold_accumulation and not adam.fallbacks
+
+
+def test_kaggle_flags_on_a_plain_folder_are_named_as_unused(tiny_model_dir, tmp_path):
+    from billiard_lora.train import load_training_images
+
+    data = make_images(tmp_path / "data", n=2)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "o", kaggle_class="archery")
+    with pytest.warns(UserWarning, match="--kaggle_class/--kaggle_splits select from a Kaggle-layout folder"):
+        assert len(load_training_images(config)) == 2
