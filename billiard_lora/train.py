@@ -235,6 +235,10 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             + ", ".join(f"{h}x{w}" for h, w in sorted(set(dataset.instance_targets))) + ", height x width)"
             + ("; --torch_compile compiles again for each new shape, on its first batch" if config.torch_compile !=
                "none" else ""))
+    elif config.buckets and len(config.buckets) == 1:
+        (h, w), = config.buckets
+        say(f"warning: the aspect-ratio buckets at --resolution {config.resolution} hold only {h}x{w}: every image "
+            f"is cropped to it, as without buckets")
     latent_cache = LatentCache(c.vae, device, enabled=config.cache_latents, say=say, store=store,
                                views=count_views([im for im, _ in views], config, targets=[t for _, t in views]),
                                on_complete=vae_off_gpu)

@@ -238,3 +238,11 @@ def test_the_memory_trial_runs_at_the_largest_bucket_in_use(tiny_model_dir, tmp_
     train(config(tiny_model_dir, data, tmp_path / "o", aspect_ratio_buckets="32,32;32,64", max_train_steps=1,
                  auto_gradient_checkpointing=True))
     assert sizes and set(sizes) == {(32, 64)}
+
+
+def test_buckets_that_hold_only_one_shape_say_so(tiny_model_dir, tmp_path, capsys):
+    """At --resolution 32 'auto' has just the square (sides are multiples of 32 up to 32): bucketing then did
+    nothing, silently."""
+    data = make_mixed_images(tmp_path / "data", shapes=((40, 64), (64, 40)))
+    train(config(tiny_model_dir, data, tmp_path / "one", aspect_ratio_buckets="auto", max_train_steps=1))
+    assert "buckets at --resolution 32 hold only 32x32: every image is cropped to it" in capsys.readouterr().err
