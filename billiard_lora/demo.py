@@ -74,7 +74,8 @@ def run_demo(out: Path = paths.OUTPUTS_DIR / "demo", *, model: str | None = None
         num_validation_images=2, validation_inference_steps=4, report_to="none", output_kohya_format=True,
         # the seed's 8-bit AdamW on a GPU; on a CPU bitsandbytes works but steps far slower than torch's AdamW
         use_8bit_adam=torch.cuda.is_available())
-    print(f"[3/5] training {steps} step{'s' * (steps != 1)} at {resolution} px (the seed's settings otherwise) into {run_dir}")
+    print(f"[3/5] training {steps} step{'s' * (steps != 1)} at {resolution} px (the seed's settings otherwise) "
+          f"into {run_dir}")
     train(config)
     written["lora"] = run_dir / "pytorch_lora_weights.safetensors"
     written["model_card"] = run_dir / "README.md"

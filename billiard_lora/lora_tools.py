@@ -783,15 +783,18 @@ def kohya_to_diffusers(lora: LoraFile, unet_config: Mapping[str, Any] | None = N
     return layers, configs
 
 
-def _output_file(out: str | Path, default_name: str, overwrite: bool = False) -> Path:
-    """--out as a file: a .safetensors path, or ``default_name`` in the folder it names; never an existing file
-    (a run's own LoRA, say) unless ``overwrite``."""
+def _output_file(out: str | Path, default_name: str, source: Path, what: str, overwrite: bool = False) -> Path:
+    """--out as a file: a .safetensors path, or ``default_name`` in the folder it names; never the input ``source``,
+    nor an existing file (a run's own LoRA, say) unless ``overwrite``."""
     from .io import check_new_file, check_out_folder
 
     out = Path(out).expanduser()
+    file = out if out.suffix == ".safetensors" else out / default_name
+    if file.resolve() == source.resolve():
+        raise UserError(f"--out {file} is the input file; write the {what} LoRA somewhere else")
     if out.suffix != ".safetensors":
-        out = check_out_folder(out, "--out") / default_name
-    return check_new_file(out, "--out", overwrite=overwrite)
+        check_out_folder(out, "--out")
+    return check_new_file(file, "--out", overwrite=overwrite)
 
 
 def convert_lora(path: str | Path, to: str, out: str | Path, *, unet_config: Mapping[str, Any] | None = None,
@@ -802,12 +805,8 @@ def convert_lora(path: str | Path, to: str, out: str | Path, *, unet_config: Map
     if to not in ("kohya", "diffusers"):
         raise UserError(f"--to must be kohya or diffusers, not {to!r}")
     lora = load_lora_file(path)
-    out_file = Path(out).expanduser()
-    out_file = out_file if out_file.suffix == ".safetensors" else out_file / (
-        KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME)
-    if out_file.resolve() == lora.path.resolve():
-        raise UserError(f"--out {out_file} is the input file; write the converted LoRA somewhere else")
-    out_file = _output_file(out, KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME, overwrite)
+    out_file = _output_file(out, KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME, lora.path, "converted",
+                            overwrite)
     if to == "kohya":
         tensors, header = to_kohya(lora)
         save_safetensors(tensors, out_file, metadata=header)
@@ -894,11 +893,7 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, e
                         f"each layer, so it can only lower a rank; train again with --rank {rank} for a larger one")
     default = {"kohya": KOHYA_WEIGHT_NAME, "peft": "adapter_model.safetensors"}.get(lora.format, LORA_WEIGHT_NAME)
     name = lora.path.name if lora.path.name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME) else default
-    out_file = Path(out).expanduser()
-    out_file = out_file if out_file.suffix == ".safetensors" else out_file / name
-    if out_file.resolve() == lora.path.resolve():
-        raise UserError(f"--out {out_file} is the input file; write the resized LoRA somewhere else")
-    out_file = _output_file(out, name, overwrite)
+    out_file = _output_file(out, name, lora.path, "resized", overwrite)
 
     tensors = dict(lora.tensors)
     infos: list[ResizedLayer] = []
