@@ -1,9 +1,11 @@
 """What gradient checkpointing leaves in memory: the bytes autograd keeps for backward after a training forward.
 
-    python benchmarks/bench_memory.py --shape full --resolution 1024 --intervals 0 4 3 2 1
+    python benchmarks/bench_memory.py --shape full --resolution 1024 --intervals 0 4 3 2 1 \
+        --selective off costly products
 
 For each checkpointing setting (0: none; N: every Nth of the UNet's checkpointed blocks recomputed, as
-``--gradient_checkpointing_interval``; 1: every block) it runs the trainer's UNet forward with its rank-4 LoRA in
+``--gradient_checkpointing_interval``; 1: every block; each with every ``--selective_checkpointing`` level asked
+for, whose kept outputs are added) it runs the trainer's UNet forward with its rank-4 LoRA in
 half precision and counts the tensors saved for backward, each storage once, weights left out: the activation
 memory a training micro-step holds at the turn from forward to backward, where its peak is. Counted on the meta
 device: SDXL's full size at 1024 px in seconds, with no memory and no GPU. A GPU's peak adds the weights (SDXL's
@@ -12,7 +14,9 @@ optimizer and the allocator's slack; ``bench_train.py`` on a GPU measures that p
 
 Attention is counted as the GPU runs it (flash / memory-efficient kernels keep the output and one row statistic,
 not the attention matrix): the meta device would otherwise take PyTorch's reference path, which keeps the matrix.
-Numbers to read and record in RESULTS.md; nothing here asserts a size.
+For each setting it also counts what backward recomputes: the FLOPs, and the bytes the recomputed operations read
+and write (views left out), which bound the norms and activations on a GPU. Numbers to read and record in
+RESULTS.md; nothing here asserts a size.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +36,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from billiard_lora.lora import add_lora  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
-from billiard_lora.train import checkpoint_unet  # noqa: E402
+from billiard_lora.train import (_checkpoint_block, checkpoint_unet, keep_costly_outputs,  # noqa: E402
+                                 selective_threshold)
 from common import emit  # noqa: E402
 
 
@@ -54,7 +60,8 @@ def flash_attention_accounting():
 
 
 def saved_bytes(unet, inputs: dict) -> int:
-    """Bytes of the distinct storages autograd saves for backward during one forward, weights excluded."""
+    """Bytes of the distinct storages autograd saves for backward during one forward, weights excluded (what
+    selective checkpointing keeps besides is counted by its policy: ``keep_costly_outputs``' record)."""
     weights = {p.untyped_storage()._cdata for p in unet.parameters()}
     storages: dict[int, int] = {}
 
@@ -70,8 +77,10 @@ def saved_bytes(unet, inputs: dict) -> int:
     return sum(storages.values())
 
 
-def measure(shape: str, resolution: int, batch: int, dtype: torch.dtype, rank: int, intervals, device="meta") -> dict:
-    """Bytes saved for backward per checkpointing interval (0: none), and the UNet's weight bytes; on ``device``."""
+def measure(shape: str, resolution: int, batch: int, dtype: torch.dtype, rank: int, intervals, device="meta",
+            selective=("off",)) -> dict:
+    """Bytes kept for backward per (checkpointing interval (0: none), selective level), with the FLOPs selective
+    checkpointing still recomputes, and the UNet's weight bytes; on ``device``."""
     unet = build_components(SHAPES[shape], device=device)["unet"].to(dtype).requires_grad_(False)
     torch.manual_seed(0)
     add_lora(unet, rank=rank)
@@ -90,23 +99,37 @@ def measure(shape: str, resolution: int, batch: int, dtype: torch.dtype, rank: i
     inputs = dict(sample=randn(batch, 4, lat, lat), timestep=torch.full((batch,), 500, device=device),
                   encoder_hidden_states=randn(batch, 77, cfg.cross_attention_dim),
                   added_cond_kwargs={"text_embeds": randn(batch, pooled), "time_ids": randn(batch, 6)})
-    saved = {}
+    saved, recomputed = {}, {}
     for interval in intervals:
-        checkpoint_unet(unet, interval=interval, preserve_rng_state=False)
-        saved[interval] = saved_bytes(unet, inputs)
-    return {"saved": saved, "weights": sum(p.numel() * p.element_size() for p in unet.parameters())}
+        for level in (selective if interval else ("off",)):
+            record: dict = {}
+            checkpoint_unet(unet, interval=interval, preserve_rng_state=False)  # (which blocks)
+            if interval:  # the trainer's policy, counting; 'off' as a policy that keeps nothing (same memory)
+                threshold = selective_threshold(level, unet)
+                unet.enable_gradient_checkpointing(gradient_checkpointing_func=partial(
+                    _checkpoint_block, reentrant=False, preserve_rng_state=False,
+                    context_fn=keep_costly_outputs(float("inf") if threshold is None else threshold, record)))
+            autograd_kept = saved_bytes(unet, inputs)
+            saved[interval, level] = autograd_kept + sum(v for k, v in record.items() if k.startswith("kept:"))
+            recomputed[interval, level] = (record.get("recomputed_flops", 0), record.get("recomputed_bytes", 0))
+    return {"saved": saved, "recomputed": recomputed,
+            "weights": sum(p.numel() * p.element_size() for p in unet.parameters())}
 
 
 def run(args) -> list[dict]:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[args.mixed_precision]
-    m = measure(args.shape, args.resolution, args.batch, dtype, args.rank, args.intervals)
+    m = measure(args.shape, args.resolution, args.batch, dtype, args.rank, args.intervals, selective=args.selective)
     results = []
-    for interval, saved in m["saved"].items():
+    for (interval, level), saved in m["saved"].items():
+        flops, moved = m["recomputed"][interval, level]
         results.append({"what": "activation_memory", "shape": args.shape, "resolution": args.resolution,
                         "batch": args.batch, "dtype": args.mixed_precision, "rank": args.rank,
-                        "gradient_checkpointing_interval": interval or None, "saved_for_backward_gb": saved / 2**30,
-                        "unet_weights_gb": m["weights"] / 2**30})
-        print(f"[bench_memory] interval {interval}: {saved / 2**30:.3f} GiB saved for backward", file=sys.stderr)
+                        "gradient_checkpointing_interval": interval or None, "selective_checkpointing": level,
+                        "saved_for_backward_gb": saved / 2**30, "unet_weights_gb": m["weights"] / 2**30,
+                        "recomputed_tflop": flops / 1e12, "recomputed_gb_moved": moved / 1e9})
+        print(f"[bench_memory] interval {interval}, selective {level}: {saved / 2**30:.3f} GiB saved for backward, "
+              f"{flops / 1e12:.3f} TFLOP recomputed, {moved / 1e9:.2f} GB read and written by the recomputed "
+              f"operations", file=sys.stderr)
     return results
 
 
@@ -119,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--intervals", type=int, nargs="+", default=[0, 4, 3, 2, 1],
                    help="0: no checkpointing; N: every Nth block recomputed (1: every block)")
+    p.add_argument("--selective", nargs="+", default=["off"], choices=["off", "costly", "products"],
+                   help="--selective_checkpointing levels, each counted with every interval above 0")
     p.add_argument("--json", default=None, help="also append the results to this JSON-lines file")
     args = p.parse_args(argv)
     emit(run(args), args.json)

@@ -37,7 +37,9 @@ from billiard_lora.lora import UNET_TARGET_MODULES  # noqa: E402
 from billiard_lora.models import Components  # noqa: E402
 from billiard_lora.optim import make_optimizer  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
-from billiard_lora.train import checkpoint_unet, train  # noqa: E402
+from billiard_lora.train import (checkpoint_unet, extra_flop_formulas, keep_costly_outputs,  # noqa: E402
+                                 selective_threshold, train)  # noqa: E402
+from bench_memory import flash_attention_accounting  # noqa: E402
 from common import (device_name, emit, idle_gaps, peak_memory, peak_memory_since_reset,  # noqa: E402
                     reset_peak_memory)
 
@@ -51,9 +53,12 @@ def components(shape: str, device: str, dtype: torch.dtype = torch.float32) -> C
                       DDPMScheduler.from_config(c["scheduler"].config))
 
 
-def unet_forward_flops(c: Components, resolution: int, batch: int, checkpoint_interval: int = 0) -> tuple[float, float]:
+def unet_forward_flops(c: Components, resolution: int, batch: int, checkpoint_interval: int = 0,
+                       selective: str = "off") -> tuple[float, float]:
     """FLOPs of one UNet forward at this resolution and batch, counted by torch (matmuls, convolutions, attention),
-    and those of it that gradient checkpointing every ``checkpoint_interval``-th block recomputes (0: none).
+    and those of it that gradient checkpointing every ``checkpoint_interval``-th block recomputes (0: none); with
+    ``selective`` (--selective_checkpointing) only the operations whose outputs it does not keep. Attention is counted
+    as the GPU's fused kernels run it.
 
     Counted on a copy of the architecture on the meta device: no memory, no time, and wherever the model is.
     """
@@ -64,12 +69,19 @@ def unet_forward_flops(c: Components, resolution: int, batch: int, checkpoint_in
 
     def count_recomputed(block, *args):  # stands in for the checkpoint: the blocks it would run again
         nonlocal recomputed
-        before = counter.get_total_flops()
-        out = block(*args)
         # (a block before the first adapter gets no gradient: backward never reaches it, nothing is recomputed)
         needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args) or \
             any(p.requires_grad for p in block.parameters())
-        if getattr(block, "_billiard_recompute", True) and needs_grad:
+        recompute = getattr(block, "_billiard_recompute", True) and needs_grad
+        if recompute and threshold is not None:  # under the selective policy: what it would not keep
+            record: dict = {}
+            out = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False,
+                                                    context_fn=keep_costly_outputs(threshold, record))
+            recomputed += record.get("recomputed_flops", 0)
+            return out
+        before = counter.get_total_flops()
+        out = block(*args)
+        if recompute:
             recomputed += counter.get_total_flops() - before
         return out
 
@@ -77,6 +89,7 @@ def unet_forward_flops(c: Components, resolution: int, batch: int, checkpoint_in
     te2_dim = c.text_encoder_two.config.projection_dim
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(c.unet.config)
+        threshold = selective_threshold(selective, unet)  # (no adapters here: 'products' keeps every product)
         cross = unet.config.cross_attention_dim
         x = torch.randn(batch, 4, lat, lat)
         t = torch.full((batch,), 500)
@@ -92,7 +105,8 @@ def unet_forward_flops(c: Components, resolution: int, batch: int, checkpoint_in
         unet.enable_gradient_checkpointing(gradient_checkpointing_func=count_recomputed)
         unet.train()
     # (grad mode on, so that diffusers calls the checkpoint function; nothing needs a gradient, nothing is kept)
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+    with torch.enable_grad(), flash_attention_accounting(), \
+            FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter:
         unet(x, t, emb, added_cond_kwargs=cond)
     return float(counter.get_total_flops()), float(recomputed)
 
@@ -149,7 +163,8 @@ def bench_training(args) -> dict:
         c.unet.to(memory_format=torch.channels_last)
     # (with --auto_gradient_checkpointing the interval is known only once training ran: counted again then)
     fwd, recomputed = unet_forward_flops(c, args.resolution, args.train_batch_size,
-                                         args.gradient_checkpointing_interval if args.gradient_checkpointing else 0)
+                                         args.gradient_checkpointing_interval if args.gradient_checkpointing else 0,
+                                         args.selective_checkpointing)
     step_times: list[float] = []
     on_gpu = args.device.startswith("cuda")
     profiled = args.warmup + args.steps  # on a GPU one more optimizer step runs under the profiler, after the timed ones
@@ -182,6 +197,7 @@ def bench_training(args) -> dict:
             train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
             gradient_checkpointing=args.gradient_checkpointing,
             gradient_checkpointing_interval=args.gradient_checkpointing_interval,
+            selective_checkpointing=args.selective_checkpointing,
             auto_gradient_checkpointing=args.auto_gradient_checkpointing, mixed_precision=args.mixed_precision,
             use_8bit_adam=args.use_8bit_adam, rank=args.rank, max_train_steps=profiled + (1 if on_gpu else 0),
             checkpointing_steps=10**9, learning_rate=1e-4, lr_warmup_steps=0, snr_gamma=5.0, seed=0,
@@ -219,14 +235,18 @@ def bench_training(args) -> dict:
     # blocks it recomputes as counted
     checkpointing = used["gradient_checkpointing"]  # what ran (--auto_gradient_checkpointing decides it)
     interval = used.get("gradient_checkpointing_interval", 1) if checkpointing else 0
-    if interval != (args.gradient_checkpointing_interval if args.gradient_checkpointing else 0):
-        recomputed = unet_forward_flops(c, args.resolution, args.train_batch_size, interval)[1]
-    train_flops = fwd * (3 if interval == 1 else 2) + (recomputed if interval > 1 else 0)
+    selective = used.get("selective_checkpointing", "off") if checkpointing else "off"
+    if (interval, selective) != ((args.gradient_checkpointing_interval, args.selective_checkpointing)
+                                 if args.gradient_checkpointing else (0, "off")):
+        recomputed = unet_forward_flops(c, args.resolution, args.train_batch_size, interval, selective)[1]
+    whole = interval == 1 and selective == "off"
+    train_flops = fwd * (3 if whole else 2) + (recomputed if not whole else 0)
     result = {
         "what": "training", "shape": args.model or args.shape, "torch_compile": args.torch_compile,
         "torch_compile_mode": args.torch_compile_mode, "resolution": args.resolution, "device": device_name(args.device),
         "batch": args.train_batch_size, "gradient_accumulation_steps": micro,
         "gradient_checkpointing": checkpointing, "gradient_checkpointing_interval": interval or None,
+        "selective_checkpointing": selective,
         "recomputed_fraction_of_forward": recomputed / fwd,  # as counted (train_flops: the issue's x 3 for 1)
         "auto_gradient_checkpointing": args.auto_gradient_checkpointing,
         "mixed_precision": used["mixed_precision"],
@@ -418,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--gradient_checkpointing_interval", type=int, default=1,
                    help="with --gradient_checkpointing: recompute only every Nth block (the trainer's flag)")
+    p.add_argument("--selective_checkpointing", default="off", choices=["off", "costly", "products"],
+                   help="with --gradient_checkpointing: the trainer's flag (outputs kept in each recomputed block)")
     p.add_argument("--auto_gradient_checkpointing", action="store_true", help="let trial steps decide it")
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--use_8bit_adam", action="store_true")

@@ -45,6 +45,11 @@
 #      1024x1024, 1216x832 at 1024 px): time and peak memory with three recorded graphs sharing a pool, against part 2
 #  27. ours at the seed's settings with --fold_accumulation: the 3 micro-batches of 1 as one batch of 3 (the same
 #      gradient), time and peak memory against part 2
+#  28. ours at the seed's settings with --selective_checkpointing costly, then products (SELECTIVE28="costly products"):
+#      each recomputed block keeps its costliest outputs; time and peak memory against part 2 (every block recomputed,
+#      0.45 GiB kept, 92 % of a forward recomputed) and part 20 (every 4th block: 3.96 GiB, 24 %)
+#  29. as 11 with --selective_checkpointing products, on the small model at 256 px (the tiny model's widths are too
+#      small for anything to be kept): the policy inside the recorded micro-step, the same LoRA as eager?
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -145,13 +150,15 @@ p10() { part "10. ours, seed settings + --fp8_base ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 10 "$(upto ${CAP10:-200})" "$PY" benchmarks/bench_train.py $(mdl) "${common[@]}" \
     --gradient_checkpointing --fp8_base; }
 
-# graphs_vs_eager N LABEL [EXTRA FLAGS]: the tiny model trained 6 steps on CUDA both ways; do the LoRAs agree?
-graphs_vs_eager() { local n=$1 label=$2; shift 2
-  [ -d "$WORK/tiny" ] || "$PY" -m billiard_lora.tiny "$WORK/tiny" | tail -1
+# graphs_vs_eager N LABEL [EXTRA FLAGS]: the tiny model (GV_SHAPE, at GV_RES px) trained 6 steps on CUDA both ways;
+# do the LoRAs agree?
+graphs_vs_eager() { local n=$1 label=$2 shape=${GV_SHAPE:-tiny}; shift 2
+  [ -d "$WORK/$shape" ] || "$PY" -m billiard_lora.tiny "$WORK/$shape" --shape "$shape" | tail -1
   # eager twice (the noise floor: does eager training even repeat itself bit for bit here?), then with graphs
   for run_as in eager:--cuda_graphs=false eager2:--cuda_graphs=false graphs:--cuda_graphs; do
-    run "$n" 120 "$PY" -m billiard_lora.train --pretrained_model_name_or_path="$WORK/tiny" --dataset_name=default \
-      --instance_prompt="a photo of messi playing billiard" --output_dir="$WORK/graphs$n-${run_as%%:*}" --resolution=64 \
+    run "$n" 120 "$PY" -m billiard_lora.train --pretrained_model_name_or_path="$WORK/$shape" --dataset_name=default \
+      --instance_prompt="a photo of messi playing billiard" --output_dir="$WORK/graphs$n-${run_as%%:*}" \
+      --resolution="${GV_RES:-64}" \
       --train_batch_size=1 --gradient_accumulation_steps=3 --gradient_checkpointing --mixed_precision=fp16 \
       --use_8bit_adam --max_train_steps=6 --seed=0 --report_to=none --overwrite_output_dir "${run_as#*:}" "$@"; done
   "$PY" - "$WORK/graphs$n-eager" "$WORK/graphs$n-graphs" "$label" "$WORK/graphs$n-eager2" <<'PYEOF'
@@ -194,6 +201,15 @@ p26() { part "26. ours, seed settings, on photos of three shapes with --aspect_r
 p27() { part "27. ours, seed settings, --fold_accumulation: one batch of 3 per optimizer step ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 27 "$(upto ${CAP27:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --fold_accumulation; }
+
+p28() { for k in ${SELECTIVE28:-costly products}; do
+  part "28. ours, seed settings, --selective_checkpointing $k ($(left) s left)"
+  [ "$(left)" -gt 60 ] && run "28-$k" "$(upto ${CAP28:-150})" "$PY" benchmarks/bench_train.py "${built[@]}" \
+    "${common[@]}" \
+    --gradient_checkpointing --selective_checkpointing "$k"; done; }
+
+p29() { part "29. --cuda_graphs --selective_checkpointing products, small model: the same LoRA as eager? ($(left) s left)"
+  GV_SHAPE=small GV_RES=256 graphs_vs_eager 29 selective_products --selective_checkpointing=products; }
 
 p12() { part "12. ours, seed settings, eager (--cuda_graphs off) ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 12 "$(upto ${CAP12:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
@@ -245,7 +261,7 @@ p24() { part "24. --cuda_graphs --fused_lora_ops on the tiny model: the same LoR
   graphs_vs_eager 24 fused_lora_ops --fused_lora_ops; }
 
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] || exit 0  # parts that print their checks only (11, 17, 21, 24, 25) write no rows
@@ -255,7 +271,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
     if r["what"] == "training":
         print(f"{r.get('trainer', 'billiard-lora'):40s} ckpt={r['gradient_checkpointing']!s:5s} "
-              f"every={r.get('gradient_checkpointing_interval') or '-'!s:3s} "
+              f"every={r.get('gradient_checkpointing_interval') or '-'!s:3s} sel={r.get('selective_checkpointing', 'off'):8s} "
               f"compile={r.get('torch_compile', '-'):8s} fp8={r.get('fp8_base', False)!s:5s} "
               f"graphs={r.get('cuda_graph_replays', '-')!s:4s} opt={r.get('optimizer_form', '-'):14s} "
               f"nhwc={r.get('channels_last', False)!s:5s} buckets={r.get('aspect_ratio_buckets') or '-'} unet={r.get('unet_variant', 'as_trained')} half_norms={r.get('half_precision_norms', '-')} "

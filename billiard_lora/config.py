@@ -122,6 +122,20 @@ class TrainConfig:
            "transformer blocks (and, with --train_text_encoder, of the text encoders' layers) and keep the others' "
            "activations: less recomputation (faster), more memory. 1: every block, as diffusers' script. Same "
            "results.")
+    selective_checkpointing: Literal["off", "costly", "products"] = _f(
+        "off", "(billiard-lora) With --gradient_checkpointing, keep some outputs of each recomputed block "
+               "(PyTorch's selective activation checkpointing) so that backward recomputes less: 'costly' keeps those "
+               "that cost the most arithmetic per value to recompute (self-attention, 3x3 convolutions, the "
+               "feed-forward's output projection); 'products' keeps every matrix product, convolution and attention "
+               "output of 256 or more inputs per value (not the LoRA's rank-r products nor cross-attention over the 77 "
+               "text tokens), so backward recomputes little more than norms, activations and additions. SDXL at "
+               "1024 px, batch 1, counted (benchmarks/RESULTS.md): every block recomputed keeps 0.45 GiB for backward "
+               "and recomputes 92%% of a forward's FLOPs; 'costly' 0.90 GiB and 55%%; 'products' 3.85 GiB and 0.5%% "
+               "(every 4th block: 3.96 GiB and 24%%; none: 5.21 GiB). Same results. Its policy runs in Python for "
+               "each operation: meant for a recorded (--cuda_graphs, on by default on a GPU) or compiled "
+               "(--torch_compile) micro-step; eager on this project's CPU it was slower than whole blocks (1.06 "
+               "against 1.53 steps/s). Off until a GPU has timed it; with --torch_compile regional the ResNet "
+               "blocks are recomputed whole.")
     auto_gradient_checkpointing: bool = _f(
         False, "(billiard-lora) Decide --gradient_checkpointing by measuring: trial steps before training, first "
                "without it, then checkpointing every 4th, 3rd, 2nd block (or only the --gradient_checkpointing_interval "
@@ -278,6 +292,11 @@ class TrainConfig:
             raise UserError(f"--gradient_checkpointing_interval={self.gradient_checkpointing_interval} only applies "
                             f"with --gradient_checkpointing: add that flag (or --auto_gradient_checkpointing), or drop "
                             f"the interval")
+        if self.selective_checkpointing != "off" and not (self.gradient_checkpointing or
+                                                          self.auto_gradient_checkpointing):
+            raise UserError(f"--selective_checkpointing={self.selective_checkpointing} only applies with "
+                            f"--gradient_checkpointing: add that flag (or --auto_gradient_checkpointing), or drop "
+                            f"--selective_checkpointing")
         for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -463,6 +482,8 @@ def _coerce(name: str, hint: Any, value: Any, source: str) -> Any:
     where = f"{source}: {name}: "
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
+        if value is False and "off" in choices:  # YAML reads a bare off as false
+            value = "off"
         if value not in choices:
             raise UserError(f"{where}{value!r} is not one of {', '.join(map(str, choices))}")
         return value

@@ -65,10 +65,10 @@ def run_adapters_fused(models, *, half_copies: bool = False) -> "FusedAdapters":
     layer's output, and in backward the input's two gradients are summed in another. Counted on an H100 (session
     11), the rank-4 LoRA adds 15,000 kernels, about 3 µs each, to a checkpointed micro-step of SDXL's UNet: 45 %
     more time for 0.15 % more FLOPs. Here (``_LoraLinearOp``): the up-projection adds into the base output inside
-    its GEMM (``addmm_``), the LoRA's share of the input's gradient likewise, the scale goes on the small rank-r
-    tensors, and on CUDA the adapters' float32 gradients come out of their GEMMs directly. With ``half_copies``
-    the adapter weights are also kept cast to the compute dtype between optimizer steps instead of cast in every
-    forward and recompute (``FusedAdapters.refresh``).
+    its GEMM (``addmm`` with the base output as its input), the LoRA's share of the input's gradient likewise, the
+    scale goes on the small rank-r tensors, and on CUDA the adapters' float32 gradients come out of their GEMMs
+    directly. With ``half_copies`` the adapter weights are also kept cast to the compute dtype between optimizer
+    steps instead of cast in every forward and recompute (``FusedAdapters.refresh``).
 
     The adapter is still peft's (parameters, config, state dict, saving, loading); a layer runs peft's own forward
     wherever this one does not apply: several active adapters, DoRA and other variants, a merged or disabled
@@ -207,7 +207,8 @@ class _LoraLinearOp(torch.autograd.Function):
         b = lora_b.to(dtype) if b_half is None else b_half
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         z = torch.mm(l2, a.t())
-        y.addmm_(z, b.t(), alpha=scale)
+        # (a new tensor, not addmm_ into y: selective checkpointing may keep y, which it must find unchanged)
+        y = torch.addmm(y, z, b.t(), alpha=scale)
         ctx.save_for_backward(x2, None if lora_x is None else l2, w, a, b, z)
         ctx.scale, ctx.shape, ctx.lora_shape = scale, shape, None if lora_x is None else lora_x.shape
         ctx.lora_dtypes = lora_a.dtype, lora_b.dtype

@@ -194,7 +194,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     # with --lora_dropout the recompute must draw the forward's masks again: RNG state saved (recorded, in a graph)
     keep_rng = not config.cuda_graphs or config.lora_dropout > 0
     unet_checkpointing = partial(checkpoint_unet, c.unet, reentrant=config.torch_compile == "none" and not ddp_unused,
-                                 preserve_rng_state=keep_rng)
+                                 preserve_rng_state=keep_rng, selective=config.selective_checkpointing)
     if config.auto_gradient_checkpointing:
         def trial(interval: int) -> bool:
             unet_checkpointing(interval=interval)
@@ -206,7 +206,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         config = config.replace(gradient_checkpointing=interval > 0,
                                 gradient_checkpointing_interval=interval or config.gradient_checkpointing_interval)
         say(f"--auto_gradient_checkpointing: trial step{'s' if len(tried) > 1 else ''} {', '.join(tried)}; "
-            f"training {describe_checkpointing(interval)}")
+            f"training {describe_checkpointing(interval, config.selective_checkpointing)}")
     unet_checkpointing(interval=config.gradient_checkpointing_interval if config.gradient_checkpointing else 0)
     if config.gradient_checkpointing:
         for te in text_encoders:
@@ -319,6 +319,12 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if device.type == "cuda" and config.torch_compile == "none" and max_train_steps - global_step >= pays:
         say(f"tip: a run this long trains faster with --torch_compile regional (a few minutes of compiling first; "
             f"{gain} the steps/s on an H100 at the seed's settings, benchmarks/RESULTS.md)")
+    if config.gradient_checkpointing and config.selective_checkpointing != "off" and not config.cuda_graphs and \
+            config.torch_compile == "none":
+        say(f"tip: --selective_checkpointing={config.selective_checkpointing} runs its policy in Python for each "
+            f"operation of every checkpointed block, which made training slower here on the CPU (1.06 instead of "
+            f"1.53 steps/s, benchmarks/RESULTS.md): it is meant for a micro-step that is recorded (--cuda_graphs, "
+            f"on a CUDA GPU) or compiled (--torch_compile)")
     if not config.instance_data_dir and (config.dataset_name or "default").strip() == "default":
         given = "--dataset_name default" if config.dataset_name else "no --instance_data_dir or --dataset_name"
         say(f"{given}: training on the {len(instance_images)} synthetic billiard scenes embedded in data/default "
@@ -502,17 +508,18 @@ def choose_checkpointing(config: TrainConfig, fits: Callable[[int], bool]) -> tu
     tried = []
     for interval in (0, *((asked,) if asked > 1 else AUTO_INTERVALS)):
         ok = fits(interval)
-        tried.append(f"{describe_checkpointing(interval)} {'fits' if ok else 'does not fit'}")
+        tried.append(f"{describe_checkpointing(interval, config.selective_checkpointing)} "
+                     f"{'fits' if ok else 'does not fit'}")
         if ok:
             return interval, tried
     return 1, tried
 
 
-def describe_checkpointing(interval: int) -> str:
+def describe_checkpointing(interval: int, selective: str = "off") -> str:
     if interval == 0:
         return "without checkpointing"
     nth = {1: "", 2: "2nd ", 3: "3rd "}.get(interval, f"{interval}th ")
-    return f"with checkpointing of every {nth}block"
+    return f"with checkpointing of every {nth}block" + ("" if selective == "off" else f" ({selective} kept)")
 
 
 def largest_view(images: Sequence[TrainImage], config: TrainConfig) -> tuple[int, int]:
@@ -580,7 +587,105 @@ def fits_in_memory(config: TrainConfig, c, text_encoders, prompt_cache, accelera
 CHECKPOINTED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
 
 
-def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = True, interval: int = 1) -> None:
+# --selective_checkpointing: inside a recomputed block, the outputs kept are those of the operations whose
+# recomputation costs at least this many FLOPs per output element (torch's FLOP formulas: matrix products,
+# convolutions, attention). SDXL: self-attention 4x its tokens (4,096-16,384), a 3x3 convolution 18x its input
+# channels (5,760-23,040), the feed-forward's output projection 8x the width (5,120-10,240), the other linear layers
+# 2x their input width (1,280-2,560), cross-attention over the 77 text tokens 308, the LoRA's up-projection 2x its rank.
+SELECTIVE_FLOPS_PER_ELEMENT = {"costly": 4096, "products": 512}
+
+
+def selective_threshold(level: str, unet) -> float | None:
+    """FLOPs per output element an operation must cost for --selective_checkpointing=``level`` to keep its output
+    (None: off). Never the LoRA's up-projections, whatever their rank: their 2 x rank FLOPs per element make them
+    the cheapest products there are, and their outputs are as large as their layer's."""
+    if level == "off":
+        return None
+    ranks = [b.in_features for m in unet.modules() for b in getattr(m, "lora_B", {}).values()
+             if hasattr(b, "in_features")]
+    return max(SELECTIVE_FLOPS_PER_ELEMENT[level], 2 * max(ranks, default=0) + 1)
+
+
+def extra_flop_formulas() -> dict:
+    """FLOP formulas torch's counter lacks, as ``FlopCounterMode(custom_mapping=...)`` takes them: the CPU's flash
+    attention (the GPU's formula: same arguments, same arithmetic)."""
+    from torch.utils.flop_counter import flop_registry
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    gpu = flop_registry.get(torch.ops.aten._scaled_dot_product_flash_attention)
+    if op is None or gpu is None:
+        return {}
+
+    def cpu_flash(*args, out_val=None, **kwargs):
+        return gpu(*args, out_val=out_val, **kwargs)
+
+    cpu_flash._get_raw = True  # (takes tensors, as the registry's own formulas do)
+    return {op: cpu_flash}
+
+
+def _hint(n):
+    """An integer of a shape as a number: under torch.compile, the traced size's example value (no guard added, no
+    symbolic value kept), else the integer itself."""
+    if isinstance(n, torch.SymInt):
+        node = n.node
+        hint = getattr(node, "_hint", None)
+        if hint is None:
+            hint = getattr(node, "hint", None)
+        return int(hint) if hint is not None else int(n)
+    return n
+
+
+def keep_costly_outputs(min_flops_per_element: float, record: dict | None = None):
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint``: PyTorch's selective activation checkpointing that
+    keeps, of the operations a checkpointed block runs, the outputs that cost at least ``min_flops_per_element``
+    to recompute, and recomputes the others (norms, activations, additions, casts, the LoRA's rank-r products) in
+    backward. ``record`` (for benchmarks and tests) adds up, per forward, the bytes kept per operation
+    (``kept:<op>``), ``kept_flops``, ``recomputed_flops`` and ``recomputed_bytes`` (what the recomputed operations
+    read and write, views left out: the memory traffic that bounds norms and activations on a GPU)."""
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    from torch.utils.flop_counter import flop_registry
+
+    formulas = {**flop_registry, **extra_flop_formulas()}
+
+    def policy(ctx, op, *args, **kwargs):
+        out = ctx.op_output
+        outs = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        count = formulas.get(op.overloadpacket)
+        flops = 0
+        if count is not None:
+            elements = _hint(sum(t.numel() for t in outs))
+            flops = _hint(count(*args, **kwargs, out_val=out))
+            if elements and flops >= min_flops_per_element * elements:
+                if record is not None:
+                    key = f"kept:{op.overloadpacket.__name__}"
+                    record[key] = record.get(key, 0) + sum(_hint(t.numel()) * t.element_size() for t in outs)
+                    record["kept_flops"] = record.get("kept_flops", 0) + flops
+                return CheckpointPolicy.MUST_SAVE
+        if record is not None:
+            record["recomputed_flops"] = record.get("recomputed_flops", 0) + flops
+            if not getattr(op, "is_view", False):  # what recomputing reads and writes (views move nothing)
+                moved = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                record["recomputed_bytes"] = record.get("recomputed_bytes", 0) + \
+                    sum(_hint(t.numel()) * t.element_size() for t in moved + outs)
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return partial(create_selective_checkpoint_contexts, policy)
+
+
+def selective_checkpointing_works() -> bool:
+    """PyTorch's selective checkpointing with each operation's output shown to the policy (what it decides by)."""
+    import inspect
+
+    try:
+        from torch.utils.checkpoint import SelectiveCheckpointContext
+    except ImportError:
+        return False
+    return "op_output" in inspect.signature(SelectiveCheckpointContext).parameters
+
+
+def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = True, interval: int = 1,
+                    selective: str = "off", record: dict | None = None) -> None:
     """Gradient checkpointing of the UNet's blocks, with PyTorch's reentrant checkpoint where it applies.
 
     ``interval`` N recomputes only every Nth block (in the model's order; SDXL has 86 that diffusers checkpoints)
@@ -597,6 +702,10 @@ def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = 
     and ``torch.compile`` of the whole UNet traces only the non-reentrant form -- uses ``reentrant=False``.
     (Checkpointing each compiled region inside its graph instead was tried and dropped: within noise on SDXL's
     layout, 50 % longer to compile, and CUDA graphs failed with it too; benchmarks/RESULTS.md.)
+
+    ``selective`` (--selective_checkpointing, see ``selective_threshold``): within each recomputed block keep the
+    outputs that cost most to recompute (``keep_costly_outputs``) and recompute only the rest, with the
+    non-reentrant checkpoint (the only form that takes a policy). Same math.
     """
     if interval == 0:
         if unet.is_gradient_checkpointing:
@@ -605,8 +714,10 @@ def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = 
     blocks = [m for m in unet.modules() if type(m).__name__ in CHECKPOINTED_BLOCKS]
     for i, block in enumerate(blocks):
         block._billiard_recompute = i % interval == 0  # read by _checkpoint_block
+    threshold = selective_threshold(selective, unet)
+    extra = {} if threshold is None else {"context_fn": keep_costly_outputs(threshold, record)}
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=partial(
-        _checkpoint_block, reentrant=reentrant, preserve_rng_state=preserve_rng_state))
+        _checkpoint_block, reentrant=reentrant, preserve_rng_state=preserve_rng_state, **extra))
 
 
 def checkpoint_text_encoder(text_encoder, *, preserve_rng_state: bool = True, interval: int = 1) -> None:
@@ -627,6 +738,14 @@ def checkpoint_text_encoder(text_encoder, *, preserve_rng_state: bool = True, in
 def _checkpoint_block(block, *args, reentrant: bool, **kw):
     if not getattr(block, "_billiard_recompute", True):  # outside the --gradient_checkpointing_interval
         return block(*args)
+    if "context_fn" in kw and getattr(block, "_compiled_call_impl", None) is not None:
+        # a region --torch_compile regional compiled by itself (a ResNet block), checkpointed from eager code: the
+        # selective policy would watch its compiled kernels, which write into buffers it has kept ("Tensor cached
+        # during selective activation checkpoint has been mutated", inductor on the CPU); recomputed whole instead.
+        # (Blocks checkpointed inside a compiled region -- the transformer blocks -- get the policy at compile time.)
+        kw = {k: v for k, v in kw.items() if k != "context_fn"}
+    elif "context_fn" in kw:
+        reentrant = False  # (the only form that takes a policy)
     reentrant = reentrant and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=reentrant, **kw)
 
@@ -674,7 +793,15 @@ def compile_unet(unet, scope: str, **compile_kwargs) -> None:
     if scope == "none":
         return
     keep_compiled_code()
+    import logging
+
     import torch._dynamo
+
+    # torch says, once per run, that a selective policy under compile needs checkpointed regions without in-place
+    # operations: the UNet's blocks run none, with peft's layers or --fused_lora_ops (tested)
+    wrap_log = logging.getLogger("torch._higher_order_ops.wrap")
+    if not any(isinstance(f, _DropMessage) for f in wrap_log.filters):
+        wrap_log.addFilter(_DropMessage("context_fn is passed to torch.utils.checkpoint under torch.compile"))
 
     # Each block variant (width, skip connection, resolution, training or validation) is a graph of its own, and
     # SDXL's UNet has dozens: past torch's default of 8 per function, the rest would silently run uncompiled.
@@ -687,6 +814,16 @@ def compile_unet(unet, scope: str, **compile_kwargs) -> None:
     for module in unet.modules():
         if type(module).__name__ in REGIONS:
             module.compile(**compile_kwargs)
+
+
+class _DropMessage:
+    """A logging filter that drops the records containing ``text``."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
 
 
 def keep_compiled_code() -> None:
@@ -831,6 +968,11 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
                 notes.append(f"--cuda_graphs records the whole micro-step already: --torch_compile_mode={mode} "
                              f"instead of {config.torch_compile_mode} (which would record graphs of its own inside it)")
                 changes["torch_compile_mode"] = mode
+    if config.selective_checkpointing != "off" and not selective_checkpointing_works():
+        notes.append(f"--selective_checkpointing={config.selective_checkpointing} needs a newer PyTorch than "
+                     f"{torch.__version__} (one whose selective checkpointing shows the policy each operation's "
+                     f"output); recomputing whole blocks instead")
+        changes["selective_checkpointing"] = "off"
     if config.fp8_base and not cuda and _mps_available():
         notes.append("--fp8_base: Apple's MPS has no float8 tensors; training with the UNet in its usual dtype")
         changes["fp8_base"] = False
@@ -1199,6 +1341,8 @@ class TrainingOutOfMemory(UserError):
             ("--gradient_checkpointing", not config.gradient_checkpointing),
             ("--gradient_checkpointing_interval 1",
              config.gradient_checkpointing and config.gradient_checkpointing_interval > 1),
+            ("--selective_checkpointing off",
+             config.gradient_checkpointing and config.selective_checkpointing != "off"),
             ("--use_8bit_adam", config.optimizer.lower() == "adamw" and not config.use_8bit_adam),
             ("--fp8_base", not config.fp8_base),
             ("no --train_text_encoder", config.train_text_encoder),

@@ -201,18 +201,34 @@ def test_train_benchmark_counts_what_a_checkpointing_interval_recomputes():
     assert 0.3 * every < counts[2][1] < 0.7 * every
 
 
-def test_activation_memory_counted_on_meta_is_what_a_real_forward_saves():
+def test_activation_memory_counted_on_meta_is_what_a_real_forward_saves(monkeypatch):
     """bench_memory.py counts on the meta device what a real forward keeps for backward (the same storages, each
-    once, weights left out); checkpointing more blocks keeps less."""
+    once, weights left out); checkpointing more blocks keeps less; selective checkpointing keeps what its level
+    says (thresholds scaled down to the tiny model's widths)."""
     import torch
     from bench_memory import measure
 
-    kw = dict(shape="tiny", resolution=64, batch=1, dtype=torch.float32, rank=4, intervals=[0, 4, 2, 1])
-    meta, cpu = measure(**kw)["saved"], measure(**kw, device="cpu")["saved"]
+    import billiard_lora.train as train_mod
+
+    monkeypatch.setattr(train_mod, "SELECTIVE_FLOPS_PER_ELEMENT", {"costly": 160, "products": 64})
+
+    kw = dict(shape="tiny", resolution=64, batch=1, dtype=torch.float32, rank=4, intervals=[0, 4, 2, 1],
+              selective=("off", "costly", "products"))
+    meta, cpu = measure(**kw), measure(**kw, device="cpu")
     # (every 2nd block: the CPU keeps one small tensor, 8 KB of 1.3 MB here, in a storage of its own that the meta
     # device shares with another one)
-    assert meta.keys() == cpu.keys() and all(abs(meta[k] - cpu[k]) <= 0.01 * cpu[k] for k in cpu)
-    assert meta[0] > meta[4] > meta[2] > meta[1] > 0
+    assert meta["saved"].keys() == cpu["saved"].keys()
+    assert all(abs(meta["saved"][k] - cpu["saved"][k]) <= 0.01 * cpu["saved"][k] for k in cpu["saved"])
+    assert meta["recomputed"] == cpu["recomputed"]
+    saved, flops = meta["saved"], {k: v[0] for k, v in meta["recomputed"].items()}
+    assert flops[0, "off"] == 0 and flops[1, "off"] > flops[2, "off"] > flops[4, "off"] > 0
+    assert saved[0, "off"] > saved[4, "off"] > saved[2, "off"] > saved[1, "off"] > 0
+    # selective checkpointing keeps more than recomputing whole blocks and recomputes less the more it keeps
+    assert saved[0, "off"] > saved[1, "products"] > saved[1, "costly"] > saved[1, "off"]
+    assert flops[1, "off"] > flops[1, "costly"] > flops[1, "products"] > 0
+    moved = {k: v[1] for k, v in meta["recomputed"].items()}
+    assert moved[1, "off"] > moved[1, "costly"] > moved[1, "products"] > 0 == moved[0, "off"]
+    assert flops[1, "costly"] > flops[2, "costly"] and saved[2, "costly"] > saved[1, "costly"]
 
 
 def test_generation_memory_benchmark_applies_each_setting_to_the_pipeline_it_times(tmp_path):

@@ -53,10 +53,11 @@ def test_config_file_values_are_read_as_their_flags_would_be(tmp_path):
     trained with DoRA switched on."""
     f = tmp_path / "run.yaml"
     f.write_text('instance_prompt: x\nlearning_rate: 1e-4\nuse_dora: "false"\nrandom_flip: "yes"\nrank: 8.0\n'
-                 "seed: null\ncuda_graphs: off\n")
+                 "seed: null\ncuda_graphs: off\ngradient_checkpointing: on\nselective_checkpointing: off\n")
     c = parse_args([f"--config={f}"])
     assert (c.learning_rate, c.use_dora, c.random_flip, c.rank, c.seed, c.cuda_graphs) == (1e-4, False, True, 8, None,
                                                                                            False)
+    assert c.selective_checkpointing == "off"  # (YAML's bare off is false: the choice named off)
     assert type(c.rank) is int
     for line, message in [("rank: four", "rank: expected a whole number, got 'four'"),
                           ("rank: 2.5", "rank: expected a whole number, got 2.5"),

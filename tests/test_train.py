@@ -382,9 +382,10 @@ def _unet_step(unet, seed=0):
     return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("mode, interval, fused", [("regional", 1, False), ("full", 1, False), ("regional", 2, False),
-                                                   ("full", 2, False), ("regional", 1, True)])
-def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode, interval, fused):
+@pytest.mark.parametrize("mode, interval, fused, selective", [
+    ("regional", 1, False, "off"), ("full", 1, False, "off"), ("regional", 2, False, "off"), ("full", 2, False, "off"),
+    ("regional", 1, True, "off"), ("regional", 1, False, "products"), ("full", 2, False, "costly")])
+def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, monkeypatch, mode, interval, fused, selective):
     """--torch_compile compiles in place (regions, or the whole UNet), checkpointed as train() does (every block,
     or every 2nd), without a graph break: same loss and LoRA gradients as the eager UNet without checkpointing, same
     state-dict keys; with --fused_lora_ops too (its autograd operation traced, not run around the graph).
@@ -398,7 +399,9 @@ def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode, interva
     from billiard_lora.train import checkpoint_unet, compile_unet
 
     unet, plain = _lora_unet_and_copy(tiny_components)  # (non-zero B: the LoRA path shapes outputs and gradients)
-    checkpoint_unet(unet, reentrant=False, interval=interval)  # as train() does when compiling
+    monkeypatch.setattr(train_mod, "SELECTIVE_FLOPS_PER_ELEMENT", TINY_SELECTIVE)  # (the tiny model keeps some)
+    record: dict = {}
+    checkpoint_unet(unet, reentrant=False, interval=interval, selective=selective, record=record)  # as train() does
     if fused:
         from billiard_lora.lora import run_adapters_fused
 
@@ -419,7 +422,116 @@ def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, mode, interva
     assert grads_c.keys() == grads_e.keys() and grads_c
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
+    assert (selective == "off") == (not any(k.startswith("kept:") for k in record))  # (policy traced into the graph)
     torch._dynamo.reset()
+
+
+# --selective_checkpointing's thresholds scaled down to the tiny UNet's widths (32-64 channels, 16-64 tokens), so
+# that each level keeps something there and 'costly' less than 'products'
+TINY_SELECTIVE = {"costly": 160, "products": 64}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_selective_checkpointing_keeps_costly_outputs_with_the_same_gradients(tiny_components, monkeypatch, fused):
+    """--selective_checkpointing keeps, in each recomputed block, the outputs of the operations that cost at least
+    the level's FLOPs per value (never the LoRA's up-projection) and recomputes the rest: the loss and LoRA
+    gradients of no checkpointing, alone and with --gradient_checkpointing_interval, with peft's layers and with
+    --fused_lora_ops (whose operation must leave a kept output unchanged); 'costly' keeps less than 'products' and
+    leaves more to recompute."""
+    from billiard_lora.lora import run_adapters_fused
+    from billiard_lora.train import checkpoint_unet, selective_threshold
+
+    monkeypatch.setattr(train_mod, "SELECTIVE_FLOPS_PER_ELEMENT", TINY_SELECTIVE)
+    unet, plain = _lora_unet_and_copy(tiny_components)
+    if fused:
+        run_adapters_fused([unet])
+    assert selective_threshold("off", unet) is None and selective_threshold("costly", unet) == 160
+    loss_p, grads_p = _unet_step(plain)
+    records = {}
+    for level, interval in (("costly", 1), ("products", 1), ("products", 2)):
+        records[level, interval] = record = {}
+        checkpoint_unet(unet, interval=interval, selective=level, record=record, reentrant=True)
+        loss, grads = _unet_step(unet)
+        torch.testing.assert_close(loss, loss_p)
+        for name in grads_p:
+            torch.testing.assert_close(grads[name], grads_p[name], rtol=1e-5, atol=1e-7)
+        for p in unet.parameters():
+            p.grad = None
+
+    def kept(r):
+        return sum(v for k, v in r.items() if k.startswith("kept:"))
+
+    costly, products, every_2nd = records["costly", 1], records["products", 1], records["products", 2]
+    assert 0 < kept(costly) < kept(products) and costly["recomputed_flops"] > products["recomputed_flops"] > 0
+    assert {"kept:convolution", "kept:mm"} <= products.keys() and 0 < kept(every_2nd) < kept(products)
+    # the LoRA's up-projection (2 x rank FLOPs per value) is never kept, whatever the level's threshold
+    monkeypatch.setattr(train_mod, "SELECTIVE_FLOPS_PER_ELEMENT", {"costly": 1, "products": 1})
+    assert selective_threshold("products", unet) == 2 * 4 + 1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_checkpointed_blocks_run_no_in_place_operation(tiny_components, fused):
+    """Selective checkpointing keeps some outputs for the recompute, which must find them unchanged (eager: "Tensor
+    cached during selective activation checkpoint has been mutated"; compiled: torch's warning, which compile_unet
+    silences on the strength of this test): no block diffusers checkpoints runs an in-place operation, with peft's
+    LoRA layers or with --fused_lora_ops, forward and recompute, under autocast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from billiard_lora.lora import run_adapters_fused
+
+    unet, _ = _lora_unet_and_copy(tiny_components)
+    if fused:
+        run_adapters_fused([unet])
+    in_place, blocks = [], []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.is_mutable:
+                in_place.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def watched(block, *args):
+        blocks.append(block)
+        with Watch():
+            return block(*args)
+
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=watched)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _unet_step(unet)
+    assert len(blocks) > 20 and not in_place, sorted(set(in_place))
+
+
+def test_a_region_compiled_by_itself_is_recomputed_whole(monkeypatch):
+    """With --torch_compile regional a ResNet block is a compiled region checkpointed from eager code: there the
+    selective policy would watch inductor's kernels write into buffers it keeps ("Tensor cached during selective
+    activation checkpoint has been mutated", measured on the CPU), so that block is recomputed whole; an eager
+    block gets the policy (and the non-reentrant form, the only one that takes it)."""
+    import torch.utils.checkpoint
+
+    seen = []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **kw: seen.append(kw) or fn(*a))
+    policy = train_mod.keep_costly_outputs(1)
+    x = torch.randn(2, 4, requires_grad=True)
+    plain, compiled = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    compiled.compile(backend="eager")
+    for block in (plain, compiled):
+        train_mod._checkpoint_block(block, x, reentrant=True, context_fn=policy)
+    assert seen[0] == {"use_reentrant": False, "context_fn": policy}
+    assert seen[1] == {"use_reentrant": True}
+
+
+def test_selective_checkpointing_is_checked_and_falls_back_where_torch_cannot(monkeypatch):
+    with pytest.raises(UserError, match="only applies with --gradient_checkpointing") as err:
+        TrainConfig(instance_prompt="x", selective_checkpointing="products")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="--selective_checkpointing='some' must be one of off, costly, products"):
+        TrainConfig(instance_prompt="x", gradient_checkpointing=True, selective_checkpointing="some")
+    config = TrainConfig(instance_prompt="x", auto_gradient_checkpointing=True, selective_checkpointing="costly")
+    assert train_mod.selective_checkpointing_works()  # (this torch)
+    monkeypatch.setattr(train_mod, "selective_checkpointing_works", lambda: False)
+    resolved = train_mod.resolve_hardware(config)
+    assert resolved.selective_checkpointing == "off"
+    assert any("--selective_checkpointing=costly needs a newer PyTorch" in n for n in resolved.fallbacks)
 
 
 @pytest.mark.parametrize("scope", ["regional", "full"])
@@ -1402,6 +1514,22 @@ def test_training_with_a_checkpointing_interval_learns_what_checkpointing_every_
     assert every.keys() == second.keys() and any(k.startswith("text_encoder") for k in every)
     for k in every:
         torch.testing.assert_close(second[k], every[k], rtol=1e-4, atol=1e-6)  # (sums in another order)
+
+
+def test_training_with_selective_checkpointing_learns_what_checkpointing_every_block_learns(tiny_model_dir, tmp_path,
+                                                                                            monkeypatch):
+    """End to end, with the tiny model keeping outputs: --selective_checkpointing products gives the LoRA of whole
+    blocks recomputed, and is recorded in config.json."""
+    monkeypatch.setattr(train_mod, "SELECTIVE_FLOPS_PER_ELEMENT", TINY_SELECTIVE)
+    data = make_images(tmp_path / "data", n=3)
+    kw = dict(gradient_checkpointing=True, max_train_steps=2)
+    every = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "every", **kw)))
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "sel", selective_checkpointing="products", **kw))
+    assert json.loads((out / "config.json").read_text())["selective_checkpointing"] == "products"
+    selective = lora_tensors(out)
+    assert every.keys() == selective.keys()
+    for k in every:
+        torch.testing.assert_close(selective[k], every[k], rtol=1e-4, atol=1e-6)
 
 
 def test_a_kohya_file_left_by_an_earlier_run_is_written_again_with_the_new_lora(tiny_model_dir, tmp_path):
