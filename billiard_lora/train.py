@@ -432,6 +432,10 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                 if accelerator.sync_gradients:
                     if average_by_hand:
                         average_gradients(adapters, accelerator.num_processes)
+                    if accelerator.num_processes > 1:
+                        # the step's loss over every process's images (not the main process's share), and a NaN
+                        # on one process seen by all, so that all stop together
+                        accum_loss = accelerator.reduce(accum_loss.detach(), reduction="mean")
                     if not torch.isfinite(accum_loss):  # checked before the step: a NaN never reaches the adapter
                         raise TrainingDiverged(global_step, out, config)
                     accelerator.clip_grad_norm_(adapters, config.max_grad_norm)

@@ -1701,10 +1701,11 @@ def test_overwrite_output_dir_leaves_no_checkpoint_of_the_earlier_run(tiny_model
 @pytest.mark.slow
 def test_fold_accumulation_on_two_processes_trains_the_unfolded_runs_lora(tiny_model_dir, tmp_path):
     """accelerate launch, 2 processes: a folded batch draws each image's noise with the generator the unfolded run
-    gives that image on whichever process had it, so the averaged gradient, and the LoRA, are the same (the loss
-    logged is the main process's share, which holds other images when folded)."""
+    gives that image on whichever process had it, so the averaged gradient, and the LoRA, are the same; the loss
+    logged is the mean over both processes' images, the same folded or not (the main process's share, logged
+    before, holds other images when folded)."""
     data = make_images(tmp_path / "data", n=8)
-    loras = []
+    loras, losses = [], []
     for fold in ([], ["--fold_accumulation"]):
         out = tmp_path / f"ddp{len(fold)}"
         r = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -1716,9 +1717,11 @@ def test_fold_accumulation_on_two_processes_trains_the_unfolded_runs_lora(tiny_m
                   "--checkpointing_steps=100", "--random_flip", "--noise_offset=0.05", "--learning_rate=1e-3", *fold])
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
         loras.append(lora_tensors(out))
+        losses.append([h["loss"] for h in train_mod.load_history(out)])
     a, b = loras
     gap = math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) / sum(float((a[k] ** 2).sum()) for k in a))
     assert gap < 1e-3, gap  # measured 1.0e-5; other noise: order 1
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_settings_that_cannot_take_effect_are_recorded_as_what_ran():
