@@ -1748,3 +1748,26 @@ def test_kaggle_flags_on_a_plain_folder_are_named_as_unused(tiny_model_dir, tmp_
     config = tiny_config(tiny_model_dir, data, tmp_path / "o", kaggle_class="archery")
     with pytest.warns(UserWarning, match="--kaggle_class/--kaggle_splits select from a Kaggle-layout folder"):
         assert len(load_training_images(config)) == 2
+
+
+def test_the_speed_options_together_train_the_plain_runs_lora_and_resume_exactly(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """--fold_accumulation, --selective_checkpointing, --fused_lora_ops and a checkpointing interval, all at once
+    (with flips, noise offset and Min-SNR): the LoRA of the plain checkpointed run to rounding (another seed: order
+    1), and a run resumed from its checkpoint equals the uninterrupted one bit for bit."""
+    monkeypatch.setattr(train_mod, "SELECTIVE_FLOPS_PER_ELEMENT", TINY_SELECTIVE)
+    data = make_images(tmp_path / "data", n=6)
+    base = dict(train_batch_size=1, gradient_accumulation_steps=2, max_train_steps=4, gradient_checkpointing=True,
+                random_flip=True, noise_offset=0.05, snr_gamma=5.0, checkpointing_steps=2)
+    fast = dict(fold_accumulation=True, selective_checkpointing="products", fused_lora_ops=True,
+                gradient_checkpointing_interval=2)
+    plain = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "plain", **base)))
+    together = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "fast", **base, **fast)))
+    gap = math.sqrt(sum(float(((together[k] - plain[k]) ** 2).sum()) for k in plain) /
+                    sum(float((plain[k] ** 2).sum()) for k in plain))
+    assert together.keys() == plain.keys() and gap < 1e-5, gap  # measured 2.0e-7
+    out = tmp_path / "resumed"
+    train(tiny_config(tiny_model_dir, data, out, **{**base, **fast, "max_train_steps": 2}))
+    resumed = lora_tensors(train(tiny_config(tiny_model_dir, data, out, **base, **fast,
+                                             resume_from_checkpoint="latest")))
+    assert all(torch.equal(resumed[k], together[k]) for k in together)
