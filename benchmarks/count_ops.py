@@ -117,6 +117,8 @@ VARIANTS = {
     "ours_fp8_base": (True, True, True, False, "none"),  # + --fp8_base: frozen weights in float8, cast per layer
     # + --fused_lora_ops (lora.run_adapters_fused, the adapters' bf16 copies kept: counted between optimizer steps)
     "ours_fused_lora_ops": (True, True, True, False, "none"),
+    # + --selective_checkpointing products (its policy, a Python dispatch mode, sees every operation of a block)
+    "ours_selective_products": (True, True, False, False, "none"),
 }
 DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items() if spec[4] == "none" and v != "ours_fp8_base"]
 
@@ -157,7 +159,8 @@ def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:
         unet = {"ours_fp8_base": fp8, "ours_fused_lora_ops": fused}.get(name) or (lora if with_lora else bare)
         unet.disable_gradient_checkpointing()
         if ckpt:
-            checkpoint_unet(unet, reentrant=reentrant)
+            selective = "products" if name == "ours_selective_products" else "off"
+            checkpoint_unet(unet, reentrant=reentrant, selective=selective)
         if with_lora:
             set_input_casting([unet], enabled=upcast)
         return unet.train()
