@@ -36,8 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from billiard_lora.lora import add_lora  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
-from billiard_lora.train import (_checkpoint_block, checkpoint_unet, keep_costly_outputs,  # noqa: E402
-                                 selective_threshold)
+from billiard_lora.train import _checkpoint_block, checkpoint_unet, keep_costly_outputs  # noqa: E402
 from common import emit  # noqa: E402
 
 
@@ -103,12 +102,12 @@ def measure(shape: str, resolution: int, batch: int, dtype: torch.dtype, rank: i
     for interval in intervals:
         for level in (selective if interval else ("off",)):
             record: dict = {}
-            checkpoint_unet(unet, interval=interval, preserve_rng_state=False)  # (which blocks)
-            if interval:  # the trainer's policy, counting; 'off' as a policy that keeps nothing (same memory)
-                threshold = selective_threshold(level, unet)
+            checkpoint_unet(unet, interval=interval, preserve_rng_state=False, selective=level, record=record)
+            if interval and level == "off":  # whole blocks, as the trainer's reentrant checkpoint recomputes them,
+                # counted by a policy that keeps nothing (the same memory)
                 unet.enable_gradient_checkpointing(gradient_checkpointing_func=partial(
                     _checkpoint_block, reentrant=False, preserve_rng_state=False,
-                    context_fn=keep_costly_outputs(float("inf") if threshold is None else threshold, record)))
+                    context_fn=keep_costly_outputs(float("inf"), record)))
             autograd_kept = saved_bytes(unet, inputs)
             saved[interval, level] = autograd_kept + sum(v for k, v in record.items() if k.startswith("kept:"))
             recomputed[interval, level] = (record.get("recomputed_flops", 0), record.get("recomputed_bytes", 0))

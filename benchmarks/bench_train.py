@@ -37,8 +37,8 @@ from billiard_lora.lora import UNET_TARGET_MODULES  # noqa: E402
 from billiard_lora.models import Components  # noqa: E402
 from billiard_lora.optim import make_optimizer  # noqa: E402
 from billiard_lora.tiny import SHAPES, build_components  # noqa: E402
-from billiard_lora.train import (checkpoint_unet, extra_flop_formulas, keep_costly_outputs,  # noqa: E402
-                                 selective_threshold, train)  # noqa: E402
+from billiard_lora.train import (CHECKPOINTED_BLOCKS, _mark_block_tails, checkpoint_unet,  # noqa: E402
+                                 extra_flop_formulas, keep_costly_outputs, selective_threshold, train)
 from bench_memory import flash_attention_accounting  # noqa: E402
 from common import (device_name, emit, idle_gaps, peak_memory, peak_memory_since_reset,  # noqa: E402
                     reset_peak_memory)
@@ -76,7 +76,7 @@ def unet_forward_flops(c: Components, resolution: int, batch: int, checkpoint_in
         if recompute and threshold is not None:  # under the selective policy: what it would not keep
             record: dict = {}
             out = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False,
-                                                    context_fn=keep_costly_outputs(threshold, record))
+                                                    context_fn=keep_costly_outputs(threshold, record, tail))
             recomputed += record.get("recomputed_flops", 0)
             return out
         before = counter.get_total_flops()
@@ -102,6 +102,9 @@ def unet_forward_flops(c: Components, resolution: int, batch: int, checkpoint_in
             if any(name.endswith(t) for t in UNET_TARGET_MODULES):
                 module.weight.requires_grad_(True)
         checkpoint_unet(unet, interval=checkpoint_interval)  # which blocks
+        # (the blocks' last products, which the selective recompute never reaches: see train._mark_block_tails)
+        tail = _mark_block_tails(unet, [m for m in unet.modules() if type(m).__name__ in CHECKPOINTED_BLOCKS]) \
+            if threshold is not None else None
         unet.enable_gradient_checkpointing(gradient_checkpointing_func=count_recomputed)
         unet.train()
     # (grad mode on, so that diffusers calls the checkpoint function; nothing needs a gradient, nothing is kept)

@@ -120,7 +120,8 @@ VARIANTS = {
     # + --selective_checkpointing products (its policy, a Python dispatch mode, sees every operation of a block)
     "ours_selective_products": (True, True, False, False, "none"),
 }
-DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items() if spec[4] == "none" and v != "ours_fp8_base"]
+DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items()
+                    if spec[4] == "none" and v not in ("ours_fp8_base", "ours_selective_products")]
 
 
 def skeleton(rank: int, repeats: int, variants: list[str]) -> list[dict]:

@@ -47,7 +47,7 @@
 #      gradient), time and peak memory against part 2
 #  28. ours at the seed's settings with --selective_checkpointing costly, then products (SELECTIVE28="costly products"):
 #      each recomputed block keeps its costliest outputs; time and peak memory against part 2 (every block recomputed,
-#      0.45 GiB kept, 92 % of a forward recomputed) and part 20 (every 4th block: 3.96 GiB, 24 %)
+#      0.43 GiB kept, 92 % of a forward recomputed) and part 20 (every 4th block: 3.95 GiB, 24 %)
 #  29. as 11 with --selective_checkpointing products, on the small model at 256 px (the tiny model's widths are too
 #      small for anything to be kept): the policy inside the recorded micro-step, the same LoRA as eager?
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
@@ -209,7 +209,8 @@ p28() { for k in ${SELECTIVE28:-costly products}; do
     --gradient_checkpointing --selective_checkpointing "$k"; done; }
 
 p29() { part "29. --cuda_graphs --selective_checkpointing products, small model: the same LoRA as eager? ($(left) s left)"
-  GV_SHAPE=small GV_RES=256 graphs_vs_eager 29 selective_products --selective_checkpointing=products; }
+  [ "$(left)" -gt 100 ] && GV_SHAPE=small GV_RES=256 graphs_vs_eager 29 selective_products \
+    --selective_checkpointing=products; }
 
 p12() { part "12. ours, seed settings, eager (--cuda_graphs off) ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 12 "$(upto ${CAP12:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
@@ -271,7 +272,8 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
     if r["what"] == "training":
         print(f"{r.get('trainer', 'billiard-lora'):40s} ckpt={r['gradient_checkpointing']!s:5s} "
-              f"every={r.get('gradient_checkpointing_interval') or '-'!s:3s} sel={r.get('selective_checkpointing', 'off'):8s} "
+              f"every={r.get('gradient_checkpointing_interval') or '-'!s:3s} "
+              f"sel={r.get('selective_checkpointing', 'off'):8s} "
               f"compile={r.get('torch_compile', '-'):8s} fp8={r.get('fp8_base', False)!s:5s} "
               f"graphs={r.get('cuda_graph_replays', '-')!s:4s} opt={r.get('optimizer_form', '-'):14s} "
               f"nhwc={r.get('channels_last', False)!s:5s} buckets={r.get('aspect_ratio_buckets') or '-'} unet={r.get('unet_variant', 'as_trained')} half_norms={r.get('half_precision_norms', '-')} "

@@ -125,23 +125,25 @@ class TrainConfig:
     selective_checkpointing: Literal["off", "costly", "products"] = _f(
         "off", "(billiard-lora) With --gradient_checkpointing, keep some outputs of each recomputed block "
                "(PyTorch's selective activation checkpointing) so that backward recomputes less: 'costly' keeps those "
-               "that cost the most arithmetic per value to recompute (self-attention, 3x3 convolutions, the "
-               "feed-forward's output projection); 'products' keeps every matrix product, convolution and attention "
-               "output of 256 or more inputs per value (not the LoRA's rank-r products nor cross-attention over the 77 "
-               "text tokens), so backward recomputes little more than norms, activations and additions. SDXL at "
-               "1024 px, batch 1, counted (benchmarks/RESULTS.md): every block recomputed keeps 0.45 GiB for backward "
-               "and recomputes 92%% of a forward's FLOPs; 'costly' 0.90 GiB and 55%%; 'products' 3.85 GiB and 0.5%% "
-               "(every 4th block: 3.96 GiB and 24%%; none: 5.21 GiB). Same results. Its policy runs in Python for "
+               "that cost the most arithmetic per value to recompute (self-attention, a ResNet block's first 3x3 "
+               "convolution); 'products' keeps every matrix product, convolution and attention output of 256 or more "
+               "inputs per value (not the LoRA's rank-r products nor cross-attention over the 77 text tokens), so "
+               "backward recomputes little more than norms, activations and additions. (A block's last products "
+               "are never kept: the recompute stops before them.) SDXL at "
+               "1024 px, batch 1, counted (benchmarks/RESULTS.md): every block recomputed keeps 0.43 GiB for backward "
+               "and recomputes 92%% of a forward's FLOPs; 'costly' 0.72 GiB and 49%%; 'products' 3.46 GiB and 0.5%% "
+               "(every 4th block: 3.95 GiB and 24%%; none: 5.21 GiB). Same results. Its policy runs in Python for "
                "each operation: meant for a recorded (--cuda_graphs, on by default on a GPU) or compiled "
-               "(--torch_compile) micro-step; eager on this project's CPU it was slower than whole blocks (1.06 "
-               "against 1.53 steps/s). Off until a GPU has timed it; with --torch_compile regional the ResNet "
-               "blocks are recomputed whole.")
+               "(--torch_compile) micro-step; eager on this project's CPU it was slower than whole blocks (1.01 "
+               "against 1.46 steps/s). Off until a GPU has timed it; with --torch_compile regional the ResNet "
+               "blocks are recomputed whole, and compiled, a block's last products are kept.")
     auto_gradient_checkpointing: bool = _f(
         False, "(billiard-lora) Decide --gradient_checkpointing by measuring: trial steps before training, first "
                "without it, then checkpointing every 4th, 3rd, 2nd block (or only the --gradient_checkpointing_interval "
-               "you give); the first that neither runs out of memory nor leaves under 15%% of the free GPU memory is "
-               "used, else every block is checkpointed. Same results either way; without checkpointing is much "
-               "faster (1.75x on an H100).")
+               "you give), then, with a --selective_checkpointing level, every block keeping its outputs; the first "
+               "that neither runs out of memory nor leaves under 15%% of the free GPU memory is used, else every "
+               "block is checkpointed whole. Same results either way; without checkpointing is much faster (1.75x "
+               "on an H100).")
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = _f(
         None, "Mixed precision; fp16 and bf16 need a GPU (on CPU fp16 falls back to fp32 with a warning).")
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere or newer GPUs.")

@@ -196,18 +196,20 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     unet_checkpointing = partial(checkpoint_unet, c.unet, reentrant=config.torch_compile == "none" and not ddp_unused,
                                  preserve_rng_state=keep_rng, selective=config.selective_checkpointing)
     if config.auto_gradient_checkpointing:
-        def trial(interval: int) -> bool:
-            unet_checkpointing(interval=interval)
+        def trial(interval: int, selective: str) -> bool:
+            unet_checkpointing(interval=interval, selective=selective)
             return fits_in_memory(config, c, text_encoders, prompt_cache, accelerator, weight_dtype,
                                   size=largest_view(instance_images, config))
 
-        interval, tried = choose_checkpointing(config, trial)
+        interval, selective, tried = choose_checkpointing(config, trial)
         # what runs, as config.json will record it
         config = config.replace(gradient_checkpointing=interval > 0,
-                                gradient_checkpointing_interval=interval or config.gradient_checkpointing_interval)
+                                gradient_checkpointing_interval=interval or config.gradient_checkpointing_interval,
+                                selective_checkpointing=selective)
         say(f"--auto_gradient_checkpointing: trial step{'s' if len(tried) > 1 else ''} {', '.join(tried)}; "
-            f"training {describe_checkpointing(interval, config.selective_checkpointing)}")
-    unet_checkpointing(interval=config.gradient_checkpointing_interval if config.gradient_checkpointing else 0)
+            f"training {describe_checkpointing(interval, selective)}")
+    unet_checkpointing(interval=config.gradient_checkpointing_interval if config.gradient_checkpointing else 0,
+                       selective=config.selective_checkpointing)
     if config.gradient_checkpointing:
         for te in text_encoders:
             checkpoint_text_encoder(te, preserve_rng_state=keep_rng, interval=config.gradient_checkpointing_interval)
@@ -322,8 +324,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if config.gradient_checkpointing and config.selective_checkpointing != "off" and not config.cuda_graphs and \
             config.torch_compile == "none":
         say(f"tip: --selective_checkpointing={config.selective_checkpointing} runs its policy in Python for each "
-            f"operation of every checkpointed block, which made training slower here on the CPU (1.06 instead of "
-            f"1.53 steps/s, benchmarks/RESULTS.md): it is meant for a micro-step that is recorded (--cuda_graphs, "
+            f"operation of every checkpointed block, which made training slower here on the CPU (1.01 instead of "
+            f"1.46 steps/s, benchmarks/RESULTS.md): it is meant for a micro-step that is recorded (--cuda_graphs, "
             f"on a CUDA GPU) or compiled (--torch_compile)")
     if not config.instance_data_dir and (config.dataset_name or "default").strip() == "default":
         given = "--dataset_name default" if config.dataset_name else "no --instance_data_dir or --dataset_name"
@@ -502,21 +504,25 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
 AUTO_INTERVALS = (4, 3, 2)
 
 
-def choose_checkpointing(config: TrainConfig, fits: Callable[[int], bool]) -> tuple[int, list[str]]:
-    """The fastest checkpointing whose trial step ``fits``: 0 (none), else the largest interval, else 1 (every block).
+def choose_checkpointing(config: TrainConfig, fits: Callable[[int, str], bool]) -> tuple[int, str, list[str]]:
+    """The fastest checkpointing whose trial step ``fits``: (interval, --selective_checkpointing level) -- 0 (none),
+    else the largest interval, else every block; with a selective level, every block keeping its outputs is a
+    trial too, and the last resort recomputes whole blocks (the least memory there is).
 
     Also returns what each trial found, for the log. A --gradient_checkpointing_interval N > 1 the user gave is
     the only interval tried between none and every block.
     """
-    asked = config.gradient_checkpointing_interval
+    asked, level = config.gradient_checkpointing_interval, config.selective_checkpointing
+    candidates = [(0, level), *((k, level) for k in ((asked,) if asked > 1 else AUTO_INTERVALS))]
+    if level != "off":
+        candidates.append((1, level))
     tried = []
-    for interval in (0, *((asked,) if asked > 1 else AUTO_INTERVALS)):
-        ok = fits(interval)
-        tried.append(f"{describe_checkpointing(interval, config.selective_checkpointing)} "
-                     f"{'fits' if ok else 'does not fit'}")
+    for interval, selective in candidates:
+        ok = fits(interval, selective)
+        tried.append(f"{describe_checkpointing(interval, selective)} {'fits' if ok else 'does not fit'}")
         if ok:
-            return interval, tried
-    return 1, tried
+            return interval, selective, tried
+    return 1, "off", tried
 
 
 def describe_checkpointing(interval: int, selective: str = "off") -> str:
@@ -594,8 +600,9 @@ CHECKPOINTED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
 # --selective_checkpointing: inside a recomputed block, the outputs kept are those of the operations whose
 # recomputation costs at least this many FLOPs per output element (torch's FLOP formulas: matrix products,
 # convolutions, attention). SDXL: self-attention 4x its tokens (4,096-16,384), a 3x3 convolution 18x its input
-# channels (5,760-23,040), the feed-forward's output projection 8x the width (5,120-10,240), the other linear layers
-# 2x their input width (1,280-2,560), cross-attention over the 77 text tokens 308, the LoRA's up-projection 2x its rank.
+# channels (5,760-23,040), the feed-forward's output projection 8x the width (5,120-10,240; a block's last product,
+# never kept: see _mark_block_tails), the other linear layers 2x their input width (1,280-2,560), cross-attention over
+# the 77 text tokens 308, the LoRA's up-projection 2x its rank.
 SELECTIVE_FLOPS_PER_ELEMENT = {"costly": 4096, "products": 512}
 
 
@@ -628,8 +635,8 @@ def extra_flop_formulas() -> dict:
 
 
 def _hint(n):
-    """An integer of a shape as a number: under torch.compile, the traced size's example value (no guard added, no
-    symbolic value kept), else the integer itself."""
+    """An integer of a shape as a number: under torch.compile, the traced size's example value (no symbolic value
+    kept; a size without one is specialised, which adds a guard), else the integer itself."""
     if isinstance(n, torch.SymInt):
         node = n.node
         hint = getattr(node, "_hint", None)
@@ -639,32 +646,38 @@ def _hint(n):
     return n
 
 
-def keep_costly_outputs(min_flops_per_element: float, record: dict | None = None):
+def keep_costly_outputs(min_flops_per_element: float, record: dict | None = None, tail: list | None = None):
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint``: PyTorch's selective activation checkpointing that
     keeps, of the operations a checkpointed block runs, the outputs that cost at least ``min_flops_per_element``
     to recompute, and recomputes the others (norms, activations, additions, casts, the LoRA's rank-r products) in
-    backward. ``record`` (for benchmarks and tests) adds up, per forward, the bytes kept per operation
-    (``kept:<op>``), ``kept_flops``, ``recomputed_flops`` and ``recomputed_bytes`` (what the recomputed operations
-    read and write, views left out: the memory traffic that bounds norms and activations on a GPU)."""
+    backward. ``tail`` (``[depth]``, set by ``_mark_block_tails``' hooks): non-zero while a block's last products
+    run, which the non-reentrant checkpoint's recompute never reaches (it stops once backward's tensors are back), so
+    their outputs are not kept and not counted as recomputed. ``record`` (for benchmarks and tests) adds up, over the
+    forwards it sees (under torch.compile: once, while tracing), the bytes kept per operation (``kept:<op>``),
+    ``recomputed_flops`` and ``recomputed_bytes`` (what the recomputed operations read and write, views left out: the
+    memory traffic that bounds norms and activations on a GPU)."""
     from torch.utils._pytree import tree_leaves
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
     from torch.utils.flop_counter import flop_registry
 
     formulas = {**flop_registry, **extra_flop_formulas()}
+    tail = tail if tail is not None else [0]
 
     def policy(ctx, op, *args, **kwargs):
         out = ctx.op_output
         outs = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
         count = formulas.get(op.overloadpacket)
         flops = 0
+        if tail[0]:  # a block's last products: the recompute stops before them (keeping them would waste memory)
+            return CheckpointPolicy.PREFER_RECOMPUTE
         if count is not None:
-            elements = _hint(sum(t.numel() for t in outs))
+            # per value of the main output (attention's also returns a row statistic, which would dilute it)
+            elements = _hint(outs[0].numel()) if outs else 0
             flops = _hint(count(*args, **kwargs, out_val=out))
             if elements and flops >= min_flops_per_element * elements:
                 if record is not None:
                     key = f"kept:{op.overloadpacket.__name__}"
                     record[key] = record.get(key, 0) + sum(_hint(t.numel()) * t.element_size() for t in outs)
-                    record["kept_flops"] = record.get("kept_flops", 0) + flops
                 return CheckpointPolicy.MUST_SAVE
         if record is not None:
             record["recomputed_flops"] = record.get("recomputed_flops", 0) + flops
@@ -712,16 +725,50 @@ def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = 
     non-reentrant checkpoint (the only form that takes a policy). Same math.
     """
     if interval == 0:
+        _mark_block_tails(unet, [])
         if unet.is_gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         return
     blocks = [m for m in unet.modules() if type(m).__name__ in CHECKPOINTED_BLOCKS]
     for i, block in enumerate(blocks):
         block._billiard_recompute = i % interval == 0  # read by _checkpoint_block
+        # a block with nothing to train whose input needs no gradient (SDXL: the first three ResNet blocks)
+        block._billiard_trains = any(p.requires_grad for p in block.parameters())
     threshold = selective_threshold(selective, unet)
-    extra = {} if threshold is None else {"context_fn": keep_costly_outputs(threshold, record)}
+    tail = _mark_block_tails(unet, blocks if threshold is not None else [])
+    extra = {} if threshold is None else {"context_fn": keep_costly_outputs(threshold, record, tail)}
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=partial(
         _checkpoint_block, reentrant=reentrant, preserve_rng_state=preserve_rng_state, **extra))
+
+
+def _mark_block_tails(unet, blocks) -> list:
+    """Forward hooks that count, in the returned ``[depth]``, when a block's last products run: a transformer
+    block's feed-forward output projection, a ResNet block's second convolution and shortcut. Their outputs only
+    feed the block's residual addition, so backward needs nothing from them and the non-reentrant checkpoint's
+    recompute stops before them. Earlier hooks of this kind are removed (none are left for ``blocks`` = []).
+    (``torch.compiler.is_compiling`` is in PyTorch 2.3 and later; the policy needs a later one anyway.)"""
+    for handle in unet.__dict__.pop("_billiard_tail_hooks", []):
+        handle.remove()
+    tail, handles = [0], []
+
+    # (not while torch.compile traces: a checkpoint's traced body may not change outer state; there the policy is
+    # applied while tracing, and a block's last products are kept)
+    def enter(module, args):
+        if not torch.compiler.is_compiling():
+            tail[0] += 1
+
+    def leave(module, args, output):
+        if not torch.compiler.is_compiling():
+            tail[0] -= 1
+
+    for block in blocks:
+        ff = getattr(block, "ff", None)
+        tails = [ff.net[-1]] if ff is not None and hasattr(ff, "net") else []
+        tails += [m for m in (getattr(block, "conv2", None), getattr(block, "conv_shortcut", None)) if m is not None]
+        for module in tails:
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    unet.__dict__["_billiard_tail_hooks"] = handles
+    return tail
 
 
 def checkpoint_text_encoder(text_encoder, *, preserve_rng_state: bool = True, interval: int = 1) -> None:
@@ -742,6 +789,9 @@ def checkpoint_text_encoder(text_encoder, *, preserve_rng_state: bool = True, in
 def _checkpoint_block(block, *args, reentrant: bool, **kw):
     if not getattr(block, "_billiard_recompute", True):  # outside the --gradient_checkpointing_interval
         return block(*args)
+    if not getattr(block, "_billiard_trains", True) and \
+            not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return block(*args)  # backward never reaches it: nothing to keep or recompute
     if "context_fn" in kw and getattr(block, "_compiled_call_impl", None) is not None:
         # a region --torch_compile regional compiled by itself (a ResNet block), checkpointed from eager code: the
         # selective policy would watch its compiled kernels, which write into buffers it has kept ("Tensor cached

@@ -431,6 +431,22 @@ def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, monkeypatch, 
 TINY_SELECTIVE = {"costly": 160, "products": 64}
 
 
+def _watch_policy(monkeypatch) -> list[dict]:
+    """The records of every selective policy train() makes from now on (each: what it kept, what it left)."""
+    records, real = [], train_mod.keep_costly_outputs
+
+    def watched(threshold, record=None, tail=None):
+        records.append({} if record is None else record)
+        return real(threshold, records[-1], tail)
+
+    monkeypatch.setattr(train_mod, "keep_costly_outputs", watched)
+    return records
+
+
+def _kept(records) -> int:
+    return sum(v for r in records for k, v in r.items() if k.startswith("kept:"))
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_selective_checkpointing_keeps_costly_outputs_with_the_same_gradients(tiny_components, monkeypatch, fused):
     """--selective_checkpointing keeps, in each recomputed block, the outputs of the operations that cost at least
@@ -473,8 +489,8 @@ def test_selective_checkpointing_keeps_costly_outputs_with_the_same_gradients(ti
 def test_checkpointed_blocks_run_no_in_place_operation(tiny_components, fused):
     """Selective checkpointing keeps some outputs for the recompute, which must find them unchanged (eager: "Tensor
     cached during selective activation checkpoint has been mutated"; compiled: torch's warning, which compile_unet
-    silences on the strength of this test): no block diffusers checkpoints runs an in-place operation, with peft's
-    LoRA layers or with --fused_lora_ops, forward and recompute, under autocast."""
+    silences on the strength of this test): no block diffusers checkpoints runs an in-place operation in its forward
+    (which the recompute runs again), with peft's LoRA layers or with --fused_lora_ops, under autocast."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from billiard_lora.lora import run_adapters_fused
@@ -499,6 +515,33 @@ def test_checkpointed_blocks_run_no_in_place_operation(tiny_components, fused):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _unet_step(unet)
     assert len(blocks) > 20 and not in_place, sorted(set(in_place))
+
+
+@pytest.mark.parametrize("level", ["costly", "products"])
+def test_selective_checkpointing_keeps_nothing_the_recompute_does_not_read(tiny_components, monkeypatch, level):
+    """The non-reentrant checkpoint's recompute stops once backward's tensors are back, before a block's last
+    products (the feed-forward's output projection, a ResNet block's second convolution and shortcut): outputs kept
+    from those would be memory held for nothing. After a forward and backward every kept output has been read."""
+    import torch.utils.checkpoint as cp
+
+    if not all(hasattr(cp, n) for n in ("_CachingTorchDispatchMode", "_RECOMPUTE", "_CONSUMED")):
+        pytest.skip("this PyTorch's selective checkpointing keeps its cache otherwise")
+    monkeypatch.setattr(train_mod, "SELECTIVE_FLOPS_PER_ELEMENT", TINY_SELECTIVE)
+    storages, real_init = [], cp._CachingTorchDispatchMode.__init__
+
+    def init(self, policy_fn, storage, *args, **kwargs):
+        storages.append(storage)
+        real_init(self, policy_fn, storage, *args, **kwargs)
+
+    monkeypatch.setattr(cp._CachingTorchDispatchMode, "__init__", init)
+    unet, _ = _lora_unet_and_copy(tiny_components)
+    record: dict = {}
+    train_mod.checkpoint_unet(unet, selective=level, record=record)
+    _unet_step(unet)
+    entries = [e for st in storages for per_op in st.values() for e in per_op.values()]
+    kept = [e for e in entries if e is not cp._RECOMPUTE]
+    assert kept and _kept([record]) > 0
+    assert all(e is cp._CONSUMED for e in kept), f"{sum(e is not cp._CONSUMED for e in kept)} kept, never read"
 
 
 def test_a_region_compiled_by_itself_is_recomputed_whole(monkeypatch):
@@ -840,11 +883,12 @@ def test_checkpointing_interval_recomputes_every_nth_block_with_the_same_gradien
         seen[interval] = list(calls)
         for p in unet.parameters():
             p.grad = None
-    assert len(seen[1]) == 23 and not seen[0] and not unet.is_gradient_checkpointing  # (mid_block.resnets.0 never)
+    # (mid_block.resnets.0 never; nor the ResNet blocks before the first adapter, which backward never reaches)
+    assert len(seen[1]) == 20 and not seen[0] and not unet.is_gradient_checkpointing
     order = [m for m in unet.modules() if type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock")]
     for interval in (2, 3):
         assert set(seen[interval]) == {b for i, b in enumerate(order) if i % interval == 0} & set(seen[1])
-        assert 23 / interval - 1 <= len(seen[interval]) <= 23 / interval + 1
+        assert 20 / interval - 1 <= len(seen[interval]) <= 20 / interval + 2
 
 
 def test_checkpointing_interval_is_checked():
@@ -859,12 +903,25 @@ def test_checkpointing_interval_is_checked():
 def test_auto_gradient_checkpointing_tries_only_the_interval_given():
     config = TrainConfig(instance_prompt="x", auto_gradient_checkpointing=True, gradient_checkpointing_interval=3)
     asked = []
-    interval, tried = train_mod.choose_checkpointing(config, lambda k: asked.append(k) or False)
-    assert (interval, asked) == (1, [0, 3]) and tried[-1] == "with checkpointing of every 3rd block does not fit"
+    interval, selective, tried = train_mod.choose_checkpointing(config, lambda k, sel: asked.append(k) or False)
+    assert (interval, selective, asked) == (1, "off", [0, 3])
+    assert tried[-1] == "with checkpointing of every 3rd block does not fit"
     asked.clear()
     assert train_mod.choose_checkpointing(config.replace(gradient_checkpointing_interval=1),
-                                          lambda k: asked.append(k) or k == 3)[0] == 3
+                                          lambda k, sel: asked.append(k) or k == 3)[:2] == (3, "off")
     assert asked == [0, 4, 3]
+
+
+def test_auto_gradient_checkpointing_with_a_selective_level_falls_back_to_whole_blocks():
+    """With --selective_checkpointing, every block keeping the level's outputs is a trial of its own (it can keep
+    more than every 3rd block recomputed whole); where nothing fits, whole blocks are recomputed, the least memory."""
+    config = TrainConfig(instance_prompt="x", auto_gradient_checkpointing=True, selective_checkpointing="products")
+    asked = []
+    interval, selective, tried = train_mod.choose_checkpointing(config, lambda k, sel: asked.append((k, sel)) or False)
+    assert asked == [(0, "products"), (4, "products"), (3, "products"), (2, "products"), (1, "products")]
+    assert (interval, selective) == (1, "off")
+    assert tried[-1] == "with checkpointing of every block (products kept) does not fit"
+    assert train_mod.choose_checkpointing(config, lambda k, sel: k == 1)[:2] == (1, "products")
 
 
 def test_views_are_counted_and_a_complete_cache_says_so_once(tiny_components, tmp_path):
@@ -1524,7 +1581,9 @@ def test_training_with_selective_checkpointing_learns_what_checkpointing_every_b
     data = make_images(tmp_path / "data", n=3)
     kw = dict(gradient_checkpointing=True, max_train_steps=2)
     every = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "every", **kw)))
+    records = _watch_policy(monkeypatch)
     out = train(tiny_config(tiny_model_dir, data, tmp_path / "sel", selective_checkpointing="products", **kw))
+    assert _kept(records) > 0, "the policy ran and kept outputs"
     assert json.loads((out / "config.json").read_text())["selective_checkpointing"] == "products"
     selective = lora_tensors(out)
     assert every.keys() == selective.keys()
@@ -1762,7 +1821,9 @@ def test_the_speed_options_together_train_the_plain_runs_lora_and_resume_exactly
     fast = dict(fold_accumulation=True, selective_checkpointing="products", fused_lora_ops=True,
                 gradient_checkpointing_interval=2)
     plain = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "plain", **base)))
+    records = _watch_policy(monkeypatch)
     together = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "fast", **base, **fast)))
+    assert _kept(records) > 0, "the policy ran and kept outputs"
     gap = math.sqrt(sum(float(((together[k] - plain[k]) ** 2).sum()) for k in plain) /
                     sum(float((plain[k] ** 2).sum()) for k in plain))
     assert together.keys() == plain.keys() and gap < 1e-5, gap  # measured 2.0e-7
