@@ -131,11 +131,11 @@ class TrainConfig:
                "backward recomputes little more than norms, activations and additions. (A block's last products "
                "are never kept: the recompute stops before them.) SDXL at "
                "1024 px, batch 1, counted (benchmarks/RESULTS.md): every block recomputed keeps 0.43 GiB for backward "
-               "and recomputes 92%% of a forward's FLOPs; 'costly' 0.72 GiB and 49%%; 'products' 3.46 GiB and 0.5%% "
+               "and recomputes 92%% of a forward's FLOPs; 'costly' 0.78 GiB and 49%%; 'products' 3.51 GiB and 0.5%% "
                "(every 4th block: 3.95 GiB and 24%%; none: 5.21 GiB). Same results. Its policy runs in Python for "
                "each operation: meant for a recorded (--cuda_graphs, on by default on a GPU) or compiled "
-               "(--torch_compile) micro-step; eager on this project's CPU it was slower than whole blocks (1.01 "
-               "against 1.46 steps/s). Off until a GPU has timed it; with --torch_compile regional the ResNet "
+               "(--torch_compile) micro-step; eager on this project's CPU it was slower than whole blocks (0.87 "
+               "against 1.20 steps/s). Off until a GPU has timed it; with --torch_compile regional the ResNet "
                "blocks are recomputed whole, and compiled, a block's last products are kept.")
     auto_gradient_checkpointing: bool = _f(
         False, "(billiard-lora) Decide --gradient_checkpointing by measuring: trial steps before training, first "

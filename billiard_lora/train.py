@@ -205,7 +205,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         # what runs, as config.json will record it
         config = config.replace(gradient_checkpointing=interval > 0,
                                 gradient_checkpointing_interval=interval or config.gradient_checkpointing_interval,
-                                selective_checkpointing=selective)
+                                selective_checkpointing=selective if interval else "off")
         say(f"--auto_gradient_checkpointing: trial step{'s' if len(tried) > 1 else ''} {', '.join(tried)}; "
             f"training {describe_checkpointing(interval, selective)}")
     unet_checkpointing(interval=config.gradient_checkpointing_interval if config.gradient_checkpointing else 0,
@@ -324,8 +324,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if config.gradient_checkpointing and config.selective_checkpointing != "off" and not config.cuda_graphs and \
             config.torch_compile == "none":
         say(f"tip: --selective_checkpointing={config.selective_checkpointing} runs its policy in Python for each "
-            f"operation of every checkpointed block, which made training slower here on the CPU (1.01 instead of "
-            f"1.46 steps/s, benchmarks/RESULTS.md): it is meant for a micro-step that is recorded (--cuda_graphs, "
+            f"operation of every checkpointed block, which made training slower here on the CPU (0.87 instead of "
+            f"1.20 steps/s, benchmarks/RESULTS.md): it is meant for a micro-step that is recorded (--cuda_graphs, "
             f"on a CUDA GPU) or compiled (--torch_compile)")
     if not config.instance_data_dir and (config.dataset_name or "default").strip() == "default":
         given = "--dataset_name default" if config.dataset_name else "no --instance_data_dir or --dataset_name"
@@ -505,17 +505,19 @@ AUTO_INTERVALS = (4, 3, 2)
 
 
 def choose_checkpointing(config: TrainConfig, fits: Callable[[int, str], bool]) -> tuple[int, str, list[str]]:
-    """The fastest checkpointing whose trial step ``fits``: (interval, --selective_checkpointing level) -- 0 (none),
-    else the largest interval, else every block; with a selective level, every block keeping its outputs is a
-    trial too, and the last resort recomputes whole blocks (the least memory there is).
+    """The first checkpointing whose trial step ``fits``: (interval, --selective_checkpointing level) -- 0 (none),
+    else the largest interval, else every block; with a selective level, the intervals keep its outputs, then every
+    block keeping them and the intervals recomputing whole blocks are trials too; the last resort recomputes every
+    block whole (the least memory there is). Which of those is faster on a GPU is not measured yet.
 
     Also returns what each trial found, for the log. A --gradient_checkpointing_interval N > 1 the user gave is
     the only interval tried between none and every block.
     """
     asked, level = config.gradient_checkpointing_interval, config.selective_checkpointing
-    candidates = [(0, level), *((k, level) for k in ((asked,) if asked > 1 else AUTO_INTERVALS))]
-    if level != "off":
-        candidates.append((1, level))
+    intervals = (asked,) if asked > 1 else AUTO_INTERVALS
+    candidates = [(0, "off"), *((k, level) for k in intervals)]
+    if level != "off":  # every block keeping the level's outputs, then the intervals recomputing whole blocks
+        candidates += [(1, level), *((k, "off") for k in intervals)]
     tried = []
     for interval, selective in candidates:
         ok = fits(interval, selective)
@@ -650,12 +652,12 @@ def keep_costly_outputs(min_flops_per_element: float, record: dict | None = None
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint``: PyTorch's selective activation checkpointing that
     keeps, of the operations a checkpointed block runs, the outputs that cost at least ``min_flops_per_element``
     to recompute, and recomputes the others (norms, activations, additions, casts, the LoRA's rank-r products) in
-    backward. ``tail`` (``[depth]``, set by ``_mark_block_tails``' hooks): non-zero while a block's last products
-    run, which the non-reentrant checkpoint's recompute never reaches (it stops once backward's tensors are back), so
-    their outputs are not kept and not counted as recomputed. ``record`` (for benchmarks and tests) adds up, over the
-    forwards it sees (under torch.compile: once, while tracing), the bytes kept per operation (``kept:<op>``),
-    ``recomputed_flops`` and ``recomputed_bytes`` (what the recomputed operations read and write, views left out: the
-    memory traffic that bounds norms and activations on a GPU)."""
+    backward. ``tail`` (``[depth]``, set by ``_mark_block_tails``' hooks): non-zero while a block's last product
+    runs, whose output the non-reentrant checkpoint's recompute never produces (it stops inside it once backward's
+    tensors are back), so it is not kept and not counted as recomputed. ``record`` (for benchmarks and tests) adds
+    up, over the forwards it sees (under torch.compile: once, while tracing), the bytes kept per operation
+    (``kept:<op>``), ``recomputed_flops`` and ``recomputed_bytes`` (what the recomputed operations read and write,
+    views left out: the memory traffic that bounds norms and activations on a GPU)."""
     from torch.utils._pytree import tree_leaves
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
     from torch.utils.flop_counter import flop_registry
@@ -687,7 +689,11 @@ def keep_costly_outputs(min_flops_per_element: float, record: dict | None = None
                     sum(_hint(t.numel()) * t.element_size() for t in moved + outs)
         return CheckpointPolicy.PREFER_RECOMPUTE
 
-    return partial(create_selective_checkpoint_contexts, policy)
+    def contexts():  # one pair per checkpointed call
+        tail[0] = 0  # (a recompute that stopped early inside a block's last product leaves nothing to carry over)
+        return create_selective_checkpoint_contexts(policy)
+
+    return contexts
 
 
 def selective_checkpointing_works() -> bool:
@@ -742,11 +748,12 @@ def checkpoint_unet(unet, *, reentrant: bool = True, preserve_rng_state: bool = 
 
 
 def _mark_block_tails(unet, blocks) -> list:
-    """Forward hooks that count, in the returned ``[depth]``, when a block's last products run: a transformer
-    block's feed-forward output projection, a ResNet block's second convolution and shortcut. Their outputs only
-    feed the block's residual addition, so backward needs nothing from them and the non-reentrant checkpoint's
-    recompute stops before them. Earlier hooks of this kind are removed (none are left for ``blocks`` = []).
-    (``torch.compiler.is_compiling`` is in PyTorch 2.3 and later; the policy needs a later one anyway.)"""
+    """Forward hooks that count, in the returned ``[depth]``, when a block's last product runs: a transformer
+    block's feed-forward output projection, a ResNet block's shortcut convolution (else its second convolution).
+    Its output only feeds the block's residual addition, so backward needs nothing from it, and the non-reentrant
+    checkpoint's recompute stops inside it (raising, once backward's tensors are back). Earlier hooks of this kind
+    are removed (none are left for ``blocks`` = []). (``torch.compiler.is_compiling`` is in PyTorch 2.3 and later;
+    the policy needs a later one anyway.)"""
     for handle in unet.__dict__.pop("_billiard_tail_hooks", []):
         handle.remove()
     tail, handles = [0], []
@@ -763,10 +770,14 @@ def _mark_block_tails(unet, blocks) -> list:
 
     for block in blocks:
         ff = getattr(block, "ff", None)
-        tails = [ff.net[-1]] if ff is not None and hasattr(ff, "net") else []
-        tails += [m for m in (getattr(block, "conv2", None), getattr(block, "conv_shortcut", None)) if m is not None]
+        linears = [m for m in getattr(ff, "net", []) if isinstance(m, torch.nn.Linear)]
+        tails = linears[-1:]
+        # a ResNet block's last product: its shortcut convolution, which runs after conv2, else conv2
+        last_conv = getattr(block, "conv_shortcut", None) or getattr(block, "conv2", None)
+        tails += [last_conv] if last_conv is not None else []
         for module in tails:
-            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+            # (always_call: the recompute stops by raising inside this module's forward, which must still count out)
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
     unet.__dict__["_billiard_tail_hooks"] = handles
     return tail
 

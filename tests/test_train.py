@@ -537,11 +537,16 @@ def test_selective_checkpointing_keeps_nothing_the_recompute_does_not_read(tiny_
     unet, _ = _lora_unet_and_copy(tiny_components)
     record: dict = {}
     train_mod.checkpoint_unet(unet, selective=level, record=record)
-    _unet_step(unet)
-    entries = [e for st in storages for per_op in st.values() for e in per_op.values()]
-    kept = [e for e in entries if e is not cp._RECOMPUTE]
-    assert kept and _kept([record]) > 0
-    assert all(e is cp._CONSUMED for e in kept), f"{sum(e is not cp._CONSUMED for e in kept)} kept, never read"
+    per_step = []
+    for step in range(3):  # every step alike (an early stop inside a block's last product once left it marked)
+        storages.clear()
+        _unet_step(unet, seed=step)
+        entries = [e for st in storages for per_op in st.values() for e in per_op.values()]
+        kept = [e for e in entries if e is not cp._RECOMPUTE]
+        assert kept, f"step {step} kept nothing"
+        assert all(e is cp._CONSUMED for e in kept), f"{sum(e is not cp._CONSUMED for e in kept)} kept, never read"
+        per_step.append(len(kept))
+    assert per_step[0] == per_step[1] == per_step[2] and _kept([record]) > 0
 
 
 def test_a_region_compiled_by_itself_is_recomputed_whole(monkeypatch):
@@ -914,14 +919,18 @@ def test_auto_gradient_checkpointing_tries_only_the_interval_given():
 
 def test_auto_gradient_checkpointing_with_a_selective_level_falls_back_to_whole_blocks():
     """With --selective_checkpointing, every block keeping the level's outputs is a trial of its own (it can keep
-    more than every 3rd block recomputed whole); where nothing fits, whole blocks are recomputed, the least memory."""
+    more than every 3rd block recomputed whole), then the intervals recomputing whole blocks; where nothing fits,
+    every block is recomputed whole, the least memory."""
     config = TrainConfig(instance_prompt="x", auto_gradient_checkpointing=True, selective_checkpointing="products")
     asked = []
     interval, selective, tried = train_mod.choose_checkpointing(config, lambda k, sel: asked.append((k, sel)) or False)
-    assert asked == [(0, "products"), (4, "products"), (3, "products"), (2, "products"), (1, "products")]
+    assert asked == [(0, "off"), (4, "products"), (3, "products"), (2, "products"), (1, "products"),
+                     (4, "off"), (3, "off"), (2, "off")]
     assert (interval, selective) == (1, "off")
-    assert tried[-1] == "with checkpointing of every block (products kept) does not fit"
+    assert tried[4] == "with checkpointing of every block (products kept) does not fit"
+    assert tried[-1] == "with checkpointing of every 2nd block does not fit"
     assert train_mod.choose_checkpointing(config, lambda k, sel: k == 1)[:2] == (1, "products")
+    assert train_mod.choose_checkpointing(config, lambda k, sel: sel == "off" and k == 2)[:2] == (2, "off")
 
 
 def test_views_are_counted_and_a_complete_cache_says_so_once(tiny_components, tmp_path):
