@@ -90,7 +90,8 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
 
 
 # ============================================================================ where a command may write
-def _nearest_existing(p: Path) -> Path:
+def nearest_existing(p: Path) -> Path:
+    """``p``, or the nearest of its parents that exists: where a new folder would be created, the place to ask."""
     return p if p.exists() else next((q for q in p.parents if q.exists()), Path("."))
 
 
@@ -102,7 +103,7 @@ def check_out_folder(path: str | Path, flag: str) -> Path:
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise UserError(f"{flag} {p} is a file; pass a folder")
-    probe = _nearest_existing(p)
+    probe = nearest_existing(p)
     if not probe.is_dir():
         raise UserError(f"{flag} {p}: {probe} is a file, not a folder; choose another place")
     if not os.access(probe, os.W_OK | os.X_OK):

@@ -38,7 +38,7 @@ from .conditioning import compute_time_ids, encode_prompt, tokenize
 from .config import TrainConfig, parse_args, same_setting
 from .errors import OUT_OF_MEMORY, UserError, cli_entry, out_of_memory_detail
 from .graphs import MicroStepGraph
-from .io import atomic_write_json, atomic_write_text, publish_dir
+from .io import atomic_write_json, atomic_write_text, nearest_existing, publish_dir
 from .lora import CHECKPOINT_PREFIX, lora_parameters  # (the prefix: shared with generate/evaluate)
 from .optim import make_optimizer
 from .paths import cache_dir
@@ -922,7 +922,7 @@ def check_output_dir(config: TrainConfig, out: Path) -> None:
             and not stopped_before_saving(out, config)):
         raise UserError(f"--output_dir={out} is not empty: pass --resume_from_checkpoint=latest to continue that run, "
                         f"--overwrite_output_dir to write over it, or choose another folder")
-    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    probe = nearest_existing(out)
     if not os.access(probe, os.W_OK):
         raise UserError(f"--output_dir={out}: {probe} is not writable; choose a folder you can write to")
     if config.report_to not in (None, "none") and config.logging_dir:
@@ -958,7 +958,7 @@ def check_latent_cache_dir(config: TrainConfig) -> None:
     root = latent_cache_root(config)
     if root.exists() and not root.is_dir():
         raise UserError(f"--latent_cache_dir={root} is a file; pass a folder")
-    probe = root if root.exists() else next((p for p in root.parents if p.exists()), Path("."))
+    probe = nearest_existing(root)
     if not os.access(probe, os.W_OK):
         raise UserError(f"--latent_cache_dir={root}: {probe} is not writable; choose a folder you can write to")
 
