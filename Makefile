@@ -5,6 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # Where no torch is installed yet, take this one (here: the CPU wheel; override e.g. TORCH_SPEC="torch==2.5.1").
 TORCH_SPEC ?= torch==2.13.0
+# `make test` runs the tests on one pytest-xdist worker per core, at most 4 (TEST_WORKERS=0: one process)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -30,9 +32,11 @@ venv-dev: $(VENV)/.dev
 demo: venv
 	$(PY) -m billiard_lora.demo
 
-# Notebooks run in smoke mode (tiny model, few steps) under nbval; cells with assertions check their results.
+# Notebooks run in smoke mode (tiny model, few steps) under nbval, in order in one process after the tests (04 and
+# 05 read what 03 trained); cells with assertions check their results.
 test: venv-dev
-	BILLIARD_LORA_SMOKE=1 $(PY) -m pytest -q --nbval-lax tests notebooks
+	BILLIARD_LORA_SMOKE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	BILLIARD_LORA_SMOKE=1 $(PY) -m pytest -q -p no:xdist --nbval-lax notebooks
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

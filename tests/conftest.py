@@ -15,6 +15,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the package's cache (latents, compiled code, downloads) in a folder of the test run's own, never the user's
 os.environ["BILLIARD_LORA_CACHE"] = _cache = tempfile.mkdtemp(prefix="billiard_lora_tests_")
 atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# Under pytest-xdist (`make test` runs one worker per core), each worker and the processes it starts compute on one
+# thread: the tiny models' steps are mostly Python, and two workers with a thread per core each would contend.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -288,6 +288,17 @@ def test_checkpoint_from_another_optimizer_is_refused(tiny_model_dir, tmp_path):
                           use_8bit_adam=True, resume_from_checkpoint="latest"))
 
 
+def _launch_two() -> list[str]:
+    """`accelerate launch` with 2 CPU processes on a port of their own (tests may run side by side: pytest -n)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=kw.pop("cwd", REPO), timeout=600, **kw)
@@ -333,8 +344,7 @@ def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra)
 
     data = make_images(tmp_path / "data", n=4)
     out = tmp_path / "ddp"
-    r = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "billiard_lora.train",
+    r = _run([*_launch_two(), "-m", "billiard_lora.train",
               f"--pretrained_model_name_or_path={tiny_model_dir}", f"--instance_data_dir={data}", f"--output_dir={out}",
               "--instance_prompt=sks billiard", "--resolution=32", "--train_batch_size=1", "--max_train_steps=2",
               "--seed=0", "--report_to=none", "--checkpointing_steps=1", "--auto_gradient_checkpointing", *extra])
@@ -1477,8 +1487,7 @@ def test_cuda_graphs_with_two_processes_average_gradients_as_ddp_does(tiny_model
     runs = {}
     for name, graphs in (("ddp", "false"), ("graphs", "true")):
         out = tmp_path / name
-        r = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(launcher),
+        r = _run([*_launch_two(), str(launcher),
                   f"--pretrained_model_name_or_path={tiny_model_dir}", f"--instance_data_dir={data}",
                   f"--output_dir={out}", "--instance_prompt=sks billiard", "--resolution=32", "--train_batch_size=1",
                   "--gradient_accumulation_steps=2", "--max_train_steps=4", "--learning_rate=1e-3", "--seed=0",
@@ -1776,9 +1785,7 @@ def test_fold_accumulation_on_two_processes_trains_the_unfolded_runs_lora(tiny_m
     loras, losses = [], []
     for fold in ([], ["--fold_accumulation"]):
         out = tmp_path / f"ddp{len(fold)}"
-        r = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "-m", "billiard_lora.train",
+        r = _run([*_launch_two(), "-m", "billiard_lora.train",
                   f"--pretrained_model_name_or_path={tiny_model_dir}", f"--instance_data_dir={data}",
                   f"--output_dir={out}", "--instance_prompt=sks billiard", "--resolution=32", "--train_batch_size=1",
                   "--gradient_accumulation_steps=2", "--max_train_steps=2", "--seed=0", "--report_to=none",
