@@ -79,7 +79,7 @@ def read_prompts_file(path: str | Path) -> list[str]:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """A LoRA to load: a training output folder or a .safetensors file, its weight, and an adapter name."""
+    """A LoRA to load: a training output folder, a .safetensors file or a Hub repo id, its weight, an adapter name."""
 
     path: str
     scale: float = 1.0
@@ -87,7 +87,7 @@ class LoraSpec:
 
 
 def parse_lora_arg(text: str) -> LoraSpec:
-    """``DIR_OR_FILE[:SCALE]`` -> LoraSpec; the part after the last colon is a scale only if it is a number."""
+    """``DIR_OR_FILE_OR_REPO[:SCALE]`` -> LoraSpec; the part after the last colon is a scale only if it is a number."""
     path, sep, tail = text.rpartition(":")
     if sep:
         try:
@@ -104,9 +104,12 @@ def _nonempty(spec: LoraSpec, text: str) -> LoraSpec:
 
 
 def resolve_lora_file(path: str | Path) -> Path:
-    """The LoRA weights file for a training output / checkpoint folder or a .safetensors file; UserError if none."""
+    """The LoRA weights file for a training output / checkpoint folder, a .safetensors file, or a LoRA on the
+    Hugging Face Hub (``owner/name``, ``owner/name/FILE.safetensors``: downloaded once into the Hub's cache, read
+    from there offline); UserError if none."""
     p = Path(path).expanduser()
-    expected = f"a training output folder holding {LORA_WEIGHT_NAME} (or a checkpoint-N folder), or a .safetensors file"
+    expected = (f"a training output folder holding {LORA_WEIGHT_NAME} (or a checkpoint-N folder), a .safetensors "
+                f"file, or a Hugging Face Hub repo (owner/name)")
     if p.is_dir():
         if (p / LORA_WEIGHT_NAME).is_file():
             return p / LORA_WEIGHT_NAME
@@ -128,7 +131,73 @@ def resolve_lora_file(path: str | Path) -> Path:
     if colon and head and Path(head).expanduser().exists():  # "run:abc": the path is there, the scale is not a number
         raise UserError(f"--lora '{path}': the scale '{tail}' after the colon is not a number; "
                         f"write it as {head}:0.8 (or leave it out for 1.0)")
+    hub = _hub_lora(str(path))
+    if hub is not None:
+        file = _download_lora(*hub, expected=expected)
+        _check_is_lora(file)
+        return file
     raise UserError(f"LoRA '{path}' does not exist: expected {expected}")
+
+
+def _hub_lora(text: str) -> tuple[str, str | None] | None:
+    """(repo id, file in it or None) where ``text`` reads as a LoRA on the Hub rather than a local path: owner/name
+    or owner/name/FILE.safetensors, whose first part is no folder here (a mistyped local path stays one)."""
+    parts = text.split("/")
+    if len(parts) < 2 or text.startswith(("/", "./", "../", "~")) or "\\" in text or Path(parts[0]).exists():
+        return None
+    if len(parts) > 2 and not text.endswith(".safetensors"):
+        return None
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id("/".join(parts[:2]))
+    except Exception:  # noqa: BLE001 - HFValidationError: not a repo id
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None
+
+
+def _download_lora(repo: str, filename: str | None, *, expected: str) -> Path:
+    """A LoRA file from a Hub model repo, through the Hub's cache (the same path on the next call, offline too):
+    ``filename``, else a training run's pytorch_lora_weights.safetensors, else the repo's only .safetensors file."""
+    import os
+
+    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+
+    where = f"{repo}/{filename}" if filename else repo
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    get = (f"download it once where there is network (hf download {repo} --local-dir DIR) and pass DIR" +
+           ("" if offline else ", or check the connection"))
+    try:
+        try:
+            return Path(hf_hub_download(repo, filename or LORA_WEIGHT_NAME))
+        except LocalEntryNotFoundError:  # (a subclass of the next: offline, or the Hub unreachable)
+            raise
+        except EntryNotFoundError:
+            if filename:
+                raise
+        found = sorted(f for f in list_repo_files(repo) if f.endswith(".safetensors"))
+        if len(found) == 1:
+            return Path(hf_hub_download(repo, found[0]))
+        if not found:
+            raise UserError(f"LoRA '{repo}': the Hub repo holds no .safetensors file") from None
+        raise UserError(f"LoRA '{repo}' holds {len(found)} .safetensors files ({', '.join(found[:4])}"
+                        f"{', ...' if len(found) > 4 else ''}): pass one as {repo}/FILE") from None
+    except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
+        reach = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached"
+        raise UserError(f"LoRA '{where}' is not a local path, {reach}, and the Hub's cache does not hold it: "
+                        f"{get}") from None
+    except EntryNotFoundError:
+        raise UserError(f"LoRA '{where}': the Hub repo {repo} has no such file") from None
+    except GatedRepoError:
+        raise UserError(f"LoRA '{where}': the Hub repo {repo} is gated; accept its terms on huggingface.co and "
+                        f"log in (hf auth login), or {get}") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"LoRA '{where}' does not exist: not a local path, and no Hub repo of that name "
+                        f"(or a private one: hf auth login); expected {expected}") from None
+    except OSError as exc:  # a connection error the client did not turn into one of the above
+        raise UserError(f"LoRA '{where}' could not be downloaded ({type(exc).__name__}): {get}") from None
 
 
 def _check_is_lora(path: Path) -> None:
@@ -367,8 +436,11 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def _default_name(file: Path) -> str:
-    # A training run's file is named pytorch_lora_weights*: the run's folder says more about it.
-    stem = file.parent.name if file.name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME) else file.stem
+    # A training run's file is named pytorch_lora_weights*: the run's folder says more about it; one from the Hub's
+    # cache (.../models--owner--name/snapshots/<commit>/...) is named after its repo.
+    repo = next((d.name for d in file.parents if d.name.startswith("models--")), None)
+    stem = (repo.split("--")[-1] if repo and file.name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME)
+            else file.parent.name if file.name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME) else file.stem)
     return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "lora"
 
 
@@ -704,7 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="separate VAE (hub id or folder); 'none': the model's own (default: the one the first --lora "
                         f"was trained with, where it runs on that run's model; else {SDXL_VAE_FP16_FIX})")
     p.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",
-                   help="training output folder or .safetensors (diffusers or kohya), optional weight; repeatable")
+                   help="training output folder, .safetensors (diffusers or kohya), or a LoRA on the Hugging Face Hub "
+                        "(owner/name or owner/name/FILE.safetensors, kept in the Hub's cache), optional weight; "
+                        "repeatable")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     p.add_argument("--prompts_file", help="text file, one prompt per line")
     p.add_argument("--instance_prompt",

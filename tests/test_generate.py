@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,78 @@ def test_missing_or_empty_lora_paths_fail_before_the_model_loads(tmp_path):
     save_file({"encoder.conv_in.weight": torch.zeros(2, 2)}, str(tmp_path / "vae.safetensors"))  # a VAE, say
     with pytest.raises(UserError, match=r"--lora .*vae.safetensors is not a LoRA file: it has no lora_down"):
         resolve_lora_file(tmp_path / "vae.safetensors")
+
+
+def _hub_cache(root: Path, repo: str, files: dict[str, Path]) -> Path:
+    """A Hugging Face Hub cache holding ``files`` of model repo ``repo`` at one commit, laid out as
+    huggingface_hub's downloads leave it (what `hf download` fills, and what hf_hub_download reads offline)."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    snapshot = folder / "snapshots" / ("0123456789abcdef" * 3)[:40]
+    for name, source in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(source.read_bytes())
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(snapshot.name)
+    return snapshot
+
+
+def test_a_lora_on_the_hub_loads_by_its_repo_id_from_the_hubs_cache(tiny_model_dir, lora_run, tmp_path,
+                                                                     monkeypatch):
+    """--lora owner/name (or owner/name/FILE.safetensors) takes a LoRA from the Hugging Face Hub through
+    huggingface_hub's cache: offline, a cached one loads as the local file does; one not cached, a repo that does
+    not exist, or a repo with several files each get one line saying what to do; a mistyped local path whose first
+    folder exists stays a local path."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert constants.HF_HUB_OFFLINE  # (tests run offline: the cache is all there is)
+    local = lora_run / "pytorch_lora_weights.safetensors"
+    snap = _hub_cache(tmp_path / "hub", "someone/messi-billiard-lora", {"pytorch_lora_weights.safetensors": local,
+                                                                        "v2/style.safetensors": local})
+    assert resolve_lora_file("someone/messi-billiard-lora") == snap / "pytorch_lora_weights.safetensors"
+    assert resolve_lora_file("someone/messi-billiard-lora/v2/style.safetensors") == snap / "v2" / "style.safetensors"
+    pipe = _pipe(tiny_model_dir, loras=["someone/messi-billiard-lora:0.5"])
+    assert [s.scale for s in pipe.billiard_loras.values()] == [0.5]
+    assert list(pipe.billiard_loras) == ["messi-billiard-lora"]  # named after the repo, not the cache's commit
+    by_path = _pipe(tiny_model_dir, loras=[f"{local}:0.5"])
+    assert np.array_equal(_px(generate(pipe, PROMPT, 0, **FAST)[0]), _px(generate(by_path, PROMPT, 0, **FAST)[0]))
+
+    with pytest.raises(UserError, match=r"LoRA 'nobody/missing' is not a local path, HF_HUB_OFFLINE is set, and "
+                                        r"the Hub's cache does not hold it: download it once .*hf download "
+                                        r"nobody/missing --local-dir DIR"):
+        resolve_lora_file("nobody/missing")
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"LoRA 'runs/mesi' does not exist"):  # a local folder's typo
+        resolve_lora_file("runs/mesi")
+    with pytest.raises(UserError, match=r"LoRA 'a/b/c' does not exist"):  # not a repo id with a file
+        resolve_lora_file("a/b/c")
+
+    # Online answers, stood in for: no such repo; no training run's file but one .safetensors; several
+    def no_repo(repo, filename, **kw):  # (the client's error wants the HTTP response: its headers and request)
+        raise RepositoryNotFoundError("404", response=types.SimpleNamespace(headers={}, request=None))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_repo)
+    with pytest.raises(UserError, match=r"LoRA 'nobody/nothing' does not exist: not a local path, and no Hub repo"):
+        resolve_lora_file("nobody/nothing")
+    asked = []
+
+    def other_names(repo, filename, **kw):
+        asked.append(filename)
+        if filename == "pytorch_lora_weights.safetensors":
+            raise EntryNotFoundError("404")
+        return str(snap / "v2" / "style.safetensors")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", other_names)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, **kw: ["README.md", "v2/style.safetensors"])
+    assert resolve_lora_file("someone/style") == snap / "v2" / "style.safetensors"
+    assert asked == ["pytorch_lora_weights.safetensors", "v2/style.safetensors"]
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, **kw: ["a.safetensors", "b.safetensors"])
+    with pytest.raises(UserError, match=r"LoRA 'someone/style' holds 2 .safetensors files \(a.safetensors, "
+                                        r"b.safetensors\): pass one as someone/style/FILE"):
+        resolve_lora_file("someone/style")
 
 
 def test_lora_for_another_base_model_is_refused_and_the_pipeline_is_unharmed(tiny_model_dir, lora_run, tmp_path):
