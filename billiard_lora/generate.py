@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from .config import same_setting
 from .errors import OUT_OF_MEMORY, ArgumentParser, UserError, check_device, cli_entry, out_of_memory_detail
+from .hub import download_lora, hub_lora
 from .lora import CHECKPOINT_PREFIX, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, read_metadata
 from .models import SDXL_BASE, SDXL_VAE_FP16_FIX, load_pipeline, store_weights_in_fp8
 from .viz import image_grid, save_image
@@ -131,73 +132,12 @@ def resolve_lora_file(path: str | Path) -> Path:
     if colon and head and Path(head).expanduser().exists():  # "run:abc": the path is there, the scale is not a number
         raise UserError(f"--lora '{path}': the scale '{tail}' after the colon is not a number; "
                         f"write it as {head}:0.8 (or leave it out for 1.0)")
-    hub = _hub_lora(str(path))
+    hub = hub_lora(str(path))
     if hub is not None:
-        file = _download_lora(*hub, expected=expected)
+        file = download_lora(*hub, expected=expected)
         _check_is_lora(file)
         return file
     raise UserError(f"LoRA '{path}' does not exist: expected {expected}")
-
-
-def _hub_lora(text: str) -> tuple[str, str | None] | None:
-    """(repo id, file in it or None) where ``text`` reads as a LoRA on the Hub rather than a local path: owner/name
-    or owner/name/FILE.safetensors, whose first part is no folder here (a mistyped local path stays one)."""
-    parts = text.split("/")
-    if len(parts) < 2 or text.startswith(("/", "./", "../", "~")) or "\\" in text or Path(parts[0]).exists():
-        return None
-    if len(parts) > 2 and not text.endswith(".safetensors"):
-        return None
-    try:
-        from huggingface_hub.utils import validate_repo_id
-
-        validate_repo_id("/".join(parts[:2]))
-    except Exception:  # noqa: BLE001 - HFValidationError: not a repo id
-        return None
-    return "/".join(parts[:2]), "/".join(parts[2:]) or None
-
-
-def _download_lora(repo: str, filename: str | None, *, expected: str) -> Path:
-    """A LoRA file from a Hub model repo, through the Hub's cache (the same path on the next call, offline too):
-    ``filename``, else a training run's pytorch_lora_weights.safetensors, else the repo's only .safetensors file."""
-    import os
-
-    from huggingface_hub import hf_hub_download, list_repo_files
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
-
-    where = f"{repo}/{filename}" if filename else repo
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    get = (f"download it once where there is network (hf download {repo} --local-dir DIR) and pass DIR" +
-           ("" if offline else ", or check the connection"))
-    try:
-        try:
-            return Path(hf_hub_download(repo, filename or LORA_WEIGHT_NAME))
-        except LocalEntryNotFoundError:  # (a subclass of the next: offline, or the Hub unreachable)
-            raise
-        except EntryNotFoundError:
-            if filename:
-                raise
-        found = sorted(f for f in list_repo_files(repo) if f.endswith(".safetensors"))
-        if len(found) == 1:
-            return Path(hf_hub_download(repo, found[0]))
-        if not found:
-            raise UserError(f"LoRA '{repo}': the Hub repo holds no .safetensors file") from None
-        raise UserError(f"LoRA '{repo}' holds {len(found)} .safetensors files ({', '.join(found[:4])}"
-                        f"{', ...' if len(found) > 4 else ''}): pass one as {repo}/FILE") from None
-    except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
-        reach = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached"
-        raise UserError(f"LoRA '{where}' is not a local path, {reach}, and the Hub's cache does not hold it: "
-                        f"{get}") from None
-    except EntryNotFoundError:
-        raise UserError(f"LoRA '{where}': the Hub repo {repo} has no such file") from None
-    except GatedRepoError:
-        raise UserError(f"LoRA '{where}': the Hub repo {repo} is gated; accept its terms on huggingface.co and "
-                        f"log in (hf auth login), or {get}") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"LoRA '{where}' does not exist: not a local path, and no Hub repo of that name "
-                        f"(or a private one: hf auth login); expected {expected}") from None
-    except OSError as exc:  # a connection error the client did not turn into one of the above
-        raise UserError(f"LoRA '{where}' could not be downloaded ({type(exc).__name__}): {get}") from None
 
 
 def _check_is_lora(path: Path) -> None:

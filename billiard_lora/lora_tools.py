@@ -113,7 +113,10 @@ class LoraFile:
 
 
 def resolve_lora_path(path: str | Path) -> Path:
-    """FILE itself, or the LoRA inside a training output folder (diffusers file first, then kohya, then peft)."""
+    """FILE itself, the LoRA inside a training output folder (diffusers file first, then kohya, then peft), or one
+    on the Hugging Face Hub (owner/name[/FILE.safetensors], through the Hub's cache)."""
+    from .hub import download_lora, hub_lora
+
     p = Path(path).expanduser()
     if p.is_dir():
         for name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, "adapter_model.safetensors"):
@@ -122,8 +125,12 @@ def resolve_lora_path(path: str | Path) -> Path:
         found = sorted(x.name for x in p.glob("*.safetensors"))
         hint = f"; pass one of its files: {', '.join(found[:5])}" if found else " and no other .safetensors file"
         raise UserError(f"{p} is a folder without {LORA_WEIGHT_NAME}{hint}")
+    hub = hub_lora(str(path)) if not p.exists() else None
+    if hub is not None:
+        return download_lora(*hub)
     if not p.exists():
-        raise UserError(f"{p} does not exist; pass a LoRA .safetensors file or a training output folder")
+        raise UserError(f"{p} does not exist; pass a LoRA .safetensors file, a training output folder or a Hub repo "
+                        f"(owner/name)")
     if p.suffix != ".safetensors":
         raise UserError(f"{p} is not a .safetensors file; only safetensors LoRAs are read (pickled files can run code)")
     return p
@@ -1138,16 +1145,17 @@ def save_pissa_lora(output_dir: str | Path, initial: Mapping[str, Mapping[str, t
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m billiard_lora.lora", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    lora_file = "a LoRA .safetensors file, a training output folder, or a LoRA on the Hugging Face Hub (owner/name)"
     sp = sub.add_parser("inspect", help="format, base model, targets, ranks/alphas, parameters, training config")
-    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("file", metavar="FILE", help=lora_file)
     sp.add_argument("--json", action="store_true", help="print the full report (per-layer ranks, config) as JSON")
     sp = sub.add_parser("convert", help="diffusers <-> kohya/webui (ComfyUI, A1111)")
-    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("file", metavar="FILE", help=lora_file)
     sp.add_argument("--to", required=True, choices=["kohya", "diffusers"])
     sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
     sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     sp = sub.add_parser("resize", help="SVD to a lower rank (or the rank that keeps a fraction of the energy)")
-    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("file", metavar="FILE", help=lora_file)
     group = sp.add_mutually_exclusive_group(required=True)
     group.add_argument("--rank", type=int, help="keep this many singular values per layer")
     group.add_argument("--energy", type=float,
@@ -1156,7 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--quiet", action="store_true", help="only the summary line, not one line per layer")
     sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     sp = sub.add_parser("merge", help="fuse into the base model and save a standalone pipeline (safetensors)")
-    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("file", metavar="FILE", help=lora_file)
     sp.add_argument("--model", required=True, help="base model: hub id or local diffusers folder")
     sp.add_argument("--vae", default=None, help="a separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
     sp.add_argument("--out", required=True, metavar="DIR")

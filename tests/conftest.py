@@ -50,3 +50,26 @@ def shared_billiards() -> Path:
     if d is None:
         pytest.skip("../shared/data/sports-billiards is not present (set BILLIARD_LORA_SHARED_DATA to point at it)")
     return d
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch):
+    """``put(repo, {name: source file})``: a Hugging Face Hub cache (this test's own, in place of the user's) holding
+    those files of model repo ``repo`` at one commit, laid out as huggingface_hub's downloads leave it -- what
+    hf_hub_download reads offline. Returns the snapshot folder."""
+    from huggingface_hub import constants
+
+    root = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+
+    def put(repo: str, files: dict) -> Path:
+        folder = root / ("models--" + repo.replace("/", "--"))
+        snapshot = folder / "snapshots" / ("0123456789abcdef" * 3)[:40]
+        for name, source in files.items():
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / name).write_bytes(Path(source).read_bytes())
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(snapshot.name)
+        return snapshot
+
+    return put

@@ -142,20 +142,7 @@ def test_missing_or_empty_lora_paths_fail_before_the_model_loads(tmp_path):
         resolve_lora_file(tmp_path / "vae.safetensors")
 
 
-def _hub_cache(root: Path, repo: str, files: dict[str, Path]) -> Path:
-    """A Hugging Face Hub cache holding ``files`` of model repo ``repo`` at one commit, laid out as
-    huggingface_hub's downloads leave it (what `hf download` fills, and what hf_hub_download reads offline)."""
-    folder = root / ("models--" + repo.replace("/", "--"))
-    snapshot = folder / "snapshots" / ("0123456789abcdef" * 3)[:40]
-    for name, source in files.items():
-        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-        (snapshot / name).write_bytes(source.read_bytes())
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text(snapshot.name)
-    return snapshot
-
-
-def test_a_lora_on_the_hub_loads_by_its_repo_id_from_the_hubs_cache(tiny_model_dir, lora_run, tmp_path,
+def test_a_lora_on_the_hub_loads_by_its_repo_id_from_the_hubs_cache(tiny_model_dir, lora_run, tmp_path, hub_cache,
                                                                      monkeypatch):
     """--lora owner/name (or owner/name/FILE.safetensors) takes a LoRA from the Hugging Face Hub through
     huggingface_hub's cache: offline, a cached one loads as the local file does; one not cached, a repo that does
@@ -165,11 +152,10 @@ def test_a_lora_on_the_hub_loads_by_its_repo_id_from_the_hubs_cache(tiny_model_d
     from huggingface_hub import constants
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert constants.HF_HUB_OFFLINE  # (tests run offline: the cache is all there is)
     local = lora_run / "pytorch_lora_weights.safetensors"
-    snap = _hub_cache(tmp_path / "hub", "someone/messi-billiard-lora", {"pytorch_lora_weights.safetensors": local,
-                                                                        "v2/style.safetensors": local})
+    snap = hub_cache("someone/messi-billiard-lora", {"pytorch_lora_weights.safetensors": local,
+                                                     "v2/style.safetensors": local})
     assert resolve_lora_file("someone/messi-billiard-lora") == snap / "pytorch_lora_weights.safetensors"
     assert resolve_lora_file("someone/messi-billiard-lora/v2/style.safetensors") == snap / "v2" / "style.safetensors"
     pipe = _pipe(tiny_model_dir, loras=["someone/messi-billiard-lora:0.5"])

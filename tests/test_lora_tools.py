@@ -118,6 +118,25 @@ def test_inspect_cli_json_on_a_kohya_file(kohya_file, capsys):
     assert r["kohya_metadata"]["ss_network_alpha"] == "8" and r["training_config"]["rank"] == 4
 
 
+def test_the_tools_take_a_lora_on_the_hub_by_its_repo_id(kohya_file, hub_cache, tmp_path, capsys):
+    """inspect / convert / resize read a LoRA on the Hugging Face Hub (owner/name[/FILE.safetensors]) through the
+    Hub's cache, offline here; one not cached is one line saying how to get it."""
+    snap = hub_cache("someone/billiard-kohya", {"billiard.safetensors": kohya_file})
+    assert lt.resolve_lora_path("someone/billiard-kohya/billiard.safetensors") == snap / "billiard.safetensors"
+    assert lt.main(["inspect", "someone/billiard-kohya/billiard.safetensors", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["format"] == "kohya" and r["base_model"] == "SDXL" and r["alphas"] == {"8": 120}
+    out = tmp_path / "diffusers"
+    assert lt.main(["convert", "someone/billiard-kohya/billiard.safetensors", "--to", "diffusers", "--out",
+                    str(out)]) == 0
+    assert lt.inspect_lora(out)["format"] == "diffusers"
+    assert snap.joinpath("billiard.safetensors").read_bytes() == kohya_file.read_bytes()  # the cache left alone
+    capsys.readouterr()
+    assert lt.main(["inspect", "someone/not-cached"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the Hub's cache does not hold it" in err and "hf download someone/not-cached" in err
+
+
 @pytest.mark.parametrize("keys, shape, family", [
     # SD1.5: attention in down_blocks.0, cross-attention from CLIP-L (768)
     (["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"], (4, 768), "SD1.x"),

@@ -1,0 +1,71 @@
+"""LoRA files from the Hugging Face Hub by repo id (``owner/name``, ``owner/name/FILE.safetensors``), through the
+Hub's own cache: downloaded once, then read from there, offline too (what ``hf download`` and diffusers'
+``load_lora_weights("owner/name")`` use)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import UserError
+from .lora import LORA_WEIGHT_NAME
+
+
+def hub_lora(text: str) -> tuple[str, str | None] | None:
+    """(repo id, file in it or None) where ``text`` reads as a LoRA on the Hub rather than a local path: owner/name
+    or owner/name/FILE.safetensors, whose first part is no folder here (a mistyped local path stays one)."""
+    parts = text.split("/")
+    if len(parts) < 2 or text.startswith(("/", "./", "../", "~")) or "\\" in text or Path(parts[0]).exists():
+        return None
+    if len(parts) > 2 and not text.endswith(".safetensors"):
+        return None
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id("/".join(parts[:2]))
+    except Exception:  # noqa: BLE001 - HFValidationError: not a repo id
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None
+
+
+def download_lora(repo: str, filename: str | None, *,
+                  expected: str = "a LoRA .safetensors file, a training output folder, or a Hub repo") -> Path:
+    """A LoRA file from a Hub model repo, through the Hub's cache (the same path on the next call, offline too):
+    ``filename``, else a training run's pytorch_lora_weights.safetensors, else the repo's only .safetensors file."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+
+    where = f"{repo}/{filename}" if filename else repo
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    get = (f"download it once where there is network (hf download {repo} --local-dir DIR) and pass DIR" +
+           ("" if offline else ", or check the connection"))
+    try:
+        try:
+            return Path(hf_hub_download(repo, filename or LORA_WEIGHT_NAME))
+        except LocalEntryNotFoundError:  # (a subclass of the next: offline, or the Hub unreachable)
+            raise
+        except EntryNotFoundError:
+            if filename:
+                raise
+        found = sorted(f for f in list_repo_files(repo) if f.endswith(".safetensors"))
+        if len(found) == 1:
+            return Path(hf_hub_download(repo, found[0]))
+        if not found:
+            raise UserError(f"LoRA '{repo}': the Hub repo holds no .safetensors file") from None
+        raise UserError(f"LoRA '{repo}' holds {len(found)} .safetensors files ({', '.join(found[:4])}"
+                        f"{', ...' if len(found) > 4 else ''}): pass one as {repo}/FILE") from None
+    except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
+        reach = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached"
+        raise UserError(f"LoRA '{where}' is not a local path, {reach}, and the Hub's cache does not hold it: "
+                        f"{get}") from None
+    except EntryNotFoundError:
+        raise UserError(f"LoRA '{where}': the Hub repo {repo} has no such file") from None
+    except GatedRepoError:
+        raise UserError(f"LoRA '{where}': the Hub repo {repo} is gated; accept its terms on huggingface.co and "
+                        f"log in (hf auth login), or {get}") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"LoRA '{where}' does not exist: not a local path, and no Hub repo of that name "
+                        f"(or a private one: hf auth login); expected {expected}") from None
+    except OSError as exc:  # a connection error the client did not turn into one of the above
+        raise UserError(f"LoRA '{where}' could not be downloaded ({type(exc).__name__}): {get}") from None
