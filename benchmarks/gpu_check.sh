@@ -50,6 +50,9 @@
 #      0.43 GiB kept, 92 % of a forward recomputed) and part 20 (every 4th block: 3.95 GiB, 24 %)
 #  29. as 11 with --selective_checkpointing products, on the small model at 256 px (the tiny model's widths are too
 #      small for anything to be kept): the policy inside the recorded micro-step, the same LoRA as eager?
+#  30. the speed options together, for the MFU target (45 %: 60 ms per 1024-px image with checkpointing): the seed's
+#      settings with --fold_accumulation --fused_lora_ops (CUDA graphs, the default), checkpointed, then with
+#      --auto_gradient_checkpointing (an H100: none); COMBO30="ckpt auto" picks them, EXTRA30 adds flags to both
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -212,6 +215,12 @@ p29() { part "29. --cuda_graphs --selective_checkpointing products, small model:
   [ "$(left)" -gt 100 ] && GV_SHAPE=small GV_RES=256 graphs_vs_eager 29 selective_products \
     --selective_checkpointing=products; }
 
+p30() { for k in ${COMBO30:-ckpt auto}; do
+  part "30. ours, seed settings, --fold_accumulation --fused_lora_ops ${EXTRA30:-}, $k ($(left) s left)"
+  [ "$(left)" -gt 60 ] && run "30-$k" "$(upto ${CAP30:-150})" "$PY" benchmarks/bench_train.py "${built[@]}" \
+    "${common[@]}" --gradient_checkpointing $([ "$k" = auto ] && echo --auto_gradient_checkpointing) \
+    --fold_accumulation --fused_lora_ops ${EXTRA30:-}; done; }
+
 p12() { part "12. ours, seed settings, eager (--cuda_graphs off) ($(left) s left)"
   [ "$(left)" -gt 60 ] && run 12 "$(upto ${CAP12:-200})" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
     --gradient_checkpointing --cuda_graphs off; }
@@ -262,7 +271,7 @@ p24() { part "24. --cuda_graphs --fused_lora_ops on the tiny model: the same LoR
   graphs_vs_eager 24 fused_lora_ops --fused_lora_ops; }
 
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] || exit 0  # parts that print their checks only (11, 17, 21, 24, 25) write no rows
