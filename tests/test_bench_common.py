@@ -325,3 +325,21 @@ def test_bench_train_with_buckets_trains_on_three_shapes(tmp_path, monkeypatch):
                       "--aspect_ratio_buckets", "64,64;48,96;96,48", "--json", str(path)])
     row = json.loads(path.read_text().splitlines()[0])
     assert row["aspect_ratio_buckets"] == "64,64;48,96;96,48" and seen == {(8, 8), (6, 12), (12, 6)}
+
+
+def test_gpu_check_parses_and_every_part_it_names_is_defined():
+    """A GPU session has minutes of device time: the prepared script must not fail on a typo. It parses; each part in
+    its default order, in its header and in the plan RESULTS.md gives the next GPU session has a function."""
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "benchmarks" / "gpu_check.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(root / "benchmarks" / "gpu_check.sh")]).returncode == 0
+    defined = set(re.findall(r"^p(\d+)\(\) \{", script, flags=re.M))
+    default = re.search(r'for n in \$\{PARTS:-([\d ]+)\}', script).group(1).split()
+    documented = re.findall(r"^#\s+(\d+)\. ", script, flags=re.M)
+    plan = (root / "benchmarks" / "RESULTS.md").read_text().split("## The next GPU session's call")[1].split("\n## ")[0]
+    planned = [n for parts in re.findall(r'PARTS="([\d ]+)"', plan) for n in parts.split()]
+    assert planned and set(default) == set(documented) == defined, (set(default) ^ defined, set(documented) ^ defined)
+    assert set(planned) <= defined, set(planned) - defined
