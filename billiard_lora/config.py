@@ -224,6 +224,11 @@ class TrainConfig:
     init_lora_weights: str = _f(
         "gaussian", "(billiard-lora) LoRA initialisation: gaussian (diffusers' default), pissa or pissa_niter_<n> "
                     "(SVD-based: starts on the weights' principal directions; see lora_tools), olora, true, false.")
+    init_lora: Optional[str] = _f(
+        None, "(billiard-lora) Go on training an existing LoRA instead of starting from scratch: a training output "
+              "folder, a .safetensors file (diffusers or kohya format) or a Hub repo (owner/name). Its rank and alpha "
+              "are used (kohya's --network_weights with --dim_from_weights, SimpleTuner's --init_lora); the "
+              "optimizer starts afresh (an interrupted run resumes with --resume_from_checkpoint instead).")
 
     # ---- outputs, checkpoints, validation, logging
     checkpointing_steps: int = _f(500, "Save a full training-state checkpoint every N optimizer steps.")
@@ -313,6 +318,9 @@ class TrainConfig:
         from .lora_tools import validate_init_lora_weights
 
         validate_init_lora_weights(self.init_lora_weights, use_dora=self.use_dora)
+        if self.init_lora and self.init_lora_weights not in ("gaussian", "true", "True"):
+            raise UserError(f"--init_lora starts from {self.init_lora}'s weights: drop "
+                            f"--init_lora_weights={self.init_lora_weights}")
         if self.report_to not in ("tensorboard", "none", "all"):
             raise UserError(f"--report_to={self.report_to!r}: this trainer logs to tensorboard or none")
 
@@ -443,7 +451,7 @@ class TrainConfig:
 # ---------------------------------------------------------------------- command line
 # Flags that name a local file or folder when one exists by that name (else a Hub id, or unset)
 LOCAL_PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir",
-                     "class_data_dir")
+                     "class_data_dir", "init_lora")
 
 
 def same_setting(name: str, a: Any, b: Any) -> bool:

@@ -136,6 +136,75 @@ def resolve_lora_path(path: str | Path) -> Path:
     return p
 
 
+def init_lora_settings(config):
+    """--init_lora: (the config with the LoRA's own rank and alpha, what changed as notes, its file). Checked before
+    any model loads: one rank and one alpha throughout, the modules training adapts, text-encoder layers only
+    with --train_text_encoder, DoRA only with --use_dora."""
+    from .lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+
+    what = f"--init_lora {config.init_lora}"
+    try:
+        path = resolve_lora_path(config.init_lora)
+        lora = load_lora_file(path)
+    except UserError as exc:
+        raise UserError(f"--init_lora: {exc}") from None
+    layers = list(lora.layers.values())
+    if not layers:
+        raise UserError(f"{what}: {path} holds no LoRA layers")
+    ranks, alphas = sorted({x.rank for x in layers}), sorted({x.alpha for x in layers})
+    if len(ranks) > 1 or len(alphas) > 1 or any(x.rslora for x in layers):
+        raise UserError(f"{what}: its layers have ranks {ranks} and alphas {alphas}; going on training needs one "
+                        f"rank and one alpha (a LoRA resized with --energy has several: resize it with --rank)")
+    if lora.dora != config.use_dora:
+        raise UserError(f"{what} is {'a DoRA' if lora.dora else 'a plain LoRA'}: "
+                        f"{'add' if lora.dora else 'drop'} --use_dora to go on training it")
+    components = {x.component for x in layers}
+    if not config.train_text_encoder and components - {"unet"}:
+        raise UserError(f"{what} has text-encoder LoRA layers: add --train_text_encoder to go on training them "
+                        f"(without it they would be dropped)")
+    allowed = {"unet": set(UNET_TARGET_MODULES), "text_encoder": set(TEXT_ENCODER_TARGET_MODULES),
+               "text_encoder_2": set(TEXT_ENCODER_TARGET_MODULES)}
+    foreign = sorted({f"{x.component}:{_leaf(x)}" for x in layers if _leaf(x) not in allowed.get(x.component, ())})
+    if foreign:
+        raise UserError(f"{what} adapts modules this trainer does not train ({', '.join(foreign[:4])}"
+                        f"{', ...' if len(foreign) > 4 else ''}): only the attention projections")
+    rank, alpha = ranks[0], alphas[0]
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    notes = []
+    if (rank, alpha) != (config.rank, config.alpha):
+        notes.append(f"--init_lora: rank {rank} and alpha {alpha} from {path.name} (instead of --rank {config.rank}"
+                     f", alpha {config.alpha})")
+    return config.replace(rank=rank, lora_alpha=alpha), notes, path
+
+
+def load_init_lora(path: str | Path, unet, text_encoders=()) -> None:
+    """Copy a LoRA file's weights (diffusers or kohya format, converted by diffusers' own loader) into the peft
+    adapters training added, as diffusers' training script restores its checkpoints; every adapter weight must
+    come from the file."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, \
+        convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    state, _ = StableDiffusionXLPipeline.lora_state_dict(str(path))
+    parts = [(unet, convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items()
+                                                      if k.startswith("unet.")}))]
+    for prefix, encoder in zip(("text_encoder.", "text_encoder_2."), text_encoders):
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not hasattr(encoder, "text_model"):  # transformers 5's CLIP: no text_model wrapper (files keep it)
+            own = {k.removeprefix("text_model."): v for k, v in own.items()}
+        parts.append((encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(own)) if own else {}))
+    for model, weights in parts:
+        if not weights:  # (--train_text_encoder on a UNet-only LoRA: those adapters start as new)
+            continue
+        result = set_peft_model_state_dict(model, weights, adapter_name="default")
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or missing:
+            raise UserError(f"--init_lora {path} does not fit this model: {len(missing)} of its adapter weights "
+                            f"missing, {len(result.unexpected_keys)} unexpected (e.g. "
+                            f"{(missing or result.unexpected_keys)[0]}); was it trained on another base model?")
+
+
 def _component_of(key: str) -> tuple[str, str]:
     """(component, module-with-rest) from a key; kohya prefixes and diffusers prefixes both understood."""
     for comp, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder", "lora_te_"),

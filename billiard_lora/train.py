@@ -93,6 +93,11 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if config.max_train_steps and (early := find_checkpoint(out, config.resume_from_checkpoint)):  # before loading
         check_steps_left(early, json.loads((early / STATE_FILE).read_text())["global_step"], config.max_train_steps,
                          config)
+    init_notes, init_path = [], None
+    if config.init_lora:  # an existing LoRA to go on training: its rank and alpha, checked before anything loads
+        from .lora_tools import init_lora_settings
+
+        config, init_notes, init_path = init_lora_settings(config)
     instance_images = load_training_images(config)
     config = resolve_hardware(config)
 
@@ -101,6 +106,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     say = _printer(accelerator)
     for note in config.fallbacks:
         say(f"warning: {note}")
+    for note in init_notes:
+        say(note)
 
     # ---- 2. models: frozen base in the compute dtype, LoRA adapters in fp32
     # (loaded as the files store them and cast on the way to the GPU: float32 safetensors stay memory-mapped until
@@ -149,6 +156,11 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     for m in trainable:
         for p in lora_parameters(m):
             p.data = p.data.float()  # fp32 master weights for the adapter; autocast does the fp16/bf16 math
+    if init_path is not None:  # --init_lora: the adapters start from that LoRA's weights
+        from .lora_tools import load_init_lora
+
+        load_init_lora(init_path, c.unet, text_encoders)
+        say(f"starting from the LoRA in {init_path}")
     if config.fp8_base:  # the frozen UNet's Linear/Conv weights in float8, cast up as each layer runs
         from .models import store_weights_in_fp8
 
@@ -1733,8 +1745,8 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
     vae = config.pretrained_vae_model_name_or_path
     shown = ("instance_prompt", "resolution", "rank", "lora_alpha", "learning_rate", "max_train_steps",
              "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "mixed_precision", "lr_scheduler", "seed",
-             "train_text_encoder", "with_prior_preservation", "init_lora_weights", "use_aspect_ratio_buckets",
-             "aspect_ratio_buckets", "fallbacks")
+             "train_text_encoder", "with_prior_preservation", "init_lora_weights", "init_lora",
+             "use_aspect_ratio_buckets", "aspect_ratio_buckets", "fallbacks")
     template = Template((Path(__file__).parent / "templates" / "model_card.md").read_text())
     text = template.substitute(
         base_model=config.pretrained_model_name_or_path, instance_prompt=config.instance_prompt, folder=out.name,

@@ -1848,3 +1848,50 @@ def test_the_speed_options_together_train_the_plain_runs_lora_and_resume_exactly
     resumed = lora_tensors(train(tiny_config(tiny_model_dir, data, out, **base, **fast,
                                              resume_from_checkpoint="latest")))
     assert all(torch.equal(resumed[k], together[k]) for k in together)
+
+
+def test_init_lora_goes_on_training_an_existing_lora_from_its_weights_rank_and_alpha(tiny_model_dir, tmp_path):
+    """--init_lora starts the adapters from an existing LoRA (a run's folder, its kohya file), with that LoRA's
+    rank and alpha: one step at a negligible learning rate leaves the LoRA it started from, text encoders included;
+    a kohya file starts the same run as the diffusers one; what cannot go on training is one line before any model
+    loads."""
+    import billiard_lora.lora_tools as lt
+
+    data = make_images(tmp_path / "data", n=4)
+    first = train(tiny_config(tiny_model_dir, data, tmp_path / "first", rank=2, lora_alpha=4, max_train_steps=2,
+                              train_text_encoder=True, learning_rate=1e-2))
+    before = lora_tensors(first)
+    ups = [v for k, v in before.items() if k.endswith(("lora.up.weight", "lora_B.weight"))]
+    assert any("text_encoder" in k for k in before) and sum(bool(v.abs().sum() > 0) for v in ups) > len(ups) // 2
+    kohya = lt.convert_lora(first, "kohya", tmp_path / "first-kohya.safetensors")
+    steps = []
+    outs = {}
+    for name, source in (("folder", first), ("kohya", kohya)):
+        outs[name] = train(tiny_config(tiny_model_dir, data, tmp_path / name, init_lora=str(source), max_train_steps=1,
+                                       train_text_encoder=True, learning_rate=1e-12, text_encoder_lr=1e-12,
+                                       rank=8),  # (rank: the file's)
+                           callback=lambda e: e["event"] == "step" and steps.append(e["loss"]))
+    used = json.loads((outs["folder"] / "config.json").read_text())
+    assert (used["rank"], used["lora_alpha"], used["init_lora"]) == (2, 4, str(first))
+    for name, out in outs.items():
+        after = lora_tensors(out)
+        assert after.keys() == before.keys(), name
+        for k in before:  # Adam moves each weight by about the learning rate: 1e-12
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-9, msg=f"{name}: {k}")
+    assert steps[0] == pytest.approx(steps[1], rel=1e-6)  # the same starting LoRA, whichever file held it
+
+    with pytest.raises(UserError, match="has text-encoder LoRA layers: add --train_text_encoder"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "no-te", init_lora=str(first)))
+    with pytest.raises(UserError, match="is a plain LoRA: drop --use_dora"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "dora", init_lora=str(first), train_text_encoder=True,
+                          use_dora=True))
+    with pytest.raises(UserError, match="drop --init_lora_weights=pissa"):
+        tiny_config(tiny_model_dir, data, tmp_path / "pissa", init_lora=str(first), init_lora_weights="pissa")
+    with pytest.raises(UserError, match=r"^--init_lora: .*nope does not exist"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "missing", init_lora=str(tmp_path / "nope")))
+    lt.resize_lora(first, tmp_path / "mixed.safetensors", energy=0.6)  # per-layer ranks
+    assert len(lt.inspect_lora(tmp_path / "mixed.safetensors")["ranks"]) > 1
+    with pytest.raises(UserError, match="going on training needs one rank and one alpha"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "mixed", init_lora=str(tmp_path / "mixed.safetensors"),
+                          train_text_encoder=True))
+    assert not (tmp_path / "no-te").exists() and not (tmp_path / "missing").exists()  # nothing written
