@@ -129,7 +129,7 @@ def resolve_lora_file(path: str | Path) -> Path:
         _check_is_lora(p)
         return p
     head, colon, tail = str(path).rpartition(":")
-    if colon and head and Path(head).expanduser().exists():  # "run:abc": the path is there, the scale is not a number
+    if colon and head and (Path(head).expanduser().exists() or hub_lora(head)):  # "run:abc": not a scale
         raise UserError(f"--lora '{path}': the scale '{tail}' after the colon is not a number; "
                         f"write it as {head}:0.8 (or leave it out for 1.0)")
     hub = hub_lora(str(path))

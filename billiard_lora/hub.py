@@ -44,17 +44,17 @@ def download_lora(repo: str, filename: str | None, *,
         try:
             return Path(hf_hub_download(repo, filename or LORA_WEIGHT_NAME))
         except LocalEntryNotFoundError:  # (a subclass of the next: offline, or the Hub unreachable)
-            raise
+            if filename:
+                raise
+            cached = _cached_files(repo)  # a repo downloaded before under another file name
+            if not cached:
+                raise
+            return _the_one(repo, cached, lambda name: Path(hf_hub_download(repo, name)))
         except EntryNotFoundError:
             if filename:
                 raise
         found = sorted(f for f in list_repo_files(repo) if f.endswith(".safetensors"))
-        if len(found) == 1:
-            return Path(hf_hub_download(repo, found[0]))
-        if not found:
-            raise UserError(f"LoRA '{repo}': the Hub repo holds no .safetensors file") from None
-        raise UserError(f"LoRA '{repo}' holds {len(found)} .safetensors files ({', '.join(found[:4])}"
-                        f"{', ...' if len(found) > 4 else ''}): pass one as {repo}/FILE") from None
+        return _the_one(repo, found, lambda name: Path(hf_hub_download(repo, name)))
     except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
         reach = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached"
         raise UserError(f"LoRA '{where}' is not a local path, {reach}, and the Hub's cache does not hold it: "
@@ -69,3 +69,24 @@ def download_lora(repo: str, filename: str | None, *,
                         f"(or a private one: hf auth login); expected {expected}") from None
     except OSError as exc:  # a connection error the client did not turn into one of the above
         raise UserError(f"LoRA '{where}' could not be downloaded ({type(exc).__name__}): {get}") from None
+
+
+def _the_one(repo: str, found: list[str], fetch) -> Path:
+    """The repo's only .safetensors file, fetched; UserError naming them where there are none or several."""
+    if len(found) == 1:
+        return fetch(found[0])
+    if not found:
+        raise UserError(f"LoRA '{repo}': the Hub repo holds no .safetensors file")
+    raise UserError(f"LoRA '{repo}' holds {len(found)} .safetensors files ({', '.join(found[:4])}"
+                    f"{', ...' if len(found) > 4 else ''}): pass one as {repo}/FILE")
+
+
+def _cached_files(repo: str) -> list[str]:
+    """The .safetensors files of ``repo`` in the Hub's cache (its main revision), as paths inside the repo."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (huggingface_hub's own errors)
+        return []
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))

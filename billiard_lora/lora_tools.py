@@ -151,6 +151,12 @@ def init_lora_settings(config):
     layers = list(lora.layers.values())
     if not layers:
         raise UserError(f"{what}: {path} holds no LoRA layers")
+    if lora.format == "peft":  # (a peft adapter_model file: its keys name no component)
+        raise UserError(f"{what}: {path} is a peft adapter file; convert it first (python -m billiard_lora.lora "
+                        f"convert {path} --to diffusers --out DIR) and pass DIR")
+    if lora.dora and lora.format == "kohya":
+        raise UserError(f"{what}: {path} is a kohya DoRA, whose magnitudes diffusers does not load; go on from the "
+                        f"diffusers-format file of that run")
     ranks, alphas = sorted({x.rank for x in layers}), sorted({x.alpha for x in layers})
     if len(ranks) > 1 or len(alphas) > 1 or any(x.rslora for x in layers):
         raise UserError(f"{what}: its layers have ranks {ranks} and alphas {alphas}; going on training needs one "
@@ -162,14 +168,16 @@ def init_lora_settings(config):
     if not config.train_text_encoder and components - {"unet"}:
         raise UserError(f"{what} has text-encoder LoRA layers: add --train_text_encoder to go on training them "
                         f"(without it they would be dropped)")
-    allowed = {"unet": set(UNET_TARGET_MODULES), "text_encoder": set(TEXT_ENCODER_TARGET_MODULES),
+    allowed = {"unet": {*UNET_TARGET_MODULES, "to_out"}, "text_encoder": set(TEXT_ENCODER_TARGET_MODULES),
                "text_encoder_2": set(TEXT_ENCODER_TARGET_MODULES)}
     foreign = sorted({f"{x.component}:{_leaf(x)}" for x in layers if _leaf(x) not in allowed.get(x.component, ())})
     if foreign:
         raise UserError(f"{what} adapts modules this trainer does not train ({', '.join(foreign[:4])}"
                         f"{', ...' if len(foreign) > 4 else ''}): only the attention projections")
     rank, alpha = ranks[0], alphas[0]
-    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    if not float(alpha).is_integer():
+        raise UserError(f"{what}: its alpha {alpha:g} is not a whole number, which --lora_alpha needs")
+    alpha = int(alpha)
     notes = []
     if (rank, alpha) != (config.rank, config.alpha):
         notes.append(f"--init_lora: rank {rank} and alpha {alpha} from {path.name} (instead of --rank {config.rank}"
@@ -186,6 +194,7 @@ def load_init_lora(path: str | Path, unet, text_encoders=()) -> None:
         convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
+    expected = len(load_lora_file(path).layers)
     state, _ = StableDiffusionXLPipeline.lora_state_dict(str(path))
     parts = [(unet, convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items()
                                                       if k.startswith("unet.")}))]
@@ -194,15 +203,24 @@ def load_init_lora(path: str | Path, unet, text_encoders=()) -> None:
         if not hasattr(encoder, "text_model"):  # transformers 5's CLIP: no text_model wrapper (files keep it)
             own = {k.removeprefix("text_model."): v for k, v in own.items()}
         parts.append((encoder, convert_state_dict_to_peft(convert_state_dict_to_diffusers(own)) if own else {}))
+    loaded = 0
     for model, weights in parts:
         if not weights:  # (--train_text_encoder on a UNet-only LoRA: those adapters start as new)
             continue
-        result = set_peft_model_state_dict(model, weights, adapter_name="default")
+        try:
+            result = set_peft_model_state_dict(model, weights, adapter_name="default")
+        except RuntimeError as exc:  # shapes that differ: another base model
+            raise UserError(f"--init_lora {path} does not fit this model ({str(exc).strip().splitlines()[-1][:160]})"
+                            f"; was it trained on another base model?") from None
         missing = [k for k in result.missing_keys if "lora_" in k]
         if result.unexpected_keys or missing:
             raise UserError(f"--init_lora {path} does not fit this model: {len(missing)} of its adapter weights "
                             f"missing, {len(result.unexpected_keys)} unexpected (e.g. "
                             f"{(missing or result.unexpected_keys)[0]}); was it trained on another base model?")
+        loaded += sum(1 for k in weights if ".lora_A." in k or k.endswith(".lora_A.weight"))
+    if loaded != expected:  # every layer of the file went somewhere, none was lost on the way
+        raise UserError(f"--init_lora {path}: {loaded} of its {expected} LoRA layers could be loaded into this "
+                        f"model's adapters")
 
 
 def _component_of(key: str) -> tuple[str, str]:

@@ -164,6 +164,11 @@ def test_a_lora_on_the_hub_loads_by_its_repo_id_from_the_hubs_cache(tiny_model_d
     by_path = _pipe(tiny_model_dir, loras=[f"{local}:0.5"])
     assert np.array_equal(_px(generate(pipe, PROMPT, 0, **FAST)[0]), _px(generate(by_path, PROMPT, 0, **FAST)[0]))
 
+    # a repo cached earlier under its own file name is found offline too (no listing of the repo needed)
+    only = hub_cache("someone/style-lora", {"style.safetensors": local})
+    assert resolve_lora_file("someone/style-lora") == only / "style.safetensors"
+    with pytest.raises(UserError, match=r"the scale 'abc' after the colon is not a number"):
+        resolve_lora_file(parse_lora_arg("someone/style-lora:abc").path)
     with pytest.raises(UserError, match=r"LoRA 'nobody/missing' is not a local path, HF_HUB_OFFLINE is set, and "
                                         r"the Hub's cache does not hold it: download it once .*hf download "
                                         r"nobody/missing --local-dir DIR"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from billiard_lora.config import TrainConfig
 from billiard_lora.errors import UserError
@@ -1895,3 +1895,33 @@ def test_init_lora_goes_on_training_an_existing_lora_from_its_weights_rank_and_a
         train(tiny_config(tiny_model_dir, data, tmp_path / "mixed", init_lora=str(tmp_path / "mixed.safetensors"),
                           train_text_encoder=True))
     assert not (tmp_path / "no-te").exists() and not (tmp_path / "missing").exists()  # nothing written
+    # a kohya file with a fractional alpha; a kohya DoRA (diffusers drops its magnitudes): refused, not half-loaded
+    tensors = load_file(str(kohya))
+    odd = {k: (torch.tensor(0.5) if k.endswith(".alpha") else v) for k, v in tensors.items()}
+    save_file(odd, str(tmp_path / "half-alpha.safetensors"))
+    with pytest.raises(UserError, match="alpha 0.5 is not a whole number"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "half", init_lora=str(tmp_path / "half-alpha.safetensors"),
+                          train_text_encoder=True))
+    dora = dict(tensors)
+    for k, v in tensors.items():
+        if k.endswith(".lora_down.weight"):
+            dora[k.replace(".lora_down.weight", ".dora_scale")] = torch.ones(1, v.shape[1])
+    save_file(dora, str(tmp_path / "kohya-dora.safetensors"))
+    with pytest.raises(UserError, match="is a kohya DoRA"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "kd", init_lora=str(tmp_path / "kohya-dora.safetensors"),
+                          train_text_encoder=True, use_dora=True))
+    peft_dir = tmp_path / "peft"  # peft's own adapter file: keys that name no component
+    peft_dir.mkdir()
+    save_file({"base_model.model." + k[len("unet."):].replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."):
+               v for k, v in before.items() if k.startswith("unet.")}, str(peft_dir / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match="is a peft adapter file; convert it first"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "p", init_lora=str(peft_dir)))
+    # a file whose layers the model's adapters cannot all take (here: no text encoders for theirs) is refused
+    from billiard_lora.lora_tools import load_init_lora
+    from billiard_lora.models import load_components
+    from billiard_lora.lora import add_lora
+
+    c = load_components(str(tiny_model_dir))
+    add_lora(c.unet, rank=2, alpha=4)
+    with pytest.raises(UserError, match=r"LoRA layers could be loaded|does not fit this model"):
+        load_init_lora(first / "pytorch_lora_weights.safetensors", c.unet, [])  # (no text encoders to take theirs)
