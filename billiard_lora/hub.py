@@ -49,12 +49,12 @@ def download_lora(repo: str, filename: str | None, *,
             cached = _cached_files(repo)  # a repo downloaded before under another file name
             if not cached:
                 raise
-            return _the_one(repo, cached, lambda name: Path(hf_hub_download(repo, name)))
+            return _the_one(repo, cached)
         except EntryNotFoundError:
             if filename:
                 raise
         found = sorted(f for f in list_repo_files(repo) if f.endswith(".safetensors"))
-        return _the_one(repo, found, lambda name: Path(hf_hub_download(repo, name)))
+        return _the_one(repo, found)
     except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
         reach = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached"
         raise UserError(f"LoRA '{where}' is not a local path, {reach}, and the Hub's cache does not hold it: "
@@ -71,10 +71,12 @@ def download_lora(repo: str, filename: str | None, *,
         raise UserError(f"LoRA '{where}' could not be downloaded ({type(exc).__name__}): {get}") from None
 
 
-def _the_one(repo: str, found: list[str], fetch) -> Path:
-    """The repo's only .safetensors file, fetched; UserError naming them where there are none or several."""
+def _the_one(repo: str, found: list[str]) -> Path:
+    """The repo's only .safetensors file, through the cache; UserError naming them where there are none or several."""
+    from huggingface_hub import hf_hub_download
+
     if len(found) == 1:
-        return fetch(found[0])
+        return Path(hf_hub_download(repo, found[0]))
     if not found:
         raise UserError(f"LoRA '{repo}': the Hub repo holds no .safetensors file")
     raise UserError(f"LoRA '{repo}' holds {len(found)} .safetensors files ({', '.join(found[:4])}"

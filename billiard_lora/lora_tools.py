@@ -137,7 +137,7 @@ def resolve_lora_path(path: str | Path) -> Path:
 
 
 def init_lora_settings(config):
-    """--init_lora: (the config with the LoRA's own rank and alpha, what changed as notes, its file). Checked before
+    """--init_lora: (the config with the LoRA's own rank and alpha, what changed as notes, the file read). Checked before
     any model loads: one rank and one alpha throughout, the modules training adapts, text-encoder layers only
     with --train_text_encoder, DoRA only with --use_dora."""
     from .lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
@@ -182,10 +182,10 @@ def init_lora_settings(config):
     if (rank, alpha) != (config.rank, config.alpha):
         notes.append(f"--init_lora: rank {rank} and alpha {alpha} from {path.name} (instead of --rank {config.rank}"
                      f", alpha {config.alpha})")
-    return config.replace(rank=rank, lora_alpha=alpha), notes, path
+    return config.replace(rank=rank, lora_alpha=alpha), notes, lora
 
 
-def load_init_lora(path: str | Path, unet, text_encoders=()) -> None:
+def load_init_lora(source: "str | Path | LoraFile", unet, text_encoders=()) -> None:
     """Copy a LoRA file's weights (diffusers or kohya format, converted by diffusers' own loader) into the peft
     adapters training added, as diffusers' training script restores its checkpoints; every adapter weight must
     come from the file."""
@@ -194,7 +194,8 @@ def load_init_lora(path: str | Path, unet, text_encoders=()) -> None:
         convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
-    expected = len(load_lora_file(path).layers)
+    lora = source if isinstance(source, LoraFile) else load_lora_file(source)  # (train() passes the one it read)
+    path, expected = lora.path, len(lora.layers)
     state, _ = StableDiffusionXLPipeline.lora_state_dict(str(path))
     parts = [(unet, convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items()
                                                       if k.startswith("unet.")}))]

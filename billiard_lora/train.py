@@ -93,11 +93,11 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if config.max_train_steps and (early := find_checkpoint(out, config.resume_from_checkpoint)):  # before loading
         check_steps_left(early, json.loads((early / STATE_FILE).read_text())["global_step"], config.max_train_steps,
                          config)
-    init_notes, init_path = [], None
+    init_notes, init_lora = [], None
     if config.init_lora:  # an existing LoRA to go on training: its rank and alpha, checked before anything loads
         from .lora_tools import init_lora_settings
 
-        config, init_notes, init_path = init_lora_settings(config)
+        config, init_notes, init_lora = init_lora_settings(config)
     instance_images = load_training_images(config)
     config = resolve_hardware(config)
 
@@ -156,11 +156,11 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     for m in trainable:
         for p in lora_parameters(m):
             p.data = p.data.float()  # fp32 master weights for the adapter; autocast does the fp16/bf16 math
-    if init_path is not None:  # --init_lora: the adapters start from that LoRA's weights
+    if init_lora is not None:  # --init_lora: the adapters start from that LoRA's weights
         from .lora_tools import load_init_lora
 
-        load_init_lora(init_path, c.unet, text_encoders)
-        say(f"starting from the LoRA in {init_path}")
+        load_init_lora(init_lora, c.unet, text_encoders)
+        say(f"starting from the LoRA in {init_lora.path}")
     if config.fp8_base:  # the frozen UNet's Linear/Conv weights in float8, cast up as each layer runs
         from .models import store_weights_in_fp8
 
