@@ -311,3 +311,58 @@ def _bnb_adamw8bit():
             return config
 
     return AdamW8bitGroups
+
+
+class AdapterEMA:
+    """``--use_ema``: an exponential moving average of the LoRA weights, kept beside them (diffusers' ``EMAModel``).
+
+    After each optimizer step the average moves toward the weights by ``1 - decay``; diffusers' EMAModel ramps the
+    decay as ``(1 + n) / (10 + n)`` after n steps, capped at ``decay``, so a run of a few thousand steps averages
+    about its last ninth. The average stays on the weights' device in float32 (SDXL's rank-4 UNet LoRA: 23 MB).
+    ``applied()`` puts it in the adapters for a while (saving, validation images), then the weights training goes
+    on from. Registered with accelerate, it is part of each checkpoint: a resumed run's average equals an
+    uninterrupted one's.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float, *, on_change=None):
+        from diffusers.training_utils import EMAModel
+
+        self.params = list(params)
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.ema = EMAModel(self.params, decay=decay, foreach=True)
+        self.on_change = on_change  # called after the adapters' weights were swapped (fused ops' half copies)
+
+    def step(self) -> None:
+        self.ema.step(self.params)
+
+    @contextlib.contextmanager
+    def applied(self):
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        self._changed()
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    @property
+    def steps(self) -> int:
+        return self.ema.optimization_step
+
+    # accelerate's save_state / load_state (a checkpoint's custom_checkpoint_0.pkl)
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        shadow = state.get("shadow_params")
+        if shadow is None or len(shadow) != len(self.params) or any(
+                s.shape != p.shape for s, p in zip(shadow, self.params)):
+            raise UserError("the checkpoint's --use_ema average does not fit this run's LoRA (another rank, "
+                            "targets or --train_text_encoder): resume with the same settings")
+        self.ema.load_state_dict(state)
+        self.ema.to(device=self.device)  # accelerate loads it onto the CPU

@@ -46,6 +46,7 @@ from .paths import cache_dir
 Callback = Callable[[dict], None]
 STATE_FILE = "training_state.json"  # written last into a checkpoint: its presence marks it complete
 ADAPTER_STATE_FILE = "adapter_state.safetensors"
+NO_EMA_DIR = "no_ema"  # --use_ema: the LoRA of the last weights themselves, beside the average's
 
 
 # ============================================================================ the loop
@@ -295,6 +296,14 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     steps_per_epoch = math.ceil(len(dataloader) / config.micro_steps)  # now per process
     register_checkpoint_hooks(accelerator, {"unet": unet, "text_encoder": text_encoders[0] if text_encoders else None,
                                             "text_encoder_2": text_encoders[1] if text_encoders else None})
+    adapters = [p for m in (unet, *text_encoders) for p in lora_parameters(m)]
+    ema = None
+    if config.use_ema:  # the average of the adapters' weights, saved in each checkpoint (custom_checkpoint_0.pkl)
+        from .optim import AdapterEMA
+
+        ema = AdapterEMA(adapters, config.ema_decay, on_change=fused_ops.refresh if fused_ops else None)
+        accelerator.register_for_checkpointing(ema)
+    averaged = ema.applied if ema is not None else contextlib.nullcontext  # what is saved and validated
 
     # ---- 7. resume
     global_step, first_epoch, skip_batches = 0, 0, 0
@@ -324,7 +333,9 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     history = load_history(out) if checkpoint is not None else []
     history = [h for h in history if h["step"] <= global_step]
 
-    validate = lambda step: run_validation(config, c, unet, te_one, te_two, accelerator, weight_dtype, step, callback)
+    def validate(step: int):
+        with averaged():
+            return run_validation(config, c, unet, te_one, te_two, accelerator, weight_dtype, step, callback)
     if global_step == 0 and config.validation_prompt:
         validate(0)  # a baseline: what the base model makes before any training
 
@@ -408,7 +419,6 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         back = torch.tensor([i for rows in parts for i in rows]).argsort().to(device)  # drawn order -> batch order
         return tuple(torch.cat(column)[back] for column in zip(*drawn))
 
-    adapters = [p for m in (unet, *text_encoders) for p in lora_parameters(m)]
     micro_step = MicroStepGraph(forward_backward, lambda: [*adapters, *(p.grad for p in adapters)],
                                 enabled=config.cuda_graphs, say=say)
     accum_loss, accum_n = 0.0, 0
@@ -458,6 +468,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                     fused_ops.refresh()  # the adapters' half-precision copies (a replayed graph reads them)
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=not config.cuda_graphs)  # a recorded graph adds into these tensors
+                if ema is not None and accelerator.sync_gradients:
+                    ema.step()
 
             if not accelerator.sync_gradients:
                 continue
@@ -474,7 +486,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             if callback and accelerator.is_main_process:
                 callback({"event": "step", **row})
             if global_step % config.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, config, unet, text_encoders, history, pissa_initial)
+                save_checkpoint(accelerator, out, global_step, config, unet, text_encoders, history, pissa_initial,
+                                averaged)
             if config.validation_prompt and should_validate(config, global_step, steps_per_epoch):
                 validate(global_step)
             if global_step >= max_train_steps:
@@ -489,7 +502,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if config.validation_prompt and not (history and should_validate(config, global_step, steps_per_epoch)):
         final_images = validate(global_step)
     if accelerator.is_main_process:
-        save_final(out, config, unet, text_encoders, history, accelerator, pissa_initial)
+        save_final(out, config, unet, text_encoders, history, accelerator, pissa_initial, ema)
         summary = {**timer.summary(global_step), "steps_this_run": global_step - start_step}
         if config.cuda_graphs:
             summary.update(cuda_graph_replays=micro_step.replays, micro_steps=micro_step.calls,
@@ -1472,7 +1485,7 @@ def lora_signature(config: TrainConfig) -> dict:
     adam8 = config.use_8bit_adam and config.optimizer.lower() == "adamw"  # what ran, after any hardware fallback
     return {"pretrained_model_name_or_path": config.pretrained_model_name_or_path, "rank": config.rank,
             "lora_alpha": config.alpha, "use_dora": config.use_dora, "train_text_encoder": config.train_text_encoder,
-            "init_lora_weights": config.init_lora_weights,
+            "init_lora_weights": config.init_lora_weights, "use_ema": config.use_ema,
             # the optimizer's saved state only fits the same optimizer
             "optimizer": "AdamW8bit" if adam8 else {"adamw": "AdamW"}.get(config.optimizer.lower(), "Prodigy")}
 
@@ -1488,14 +1501,15 @@ def writing(what: Path) -> Iterator[None]:
 
 
 def save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, unet, text_encoders, history,
-                    pissa_initial=None) -> None:
-    """Write ``checkpoint-N`` atomically: built under a hidden name, renamed when complete."""
+                    pissa_initial=None, averaged=contextlib.nullcontext) -> None:
+    """Write ``checkpoint-N`` atomically: built under a hidden name, renamed when complete. ``averaged``: the
+    context in which the adapters hold the weights its LoRA file gets (--use_ema: the average)."""
     with writing(out / f"{CHECKPOINT_PREFIX}{step}"):
-        _save_checkpoint(accelerator, out, step, config, unet, text_encoders, history, pissa_initial)
+        _save_checkpoint(accelerator, out, step, config, unet, text_encoders, history, pissa_initial, averaged)
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, unet, text_encoders, history,
-                     pissa_initial) -> None:
+                     pissa_initial, averaged) -> None:
     from .lora import save_lora
 
     final = out / f"{CHECKPOINT_PREFIX}{step}"
@@ -1509,8 +1523,9 @@ def _save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, une
     if accelerator.is_main_process:
         te = [accelerator.unwrap_model(t) for t in text_encoders] or [None, None]
         # a ready-to-use LoRA file in each checkpoint, so generation can compare how training evolved
-        save_lora(tmp, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
-                  metadata={**config.to_dict(), "global_step": step}, pissa_initial=pissa_initial)
+        with averaged():
+            save_lora(tmp, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
+                      metadata={**config.to_dict(), "global_step": step}, pissa_initial=pissa_initial)
         _write_history(tmp, history)
         atomic_write_json(tmp / STATE_FILE, {"global_step": step, "signature": lora_signature(config),
                                              "num_processes": accelerator.num_processes})
@@ -1528,11 +1543,11 @@ def list_checkpoints(out: Path) -> list[Path]:
 
 
 def clear_earlier_run(out: Path, say) -> None:
-    """--overwrite_output_dir on a new run: the earlier run's checkpoints and validation images go, so that a later
-    --resume_from_checkpoint=latest, generate --checkpoints and evaluate see this run's alone (class images and
-    TensorBoard logs stay: the first is reused, the second keeps runs apart by itself)."""
+    """--overwrite_output_dir on a new run: the earlier run's checkpoints, validation images and no_ema/ LoRA go, so
+    that a later --resume_from_checkpoint=latest, generate --checkpoints and evaluate see this run's alone (class
+    images and TensorBoard logs stay: the first is reused, the second keeps runs apart by itself)."""
     gone = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)] if out.is_dir() else []
-    gone += [p for p in (out / "validation",) if p.is_dir()]
+    gone += [p for p in (out / "validation", out / NO_EMA_DIR) if p.is_dir()]
     for p in gone:
         shutil.rmtree(p)
     if gone:
@@ -1580,7 +1595,8 @@ RESTORED_ON_RESUME = ("learning_rate", "text_encoder_lr", "lr_scheduler", "lr_wa
                       # the optimizer's param_groups come back whole: its betas, decay, epsilon, Prodigy's settings
                       "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_weight_decay_text_encoder",
                       "adam_epsilon", "prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction",
-                      "prodigy_safeguard_warmup")
+                      "prodigy_safeguard_warmup",
+                      "ema_decay")  # --use_ema's average comes back with its decay
 CHANGES_THE_RUN = ("dataset_name", "instance_data_dir", "kaggle_class", "kaggle_splits", "caption_column",
                    "instance_prompt", "repeats", "resolution", "center_crop", "random_flip", "use_aspect_ratio_buckets",
                    "aspect_ratio_buckets", "train_batch_size", "gradient_accumulation_steps", "seed", "snr_gamma",
@@ -1629,7 +1645,8 @@ def reconcile_resumed(config: TrainConfig, checkpoint: Path, num_processes: int,
 
 
 def check_checkpoint_compatible(checkpoint: Path, config: TrainConfig) -> None:
-    saved = json.loads((checkpoint / STATE_FILE).read_text()).get("signature", {})
+    saved = {"use_ema": False,  # checkpoints from before --use_ema
+             **json.loads((checkpoint / STATE_FILE).read_text()).get("signature", {})}
     now = lora_signature(config)
     diff = [k for k in now if k in saved and saved[k] != now[k]]
     if diff:
@@ -1719,7 +1736,10 @@ def _precision_words(mixed_precision: str) -> str:
     return "fp32 (no mixed precision)" if mixed_precision == "no" else f"{mixed_precision} mixed precision"
 
 
-def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, accelerator, pissa_initial=None) -> None:
+def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, accelerator, pissa_initial=None,
+               ema=None) -> None:
+    """The LoRA (diffusers format, kohya too where asked), config.json, loss history and plot, model card. With
+    ``ema`` (--use_ema) the LoRA files hold the average, and no_ema/ the last weights themselves."""
     from .lora import KOHYA_WEIGHT_NAME, save_lora
     from .viz import plot_loss
 
@@ -1727,9 +1747,13 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
     # a kohya file an earlier run left here (resumed now without --output_kohya_format) would hold older weights
     # beside the new LoRA: written again, so both files always hold the same LoRA
     kohya = config.output_kohya_format or (out / KOHYA_WEIGHT_NAME).is_file()
+    lora = dict(unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
+                pissa_initial=pissa_initial)
     with writing(out):
-        save_lora(out, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
-                  metadata=config.to_dict(), kohya=kohya, pissa_initial=pissa_initial)
+        if ema is not None:
+            save_lora(out / NO_EMA_DIR, metadata={**config.to_dict(), "ema": "no: the last weights"}, **lora)
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            save_lora(out, metadata=config.to_dict(), kohya=kohya, **lora)
         config.save(out / "config.json")
         _write_history(out, history)
         if history:
@@ -1746,13 +1770,16 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
     shown = ("instance_prompt", "resolution", "rank", "lora_alpha", "learning_rate", "max_train_steps",
              "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "mixed_precision", "lr_scheduler", "seed",
              "train_text_encoder", "with_prior_preservation", "init_lora_weights", "init_lora",
-             "use_aspect_ratio_buckets", "aspect_ratio_buckets", "fallbacks")
+             "use_aspect_ratio_buckets", "aspect_ratio_buckets", "use_ema", "ema_decay", "fallbacks")
     template = Template((Path(__file__).parent / "templates" / "model_card.md").read_text())
     text = template.substitute(
         base_model=config.pretrained_model_name_or_path, instance_prompt=config.instance_prompt, folder=out.name,
         vae_note=f" (trained with the VAE `{vae}`)" if vae else "",
+        ema_note=(f"\nThe weights are the moving average of training's (`--use_ema`); the last weights themselves "
+                  f"are in `{NO_EMA_DIR}/`." if config.use_ema else ""),
         sample=f"![validation samples](validation/{grids[-1].name})\n" if grids else "(no validation prompt was set)\n",
-        settings="\n".join(f"| `{k}` | `{v}` |" for k, v in config.to_dict().items() if k in shown),
+        settings="\n".join(f"| `{k}` | `{v}` |" for k, v in config.to_dict().items()
+                           if k in shown and (config.use_ema or k != "ema_decay")),
         vae=vae or "madebyollin/sdxl-vae-fp16-fix", vae_arg="vae=vae, " if vae else "",
         vae_comment="" if vae else "# optional, SDXL's own VAE can overflow in fp16: ",
         kohya=("`pytorch_lora_weights_kohya.safetensors` (kohya/webui format)" if config.output_kohya_format else

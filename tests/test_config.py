@@ -84,6 +84,8 @@ def test_config_file_values_are_read_as_their_flags_would_be(tmp_path):
     (["--optimizer=lion"], "choose AdamW or Prodigy"),
     (["--rank=0"], "--rank=0 must be at least 1"),
     (["--fp8_base", "--use_dora"], "--fp8_base does not combine with --use_dora .*drop one"),
+    (["--ema_decay=0.99"], "--ema_decay=0.99 only applies with --use_ema"),
+    (["--use_ema", "--ema_decay=1.5"], r"--ema_decay=1.5 must be in \[0, 1\]"),
 ])
 def test_bad_settings_name_the_flag(flags, message):
     args = flags if any(f.startswith("--instance_prompt") for f in flags) or message.startswith("missing") \

@@ -223,3 +223,46 @@ def test_flat_prodigy_resumes_exactly_and_from_a_per_tensor_state():
     descend_both(reference, resumed, a, c, 6, start=6)
     for p, q in zip(a, c):
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- --use_ema
+def test_adapter_ema_averages_swaps_in_and_puts_the_weights_back_exactly():
+    ps = params()
+    changes = []
+    ema = optim.AdapterEMA(ps, decay=0.9999, on_change=lambda: changes.append(1))
+    seen = []
+    for step in range(1, 4):  # three "optimizer steps"
+        with torch.no_grad():
+            for p in ps:
+                p.add_(torch.randn_like(p) * 0.1)
+        seen.append([p.detach().clone() for p in ps])
+        ema.step()
+    # diffusers' EMAModel: the first step copies, then decay (1 + n) / (10 + n) after n steps
+    expected = [s.clone() for s in seen[0]]
+    for n, weights in ((1, seen[1]), (2, seen[2])):
+        d = (1 + n) / (10 + n)
+        expected = [e - (1 - d) * (e - w) for e, w in zip(expected, weights)]
+    with ema.applied():
+        assert len(changes) == 1
+        for p, e in zip(ps, expected):
+            torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-7)
+    assert len(changes) == 2
+    assert all(torch.equal(p.detach(), w) for p, w in zip(ps, seen[-1])), "the last weights come back bit for bit"
+    assert not all(torch.allclose(p.detach(), e) for p, e in zip(ps, expected)), "the average is not the weights"
+
+
+def test_adapter_ema_state_round_trips_and_refuses_another_lora():
+    ps = params()
+    ema = optim.AdapterEMA(ps, decay=0.99)
+    for _ in range(3):
+        with torch.no_grad():
+            ps[0].add_(1.0)
+        ema.step()
+    state = {k: ([t.clone() for t in v] if k == "shadow_params" else v) for k, v in ema.state_dict().items()}
+    again = optim.AdapterEMA(params(seed=2), decay=0.5)
+    again.load_state_dict(state)
+    assert again.steps == 3 and again.ema.decay == 0.99
+    assert all(torch.equal(a, b) for a, b in zip(again.ema.shadow_params, ema.ema.shadow_params))
+    other = optim.AdapterEMA([torch.nn.Parameter(torch.zeros(8, 4))], decay=0.99)
+    with pytest.raises(optim.UserError, match="does not fit this run's LoRA"):
+        other.load_state_dict(state)

@@ -178,6 +178,62 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tiny_model_dir, tmp_path):
     assert hist_a == hist_b
 
 
+# ---------------------------------------------------------------- --use_ema
+def test_use_ema_saves_and_validates_the_average_and_no_ema_the_last_weights(tiny_model_dir, tiny_components,
+                                                                            tmp_path, monkeypatch):
+    from billiard_lora.lora import save_lora
+
+    c = tiny_components
+    raw = []  # the LoRA after each optimizer step, saved in the file format
+
+    def after_step(event):
+        if event["event"] == "step":
+            raw.append(lora_tensors(save_lora(tmp_path / f"raw-{event['step']}", unet=c.unet).parent))
+
+    validated = []  # the LoRA the validation images were made with
+    monkeypatch.setattr(train_mod, "run_validation", lambda config, c, unet, *a, **k: validated.append(
+        lora_tensors(save_lora(tmp_path / f"val-{len(validated)}", unet=unet).parent)))
+    cfg = tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "out", use_ema=True,
+                      validation_prompt="a photo", validation_steps=3, checkpointing_steps=3)
+    out = train(cfg, components=c, callback=after_step)
+
+    # diffusers' EMAModel: the first step copies the weights, then the decay is (1 + n) / (10 + n) after n steps
+    expected = dict(raw[0])
+    for n, weights in ((1, raw[1]), (2, raw[2])):
+        d = (1 + n) / (10 + n)
+        expected = {k: e - (1 - d) * (e - weights[k]) for k, e in expected.items()}
+    saved, last = lora_tensors(out), lora_tensors(out / "no_ema")
+    in_checkpoint = lora_tensors(out / "checkpoint-3")
+    assert saved.keys() == expected.keys() == last.keys()
+    for k in expected:
+        torch.testing.assert_close(saved[k], expected[k], rtol=0, atol=1e-7)
+        assert torch.equal(in_checkpoint[k], saved[k]) and torch.equal(validated[-1][k], saved[k])
+        assert torch.equal(last[k], raw[-1][k]), "no_ema/ holds the last weights"
+    assert any(not torch.allclose(saved[k], last[k]) for k in saved), "the average differs from the last weights"
+    # training itself went on from (and ended with) its own weights, not the average
+    now = lora_tensors(save_lora(tmp_path / "after", unet=c.unet).parent)
+    assert all(torch.equal(now[k], last[k]) for k in now)
+    assert "moving average" in (out / "README.md").read_text()
+
+
+def test_use_ema_resume_equals_uninterrupted_run_and_cannot_be_switched(tiny_model_dir, tmp_path):
+    data = make_images(tmp_path / "data", n=5)
+    kw = dict(max_train_steps=5, gradient_accumulation_steps=2, checkpointing_steps=2, use_ema=True,
+              ema_decay=0.5)
+    full = train(tiny_config(tiny_model_dir, data, tmp_path / "full", **kw))
+    with pytest.raises(Crash):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", **kw), callback=crash_at_step(3))
+    assert (tmp_path / "resumed" / "checkpoint-2" / "custom_checkpoint_0.pkl").is_file()
+    train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
+    for sub in ("", "no_ema"):
+        a, b = lora_tensors(full / sub), lora_tensors(tmp_path / "resumed" / sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{sub or 'the average'} differs"
+
+    with pytest.raises(UserError, match="use_ema=True but this run has use_ema=False"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", resume_from_checkpoint="checkpoint-4",
+                          **{**kw, "use_ema": False, "ema_decay": 0.9999}))
+
+
 def test_latent_cache_changes_nothing_but_speed(tiny_model_dir, tmp_path):
     data = make_images(tmp_path / "data", n=3)
     kw = dict(max_train_steps=4, random_flip=True, train_batch_size=2)
@@ -338,7 +394,7 @@ def test_seed_command_runs_unchanged_on_the_tiny_model(tiny_model_dir, shared_bi
         assert any("fp16" in f for f in saved["fallbacks"]), "the fp16 fallback must be recorded"
 
 
-@pytest.mark.parametrize("extra", [[], ["--fp8_base", "--use_8bit_adam"]])
+@pytest.mark.parametrize("extra", [[], ["--fp8_base", "--use_8bit_adam"], ["--use_ema"]])
 def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra):
     from diffusers import StableDiffusionXLPipeline
 
@@ -352,6 +408,9 @@ def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra)
     assert "2 process(es)" in r.stdout
     assert "trial step without checkpointing fits" in r.stdout  # both processes agreed (a collective)
     assert json.loads((out / "config.json").read_text())["use_8bit_adam"] == ("--use_8bit_adam" in extra)
+    ema = "--use_ema" in extra  # each process keeps the average; the main one saves it
+    assert (out / "no_ema" / "pytorch_lora_weights.safetensors").is_file() == ema
+    assert (out / "checkpoint-2" / "custom_checkpoint_0.pkl").is_file() == ema
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
     pipe.load_lora_weights(str(out))
     assert np.isfinite(sample(pipe)).all()
