@@ -244,7 +244,14 @@ class TrainConfig:
     checkpoints_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints (oldest removed).")
     resume_from_checkpoint: Optional[str] = _f(None, "A checkpoint folder, or 'latest'.")
     validation_prompt: Optional[str] = _f(None, "Prompt for validation images (also a baseline before training).")
-    num_validation_images: int = _f(4, "Images per validation.")
+    extra_validation_prompts: list[str] = field(default_factory=list, metadata={"help": (
+        "(billiard-lora) More prompts validated beside --validation_prompt, each a row of the grid (kohya's "
+        "--sample_prompts): --extra_validation_prompts 'a photo of obama playing billiard' 'a billiard table'.")})
+    validation_negative_prompt: Optional[str] = _f(
+        None, "(billiard-lora) Negative prompt of the validation images (e.g. 'blurry, low quality').")
+    validation_guidance_scale: float = _f(
+        5.0, "(billiard-lora) Classifier-free guidance scale of the validation images (SDXL's pipeline default).")
+    num_validation_images: int = _f(4, "Images per validation prompt (seeds seed, seed+1, ...).")
     validation_steps: Optional[int] = _f(None, "(billiard-lora) Validate every N optimizer steps.")
     validation_epochs: int = _f(50, "Validate every N epochs (used when --validation_steps is not set).")
     validation_inference_steps: int = _f(25, "(billiard-lora) Denoising steps of validation images.")
@@ -317,6 +324,12 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"--{name}={v} must be at least 1")
+        for name in ("extra_validation_prompts", "validation_negative_prompt"):
+            if getattr(self, name) and not self.validation_prompt:
+                raise UserError(f"--{name} goes with --validation_prompt (the first row of the validation grid): "
+                                f"add that flag, or drop --{name}")
+        if any(not str(p).strip() for p in self.extra_validation_prompts):
+            raise UserError("--extra_validation_prompts holds an empty prompt: give each prompt some text")
         if self.ema_decay != EMA_DECAY and not self.use_ema:
             raise UserError(f"--ema_decay={self.ema_decay} only applies with --use_ema: add that flag, or drop "
                             f"--ema_decay")
@@ -359,6 +372,8 @@ class TrainConfig:
             ("text_encoder_lr", self.text_encoder_lr, self.text_encoder_lr > 0, "positive"),
             ("noise_offset", self.noise_offset, self.noise_offset >= 0, "0 or more (0.05-0.1 is usual)"),
             ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "positive (1.0 is usual)"),
+            ("validation_guidance_scale", self.validation_guidance_scale, self.validation_guidance_scale >= 0,
+             "0 or more (1 or less turns guidance off; 5 is SDXL's default)"),
             ("ema_decay", self.ema_decay, 0.0 <= self.ema_decay <= 1.0, "in [0, 1] (e.g. 0.9999, or 0.99 for a "
              "shorter average)"),
             ("prior_loss_weight", self.prior_loss_weight, self.prior_loss_weight >= 0, "0 or more"),
@@ -375,6 +390,11 @@ class TrainConfig:
                 raise UserError(f"--{name}={value} must be {what}")
 
     # ------------------------------------------------------------------ conveniences
+    @property
+    def validation_prompts(self) -> list[str]:
+        """The validation grid's rows: --validation_prompt, then --extra_validation_prompts (none without the first)."""
+        return [self.validation_prompt, *self.extra_validation_prompts] if self.validation_prompt else []
+
     @property
     def alpha(self) -> int:
         """LoRA alpha actually used (alpha/rank scales the update)."""
@@ -538,7 +558,12 @@ def _coerce(name: str, hint: Any, value: Any, source: str) -> Any:
         if isinstance(value, (dict, list)):
             raise UserError(f"{where}expected text, got {value!r}")
         return str(value)
-    return value  # lists (fallbacks): as recorded
+    if typing.get_origin(hint) is list:  # extra_validation_prompts: a list of text, or one text
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (dict, list)) for v in items):
+            raise UserError(f"{where}expected a list of text, got {value!r}")
+        return [str(v) for v in items]
+    return value
 
 
 def _closest(name: str, choices) -> str:

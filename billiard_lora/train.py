@@ -1664,7 +1664,8 @@ def should_validate(config: TrainConfig, step: int, steps_per_epoch: int) -> boo
 
 def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, weight_dtype, step: int,
                    callback: Callback | None):
-    """Generate ``num_validation_images`` for the validation prompt (seeds seed+i) and save them as a grid."""
+    """Generate ``num_validation_images`` per validation prompt (seeds seed+i) and save them as a grid: a row per
+    prompt, a column per seed. Returns the images, prompt by prompt."""
     if not accelerator.is_main_process:
         return None
     from .models import pipeline_from_components
@@ -1676,18 +1677,28 @@ def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, we
     device = accelerator.device
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     images = []
+    prompts, seeds = config.validation_prompts, [config.seed + i for i in range(config.num_validation_images)]
     with torch.no_grad(), autocast, on_device([pipe.text_encoder, pipe.text_encoder_2, pipe.vae], device):
-        for i in range(config.num_validation_images):
-            g = torch.Generator(device=device).manual_seed(config.seed + i)
-            images.append(pipe(config.validation_prompt, num_inference_steps=config.validation_inference_steps,
-                               height=config.resolution, width=config.resolution, generator=g,
-                               crops_coords_top_left=(config.crops_coords_top_left_h, config.crops_coords_top_left_w),
-                               ).images[0])
+        for prompt in prompts:
+            for seed in seeds:
+                g = torch.Generator(device=device).manual_seed(seed)
+                images.append(pipe(prompt, negative_prompt=config.validation_negative_prompt,
+                                   guidance_scale=config.validation_guidance_scale,
+                                   num_inference_steps=config.validation_inference_steps,
+                                   height=config.resolution, width=config.resolution, generator=g,
+                                   crops_coords_top_left=(config.crops_coords_top_left_h,
+                                                          config.crops_coords_top_left_w)).images[0])
     out = Path(config.output_dir) / "validation"
-    grid = image_grid(images, 1, len(images), labels=[f"seed {config.seed + i}" for i in range(len(images))])
+    seed_labels = [f"seed {s}" for s in seeds]
+    if len(prompts) == 1:
+        grid = image_grid(images, 1, len(seeds), labels=seed_labels)
+    else:
+        grid = image_grid(images, len(prompts), len(seeds), row_labels=prompts, col_labels=seed_labels)
     path = out / f"step-{step:06d}.png"
-    save_image(grid, path, metadata={"prompt": config.validation_prompt, "step": str(step), "seed": str(config.seed),
-                                     "steps": str(config.validation_inference_steps)})
+    save_image(grid, path, metadata={"prompt": prompts[0], "prompts": json.dumps(prompts), "step": str(step),
+                                     "seed": str(config.seed), "steps": str(config.validation_inference_steps),
+                                     "negative_prompt": config.validation_negative_prompt or "",
+                                     "guidance_scale": str(config.validation_guidance_scale)})
     if callback:
         callback({"event": "validation", "step": step, "images": images, "path": str(path)})
     return images

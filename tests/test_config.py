@@ -37,6 +37,14 @@ def test_repeated_flag_the_later_wins():
     assert c.mixed_precision == "bf16"
 
 
+def test_several_validation_prompts_on_the_command_line():
+    c = parse_args(["--instance_prompt=x", "--validation_prompt=a photo of messi playing billiard",
+                    "--extra_validation_prompts", "a photo of obama playing billiard", "a billiard table"])
+    assert c.validation_prompts == ["a photo of messi playing billiard", "a photo of obama playing billiard",
+                                    "a billiard table"]
+    assert parse_args(["--instance_prompt=x"]).validation_prompts == []
+
+
 def test_config_file_then_flags_override(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("instance_prompt: a photo of sks dog\nrank: 16\nlearning_rate: 0.0005\n")
@@ -70,6 +78,11 @@ def test_config_file_values_are_read_as_their_flags_would_be(tmp_path):
             parse_args([f"--config={f}"])
     with pytest.raises(UserError, match="--mixed_precision='fp32' must be one of no, fp16, bf16"):
         TrainConfig(instance_prompt="x", mixed_precision="fp32")  # a notebook's config, no file involved
+    f.write_text("instance_prompt: x\nvalidation_prompt: a\nextra_validation_prompts: b\n")  # one text: a list of one
+    assert parse_args([f"--config={f}"]).validation_prompts == ["a", "b"]
+    f.write_text("instance_prompt: x\nvalidation_prompt: a\nextra_validation_prompts: [b, {c: d}]\n")
+    with pytest.raises(UserError, match="extra_validation_prompts: expected a list of text"):
+        parse_args([f"--config={f}"])
     f.write_text("instance_prompt: x\nfold-accumulation: true\naspect_ratio_buckets: auto\n")  # as flags: - or _
     c = parse_args([f"--config={f}"])
     assert c.fold_accumulation and c.use_aspect_ratio_buckets, "giving the buckets turns bucketing on, as recorded"
@@ -85,6 +98,10 @@ def test_config_file_values_are_read_as_their_flags_would_be(tmp_path):
     (["--rank=0"], "--rank=0 must be at least 1"),
     (["--fp8_base", "--use_dora"], "--fp8_base does not combine with --use_dora .*drop one"),
     (["--ema_decay=0.99"], "--ema_decay=0.99 only applies with --use_ema"),
+    (["--extra_validation_prompts", "a", "b"], "--extra_validation_prompts goes with --validation_prompt"),
+    (["--validation_negative_prompt=blurry"], "--validation_negative_prompt goes with --validation_prompt"),
+    (["--validation_prompt=a", "--extra_validation_prompts", " "], "holds an empty prompt"),
+    (["--validation_prompt=a", "--validation_guidance_scale=-1"], "--validation_guidance_scale=-1.0 must be 0 or"),
     (["--use_ema", "--ema_decay=1.5"], r"--ema_decay=1.5 must be in \[0, 1\]"),
 ])
 def test_bad_settings_name_the_flag(flags, message):

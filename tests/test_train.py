@@ -306,6 +306,39 @@ def test_validation_writes_a_baseline_and_step_grids(tiny_model_dir, tmp_path):
     assert Image.open(out / "validation" / grids[0]).size[0] >= 2 * 32
 
 
+def test_validation_grid_has_a_row_per_prompt_made_with_the_negative_prompt_and_guidance(tiny_model_dir,
+                                                                                          tiny_components, tmp_path):
+    from accelerate import Accelerator
+
+    from billiard_lora.models import pipeline_from_components
+
+    c = tiny_components
+    prompts = ["sks billiard", "a photo of obama playing billiard", "a billiard table"]
+    cfg = tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "out", validation_prompt=prompts[0],
+                      extra_validation_prompts=prompts[1:], validation_negative_prompt="blurry",
+                      validation_guidance_scale=7.0, num_validation_images=2, validation_inference_steps=2)
+    events = []
+    images = train_mod.run_validation(cfg, c, c.unet, c.text_encoder_one, c.text_encoder_two, Accelerator(cpu=True),
+                                      torch.float32, 5, events.append)
+    assert len(images) == 6 and events[0]["images"] == images
+
+    pipe = pipeline_from_components(c)
+    def made(prompt, seed, **kw):
+        return np.asarray(pipe(prompt, num_inference_steps=2, height=32, width=32, generator=torch.Generator()
+                               .manual_seed(seed), **kw).images[0])
+
+    settings = dict(negative_prompt="blurry", guidance_scale=7.0)
+    for row, prompt in enumerate(prompts):  # prompt by prompt, seeds 0 and 1
+        for col in range(2):
+            assert np.array_equal(np.asarray(images[2 * row + col]), made(prompt, col, **settings)), (prompt, col)
+    assert not np.array_equal(np.asarray(images[2]), made(prompts[1], 0, guidance_scale=7.0))
+    assert not np.array_equal(np.asarray(images[2]), made(prompts[1], 0, negative_prompt="blurry"))
+
+    grid = Image.open(tmp_path / "out" / "validation" / "step-000005.png")
+    assert grid.size[1] >= 3 * 32 and grid.size[0] > 2 * 32  # three rows, two seeds and the prompts' labels
+    assert json.loads(grid.text["prompts"]) == prompts and grid.text["negative_prompt"] == "blurry"
+
+
 def test_bad_settings_are_one_clear_error(tiny_model_dir, tmp_path):
     data = make_images(tmp_path / "data")
     with pytest.raises(UserError, match="multiple of 8"):
