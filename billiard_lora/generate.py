@@ -162,8 +162,9 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
                              loras: Sequence[LoraSpec | str] = (), fuse: bool = False,
                              device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
                              fp8_base: bool = False, cuda_graphs: bool = False, cpu_offload: bool = False,
-                             vae_tiling: bool | int = False):
+                             vae_tiling: bool | int = False, scheduler: str = "default"):
     """SDXL, a separate VAE unless ``vae`` is None, and LoRAs loaded and weighted; cuda/fp16 if present, else cpu/fp32.
+    ``scheduler``: the sampler, a key of ``SCHEDULERS`` (default: the model's own).
 
     ``fuse=True`` merges the weighted LoRAs into the base weights (faster sampling); their scales are then baked in,
     so ``lora_scale``, scale sweeps, base-vs-LoRA and checkpoint grids refuse a fused pipeline.
@@ -183,24 +184,28 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
     specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
     files = [resolve_lora_file(s.path) for s in specs]  # fail on a typo before minutes of model loading
     check_memory_options(cpu_offload=cpu_offload, cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
+    check_scheduler(scheduler)  # before minutes of model loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch_dtype is None:
         torch_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     pipe = load_pipeline(model, pretrained_vae_model_name_or_path=vae, torch_dtype=torch_dtype,
                          device="cpu" if fp8_base or cpu_offload else device)
     return prepare_pipeline(pipe, specs, files=files, fuse=fuse, device=device, fp8_base=fp8_base,
-                            cuda_graphs=cuda_graphs, cpu_offload=cpu_offload, vae_tiling=vae_tiling)
+                            cuda_graphs=cuda_graphs, cpu_offload=cpu_offload, vae_tiling=vae_tiling,
+                            scheduler=scheduler)
 
 
 def prepare_pipeline(pipe, loras: Sequence[LoraSpec | str] = (), *, files: Sequence[Path] | None = None,
                      fuse: bool = False, device: str | torch.device = "cpu", fp8_base: bool = False,
-                     cuda_graphs: bool = False, cpu_offload: bool = False, vae_tiling: bool | int = False):
+                     cuda_graphs: bool = False, cpu_offload: bool = False, vae_tiling: bool | int = False,
+                     scheduler: str = "default"):
     """What ``load_generation_pipeline`` does to a loaded SDXL pipeline (e.g. one built in code), in place.
 
     Models stored in float8 or offloaded should arrive in CPU memory (a GPU might not hold them meanwhile)."""
     specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
     files = list(files) if files is not None else [resolve_lora_file(s.path) for s in specs]
     check_memory_options(cpu_offload=cpu_offload, cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
+    set_scheduler(pipe, scheduler)
     for spec, file in zip(specs, files):
         load_lora(pipe, spec, file=file, activate=False)
     if specs:
@@ -223,6 +228,44 @@ def prepare_pipeline(pipe, loras: Sequence[LoraSpec | str] = (), *, files: Seque
 
 
 DEFAULT_VAE_TILE = 512  # pixels; SDXL's own VAE config says 1024, i.e. no tiling at SDXL's usual size
+
+# --scheduler: the samplers as A1111 / ComfyUI name them, as diffusers builds them (diffusers' scheduler docs);
+# "default" is the model's own (SDXL base: Euler)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "default": ("", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def check_scheduler(name: str) -> None:
+    if name not in SCHEDULERS:
+        from .config import _closest
+
+        raise UserError(f"unknown scheduler {name!r}{_closest(name, SCHEDULERS)}; choose one of "
+                        f"{', '.join(SCHEDULERS)}")
+
+
+def set_scheduler(pipe, name: str = "default") -> None:
+    """Sample with the scheduler ``name`` (a key of ``SCHEDULERS``), built from the model's own scheduler config, so
+    that its training schedule (betas, timestep spacing, prediction type) stays the model's; "default" puts the
+    model's own back."""
+    import diffusers
+
+    check_scheduler(name)
+    if not hasattr(pipe, "billiard_scheduler_config"):  # the model's own, kept before the first change
+        pipe.billiard_scheduler_config = (type(pipe.scheduler), dict(pipe.scheduler.config))
+    own_class, config = pipe.billiard_scheduler_config
+    class_name, kw = SCHEDULERS[name]
+    cls = getattr(diffusers, class_name) if class_name else own_class
+    pipe.scheduler = cls.from_config(config, **kw)
+    pipe.billiard_scheduler = name
 
 
 def enable_vae_tiling(vae, tile: int = DEFAULT_VAE_TILE) -> None:
@@ -422,6 +465,7 @@ class GeneratedImage:
     fused: bool = False  # LoRAs merged into the weights at load time
     fp8_base: bool = False  # the UNet's weights stored in float8 (load_generation_pipeline(fp8_base=True))
     vae_tiling: int = 0  # the tile size in pixels where the VAE decoded this image in tiles (vae_tiling=...), else 0
+    scheduler: str = "default"  # the sampler (set_scheduler), a key of SCHEDULERS
 
     def metadata(self) -> dict[str, str]:
         """Settings as PNG text chunks (all strings; empty where not applicable)."""
@@ -430,6 +474,7 @@ class GeneratedImage:
             guidance_scale=self.guidance_scale, lora_scale=self.lora_scale, lora_names=",".join(self.lora_names),
             lora_weights=",".join(f"{w:g}" for w in self.lora_weights), width=self.width, height=self.height,
             model=self.model, fused=self.fused, fp8_base=self.fp8_base, vae_tiling=self.vae_tiling,
+            scheduler=self.scheduler,
         )
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
@@ -484,6 +529,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 lora_names=tuple(s.name for s in loras), width=image.width, height=image.height,
                 lora_weights=tuple(s.scale for s in loras), model=getattr(pipe.config, "_name_or_path", ""),
                 fused=fused, fp8_base=fp8, vae_tiling=_decoded_in_tiles(pipe, image),
+                scheduler=getattr(pipe, "billiard_scheduler", "default"),
             ))
     return results
 
@@ -733,6 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "for SDXL)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--negative_prompt", help="what the images should not show, e.g. 'blurry, lowres'")
+    p.add_argument("--scheduler", default="default", choices=list(SCHEDULERS),
+                   help="the sampler, as A1111 and ComfyUI name them, built from the model's own scheduler settings "
+                        "(default: the model's own, Euler for SDXL base)")
     p.add_argument("--fuse", action="store_true",
                    help="merge the LoRAs into the model weights: base-model speed (unfused costs ~12%% more per step "
                         "on CPU); scales fixed")
@@ -817,14 +866,16 @@ def main(argv: list[str] | None = None) -> int:
     args.model, vae = _default_model_and_vae(args, lora_files)
     pipe = load_generation_pipeline(args.model, vae=vae, loras=specs, fuse=args.fuse, device=args.device,
                                     fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs,
-                                    cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)
+                                    cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
+                                    scheduler=args.scheduler)
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
               height=args.height, width=args.width)
     out = Path(args.out)
     # Grids carry the settings that made them; single images carry their own (GeneratedImage.metadata).
     settings = {**{k: v for k, v in kw.items() if v is not None}, "model": args.model, "loras": args.lora,
                 "prompts": prompts, **({"fp8_base": True} if args.fp8_base else {}),
-                **({"vae_tiling": args.vae_tiling} if args.vae_tiling else {})}
+                **({"vae_tiling": args.vae_tiling} if args.vae_tiling else {}),
+                **({"scheduler": args.scheduler} if args.scheduler != "default" else {})}
 
     def save_grid(grid: Image.Image, name: str, **extra) -> Path:
         return save_image(grid, _free_path(out / name), {**settings, **extra})

@@ -250,6 +250,36 @@ def test_each_image_depends_only_on_its_prompt_and_seed(tiny_model_dir, lora_run
     assert (r.width, r.height, r.steps, r.lora_names, r.lora_scale) == (SIZE, SIZE, 2, ("run",), 1.0)
 
 
+def test_schedulers_keep_the_models_schedule_and_default_puts_its_own_back(tiny_model_dir, lora_run):
+    from billiard_lora.generate import SCHEDULERS, set_scheduler
+
+    pipe = _pipe(tiny_model_dir, loras=[str(lora_run)])
+    own, own_config = type(pipe.scheduler).__name__, dict(pipe.scheduler.config)
+    base = generate(pipe, PROMPT, 0, **FAST)[0]
+    assert base.scheduler == "default"
+    made = {}
+    for name, (class_name, kw) in SCHEDULERS.items():
+        set_scheduler(pipe, name)
+        assert type(pipe.scheduler).__name__ == (class_name or own)
+        for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+            assert pipe.scheduler.config[key] == own_config[key], (name, key)  # the model's training schedule
+        assert all(pipe.scheduler.config[k] == v for k, v in kw.items())
+        first, again = generate(pipe, [PROMPT, PROMPT], 0, **FAST)
+        assert first.scheduler == name and np.array_equal(_px(first), _px(again)), name  # ancestral/SDE too
+        made[name] = _px(first)
+    assert np.array_equal(made["default"], _px(base))
+    for a, b in [("dpm++_2m", "dpm++_2m_karras"), ("euler", "euler_a"), ("dpm++_2m_karras", "dpm++_2m_sde_karras"),
+                 ("euler", "ddim"), ("euler", "unipc")]:  # (2 steps of UniPC are 2 of DPM++ 2M)
+        assert not np.array_equal(made[a], made[b]), (a, b)
+    set_scheduler(pipe, "dpm++_2m")  # built from the model's own settings, not from the last scheduler's
+    assert set(made) == set(SCHEDULERS) and pipe.scheduler.config.use_karras_sigmas is False
+    set_scheduler(pipe, "default")
+    assert type(pipe.scheduler).__name__ == own and np.array_equal(_px(generate(pipe, PROMPT, 0, **FAST)[0]),
+                                                                  _px(base))
+    with pytest.raises(UserError, match="unknown scheduler 'euler-a' \\(did you mean 'euler_a'\\?\\)"):
+        set_scheduler(pipe, "euler-a")
+
+
 def test_lora_scale_zero_is_the_base_model_and_one_is_the_default(tiny_model_dir, lora_run):
     base = generate(_pipe(tiny_model_dir), PROMPT, 0, **FAST)[0]
     assert base.lora_scale is None and base.lora_names == ()
@@ -533,7 +563,7 @@ def test_save_results_writes_the_settings_into_each_png(tiny_model_dir, lora_run
             assert np.array_equal(_px(img), _px(r))
         assert text["prompt"] == r.prompt and text["seed"] == str(r.seed) and text["negative_prompt"] == "blurry"
         assert (text["steps"], text["guidance_scale"], text["lora_scale"]) == ("2", "5.0", "0.5")
-        assert (text["lora_names"], text["lora_weights"]) == ("run", "0.8")
+        assert (text["lora_names"], text["lora_weights"], text["scheduler"]) == ("run", "0.8", "default")
     again = save_results(results[:1], tmp_path)
     assert again[0] != paths[0] and again[0].name.endswith("-2.png"), "earlier images are never overwritten"
 
@@ -570,10 +600,11 @@ def test_cli_sweep_and_checkpoints(tiny_model_dir, lora_run, tmp_path, capsys, s
     common = ["--model", str(tiny_model_dir), "--vae", "none", "--steps", "2", "--height", "32", "--width", "32",
               "--device", "cpu", "--out", str(tmp_path)]
     assert main([*common, "--lora", str(lora_run), "--prompt", "snooker", "--sweep", "--scales", "0", "1",
-                 "--checkpoints", str(lora_run), *savers]) == 0
+                 "--checkpoints", str(lora_run), "--scheduler", "euler_a", *savers]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["checkpoints_seed0.png", "sweep_snooker.png"]
     text = Image.open(tmp_path / "sweep_snooker.png").text
     assert text["prompt"] == "snooker" and ("vae_tiling" in text) == bool(savers)
+    assert text["scheduler"] == "euler_a"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -585,6 +616,7 @@ def test_cli_sweep_and_checkpoints(tiny_model_dir, lora_run, tmp_path, capsys, s
     (["--cpu_offload", "--cuda_graphs"], "cannot be combined"),
     (["--scales", "0.5", "1.5"], "--scales sets the LoRA scales of --sweep: add --sweep"),  # was silently ignored
     (["--device", "bogus"], "--device 'bogus' is not a device"),
+    (["--scheduler", "dpm"], "argument --scheduler: invalid choice: 'dpm'"),
     (["--out", __file__], "is a file; pass a folder"),  # said before sampling, not as a traceback after it
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
