@@ -194,6 +194,16 @@ class TrainConfig:
                "operations, each a GPU kernel. Off until a GPU has timed it (benchmarks/gpu_check.sh parts 23-24). "
                "Layers where it does not apply (DoRA, several adapters) run peft's forward.")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
+    loss_type: Literal["l2", "huber", "smooth_l1"] = _f(
+        "l2", "(billiard-lora) l2: the squared error (diffusers' default); huber or smooth_l1: the pseudo-Huber loss "
+              "2c(sqrt(e^2+c^2)-c) or 2(sqrt(e^2+c^2)-c), squared for errors under c and linear above, so that the "
+              "few large errors weigh less (scheduled Pseudo-Huber loss, arXiv 2403.16728; kohya's --loss_type).")
+    huber_schedule: Literal["snr", "exponential", "constant"] = _f(
+        "snr", "(billiard-lora) How c follows each image's timestep with --loss_type huber/smooth_l1: snr (c near 1, "
+               "i.e. squared error, at low noise, falling to --huber_c at high noise), exponential (from 1 at "
+               "t=0 to --huber_c at the last timestep), or constant (--huber_c throughout).")
+    huber_c: float = _f(0.1, "(billiard-lora) The pseudo-Huber c of --loss_type huber/smooth_l1 (see "
+                             "--huber_schedule), in (0, 1].")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
     learning_rate: float = _f(1e-4, "Learning rate of the UNet LoRA.")
     text_encoder_lr: float = _f(5e-6, "Learning rate of the text-encoder LoRA.")
@@ -330,6 +340,9 @@ class TrainConfig:
                                 f"add that flag, or drop --{name}")
         if any(not str(p).strip() for p in self.extra_validation_prompts):
             raise UserError("--extra_validation_prompts holds an empty prompt: give each prompt some text")
+        if self.loss_type == "l2" and (self.huber_c != 0.1 or self.huber_schedule != "snr"):
+            flag = "--huber_c" if self.huber_c != 0.1 else "--huber_schedule"
+            raise UserError(f"{flag} only applies with --loss_type huber or smooth_l1: add that, or drop {flag}")
         if self.ema_decay != EMA_DECAY and not self.use_ema:
             raise UserError(f"--ema_decay={self.ema_decay} only applies with --use_ema: add that flag, or drop "
                             f"--ema_decay")
@@ -369,6 +382,7 @@ class TrainConfig:
              "positive (the LoRA is scaled by alpha / rank: 0 switches it off)"),
             ("lr_num_cycles", self.lr_num_cycles, self.lr_num_cycles >= 1, "at least 1"),
             ("snr_gamma", self.snr_gamma, self.snr_gamma is None or self.snr_gamma > 0, "positive (5.0 recommended)"),
+            ("huber_c", self.huber_c, 0 < self.huber_c <= 1, "in (0, 1] (0.1 is usual)"),
             ("text_encoder_lr", self.text_encoder_lr, self.text_encoder_lr > 0, "positive"),
             ("noise_offset", self.noise_offset, self.noise_offset >= 0, "0 or more (0.05-0.1 is usual)"),
             ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "positive (1.0 is usual)"),

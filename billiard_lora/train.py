@@ -1377,8 +1377,16 @@ def seeded_generator(seed: int, epoch: int, batch_index: int, process: int, devi
 # ============================================================================ loss and optimizer
 def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler,
                    config: TrainConfig) -> torch.Tensor:
-    """MSE to the target, optionally Min-SNR weighted (arXiv 2303.09556), plus the prior-preservation term."""
+    """The error to the target (squared, or pseudo-Huber with --loss_type), optionally Min-SNR weighted
+    (arXiv 2303.09556), plus the prior-preservation term."""
     from diffusers.training_utils import compute_snr
+
+    error = partial(elementwise_loss, config=config, c=huber_c(timesteps, noise_scheduler, config))
+
+    def mean_error(pred, target, rows: slice) -> torch.Tensor:
+        if config.loss_type == "l2":
+            return F.mse_loss(pred, target, reduction="mean")
+        return error(pred, target, rows=rows).mean()
 
     prior_loss = 0.0
     if config.with_prior_preservation:
@@ -1386,16 +1394,41 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: to
         model_pred, pred_prior = torch.chunk(model_pred, 2, dim=0)
         target, target_prior = torch.chunk(target, 2, dim=0)
         timesteps, _ = torch.chunk(timesteps, 2, dim=0)
-        prior_loss = F.mse_loss(pred_prior.float(), target_prior.float(), reduction="mean")
+        prior_loss = mean_error(pred_prior.float(), target_prior.float(), rows=slice(len(pred_prior), None))
     if config.snr_gamma is None:
-        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        loss = mean_error(model_pred.float(), target.float(), rows=slice(0, len(model_pred)))
     else:
         snr = compute_snr(noise_scheduler, timesteps)
         weights = torch.clamp(snr, max=config.snr_gamma)
         weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
-        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        per_sample = error(model_pred.float(), target.float(), rows=slice(0, len(model_pred))).mean(dim=(1, 2, 3))
         loss = (per_sample * weights).mean()
     return loss + config.prior_loss_weight * prior_loss
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, *, config: TrainConfig, c: torch.Tensor | None,
+                     rows: slice) -> torch.Tensor:
+    """Each element's error: squared (--loss_type l2, as F.mse_loss), or pseudo-Huber with each image's c."""
+    if config.loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    c = c[rows].view(-1, *[1] * (pred.dim() - 1))
+    smooth = torch.sqrt((pred - target) ** 2 + c ** 2) - c
+    return 2 * c * smooth if config.loss_type == "huber" else 2 * smooth
+
+
+def huber_c(timesteps: torch.Tensor, noise_scheduler, config: TrainConfig) -> torch.Tensor | None:
+    """Each image's pseudo-Huber c for its timestep (--huber_schedule), as kohya and diffusers' scheduled-Huber
+    scripts compute it; None for --loss_type l2."""
+    if config.loss_type == "l2":
+        return None
+    t = timesteps.float()
+    if config.huber_schedule == "constant":
+        return torch.full_like(t, config.huber_c)
+    if config.huber_schedule == "exponential":  # 1 at t = 0, huber_c at t = num_train_timesteps
+        return torch.exp(math.log(config.huber_c) * t / noise_scheduler.config.num_train_timesteps)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return (1 - config.huber_c) / (1 + sigmas) ** 2 + config.huber_c
 
 
 class TrainingDiverged(UserError):
@@ -1779,7 +1812,7 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
     grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
     vae = config.pretrained_vae_model_name_or_path
     shown = ("instance_prompt", "resolution", "rank", "lora_alpha", "learning_rate", "max_train_steps",
-             "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "mixed_precision", "lr_scheduler", "seed",
+             "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "loss_type", "mixed_precision", "lr_scheduler", "seed",
              "train_text_encoder", "with_prior_preservation", "init_lora_weights", "init_lora",
              "use_aspect_ratio_buckets", "aspect_ratio_buckets", "use_ema", "ema_decay", "fallbacks")
     template = Template((Path(__file__).parent / "templates" / "model_card.md").read_text())

@@ -178,6 +178,55 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tiny_model_dir, tmp_path):
     assert hist_a == hist_b
 
 
+# ---------------------------------------------------------------- --loss_type
+def test_pseudo_huber_losses_follow_their_formula_and_schedules():
+    from diffusers import DDPMScheduler
+
+    from billiard_lora.train import diffusion_loss, huber_c
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012)
+    cfg = lambda **kw: TrainConfig(instance_prompt="x", **kw)
+    t = torch.tensor([0, 500, 999])
+    ac = sched.alphas_cumprod[t]
+    sigma = ((1 - ac) / ac) ** 0.5
+    torch.testing.assert_close(huber_c(t, sched, cfg(loss_type="huber")), (1 - 0.1) / (1 + sigma) ** 2 + 0.1)
+    c = huber_c(t, sched, cfg(loss_type="huber", huber_schedule="exponential", huber_c=0.2))
+    torch.testing.assert_close(c, torch.tensor([1.0, 0.2 ** 0.5, 0.2 ** 0.999]))
+    assert torch.equal(huber_c(t, sched, cfg(loss_type="smooth_l1", huber_schedule="constant", huber_c=0.5)),
+                       torch.full((3,), 0.5))
+    assert huber_c(t, sched, cfg()) is None
+
+    # error 3 with c = 4: huber 2c(sqrt(9 + 16) - c) = 8, smooth_l1 2(sqrt(25) - 4) = 2, l2 9
+    # (c is at most 1: an error of 3/4 with c = 1 is that case scaled down by 4, the Huber loss by 16)
+    pred, target = torch.full((1, 4, 2, 2), 3.0), torch.zeros(1, 4, 2, 2)
+    assert float(diffusion_loss(pred, target, torch.tensor([7]), sched, cfg())) == 9.0
+    constant = dict(huber_schedule="constant", huber_c=1.0)
+    e = lambda kind: float(diffusion_loss(pred / 4, target, torch.tensor([7]), sched, cfg(loss_type=kind, **constant)))
+    assert e("huber") == pytest.approx(8 / 16) and e("smooth_l1") == pytest.approx(2 / 4)
+    # with prior preservation each half is scored with its own images' c
+    both = torch.cat([pred / 4, pred / 8]), torch.zeros(2, 4, 2, 2)
+    kw = dict(loss_type="huber", huber_schedule="exponential", huber_c=0.1, with_prior_preservation=True,
+              class_prompt="y", prior_loss_weight=0.5)
+    t2 = torch.tensor([100, 900])
+    c2 = huber_c(t2, sched, cfg(**kw))
+    expect = lambda err, c: float(2 * c * ((err ** 2 + c ** 2) ** 0.5 - c))
+    got = float(diffusion_loss(*both, t2, sched, cfg(**kw)))
+    assert got == pytest.approx(expect(0.75, c2[0]) + 0.5 * expect(0.375, c2[1]), rel=1e-6)
+
+
+def test_huber_loss_trains_and_differs_from_l2(tiny_model_dir, tmp_path):
+    data = make_images(tmp_path / "data", n=3)
+    l2 = train(tiny_config(tiny_model_dir, data, tmp_path / "l2", max_train_steps=2, snr_gamma=5.0))
+    losses = []
+    huber = train(tiny_config(tiny_model_dir, data, tmp_path / "huber", max_train_steps=2, snr_gamma=5.0,
+                              loss_type="huber"), callback=lambda e: e["event"] == "step" and losses.append(e["loss"]))
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    a, b = lora_tensors(l2), lora_tensors(huber)
+    assert a.keys() == b.keys() and all(not torch.equal(a[k], b[k]) for k in a if ".up." in k)
+    assert json.loads((huber / "config.json").read_text())["loss_type"] == "huber"
+
+
 # ---------------------------------------------------------------- --use_ema
 def test_use_ema_saves_and_validates_the_average_and_no_ema_the_last_weights(tiny_model_dir, tiny_components,
                                                                             tmp_path, monkeypatch):
