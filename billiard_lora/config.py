@@ -63,6 +63,11 @@ class TrainConfig:
     repeats: int = _f(1, "How many times to repeat the training data.")
     instance_prompt: Optional[str] = _f(
         None, "The prompt with the identifier of the instance, e.g. 'a photo of sks dog' (required).")
+    caption_dropout_rate: float = _f(
+        0.0, "(billiard-lora) Share of instance images trained without their caption (kohya's --caption_dropout_rate, "
+             "SimpleTuner's caption_dropout_probability): the text conditioning is zeroed, as SDXL was trained for "
+             "the unconditioned prediction that classifier-free guidance uses (and the pipeline samples with); "
+             "drawn per image and epoch from --seed. 0.05-0.1 is usual for styles; class images keep theirs.")
     resolution: int = _f(1024, "Training resolution in pixels (square); a multiple of 8.")
     center_crop: bool = _f(False, "Center-crop to the resolution instead of random crops.")
     random_flip: bool = _f(False, "Randomly flip images horizontally, re-drawn every epoch.")
@@ -383,6 +388,8 @@ class TrainConfig:
             ("lr_num_cycles", self.lr_num_cycles, self.lr_num_cycles >= 1, "at least 1"),
             ("snr_gamma", self.snr_gamma, self.snr_gamma is None or self.snr_gamma > 0, "positive (5.0 recommended)"),
             ("huber_c", self.huber_c, 0 < self.huber_c <= 1, "in (0, 1] (0.1 is usual)"),
+            ("caption_dropout_rate", self.caption_dropout_rate, 0 <= self.caption_dropout_rate < 1,
+             "in [0, 1) (0.05-0.1 is usual)"),
             ("text_encoder_lr", self.text_encoder_lr, self.text_encoder_lr > 0, "positive"),
             ("noise_offset", self.noise_offset, self.noise_offset >= 0, "0 or more (0.05-0.1 is usual)"),
             ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "positive (1.0 is usual)"),

@@ -374,13 +374,16 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     model = accelerator.unwrap_model(unet) if average_by_hand else unet
     encoders = [accelerator.unwrap_model(te) if average_by_hand else te for te in (te_one, te_two)]
 
-    def forward_backward(noisy_latents, timesteps, text_a, text_b, time_ids, target) -> torch.Tensor:
+    def forward_backward(noisy_latents, timesteps, text_a, text_b, time_ids, target, keep=None) -> torch.Tensor:
         """The micro-step's GPU work: predict, score, backpropagate into the adapters (a CUDA graph with --cuda_graphs).
 
         ``text_a, text_b``: the cached prompt embeddings and pooled embeddings, or, when the text encoders learn
-        too, each encoder's token ids, which they encode here (inside the recorded step)."""
+        too, each encoder's token ids, which they encode here (inside the recorded step). ``keep`` (B,):
+        --caption_dropout_rate's 1 or 0 per image, by which its text conditioning is multiplied."""
         if prompt_cache is None:
             text_a, text_b = encode_prompt(encoders, None, input_ids=[text_a, text_b])
+        if keep is not None:
+            text_a, text_b = text_a * keep.view(-1, 1, 1), text_b * keep.view(-1, 1)
         model_pred = model(noisy_latents, timesteps, text_a.to(weight_dtype),
                            added_cond_kwargs={"time_ids": time_ids, "text_embeds": text_b.to(weight_dtype)},
                            return_dict=False)[0]
@@ -401,6 +404,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
 
     fold = config.gradient_accumulation_steps // config.micro_steps
     processes, process = accelerator.num_processes, accelerator.process_index
+    kept = [torch.zeros((), device=device), torch.ones((), device=device)]  # --caption_dropout_rate: 0 dropped, 1 kept
 
     def draw_batch(batch: dict, epoch: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's latents, noise and timesteps. One generator per micro-batch of --train_batch_size, seeded by
@@ -450,7 +454,9 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                     target = noise
                 if compiled_graphs:  # a new iteration: CUDA graphs may reuse the memory of the last one's outputs
                     torch.compiler.cudagraph_mark_step_begin()
-                loss = micro_step(noisy_latents, timesteps, *text, time_ids, target)
+                # --caption_dropout_rate: 1 or 0 per image (stacked from tensors on the device: no copy from the host)
+                keep = [torch.stack([kept[not d] for d in batch["dropped"]])] if config.caption_dropout_rate else []
+                loss = micro_step(noisy_latents, timesteps, *text, time_ids, target, *keep)
                 # summed on the device: reading a value would make the CPU wait for the GPU every micro-step
                 accum_loss, accum_n = accum_loss + loss, accum_n + 1
                 if accelerator.sync_gradients:
@@ -1296,6 +1302,9 @@ class DreamBoothDataset(Dataset):
         rng = random.Random(f"{self.config.seed}:{epoch}:{index}")
         target = self.target(index)
         example = {"instance": self._prepare(self.instance[index % len(self.instance)], rng, target)}
+        if self.config.caption_dropout_rate:  # its own draw: the crops and flips stay those of a run without
+            draw = random.Random(f"{self.config.seed}:{epoch}:{index}:caption").random()
+            example["instance"]["dropped"] = draw < self.config.caption_dropout_rate
         if self.class_images:
             example["class"] = self._prepare(self.class_images[index % len(self.class_images)], rng, target)
         return example
@@ -1352,6 +1361,7 @@ def collate(examples: list[dict]) -> dict:
         "crop_top_lefts": [p["crop_top_left"] for p in parts],
         "target_sizes": [p["target_size"] for p in parts],
         "captions": [p["caption"] for p in parts],
+        "dropped": [p.get("dropped", False) for p in parts],  # --caption_dropout_rate: trained without its caption
         "keys": [p["key"] for p in parts],
         "twins": [p["twin"] for p in parts],  # each view's mirror image's key, where the cache should take it too
     }
@@ -1635,7 +1645,7 @@ CHANGES_THE_RUN = ("dataset_name", "instance_data_dir", "kaggle_class", "kaggle_
                    "aspect_ratio_buckets", "train_batch_size", "gradient_accumulation_steps", "seed", "snr_gamma",
                    "noise_offset", "with_prior_preservation", "class_prompt", "prior_loss_weight", "max_grad_norm",
                    "lora_dropout", "image_interpolation_mode", "num_class_images", "class_data_dir",
-                   "fold_accumulation")
+                   "fold_accumulation", "caption_dropout_rate", "loss_type", "huber_schedule", "huber_c")
 
 
 def checkpoint_seed(out: Path, config: TrainConfig) -> int | None:
@@ -1813,7 +1823,7 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
     vae = config.pretrained_vae_model_name_or_path
     shown = ("instance_prompt", "resolution", "rank", "lora_alpha", "learning_rate", "max_train_steps",
              "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "loss_type", "mixed_precision", "lr_scheduler", "seed",
-             "train_text_encoder", "with_prior_preservation", "init_lora_weights", "init_lora",
+             "caption_dropout_rate", "train_text_encoder", "with_prior_preservation", "init_lora_weights", "init_lora",
              "use_aspect_ratio_buckets", "aspect_ratio_buckets", "use_ema", "ema_decay", "fallbacks")
     template = Template((Path(__file__).parent / "templates" / "model_card.md").read_text())
     text = template.substitute(

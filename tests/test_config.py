@@ -98,6 +98,7 @@ def test_config_file_values_are_read_as_their_flags_would_be(tmp_path):
     (["--rank=0"], "--rank=0 must be at least 1"),
     (["--fp8_base", "--use_dora"], "--fp8_base does not combine with --use_dora .*drop one"),
     (["--ema_decay=0.99"], "--ema_decay=0.99 only applies with --use_ema"),
+    (["--caption_dropout_rate=1"], r"--caption_dropout_rate=1.0 must be in \[0, 1\)"),
     (["--huber_c=0.2"], "--huber_c only applies with --loss_type huber or smooth_l1"),
     (["--huber_schedule=constant"], "--huber_schedule only applies with --loss_type"),
     (["--loss_type=huber", "--huber_c=0"], r"--huber_c=0.0 must be in \(0, 1\]"),

@@ -178,6 +178,45 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tiny_model_dir, tmp_path):
     assert hist_a == hist_b
 
 
+# ---------------------------------------------------------------- --caption_dropout_rate
+def test_caption_dropout_draws_per_image_and_epoch_and_leaves_crops_and_class_images_alone():
+    from billiard_lora.train import DreamBoothDataset, TrainImage
+
+    rng = np.random.default_rng(0)
+    images = [TrainImage(Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)), f"caption {i}", f"k{i}")
+              for i in range(4)]
+    cfg = TrainConfig(instance_prompt="x", resolution=32, random_flip=True, with_prior_preservation=True,
+                      class_prompt="y", seed=3)
+    plain = DreamBoothDataset(images, images[:2], cfg)
+    dropping = DreamBoothDataset(images, images[:2], cfg.replace(caption_dropout_rate=0.3))
+    drops = []
+    for epoch in range(50):
+        for i in range(4):
+            a, b = plain[(epoch, i)], dropping[(epoch, i)]
+            assert a["instance"]["key"] == b["instance"]["key"] and a["class"]["key"] == b["class"]["key"]
+            assert "dropped" not in a["instance"] and "dropped" not in b["class"]
+            drops.append(b["instance"]["dropped"])
+            assert dropping[(epoch, i)]["instance"]["dropped"] == drops[-1]  # the same draw every time
+    assert 0.2 < np.mean(drops) < 0.4
+    batch = train_mod.collate([dropping[(0, i)] for i in range(4)])
+    assert batch["dropped"] == drops[:4] + [False] * 4  # [instance..., class...]
+
+
+@pytest.mark.parametrize("encoders", [False, True])
+def test_dropped_captions_train_on_zeroed_text_conditioning(tiny_model_dir, tmp_path, encoders):
+    """With every caption dropped the prompt cannot matter: two runs with different prompts train the same LoRA
+    (and with none dropped they do not). Also when the text encoders learn, inside the micro-step."""
+    data = make_images(tmp_path / "data", n=3)
+    kw = dict(max_train_steps=2, train_text_encoder=encoders)
+    run = lambda name, prompt, rate: lora_tensors(train(tiny_config(
+        tiny_model_dir, data, tmp_path / name, instance_prompt=prompt, caption_dropout_rate=rate, **kw)))
+    a, b = run("a", "a photo of sks billiard", 0.9999), run("b", "a red cat on a sofa", 0.9999)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c, d = run("c", "a photo of sks billiard", 0.0), run("d", "a red cat on a sofa", 0.0)
+    assert any(not torch.equal(c[k], d[k]) for k in c)
+    assert any(not torch.equal(a[k], c[k]) for k in c)
+
+
 # ---------------------------------------------------------------- --loss_type
 def test_pseudo_huber_losses_follow_their_formula_and_schedules():
     from diffusers import DDPMScheduler
@@ -1848,9 +1887,10 @@ def test_fold_accumulation_runs_the_same_step_as_one_batch(tiny_model_dir, tmp_p
     data = make_images(tmp_path / "data", n=6)
     kw = dict(train_batch_size=1, gradient_accumulation_steps=3, max_train_steps=2, random_flip=True,
               noise_offset=0.05, snr_gamma=5.0)
-    if prior:
+    if prior:  # (also: captions dropped and a Huber loss, per row: the rows must keep their own)
         kw.update(with_prior_preservation=True, class_prompt="a photo of a billiard table", num_class_images=6,
-                  class_data_dir=str(make_images(tmp_path / "class", n=6)))
+                  class_data_dir=str(make_images(tmp_path / "class", n=6)), caption_dropout_rate=0.5,
+                  loss_type="huber", huber_schedule="exponential")
     unfolded = train(tiny_config(tiny_model_dir, data, tmp_path / "a", **kw))
     folded = train(tiny_config(tiny_model_dir, data, tmp_path / "b", fold_accumulation=True, **kw))
     losses = [[float(r.split(",")[2]) for r in (run / "loss_history.csv").read_text().splitlines()[1:]]
