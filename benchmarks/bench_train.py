@@ -216,8 +216,8 @@ def bench_training(args) -> dict:
 
             import billiard_lora.train as train_module
 
-            def per_tensor(config, unet, text_encoders, num_processes):
-                flat = make_optimizer(config, unet, text_encoders, num_processes)
+            def per_tensor(config, unet, text_encoders, num_processes, **kw):
+                flat = make_optimizer(config, unet, text_encoders, num_processes, **kw)
                 return bnb.optim.AdamW8bit([dict(g) for g in flat.param_groups], lr=config.learning_rate)
 
             train_module.make_optimizer = per_tensor

@@ -245,6 +245,19 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
     train_text_encoder: bool = _f(False, "Also train LoRA on both text encoders.")
+    train_text_encoder_ti: bool = _f(
+        False, "(diffusers' advanced script) Pivotal tuning: each --token_abstraction in the instance prompt, "
+               "captions and validation prompts becomes new tokens (<s0><s1>) whose embeddings in both text encoders "
+               "train beside the LoRA (the encoders stay frozen otherwise); saved as FOLDER_emb.safetensors (clip_l, "
+               "clip_g: diffusers' load_textual_inversion, A1111, ComfyUI), loaded by generate with the LoRA.")
+    token_abstraction: str = _f(
+        "TOK", "(diffusers' advanced script) The word(s) in --instance_prompt (and captions) that --train_text_encoder_ti "
+               "replaces by new tokens, comma-separated for several: 'a photo of TOK playing billiard'.")
+    num_new_tokens_per_abstraction: int = _f(
+        2, "(diffusers' advanced script) New tokens per --token_abstraction (<s0><s1> for 2).")
+    ti_learning_rate: float = _f(
+        3e-4, "(billiard-lora) Learning rate of the new token embeddings (--train_text_encoder_ti; cog-sdxl's "
+              "ti_lr); no weight decay.")
     init_lora_weights: str = _f(
         "gaussian", "(billiard-lora) LoRA initialisation: gaussian (diffusers' default), pissa or pissa_niter_<n> "
                     "(SVD-based: starts on the weights' principal directions; see lora_tools), olora, true, false.")
@@ -318,6 +331,7 @@ class TrainConfig:
             raise UserError(f"unknown --image_interpolation_mode={self.image_interpolation_mode!r}; "
                             "choose lanczos, bicubic, bilinear or nearest")
         positive = ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs", "repeats",
+                    "num_new_tokens_per_abstraction",
                     "checkpointing_steps", "num_validation_images", "sample_batch_size", "validation_inference_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -348,6 +362,24 @@ class TrainConfig:
         if self.loss_type == "l2" and (self.huber_c != 0.1 or self.huber_schedule != "snr"):
             flag = "--huber_c" if self.huber_c != 0.1 else "--huber_schedule"
             raise UserError(f"{flag} only applies with --loss_type huber or smooth_l1: add that, or drop {flag}")
+        if self.train_text_encoder_ti:
+            from .pivotal import mentions, token_map
+
+            if self.train_text_encoder:
+                raise UserError("--train_text_encoder_ti trains new token embeddings with the text encoders frozen; "
+                                "--train_text_encoder trains LoRA on them instead: choose one")
+            names = list(token_map(self.token_abstraction, 1))
+            if not names:
+                raise UserError("--token_abstraction is empty: give the word that names your subject, e.g. TOK")
+            missing = [n for n in names if not mentions(self.instance_prompt, n)]
+            if missing:
+                raise UserError(f"--train_text_encoder_ti: --instance_prompt {self.instance_prompt!r} does not "
+                                f"contain --token_abstraction {missing[0]}; write it where the subject goes, e.g. "
+                                f"'a photo of {missing[0]} playing billiard'")
+        elif self.token_abstraction != "TOK" or self.num_new_tokens_per_abstraction != 2 or \
+                self.ti_learning_rate != 3e-4:
+            raise UserError("--token_abstraction, --num_new_tokens_per_abstraction and --ti_learning_rate apply with "
+                            "--train_text_encoder_ti: add that flag, or drop them")
         if self.ema_decay != EMA_DECAY and not self.use_ema:
             raise UserError(f"--ema_decay={self.ema_decay} only applies with --use_ema: add that flag, or drop "
                             f"--ema_decay")
@@ -391,6 +423,7 @@ class TrainConfig:
             ("caption_dropout_rate", self.caption_dropout_rate, 0 <= self.caption_dropout_rate < 1,
              "in [0, 1) (0.05-0.1 is usual)"),
             ("text_encoder_lr", self.text_encoder_lr, self.text_encoder_lr > 0, "positive"),
+            ("ti_learning_rate", self.ti_learning_rate, self.ti_learning_rate > 0, "positive (3e-4 is usual)"),
             ("noise_offset", self.noise_offset, self.noise_offset >= 0, "0 or more (0.05-0.1 is usual)"),
             ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "positive (1.0 is usual)"),
             ("validation_guidance_scale", self.validation_guidance_scale, self.validation_guidance_scale >= 0,

@@ -25,9 +25,10 @@ from torch.nn.utils import parametrize
 
 from .config import same_setting
 from .errors import OUT_OF_MEMORY, ArgumentParser, UserError, check_device, cli_entry, out_of_memory_detail
-from .hub import download_lora, hub_lora
+from .hub import download_lora, fetch_embeddings, hub_lora
 from .lora import CHECKPOINT_PREFIX, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, read_metadata
 from .models import SDXL_BASE, SDXL_VAE_FP16_FIX, load_pipeline, store_weights_in_fp8
+from .pivotal import find_embeddings, insert_tokens, read_embeddings
 from .viz import image_grid, save_image
 
 DEFAULT_INSTANCE_PROMPT = "a photo of messi playing billiard"  # the seed project's instance prompt
@@ -136,6 +137,7 @@ def resolve_lora_file(path: str | Path) -> Path:
     if hub is not None:
         file = download_lora(*hub, expected=expected)
         _check_is_lora(file)
+        fetch_embeddings(hub[0], file)  # a pivotal-tuning run's token embeddings, beside it in the repo
         return file
     raise UserError(f"LoRA '{path}' does not exist: expected {expected}")
 
@@ -346,16 +348,58 @@ def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool 
     if not hasattr(pipe, "billiard_loras"):
         pipe.billiard_loras = {}  # adapter name -> LoraSpec: the weights set_adapters was given, for restoring
     pipe.billiard_loras[name] = LoraSpec(str(spec.path), spec.scale, name)
+    embeddings = find_embeddings(file)
+    if embeddings is not None:  # trained with --train_text_encoder_ti: its tokens come with it
+        try:
+            _load_embeddings(pipe, name, embeddings)
+        except UserError:
+            unload_lora(pipe, name)
+            raise
     if activate:
         pipe.set_adapters([name], adapter_weights=[spec.scale])
     return name
 
 
+def _load_embeddings(pipe, name: str, path: Path) -> None:
+    """The new tokens' embeddings trained with LoRA ``name`` (pivotal tuning), into both text encoders."""
+    state, mapping = read_embeddings(path)
+    tokens = [t for v in mapping.values() for t in v]
+    owners = getattr(pipe, "billiard_tokens", {})
+    clash = next(((other, t) for other, m in owners.items() for v in m.values() for t in v if t in tokens), None)
+    if clash:
+        raise UserError(f"LoRA {pipe.billiard_loras[name].path} brings the tokens {''.join(tokens)} of its pivotal "
+                        f"tuning, and LoRA {pipe.billiard_loras[clash[0]].path} has {clash[1]} already: load one of "
+                        f"them at a time")
+    if any(t in pipe.tokenizer.get_vocab() for t in tokens):
+        raise UserError(f"{path}: this pipeline's tokenizer already has a token of {''.join(tokens)} (loaded outside "
+                        f"billiard-lora): load the LoRA into a fresh pipeline")
+    with _quiet_loading():
+        for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                        ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+            pipe.load_textual_inversion(state[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer)
+    pipe.billiard_tokens = {**owners, name: mapping}
+
+
 def unload_lora(pipe, name: str) -> None:
-    """Delete one adapter (and its record) so the next LoRA loaded does not stack on it."""
+    """Delete one adapter (and its record, and any token embeddings it brought) so the next LoRA loaded does not
+    stack on it."""
     with _quiet_loading():  # peft warns which adapter it activates instead; callers set the active ones
         pipe.delete_adapters(name)
     getattr(pipe, "billiard_loras", {}).pop(name, None)
+    mapping = getattr(pipe, "billiard_tokens", {}).pop(name, None)
+    if mapping:
+        tokens = [t for v in mapping.values() for t in v]
+        with _quiet_loading():
+            pipe.unload_textual_inversion(tokens, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+            pipe.unload_textual_inversion(tokens, tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2)
+
+
+def with_tokens(pipe, text: str | None) -> str | None:
+    """A prompt as the pipeline is given it: each --token_abstraction of a loaded LoRA's pivotal tuning (``TOK``)
+    replaced by its tokens (``<s0><s1>``)."""
+    for mapping in getattr(pipe, "billiard_tokens", {}).values():
+        text = insert_tokens(text, mapping)
+    return text
 
 
 def active_loras(pipe) -> list[LoraSpec]:
@@ -514,7 +558,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
             # image never depends on the ones generated before it.
             generator = torch.Generator("cpu").manual_seed(seed)
             try:
-                image = pipe(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                image = pipe(prompt=with_tokens(pipe, prompt), negative_prompt=with_tokens(pipe, negative_prompt),
+                             num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, height=height, width=width,
                              generator=generator).images[0]
             except OUT_OF_MEMORY as exc:

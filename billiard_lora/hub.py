@@ -92,3 +92,24 @@ def _cached_files(repo: str) -> list[str]:
     except Exception:  # noqa: BLE001 - not cached (huggingface_hub's own errors)
         return []
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))
+
+
+def fetch_embeddings(repo: str, lora_file: Path) -> None:
+    """A LoRA trained with pivotal tuning keeps its token embeddings beside it (``*_emb.safetensors``): bring those
+    of the Hub repo's folder into the cache too, so that they sit beside the downloaded LoRA file. Offline, or with
+    the Hub unreachable, whatever the cache holds is what there is (``find_embeddings`` looks there)."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    from .pivotal import EMBEDDINGS_SUFFIX
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return
+    snapshot = next((p for p in lora_file.parents if p.parent.name == "snapshots"), None)
+    folder = lora_file.parent.relative_to(snapshot).as_posix() if snapshot else "."
+    try:
+        names = [f for f in list_repo_files(repo) if f.endswith(EMBEDDINGS_SUFFIX)
+                 and (Path(f).parent.as_posix() == folder)]
+        for name in names:
+            hf_hub_download(repo, name)
+    except Exception:  # noqa: BLE001 - unreachable now: the LoRA loads with what the cache holds (said there)
+        return

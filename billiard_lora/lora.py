@@ -350,19 +350,24 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
 
 
-def save_adapter_state(path: str | Path, models: dict[str, torch.nn.Module]) -> None:
-    """Exact training state of the adapters (peft keys, fp32, DoRA magnitudes included) for checkpoints."""
+def save_adapter_state(path: str | Path, models: dict[str, torch.nn.Module],
+                       extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Exact training state of the adapters (peft keys, fp32, DoRA magnitudes included) for checkpoints, and of
+    ``extra`` trained tensors (new token embeddings) under ``extra.NAME``."""
     tensors = {f"{name}.{k}": v.detach().cpu() for name, m in models.items() if m is not None
                for k, v in peft_state_dict(_unwrap(m)).items()}
+    tensors.update({f"extra.{k}": v.detach().cpu() for k, v in (extra or {}).items()})
     save_safetensors(tensors, path, metadata={"format": "pt"})
 
 
-def load_adapter_state(path: str | Path, models: dict[str, torch.nn.Module]) -> None:
-    """Load what ``save_adapter_state`` wrote back into the same adapters, checking that every key fits."""
+def load_adapter_state(path: str | Path, models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Load what ``save_adapter_state`` wrote back into the same adapters, checking that every key fits; returns
+    the ``extra`` tensors it holds."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     state = load_file(str(path))
+    extra = {k[len("extra."):]: v for k, v in state.items() if k.startswith("extra.")}
     for name, m in models.items():
         if m is None:
             continue
@@ -374,6 +379,7 @@ def load_adapter_state(path: str | Path, models: dict[str, torch.nn.Module]) -> 
             raise ValueError(f"{path}: the {name} LoRA in this checkpoint has a different shape "
                              f"(rank, target modules or model) than the run being resumed")
         set_peft_model_state_dict(model, sub, adapter_name="default")
+    return extra
 
 
 if __name__ == "__main__":  # python -m billiard_lora.lora inspect|convert|resize|merge ...

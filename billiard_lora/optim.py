@@ -26,19 +26,23 @@ STATE_BLOCK = 256  # bitsandbytes' blockwise 8-bit states keep one scale per 256
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep 32-bit states
 
 
-def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_processes: int) -> torch.optim.Optimizer:
-    """AdamW (torch or bitsandbytes 8-bit) or Prodigy over the LoRA parameters, text encoders at their own rate."""
-    lr, te_lr = config.learning_rate, config.text_encoder_lr
+def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_processes: int,
+                   embeddings: Sequence[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """AdamW (torch or bitsandbytes 8-bit) or Prodigy over the LoRA parameters, text encoders at their own rate,
+    new token embeddings (``embeddings``, --train_text_encoder_ti) at theirs without weight decay."""
+    lr, te_lr, ti_lr = config.learning_rate, config.text_encoder_lr, config.ti_learning_rate
     if config.scale_lr:
         factor = config.gradient_accumulation_steps * config.train_batch_size * num_processes
-        lr, te_lr = lr * factor, te_lr * factor
+        lr, te_lr, ti_lr = lr * factor, te_lr * factor, ti_lr * factor
     name = config.optimizer.lower()
     if name == "prodigy":
-        te_lr = lr  # Prodigy adapts one learning rate; diffusers' script uses the same for both
+        te_lr = ti_lr = lr  # Prodigy adapts one learning rate; diffusers' script uses the same for all
     groups = [{"params": lora_parameters(unet), "lr": lr, "weight_decay": config.adam_weight_decay}]
     te_params = [p for te in text_encoders for p in lora_parameters(te)]
     if te_params:
         groups.append({"params": te_params, "lr": te_lr, "weight_decay": config.adam_weight_decay_text_encoder})
+    if embeddings:
+        groups.append({"params": list(embeddings), "lr": ti_lr, "weight_decay": 0.0})
     betas = (config.adam_beta1, config.adam_beta2)
     if name == "prodigy":
         if importlib.util.find_spec("prodigyopt") is None:

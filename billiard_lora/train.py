@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io as _io
 import json
@@ -162,6 +163,17 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
 
         load_init_lora(init_lora, c.unet, text_encoders)
         say(f"starting from the LoRA in {init_lora.path}")
+    pivotal = None
+    if config.train_text_encoder_ti:  # new tokens: the tokenizers' copies know them, the encoders learn their rows
+        from .pivotal import PivotalTuning, token_map
+
+        pivotal = PivotalTuning(token_map(config.token_abstraction, config.num_new_tokens_per_abstraction),
+                                c.tokenizers, c.text_encoders, config.seed)
+        undo.append(pivotal.undo)
+        c = dataclasses.replace(c, tokenizer_one=pivotal.tokenizers[0], tokenizer_two=pivotal.tokenizers[1])
+        instance_images = [dataclasses.replace(im, caption=pivotal.insert(im.caption)) for im in instance_images]
+        say("--train_text_encoder_ti: " + ", ".join(f"{k} -> {''.join(v)}" for k, v in pivotal.mapping.items())
+            + f" in prompts and captions; their embeddings train at --ti_learning_rate={config.ti_learning_rate}")
     if config.fp8_base:  # the frozen UNet's Linear/Conv weights in float8, cast up as each layer runs
         from .models import store_weights_in_fp8
 
@@ -187,7 +199,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
 
     # ---- 3. prompt embeddings, computed once per distinct caption when the text encoders are frozen
     prompt_cache = None
-    if not config.train_text_encoder:
+    if not (config.train_text_encoder or config.train_text_encoder_ti):
         captions = {im.caption for im in instance_images} | {im.caption for im in class_images}
         prompt_cache = PromptCache.build(sorted(captions), c, device)
         if device.type == "cuda":
@@ -273,7 +285,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / config.micro_steps)
     max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    optimizer = make_optimizer(config, c.unet, text_encoders, accelerator.num_processes)
+    optimizer = make_optimizer(config, c.unet, text_encoders, accelerator.num_processes,
+                               embeddings=pivotal.params() if pivotal else ())
     from diffusers.optimization import get_scheduler
 
     # accelerate steps a prepared scheduler once per process, hence the factor (as in diffusers' script)
@@ -295,8 +308,11 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     te_one, te_two = (text_encoders if text_encoders else (c.text_encoder_one, c.text_encoder_two))
     steps_per_epoch = math.ceil(len(dataloader) / config.micro_steps)  # now per process
     register_checkpoint_hooks(accelerator, {"unet": unet, "text_encoder": text_encoders[0] if text_encoders else None,
-                                            "text_encoder_2": text_encoders[1] if text_encoders else None})
-    adapters = [p for m in (unet, *text_encoders) for p in lora_parameters(m)]
+                                            "text_encoder_2": text_encoders[1] if text_encoders else None},
+                              pivotal)
+    # what trains: the LoRA and any new token embeddings (the latter outside DDP's modules)
+    embeddings = pivotal.params() if pivotal else []
+    adapters = [p for m in (unet, *text_encoders) for p in lora_parameters(m)] + embeddings
     ema = None
     if config.use_ema:  # the average of the adapters' weights, saved in each checkpoint (custom_checkpoint_0.pkl)
         from .optim import AdapterEMA
@@ -335,7 +351,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
 
     def validate(step: int):
         with averaged():
-            return run_validation(config, c, unet, te_one, te_two, accelerator, weight_dtype, step, callback)
+            return run_validation(config, c, unet, te_one, te_two, accelerator, weight_dtype, step, callback,
+                                  prompt_map=pivotal.insert if pivotal else None)
     if global_step == 0 and config.validation_prompt:
         validate(0)  # a baseline: what the base model makes before any training
 
@@ -462,6 +479,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                 if accelerator.sync_gradients:
                     if average_by_hand:
                         average_gradients(adapters, accelerator.num_processes)
+                    elif embeddings and accelerator.num_processes > 1:  # DDP averages only its modules' gradients
+                        average_gradients(embeddings, accelerator.num_processes)
                     if accelerator.num_processes > 1:
                         # the step's loss over every process's images (not the main process's share), and a NaN
                         # on one process seen by all, so that all stop together
@@ -493,7 +512,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                 callback({"event": "step", **row})
             if global_step % config.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, global_step, config, unet, text_encoders, history, pissa_initial,
-                                averaged)
+                                averaged, pivotal)
             if config.validation_prompt and should_validate(config, global_step, steps_per_epoch):
                 validate(global_step)
             if global_step >= max_train_steps:
@@ -508,7 +527,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if config.validation_prompt and not (history and should_validate(config, global_step, steps_per_epoch)):
         final_images = validate(global_step)
     if accelerator.is_main_process:
-        save_final(out, config, unet, text_encoders, history, accelerator, pissa_initial, ema)
+        save_final(out, config, unet, text_encoders, history, accelerator, pissa_initial, ema, pivotal)
         summary = {**timer.summary(global_step), "steps_this_run": global_step - start_step}
         if config.cuda_graphs:
             summary.update(cuda_graph_replays=micro_step.replays, micro_steps=micro_step.calls,
@@ -599,8 +618,9 @@ def fits_in_memory(config: TrainConfig, c, text_encoders, prompt_cache, accelera
         with accelerator.autocast():
             if prompt_cache is not None:
                 embeds, pooled = prompt_cache.lookup([next(iter(prompt_cache.table))] * batch)
-            else:
-                embeds, pooled = encode_prompt(text_encoders, c.tokenizers, [config.instance_prompt] * batch)
+            else:  # the text encoders run in each step: trained (LoRA), or frozen with new token embeddings
+                embeds, pooled = encode_prompt(text_encoders or c.text_encoders, c.tokenizers,
+                                               [config.instance_prompt] * batch)
             ids = compute_time_ids((height, width), (0, 0), (height, width), dtype=weight_dtype,
                                    device=device).expand(batch, 6)
             noisy = torch.randn(batch, 4, height // 8, width // 8, device=device, dtype=weight_dtype)
@@ -615,9 +635,10 @@ def fits_in_memory(config: TrainConfig, c, text_encoders, prompt_cache, accelera
     except OUT_OF_MEMORY:
         fits = False
     finally:
-        for m in (c.unet, *text_encoders):
-            for p in lora_parameters(m):
-                p.grad = None
+        for m in (c.unet, *c.text_encoders):  # LoRA, and any new token embeddings
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.grad = None
         torch.set_rng_state(rng[0])
         if cuda:
             torch.cuda.set_rng_state_all(rng[1])
@@ -1501,21 +1522,26 @@ def _traceback_frames(exc: BaseException) -> Iterator:
 
 
 # ============================================================================ checkpoints
-def register_checkpoint_hooks(accelerator, models: dict[str, Any]) -> None:
-    """Make ``accelerator.save_state`` store only the LoRA adapters (a few MB) instead of whole models."""
+def register_checkpoint_hooks(accelerator, models: dict[str, Any], pivotal=None) -> None:
+    """Make ``accelerator.save_state`` store only the LoRA adapters (a few MB) instead of whole models, and the new
+    token embeddings of ``pivotal`` (--train_text_encoder_ti)."""
     from .lora import load_adapter_state, save_adapter_state
 
     def save_hook(model_list, weights, output_dir):
         if accelerator.is_main_process:
-            save_adapter_state(Path(output_dir) / ADAPTER_STATE_FILE, models)
+            save_adapter_state(Path(output_dir) / ADAPTER_STATE_FILE, models,
+                               extra=pivotal.state() if pivotal else None)
         while weights:
             weights.pop()  # accelerate would otherwise write every model's full state dict
 
     def load_hook(model_list, input_dir):
+        path = Path(input_dir) / ADAPTER_STATE_FILE
         try:
-            load_adapter_state(Path(input_dir) / ADAPTER_STATE_FILE, models)
+            extra = load_adapter_state(path, models)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        if pivotal is not None:
+            pivotal.load_state(extra, str(path))
         while model_list:
             model_list.pop()  # already loaded
 
@@ -1529,6 +1555,8 @@ def lora_signature(config: TrainConfig) -> dict:
     return {"pretrained_model_name_or_path": config.pretrained_model_name_or_path, "rank": config.rank,
             "lora_alpha": config.alpha, "use_dora": config.use_dora, "train_text_encoder": config.train_text_encoder,
             "init_lora_weights": config.init_lora_weights, "use_ema": config.use_ema,
+            "train_text_encoder_ti": config.train_text_encoder_ti, "token_abstraction": config.token_abstraction,
+            "num_new_tokens_per_abstraction": config.num_new_tokens_per_abstraction,
             # the optimizer's saved state only fits the same optimizer
             "optimizer": "AdamW8bit" if adam8 else {"adamw": "AdamW"}.get(config.optimizer.lower(), "Prodigy")}
 
@@ -1544,15 +1572,17 @@ def writing(what: Path) -> Iterator[None]:
 
 
 def save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, unet, text_encoders, history,
-                    pissa_initial=None, averaged=contextlib.nullcontext) -> None:
+                    pissa_initial=None, averaged=contextlib.nullcontext, pivotal=None) -> None:
     """Write ``checkpoint-N`` atomically: built under a hidden name, renamed when complete. ``averaged``: the
-    context in which the adapters hold the weights its LoRA file gets (--use_ema: the average)."""
+    context in which the adapters hold the weights its LoRA file gets (--use_ema: the average); ``pivotal``: new
+    token embeddings, saved beside it."""
     with writing(out / f"{CHECKPOINT_PREFIX}{step}"):
-        _save_checkpoint(accelerator, out, step, config, unet, text_encoders, history, pissa_initial, averaged)
+        _save_checkpoint(accelerator, out, step, config, unet, text_encoders, history, pissa_initial, averaged,
+                         pivotal)
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, unet, text_encoders, history,
-                     pissa_initial, averaged) -> None:
+                     pissa_initial, averaged, pivotal) -> None:
     from .lora import save_lora
 
     final = out / f"{CHECKPOINT_PREFIX}{step}"
@@ -1569,6 +1599,10 @@ def _save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, une
         with averaged():
             save_lora(tmp, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
                       metadata={**config.to_dict(), "global_step": step}, pissa_initial=pissa_initial)
+            if pivotal is not None:
+                from .pivotal import embeddings_file
+
+                pivotal.save(tmp / embeddings_file(final).name, {**config.to_dict(), "global_step": step})
         _write_history(tmp, history)
         atomic_write_json(tmp / STATE_FILE, {"global_step": step, "signature": lora_signature(config),
                                              "num_processes": accelerator.num_processes})
@@ -1688,7 +1722,8 @@ def reconcile_resumed(config: TrainConfig, checkpoint: Path, num_processes: int,
 
 
 def check_checkpoint_compatible(checkpoint: Path, config: TrainConfig) -> None:
-    saved = {"use_ema": False,  # checkpoints from before --use_ema
+    saved = {"use_ema": False, "train_text_encoder_ti": False,  # checkpoints from before these flags
+             "token_abstraction": "TOK", "num_new_tokens_per_abstraction": 2,
              **json.loads((checkpoint / STATE_FILE).read_text()).get("signature", {})}
     now = lora_signature(config)
     diff = [k for k in now if k in saved and saved[k] != now[k]]
@@ -1706,9 +1741,10 @@ def should_validate(config: TrainConfig, step: int, steps_per_epoch: int) -> boo
 
 
 def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, weight_dtype, step: int,
-                   callback: Callback | None):
+                   callback: Callback | None, prompt_map: Callable[[str], str] | None = None):
     """Generate ``num_validation_images`` per validation prompt (seeds seed+i) and save them as a grid: a row per
-    prompt, a column per seed. Returns the images, prompt by prompt."""
+    prompt, a column per seed. Returns the images, prompt by prompt. ``prompt_map``: what the pipeline is given for
+    a prompt (--train_text_encoder_ti: its new tokens in the abstraction's place)."""
     if not accelerator.is_main_process:
         return None
     from .models import pipeline_from_components
@@ -1725,7 +1761,8 @@ def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, we
         for prompt in prompts:
             for seed in seeds:
                 g = torch.Generator(device=device).manual_seed(seed)
-                images.append(pipe(prompt, negative_prompt=config.validation_negative_prompt,
+                images.append(pipe(prompt_map(prompt) if prompt_map else prompt,
+                                   negative_prompt=config.validation_negative_prompt,
                                    guidance_scale=config.validation_guidance_scale,
                                    num_inference_steps=config.validation_inference_steps,
                                    height=config.resolution, width=config.resolution, generator=g,
@@ -1791,9 +1828,12 @@ def _precision_words(mixed_precision: str) -> str:
 
 
 def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, accelerator, pissa_initial=None,
-               ema=None) -> None:
+               ema=None, pivotal=None) -> None:
     """The LoRA (diffusers format, kohya too where asked), config.json, loss history and plot, model card. With
-    ``ema`` (--use_ema) the LoRA files hold the average, and no_ema/ the last weights themselves."""
+    ``ema`` (--use_ema) the LoRA files hold the average, and no_ema/ the last weights themselves; with ``pivotal``
+    (--train_text_encoder_ti) the token embeddings are saved beside each LoRA."""
+    from .pivotal import embeddings_file
+
     from .lora import KOHYA_WEIGHT_NAME, save_lora
     from .viz import plot_loss
 
@@ -1806,8 +1846,14 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
     with writing(out):
         if ema is not None:
             save_lora(out / NO_EMA_DIR, metadata={**config.to_dict(), "ema": "no: the last weights"}, **lora)
+            if pivotal is not None:
+                pivotal.save(embeddings_file(out / NO_EMA_DIR), config.to_dict())
         with ema.applied() if ema is not None else contextlib.nullcontext():
             save_lora(out, metadata=config.to_dict(), kohya=kohya, **lora)
+            if pivotal is not None:
+                pivotal.save(embeddings_file(out), config.to_dict())
+            else:  # an earlier run's token embeddings would be loaded with this LoRA
+                embeddings_file(out).unlink(missing_ok=True)
         config.save(out / "config.json")
         _write_history(out, history)
         if history:
@@ -1823,23 +1869,44 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
     vae = config.pretrained_vae_model_name_or_path
     shown = ("instance_prompt", "resolution", "rank", "lora_alpha", "learning_rate", "max_train_steps",
              "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "loss_type", "mixed_precision", "lr_scheduler", "seed",
-             "caption_dropout_rate", "train_text_encoder", "with_prior_preservation", "init_lora_weights", "init_lora",
+             "caption_dropout_rate", "train_text_encoder", "train_text_encoder_ti", "token_abstraction",
+             "with_prior_preservation", "init_lora_weights", "init_lora",
              "use_aspect_ratio_buckets", "aspect_ratio_buckets", "use_ema", "ema_decay", "fallbacks")
     template = Template((Path(__file__).parent / "templates" / "model_card.md").read_text())
     text = template.substitute(
         base_model=config.pretrained_model_name_or_path, instance_prompt=config.instance_prompt, folder=out.name,
         vae_note=f" (trained with the VAE `{vae}`)" if vae else "",
         ema_note=(f"\nThe weights are the moving average of training's (`--use_ema`); the last weights themselves "
-                  f"are in `{NO_EMA_DIR}/`." if config.use_ema else ""),
+                  f"are in `{NO_EMA_DIR}/`." if config.use_ema else "") + _pivotal_note(out, config),
         sample=f"![validation samples](validation/{grids[-1].name})\n" if grids else "(no validation prompt was set)\n",
         settings="\n".join(f"| `{k}` | `{v}` |" for k, v in config.to_dict().items()
-                           if k in shown and (config.use_ema or k != "ema_decay")),
+                           if k in shown and (config.use_ema or k != "ema_decay")
+                           and (config.train_text_encoder_ti or k != "token_abstraction")),
         vae=vae or "madebyollin/sdxl-vae-fp16-fix", vae_arg="vae=vae, " if vae else "",
         vae_comment="" if vae else "# optional, SDXL's own VAE can overflow in fp16: ",
         kohya=("`pytorch_lora_weights_kohya.safetensors` (kohya/webui format)" if config.output_kohya_format else
                "the kohya file (train with `--output_kohya_format`, or `python -m billiard_lora.lora convert "
                "pytorch_lora_weights.safetensors --to kohya --out .`)"))
     atomic_write_text(out / "README.md", text)
+
+
+def _pivotal_note(out: Path, config: TrainConfig) -> str:
+    """The model card's word on --train_text_encoder_ti's token embeddings: which tokens, how to load them."""
+    if not config.train_text_encoder_ti:
+        return ""
+    from .pivotal import embeddings_file, token_map
+
+    mapping = token_map(config.token_abstraction, config.num_new_tokens_per_abstraction)
+    tokens = [t for v in mapping.values() for t in v]
+    name = embeddings_file(out).name
+    words = ", ".join(f"`{k}` is `{''.join(v)}`" for k, v in mapping.items())
+    return (f"\n\nPivotal tuning: new tokens trained with the LoRA ({words} in prompts), their embeddings in "
+            f"`{name}` (`clip_l`, `clip_g`: A1111 and ComfyUI read it as an SDXL embedding). In diffusers, after "
+            f"`load_lora_weights`:\n```python\nfrom safetensors.torch import load_file\nstate = load_file(\"{name}\")\n"
+            f"pipe.load_textual_inversion(state[\"clip_l\"], token={tokens}, text_encoder=pipe.text_encoder, "
+            f"tokenizer=pipe.tokenizer)\npipe.load_textual_inversion(state[\"clip_g\"], token={tokens}, "
+            f"text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)\n```\n`python -m billiard_lora.generate` "
+            f"loads them by itself and writes `{config.token_abstraction.split(',')[0].strip()}` as its tokens.")
 
 
 class Timer:

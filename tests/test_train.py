@@ -1699,8 +1699,8 @@ def test_8bit_adam_over_flat_buffers_trains_as_bitsandbytes_per_tensor_through_a
               train_text_encoder=True, text_encoder_lr=3e-4, adam_weight_decay=1e-2, lr_scheduler="cosine",
               lr_warmup_steps=2, snr_gamma=5.0)
 
-    def per_tensor(config, unet, text_encoders, num_processes):
-        flat = optim.make_optimizer(config, unet, text_encoders, num_processes)
+    def per_tensor(config, unet, text_encoders, num_processes, **kw):
+        flat = optim.make_optimizer(config, unet, text_encoders, num_processes, **kw)
         assert isinstance(flat, optim.FlatAdamW8bit)
         groups = [{k: v for k, v in g.items()} for g in flat.param_groups]
         return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, min_8bit_size=100)
