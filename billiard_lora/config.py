@@ -250,6 +250,9 @@ class TrainConfig:
                "captions and validation prompts becomes new tokens (<s0><s1>) whose embeddings in both text encoders "
                "train beside the LoRA (the encoders stay frozen otherwise); saved as FOLDER_emb.safetensors (clip_l, "
                "clip_g: diffusers' load_textual_inversion, A1111, ComfyUI), loaded by generate with the LoRA.")
+    train_text_encoder_ti_frac: float = _f(
+        0.5, "(diffusers' advanced script) The share of the steps in which --train_text_encoder_ti's embeddings "
+             "train; they stay as they are for the rest (the LoRA trains on), 1.0: all the run.")
     token_abstraction: str = _f(
         "TOK", "(diffusers' advanced script) The word(s) in --instance_prompt (and captions) that --train_text_encoder_ti "
                "replaces by new tokens, comma-separated for several: 'a photo of TOK playing billiard'.")
@@ -377,9 +380,10 @@ class TrainConfig:
                                 f"contain --token_abstraction {missing[0]}; write it where the subject goes, e.g. "
                                 f"'a photo of {missing[0]} playing billiard'")
         elif self.token_abstraction != "TOK" or self.num_new_tokens_per_abstraction != 2 or \
-                self.ti_learning_rate != 3e-4:
-            raise UserError("--token_abstraction, --num_new_tokens_per_abstraction and --ti_learning_rate apply with "
-                            "--train_text_encoder_ti: add that flag, or drop them")
+                self.ti_learning_rate != 3e-4 or self.train_text_encoder_ti_frac != 0.5:
+            raise UserError("--token_abstraction, --num_new_tokens_per_abstraction, --ti_learning_rate and "
+                            "--train_text_encoder_ti_frac apply with --train_text_encoder_ti: add that flag, or drop "
+                            "them")
         if self.ema_decay != EMA_DECAY and not self.use_ema:
             raise UserError(f"--ema_decay={self.ema_decay} only applies with --use_ema: add that flag, or drop "
                             f"--ema_decay")
@@ -424,6 +428,8 @@ class TrainConfig:
              "in [0, 1) (0.05-0.1 is usual)"),
             ("text_encoder_lr", self.text_encoder_lr, self.text_encoder_lr > 0, "positive"),
             ("ti_learning_rate", self.ti_learning_rate, self.ti_learning_rate > 0, "positive (3e-4 is usual)"),
+            ("train_text_encoder_ti_frac", self.train_text_encoder_ti_frac, 0 < self.train_text_encoder_ti_frac <= 1,
+             "in (0, 1] (0.5: the first half of the steps)"),
             ("noise_offset", self.noise_offset, self.noise_offset >= 0, "0 or more (0.05-0.1 is usual)"),
             ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "positive (1.0 is usual)"),
             ("validation_guidance_scale", self.validation_guidance_scale, self.validation_guidance_scale >= 0,

@@ -336,6 +336,17 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     elif config.resume_from_checkpoint:
         say(f"no checkpoint found in {out}; starting a new run")
 
+    # --train_text_encoder_ti_frac: from this step on the token embeddings stay as they are (their learning rate 0,
+    # in the scheduler's base rates too, which a checkpoint restores: an update of lr x anything is then exactly 0)
+    ti_stop = math.ceil(config.train_text_encoder_ti_frac * max_train_steps) if pivotal else None
+
+    def freeze_embeddings() -> None:
+        group = next(i for i, g in enumerate(optimizer.param_groups) if g["params"][0] is embeddings[0])
+        optimizer.param_groups[group]["lr"] = 0.0
+        lr_scheduler.scheduler.base_lrs[group] = 0.0
+
+    if ti_stop is not None and global_step >= ti_stop:
+        freeze_embeddings()
     if accelerator.is_main_process:
         if checkpoint is None and config.overwrite_output_dir:
             clear_earlier_run(out, say)
@@ -510,6 +521,10 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=global_step)
             if callback and accelerator.is_main_process:
                 callback({"event": "step", **row})
+            if global_step == ti_stop and global_step < max_train_steps:
+                freeze_embeddings()
+                say(f"--train_text_encoder_ti_frac={config.train_text_encoder_ti_frac}: the token embeddings stay as "
+                    f"they are from step {global_step} on")
             if global_step % config.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, global_step, config, unet, text_encoders, history, pissa_initial,
                                 averaged, pivotal)

@@ -31,6 +31,8 @@ def test_token_abstractions_become_new_tokens_as_whole_words():
     (dict(train_text_encoder_ti=True, train_text_encoder=True), "choose one"),
     (dict(token_abstraction="SKS"), "apply with --train_text_encoder_ti"),
     (dict(train_text_encoder_ti=True, num_new_tokens_per_abstraction=0), "must be at least 1"),
+    (dict(train_text_encoder_ti=True, train_text_encoder_ti_frac=0), r"must be in \(0, 1\]"),
+    (dict(train_text_encoder_ti_frac=1.0), "apply with --train_text_encoder_ti"),
 ])
 def test_pivotal_settings_are_checked(kw, message):
     with pytest.raises(UserError, match=message):
@@ -56,13 +58,21 @@ def ti_run(tiny_model_dir, tmp_path_factory):
     return out, c, before, images
 
 
-def test_only_the_lora_and_the_new_rows_train_and_the_callers_models_come_back(ti_run):
+def test_only_the_lora_and_the_new_rows_train_and_the_callers_models_come_back(tiny_model_dir, ti_run):
+    from billiard_lora.models import load_components
+    from billiard_lora.pivotal import PivotalTuning
+
     out, c, before, _ = ti_run
     emb = load_file(str(out / "run_emb.safetensors"))
     assert {k: tuple(v.shape) for k, v in emb.items()} == {"clip_l": (2, 32), "clip_g": (2, 32)}
-    assert (out / "checkpoint-2" / "checkpoint-2_emb.safetensors").is_file()
-    start = load_file(str(out / "checkpoint-2" / "checkpoint-2_emb.safetensors"))
-    assert all(not torch.equal(emb[k], start[k]) for k in emb), "the embeddings trained"
+    fresh = load_components(str(tiny_model_dir))
+    start = PivotalTuning(token_map("TOK", 2), fresh.tokenizers, fresh.text_encoders, seed=0).state()  # as drawn
+    at_2 = load_file(str(out / "checkpoint-2" / "checkpoint-2_emb.safetensors"))
+    assert all(not torch.equal(at_2[k], start[k]) for k in emb), "the embeddings trained"
+    # --train_text_encoder_ti_frac 0.5 of 3 steps: they train in steps 1-2, then stay; the LoRA trains on
+    assert all(torch.equal(emb[k], at_2[k]) for k in emb)
+    lora_2, lora_3 = lora_tensors(out / "checkpoint-2"), lora_tensors(out)
+    assert any(not torch.equal(lora_2[k], lora_3[k]) for k in lora_3)
     # the caller's tokenizers and text encoders are as they were: no new token, their own embedding, unchanged
     assert [len(t) for t in c.tokenizers] == before["tokenizers"] and "<s0>" not in c.tokenizer_one.get_vocab()
     for te, layer, weight in zip(c.text_encoders, before["embeddings"], before["weights"]):
@@ -124,10 +134,11 @@ def test_two_loras_with_the_same_tokens_are_refused_in_one_line(tiny_model_dir, 
 
 def test_pivotal_run_resumes_bit_for_bit(tiny_model_dir, tmp_path):
     data = make_images(tmp_path / "data", n=3)
-    kw = dict(max_train_steps=4, checkpointing_steps=2, use_ema=True, **TI)
+    kw = dict(max_train_steps=5, checkpointing_steps=2, use_ema=True, train_text_encoder_ti_frac=0.6, **TI)
+    # (the embeddings stop at step 3: after the checkpoint resumed from, before the crash)
     full = train(tiny_config(tiny_model_dir, data, tmp_path / "full", **kw))
     with pytest.raises(Crash):
-        train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", **kw), callback=crash_at_step(3))
+        train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", **kw), callback=crash_at_step(4))
     resumed = train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
     for a, b in [(full / "full_emb.safetensors", resumed / "resumed_emb.safetensors"),
                  (full / "no_ema" / "no_ema_emb.safetensors", resumed / "no_ema" / "no_ema_emb.safetensors")]:
@@ -139,7 +150,7 @@ def test_pivotal_run_resumes_bit_for_bit(tiny_model_dir, tmp_path):
     assert not torch.equal(ema["clip_l"], last["clip_l"]), "--use_ema averages the embeddings too"
     with pytest.raises(UserError, match="train_text_encoder_ti=True but this run has train_text_encoder_ti=False"):
         train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", resume_from_checkpoint="checkpoint-2",
-                          max_train_steps=4, checkpointing_steps=2, use_ema=True, instance_prompt=PROMPT))
+                          max_train_steps=5, checkpointing_steps=2, use_ema=True, instance_prompt=PROMPT))
 
 
 def test_a_run_without_pivotal_tuning_removes_an_earlier_runs_embeddings(tiny_model_dir, tmp_path):
