@@ -515,7 +515,8 @@ def test_seed_command_runs_unchanged_on_the_tiny_model(tiny_model_dir, shared_bi
         assert any("fp16" in f for f in saved["fallbacks"]), "the fp16 fallback must be recorded"
 
 
-@pytest.mark.parametrize("extra", [[], ["--fp8_base", "--use_8bit_adam"], ["--use_ema"]])
+@pytest.mark.parametrize("extra", [[], ["--fp8_base", "--use_8bit_adam"],
+                                   ["--use_ema", "--train_text_encoder_ti", "--instance_prompt=TOK billiard"]])
 def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra):
     from diffusers import StableDiffusionXLPipeline
 
@@ -532,6 +533,8 @@ def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra)
     ema = "--use_ema" in extra  # each process keeps the average; the main one saves it
     assert (out / "no_ema" / "pytorch_lora_weights.safetensors").is_file() == ema
     assert (out / "checkpoint-2" / "custom_checkpoint_0.pkl").is_file() == ema
+    # the token embeddings live outside DDP's modules: their gradients are averaged by hand (a collective of both)
+    assert (out / "ddp_emb.safetensors").is_file() == ("--train_text_encoder_ti" in extra)
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
     pipe.load_lora_weights(str(out))
     assert np.isfinite(sample(pipe)).all()
