@@ -29,6 +29,7 @@ from functools import partial, wraps
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -1515,6 +1516,8 @@ class TrainingOutOfMemory(UserError):
             ("--use_8bit_adam", config.optimizer.lower() == "adamw" and not config.use_8bit_adam),
             ("--fp8_base", not config.fp8_base),
             ("no --train_text_encoder", config.train_text_encoder),
+            ("no --train_text_encoder_ti (the text encoders then leave the GPU once the prompts are encoded)",
+             config.train_text_encoder_ti),
             (f"--train_batch_size 1 --gradient_accumulation_steps {effective_batch} (the same batch per step)",
              config.train_batch_size > 1),
             ("--cache_latents", not config.cache_latents),
@@ -1790,6 +1793,13 @@ def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, we
     else:
         grid = image_grid(images, len(prompts), len(seeds), row_labels=prompts, col_labels=seed_labels)
     path = out / f"step-{step:06d}.png"
+    for tracker in accelerator.trackers:  # TensorBoard's IMAGES tab: a row of seeds per prompt, by step
+        if tracker.name == "tensorboard":
+            for row, prompt in enumerate(prompts):
+                shown = images[row * len(seeds):(row + 1) * len(seeds)]
+                tracker.writer.add_images(f"validation/{row}: {prompt}"[:100],
+                                          np.stack([np.asarray(im.convert("RGB")) for im in shown]), step,
+                                          dataformats="NHWC")
     save_image(grid, path, metadata={"prompt": prompts[0], "prompts": json.dumps(prompts), "step": str(step),
                                      "seed": str(config.seed), "steps": str(config.validation_inference_steps),
                                      "negative_prompt": config.validation_negative_prompt or "",

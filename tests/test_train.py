@@ -427,6 +427,24 @@ def test_validation_grid_has_a_row_per_prompt_made_with_the_negative_prompt_and_
     assert json.loads(grid.text["prompts"]) == prompts and grid.text["negative_prompt"] == "blurry"
 
 
+def test_validation_images_reach_tensorboard(tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    out = train(tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "out", max_train_steps=2,
+                            report_to="tensorboard", validation_prompt="sks billiard", validation_steps=2,
+                            extra_validation_prompts=["a billiard table"], num_validation_images=2,
+                            validation_inference_steps=1))
+    events = EventAccumulator(str(out / "logs" / "dreambooth-lora-sdxl"), size_guidance={IMAGES: 0})
+    events.Reload()
+    tags = events.Tags()[IMAGES]
+    assert tags == ["validation/0: sks billiard", "validation/1: a billiard table"]
+    for tag in tags:
+        shown = events.Images(tag)
+        assert [e.step for e in shown] == [0, 2]  # the baseline, then step 2
+        assert (shown[0].width, shown[0].height) == (2 * 32, 32)  # its two seeds side by side
+    assert "loss" in events.Tags()["scalars"]
+
+
 def test_bad_settings_are_one_clear_error(tiny_model_dir, tmp_path):
     data = make_images(tmp_path / "data")
     with pytest.raises(UserError, match="multiple of 8"):
