@@ -199,6 +199,10 @@ class TrainConfig:
                "operations, each a GPU kernel. Off until a GPU has timed it (benchmarks/gpu_check.sh parts 23-24). "
                "Layers where it does not apply (DoRA, several adapters) run peft's forward.")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
+    min_timestep: int = _f(0, "(kohya's) Lowest noise timestep drawn in training (0: the cleanest).")
+    max_timestep: Optional[int] = _f(
+        None, "(kohya's) Timesteps are drawn below this one (None: the scheduler's num_train_timesteps, 1000 for "
+              "SDXL); e.g. --min_timestep 200 --max_timestep 1000 leaves the finest detail to the base model.")
     loss_type: Literal["l2", "huber", "smooth_l1"] = _f(
         "l2", "(billiard-lora) l2: the squared error (diffusers' default); huber or smooth_l1: the pseudo-Huber loss "
               "2c(sqrt(e^2+c^2)-c) or 2(sqrt(e^2+c^2)-c), squared for errors under c and linear above, so that the "
@@ -384,6 +388,9 @@ class TrainConfig:
             raise UserError("--token_abstraction, --num_new_tokens_per_abstraction, --ti_learning_rate and "
                             "--train_text_encoder_ti_frac apply with --train_text_encoder_ti: add that flag, or drop "
                             "them")
+        if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
+            raise UserError(f"--min_timestep={self.min_timestep} and --max_timestep={self.max_timestep}: timesteps "
+                            f"are drawn from min (0 or more) up to max (above min), e.g. 200 and 1000")
         if self.ema_decay != EMA_DECAY and not self.use_ema:
             raise UserError(f"--ema_decay={self.ema_decay} only applies with --use_ema: add that flag, or drop "
                             f"--ema_decay")

@@ -420,6 +420,11 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         accelerator.backward(loss)
         return loss.detach()
 
+    max_timestep = config.max_timestep or noise_scheduler.config.num_train_timesteps
+    if max_timestep > noise_scheduler.config.num_train_timesteps:
+        raise UserError(f"--max_timestep={config.max_timestep} is past this model's "
+                        f"{noise_scheduler.config.num_train_timesteps} timesteps: give at most that")
+
     def draw(batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         latents = latent_cache.sample(batch["pixel_values"], batch["keys"], gen, weight_dtype, twins=batch["twins"])
         noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
@@ -427,7 +432,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             # https://www.crosslabs.org//blog/diffusion-with-offset-noise: learn overall brightness too
             noise += config.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
                                                        generator=gen, device=device, dtype=latents.dtype)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen,
+        timesteps = torch.randint(config.min_timestep, max_timestep, (latents.shape[0],), generator=gen,
                                   device=device).long()
         return latents, noise, timesteps
 
@@ -1697,7 +1702,8 @@ CHANGES_THE_RUN = ("dataset_name", "instance_data_dir", "kaggle_class", "kaggle_
                    "aspect_ratio_buckets", "train_batch_size", "gradient_accumulation_steps", "seed", "snr_gamma",
                    "noise_offset", "with_prior_preservation", "class_prompt", "prior_loss_weight", "max_grad_norm",
                    "lora_dropout", "image_interpolation_mode", "num_class_images", "class_data_dir",
-                   "fold_accumulation", "caption_dropout_rate", "loss_type", "huber_schedule", "huber_c")
+                   "fold_accumulation", "caption_dropout_rate", "loss_type", "huber_schedule", "huber_c",
+                   "min_timestep", "max_timestep")
 
 
 def checkpoint_seed(out: Path, config: TrainConfig) -> int | None:
