@@ -53,6 +53,9 @@
 #  30. the speed options together, for the MFU target (45 %: 60 ms per 1024-px image with checkpointing): the seed's
 #      settings with --fold_accumulation --fused_lora_ops (CUDA graphs, the default), checkpointed, then with
 #      --auto_gradient_checkpointing (an H100: none); COMBO30="ckpt auto" picks them, EXTRA30 adds flags to both
+#  31. as 11 with session 17's training options together: --use_ema --train_text_encoder_ti (the text encoders in the
+#      recorded step, frozen, with new token rows) --caption_dropout_rate 0.3 --loss_type huber: recorded, and the same
+#      LoRA as eager?
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -270,8 +273,12 @@ p23() { part "23. --fused_lora_ops: the UNet alone, then the trainer at the seed
 p24() { part "24. --cuda_graphs --fused_lora_ops on the tiny model: the same LoRA as eager? ($(left) s left)"
   graphs_vs_eager 24 fused_lora_ops --fused_lora_ops; }
 
+p31() { part "31. --cuda_graphs with EMA, pivotal tuning, caption dropout, Huber loss on the tiny model: the same LoRA as eager? ($(left) s left)"
+  graphs_vs_eager 31 ema_ti_dropout_huber --use_ema --train_text_encoder_ti --caption_dropout_rate=0.3 \
+    --loss_type=huber --instance_prompt="a photo of TOK playing billiard"; }
+
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] || exit 0  # parts that print their checks only (11, 17, 21, 24, 25) write no rows
