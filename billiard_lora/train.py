@@ -1091,10 +1091,12 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
             why = "not chosen by default with this --torch_compile setting"
         # with --lora_dropout the masks are drawn inside the recorded step: on by default since an H100 (torch
         # 2.11, checkpointing) gave the eager LoRA bit for bit (gpu_check.sh part 21, benchmarks/RESULTS.md)
-        if not asked and why is None and config.train_text_encoder:
+        if not asked and why is None and (config.train_text_encoder or config.train_text_encoder_ti):
             # the text encoders in the recorded step: recorded on an H100, but its LoRA differed from eager's by up to
-            # 2.7e-5 after 6 steps (part 17; UNet-only runs agree bit for bit), so only when asked for
-            why = "not chosen by default with --train_text_encoder"
+            # 2.7e-5 after 6 steps (part 17; UNet-only runs agree bit for bit), so only when asked for (pivotal
+            # tuning runs them there too, frozen with new token rows: gpu_check.sh part 31 has yet to run)
+            flag = "--train_text_encoder" if config.train_text_encoder else "--train_text_encoder_ti"
+            why = f"not chosen by default with {flag}"
         if why:
             if asked:
                 notes.append(f"--cuda_graphs {why}; training without CUDA graphs")

@@ -1459,6 +1459,34 @@ def test_cuda_graphs_training_equals_eager_training(tiny_model_dir, tmp_path, mo
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_recorded_micro_step_with_ema_pivotal_tuning_caption_dropout_and_huber_trains_eagers_lora(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The recording stood in for (as above): the caption mask as one more input of the graph, the frozen text
+    encoders with their new token rows and the per-image Huber threshold inside it, the average and the embeddings
+    outside; and without --cuda_graphs asked for, pivotal tuning trains eagerly (not yet run on a GPU)."""
+    import billiard_lora.graphs as graphs
+    import billiard_lora.train as train_mod
+
+    data = make_images(tmp_path / "data", n=5)
+    kw = dict(max_train_steps=4, gradient_accumulation_steps=2, gradient_checkpointing=True, use_ema=True,
+              train_text_encoder_ti=True, instance_prompt="a photo of TOK playing billiard", caption_dropout_rate=0.3,
+              loss_type="huber", ti_learning_rate=1e-2)
+    eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", **kw))
+    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
+    monkeypatch.setattr(graphs, "_capture", _fake_capture)
+    graphed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", cuda_graphs=True, **kw))
+    summary = json.loads((graphed / "summary.json").read_text())
+    assert summary["cuda_graph_replays"] > 0 and summary["cuda_graph_failure"] is None
+    assert (eager / "loss_history.csv").read_text() == (graphed / "loss_history.csv").read_text()
+    for sub, name in (("", "pytorch_lora_weights"), ("no_ema", "pytorch_lora_weights"), ("", "eager_emb")):
+        a = load_file(str(eager / sub / f"{name}.safetensors"))
+        b = load_file(str(graphed / sub / f"{name.replace('eager', 'graphed')}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (sub, name)
+    default = train(tiny_config(tiny_model_dir, data, tmp_path / "default", **{**kw, "max_train_steps": 1}))
+    used = json.loads((default / "config.json").read_text())
+    assert used["cuda_graphs"] is False  # (None asked: decided; not by default with --train_text_encoder_ti)
+
+
 def test_cuda_graphs_fall_back_with_a_note_where_they_cannot_work(tiny_model_dir, tmp_path, monkeypatch):
     import billiard_lora.train as train_mod
 
