@@ -241,7 +241,8 @@ class TrainConfig:
     ema_decay: float = _f(
         EMA_DECAY, "(billiard-lora) Largest decay of --use_ema. The decay ramps up as (1+n)/(10+n) after n steps "
                 "(diffusers' EMAModel), which averages about the last ninth of the steps so far, until it reaches "
-                "this cap: 0.9999 leaves the ramp alone in runs under 90,000 steps, 0.99 averages over about the last 100 steps at most.")
+                "this cap: 0.9999 leaves the ramp alone in runs under 90,000 steps, 0.99 averages over about the "
+                "last 100 steps at most.")
 
     # ---- LoRA
     rank: int = _f(4, "LoRA rank.")
@@ -258,8 +259,9 @@ class TrainConfig:
         0.5, "(diffusers' advanced script) The share of the steps in which --train_text_encoder_ti's embeddings "
              "train; they stay as they are for the rest (the LoRA trains on), 1.0: all the run.")
     token_abstraction: str = _f(
-        "TOK", "(diffusers' advanced script) The word(s) in --instance_prompt (and captions) that --train_text_encoder_ti "
-               "replaces by new tokens, comma-separated for several: 'a photo of TOK playing billiard'.")
+        "TOK", "(diffusers' advanced script) The word(s) in --instance_prompt (and captions) that "
+               "--train_text_encoder_ti replaces by new tokens, comma-separated for several: 'a photo of TOK playing "
+               "billiard'.")
     num_new_tokens_per_abstraction: int = _f(
         2, "(diffusers' advanced script) New tokens per --token_abstraction (<s0><s1> for 2).")
     ti_learning_rate: float = _f(

@@ -1901,7 +1901,8 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
     grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
     vae = config.pretrained_vae_model_name_or_path
     shown = ("instance_prompt", "resolution", "rank", "lora_alpha", "learning_rate", "max_train_steps",
-             "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "loss_type", "mixed_precision", "lr_scheduler", "seed",
+             "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "loss_type", "mixed_precision",
+             "lr_scheduler", "seed",
              "caption_dropout_rate", "train_text_encoder", "train_text_encoder_ti", "token_abstraction",
              "with_prior_preservation", "init_lora_weights", "init_lora",
              "use_aspect_ratio_buckets", "aspect_ratio_buckets", "use_ema", "ema_decay", "fallbacks")
