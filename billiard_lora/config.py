@@ -247,6 +247,11 @@ class TrainConfig:
     # ---- LoRA
     rank: int = _f(4, "LoRA rank.")
     lora_alpha: Optional[int] = _f(None, "(billiard-lora) LoRA alpha; None: equal to rank, as in diffusers.")
+    lora_layers: str = _f(
+        "attn", "(diffusers' newer scripts) The UNet's layers that get a LoRA, comma-separated: attn (the attention "
+                "projections to_q, to_k, to_v, to_out.0: diffusers' default), ff (the feed-forward: ff.net.0.proj, "
+                "ff.net.2), proj (proj_in, proj_out), or module names; 'attn,ff,proj' is what kohya's LoRA adapts in "
+                "each transformer block.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
     train_text_encoder: bool = _f(False, "Also train LoRA on both text encoders.")
@@ -390,6 +395,10 @@ class TrainConfig:
             raise UserError("--token_abstraction, --num_new_tokens_per_abstraction, --ti_learning_rate and "
                             "--train_text_encoder_ti_frac apply with --train_text_encoder_ti: add that flag, or drop "
                             "them")
+        from .lora import unet_lora_layers
+
+        if not unet_lora_layers(self.lora_layers):
+            raise UserError("--lora_layers is empty: give attn (the default), ff, proj or module names")
         if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
             raise UserError(f"--min_timestep={self.min_timestep} and --max_timestep={self.max_timestep}: timesteps "
                             f"are drawn from min (0 or more) up to max (above min), e.g. 200 and 1000")

@@ -17,11 +17,33 @@ from .io import save_safetensors
 
 # The layers diffusers' DreamBooth-LoRA SDXL script adapts; the saved keys match that script's for the same settings.
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+# --lora_layers' groups: the UNet's Linear layers a LoRA can adapt, by what they do in each transformer block
+LORA_LAYER_GROUPS = {"attn": UNET_TARGET_MODULES,  # self- and cross-attention projections (diffusers' default)
+                     "ff": ["ff.net.0.proj", "ff.net.2"],  # the feed-forward (GEGLU in, out)
+                     "proj": ["proj_in", "proj_out"]}  # each transformer stack's way in and out
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"  # a training run's checkpoint-N/ folders, each with its own LoRA file
 METADATA_KEY = "billiard_lora.training_config"  # the run's settings, stored in the safetensors header
+
+
+def unet_lora_layers(text: str) -> list[str]:
+    """--lora_layers as peft target names: groups (attn, ff, proj) and module names, comma-separated, in order."""
+    out: list[str] = []
+    for item in (x.strip() for x in text.split(",")):
+        for name in LORA_LAYER_GROUPS.get(item, [item] if item else []):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def unmatched_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """The target names that adapted no module of ``model`` (peft stops only when none matches)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in adapted)]
 
 
 def add_lora(model: torch.nn.Module, *, rank: int, alpha: int | None = None, dropout: float = 0.0,
@@ -323,6 +345,10 @@ def _save_diffusers(output_dir: Path, weight_name: str, unet, text_encoder_one, 
             continue
         model = _unwrap(model)
         state = convert_state_dict_to_diffusers(peft_state_dict(model))
+        if any(".lora_A." in k or ".lora_B." in k for k in state):
+            # layers diffusers' older names do not cover (--lora_layers ff, proj): a file mixing both styles loses
+            # the older-named layers on loading, so the whole component keeps peft's names, which diffusers loads
+            state = peft_state_dict(model)
         if key != "unet":
             state = {_clip_canonical(k): v for k, v in state.items()}
         layers[f"{key}_lora_layers"] = state

@@ -140,7 +140,7 @@ def init_lora_settings(config):
     """--init_lora: (the config with the LoRA's own rank and alpha, what changed as notes, the file read). Checked before
     any model loads: one rank and one alpha throughout, the modules training adapts, text-encoder layers only
     with --train_text_encoder, DoRA only with --use_dora."""
-    from .lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+    from .lora import LORA_LAYER_GROUPS, TEXT_ENCODER_TARGET_MODULES, unet_lora_layers
 
     what = f"--init_lora {config.init_lora}"
     try:
@@ -168,17 +168,27 @@ def init_lora_settings(config):
     if not config.train_text_encoder and components - {"unet"}:
         raise UserError(f"{what} has text-encoder LoRA layers: add --train_text_encoder to go on training them "
                         f"(without it they would be dropped)")
-    allowed = {"unet": {*UNET_TARGET_MODULES, "to_out"}, "text_encoder": set(TEXT_ENCODER_TARGET_MODULES),
+    leaf = lambda x: "to_out.0" if _leaf(x) == "to_out" else _leaf(x)  # (an old key style's name for it)
+    known = [n for names in LORA_LAYER_GROUPS.values() for n in names]
+    allowed = {"unet": set(known), "text_encoder": set(TEXT_ENCODER_TARGET_MODULES),
                "text_encoder_2": set(TEXT_ENCODER_TARGET_MODULES)}
-    foreign = sorted({f"{x.component}:{_leaf(x)}" for x in layers if _leaf(x) not in allowed.get(x.component, ())})
+    foreign = sorted({f"{x.component}:{leaf(x)}" for x in layers if leaf(x) not in allowed.get(x.component, ())})
     if foreign:
         raise UserError(f"{what} adapts modules this trainer does not train ({', '.join(foreign[:4])}"
-                        f"{', ...' if len(foreign) > 4 else ''}): only the attention projections")
+                        f"{', ...' if len(foreign) > 4 else ''}): only the Linear layers of --lora_layers' groups "
+                        f"attn, ff and proj, and the text encoders' attention projections")
+    notes = []
+    in_file = [n for n in known if n in {leaf(x) for x in layers if x.component == "unet"}]
+    if in_file and set(in_file) != set(unet_lora_layers(config.lora_layers)):
+        if config.lora_layers != "attn":  # asked for other layers than the file has
+            raise UserError(f"{what} adapts the UNet's {','.join(in_file)}, --lora_layers={config.lora_layers} "
+                            f"others: give --lora_layers={','.join(in_file)} or leave it out")
+        notes.append(f"--init_lora: --lora_layers={','.join(in_file)} from {path.name}")
+        config = config.replace(lora_layers=",".join(in_file))
     rank, alpha = ranks[0], alphas[0]
     if not float(alpha).is_integer():
         raise UserError(f"{what}: its alpha {alpha:g} is not a whole number, which --lora_alpha needs")
     alpha = int(alpha)
-    notes = []
     if (rank, alpha) != (config.rank, config.alpha):
         notes.append(f"--init_lora: rank {rank} and alpha {alpha} from {path.name} (instead of --rank {config.rank}"
                      f", alpha {config.alpha})")
@@ -247,6 +257,10 @@ def _detect_format(keys: Iterable[str]) -> str:
     if keys and all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        # peft's names under diffusers' component prefixes: what diffusers saves for layers its older names do not
+        # cover (its newer scripts' --lora_layers, ours), and loads as its own
+        if all(k.split(".", 1)[0] in COMPONENTS for k in keys):
+            return "diffusers"
         return "peft"
     if any(k.endswith(d) for k in keys for d, _ in _STYLES):
         return "diffusers"

@@ -41,7 +41,7 @@ from .config import TrainConfig, parse_args, same_setting
 from .errors import OUT_OF_MEMORY, UserError, cli_entry, out_of_memory_detail
 from .graphs import MicroStepGraph
 from .io import atomic_write_json, atomic_write_text, nearest_existing, publish_dir
-from .lora import CHECKPOINT_PREFIX, lora_parameters  # (the prefix: shared with generate/evaluate)
+from .lora import CHECKPOINT_PREFIX, lora_parameters, unet_lora_layers  # (the prefix: shared with generate/evaluate)
 from .optim import make_optimizer
 from .paths import cache_dir
 
@@ -143,7 +143,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
 
     class_images = ensure_class_images(config, c, accelerator, weight_dtype) if config.with_prior_preservation else []
 
-    from .lora import add_lora, peft_state_dict, run_adapters_fused, set_input_casting
+    from .lora import add_lora, peft_state_dict, run_adapters_fused, set_input_casting, unmatched_targets
     from .models import run_norms_in_half
     from .lora_tools import is_mutating_init, validate_init_lora_weights
 
@@ -151,7 +151,16 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     lora_kw = dict(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, use_dora=config.use_dora,
                    init_lora_weights=init)
     torch.manual_seed(config.seed)  # the init draws random numbers: a resumed run must rebuild the same adapter
-    add_lora(c.unet, **lora_kw)
+    targets = unet_lora_layers(config.lora_layers)
+    try:
+        add_lora(c.unet, target_modules=targets, **lora_kw)
+    except ValueError as exc:  # peft: no module matches at all
+        raise UserError(f"--lora_layers={config.lora_layers}: no layer of this UNet has those names "
+                        f"({str(exc).splitlines()[0][:120]}); use attn, ff, proj or the names of its Linear layers"
+                        ) from None
+    if unmatched := unmatched_targets(c.unet, targets):
+        raise UserError(f"--lora_layers={config.lora_layers}: {', '.join(unmatched)} names no layer of this UNet; "
+                        f"use attn, ff, proj or the names of its Linear layers")
     text_encoders = [c.text_encoder_one, c.text_encoder_two] if config.train_text_encoder else []
     for te in text_encoders:
         add_lora(te, **lora_kw)
@@ -1580,6 +1589,7 @@ def lora_signature(config: TrainConfig) -> dict:
     return {"pretrained_model_name_or_path": config.pretrained_model_name_or_path, "rank": config.rank,
             "lora_alpha": config.alpha, "use_dora": config.use_dora, "train_text_encoder": config.train_text_encoder,
             "init_lora_weights": config.init_lora_weights, "use_ema": config.use_ema,
+            "lora_layers": unet_lora_layers(config.lora_layers),
             "train_text_encoder_ti": config.train_text_encoder_ti, "token_abstraction": config.token_abstraction,
             "num_new_tokens_per_abstraction": config.num_new_tokens_per_abstraction,
             # the optimizer's saved state only fits the same optimizer
@@ -1748,7 +1758,9 @@ def reconcile_resumed(config: TrainConfig, checkpoint: Path, num_processes: int,
 
 
 def check_checkpoint_compatible(checkpoint: Path, config: TrainConfig) -> None:
-    saved = {"use_ema": False, "train_text_encoder_ti": False,  # checkpoints from before these flags
+    from .lora import UNET_TARGET_MODULES
+
+    saved = {"use_ema": False, "train_text_encoder_ti": False, "lora_layers": UNET_TARGET_MODULES,  # from before
              "token_abstraction": "TOK", "num_new_tokens_per_abstraction": 2,
              **json.loads((checkpoint / STATE_FILE).read_text()).get("signature", {})}
     now = lora_signature(config)
@@ -1900,7 +1912,7 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
 
     grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
     vae = config.pretrained_vae_model_name_or_path
-    shown = ("instance_prompt", "resolution", "rank", "lora_alpha", "learning_rate", "max_train_steps",
+    shown = ("instance_prompt", "resolution", "rank", "lora_alpha", "lora_layers", "learning_rate", "max_train_steps",
              "train_batch_size", "gradient_accumulation_steps", "snr_gamma", "loss_type", "mixed_precision",
              "lr_scheduler", "seed",
              "caption_dropout_rate", "train_text_encoder", "train_text_encoder_ti", "token_abstraction",

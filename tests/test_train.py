@@ -125,6 +125,48 @@ def test_saved_lora_reloads_to_the_same_images(tiny_model_dir, tiny_components, 
     np.testing.assert_allclose(reloaded, trained, atol=1e-5)
 
 
+def test_lora_layers_adapt_the_feed_forward_and_projections_too_and_reload_in_both_formats(tiny_model_dir,
+                                                                                          tiny_components, tmp_path):
+    """--lora_layers attn,ff,proj (kohya's set): those layers train, the diffusers file and the kohya file reload
+    to the trained model's images; a name that adapts nothing is one line."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from billiard_lora.models import pipeline_from_components
+
+    data = make_images(tmp_path / "data")
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "out", learning_rate=1e-2, lora_layers="attn,ff,proj",
+                            output_kohya_format=True), components=tiny_components)
+    keys = lora_tensors(out)
+    for leaf in ("to_q", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"):
+        assert any(f".{leaf}.lora" in k for k in keys), leaf
+    trained = sample(pipeline_from_components(tiny_components))
+    for weight_name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+        fresh = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+        fresh.load_lora_weights(str(out), weight_name=weight_name)
+        np.testing.assert_allclose(sample(fresh), trained, atol=1e-5, err_msg=weight_name)
+    from billiard_lora.generate import generate, load_generation_pipeline
+    from billiard_lora.lora_tools import inspect_lora
+
+    ours = load_generation_pipeline(str(tiny_model_dir), vae=None, loras=[str(out)], device="cpu")  # all layers load
+    image = generate(ours, "a photo of sks billiard", 0, num_inference_steps=2, height=32, width=32, progress=False)
+    assert np.abs(np.asarray(image[0].image, dtype=np.int16) - np.round(trained * 255).astype(np.int16)).max() <= 1
+    assert inspect_lora(out)["target_modules"]["unet"] == sorted(
+        ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"])
+    attn_only = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "attn", max_train_steps=1)))
+    assert not any(".ff." in k or ".proj_in." in k for k in attn_only)  # the default: diffusers' layers alone
+
+    with pytest.raises(UserError, match=r"--lora_layers=attn,conv9: conv9 names no layer of this UNet"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "bad", lora_layers="attn,conv9"))
+    with pytest.raises(UserError, match=r"--lora_layers=nothing: no layer of this UNet has those names"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "bad2", lora_layers="nothing"))
+    # --init_lora takes the file's layers, as it takes its rank; other layers asked for are refused
+    again = train(tiny_config(tiny_model_dir, data, tmp_path / "again", init_lora=str(out), max_train_steps=1))
+    assert json.loads((again / "config.json").read_text())["lora_layers"] == \
+        "to_k,to_q,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out"
+    with pytest.raises(UserError, match=r"adapts the UNet's to_k,.*proj_out, --lora_layers=attn,ff others"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "other", init_lora=str(out), lora_layers="attn,ff"))
+
+
 def test_saved_keys_match_diffusers_naming_and_carry_the_config(tiny_model_dir, tmp_path):
     from billiard_lora.lora import read_metadata
 
