@@ -335,7 +335,6 @@ def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encod
 def _save_diffusers(output_dir: Path, weight_name: str, unet, text_encoder_one, text_encoder_two,
                     extra: dict[str, str]) -> None:
     from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors import safe_open
 
     layers: dict[str, Any] = {}
@@ -344,11 +343,7 @@ def _save_diffusers(output_dir: Path, weight_name: str, unet, text_encoder_one, 
         if model is None:
             continue
         model = _unwrap(model)
-        state = convert_state_dict_to_diffusers(peft_state_dict(model))
-        if any(".lora_A." in k or ".lora_B." in k for k in state):
-            # layers diffusers' older names do not cover (--lora_layers ff, proj): a file mixing both styles loses
-            # the older-named layers on loading, so the whole component keeps peft's names, which diffusers loads
-            state = peft_state_dict(model)
+        state = diffusers_names(peft_state_dict(model))
         if key != "unet":
             state = {_clip_canonical(k): v for k, v in state.items()}
         layers[f"{key}_lora_layers"] = state
@@ -359,6 +354,16 @@ def _save_diffusers(output_dir: Path, weight_name: str, unet, text_encoder_one, 
             header = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     save_safetensors(tensors, output_dir / weight_name, metadata={**header, **extra})
+
+
+def diffusers_names(state: dict[str, Any]) -> dict[str, Any]:
+    """A component's peft state dict under the names diffusers' SDXL script saves (``lora.down``/``lora.up``, what
+    older loaders read); where some layer has no such name (--lora_layers ff, proj), the whole component keeps
+    peft's names, which diffusers loads too: a file mixing both styles loses the older-named layers on loading."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    converted = convert_state_dict_to_diffusers(dict(state))
+    return dict(state) if any(".lora_A." in k or ".lora_B." in k for k in converted) else converted
 
 
 def _clip_canonical(key: str) -> str:

@@ -747,17 +747,17 @@ def write_lora(out_file: str | Path, layers: Mapping[str, Mapping[str, torch.Ten
     LoraConfig dict; ``header`` entries are added to the safetensors header (e.g. the training config).
     """
     from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors import safe_open
 
     from .io import save_safetensors
+    from .lora import diffusers_names
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     kw: dict[str, Any] = {}
     for comp, sd in layers.items():
         if sd:
-            kw[f"{comp}_lora_layers"] = convert_state_dict_to_diffusers(dict(sd))
+            kw[f"{comp}_lora_layers"] = diffusers_names(sd)
             kw[f"{comp}_lora_adapter_metadata"] = dict(configs[comp])
     with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".lora-") as tmp:
         StableDiffusionXLPipeline.save_lora_weights(tmp, **kw, weight_name=out_file.name)

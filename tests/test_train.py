@@ -150,6 +150,17 @@ def test_lora_layers_adapt_the_feed_forward_and_projections_too_and_reload_in_bo
     ours = load_generation_pipeline(str(tiny_model_dir), vae=None, loras=[str(out)], device="cpu")  # all layers load
     image = generate(ours, "a photo of sks billiard", 0, num_inference_steps=2, height=32, width=32, progress=False)
     assert np.abs(np.asarray(image[0].image, dtype=np.int16) - np.round(trained * 255).astype(np.int16)).max() <= 1
+    # the kohya file converted back, and a PiSSA run, come out in the same naming and load whole
+    import billiard_lora.lora_tools as lt
+
+    back = lt.convert_lora(out / "pytorch_lora_weights_kohya.safetensors", "diffusers", tmp_path / "back.safetensors")
+    fresh = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    fresh.load_lora_weights(str(back.parent), weight_name=back.name)
+    np.testing.assert_allclose(sample(fresh), trained, atol=1e-5)
+    pissa = train(tiny_config(tiny_model_dir, data, tmp_path / "pissa", lora_layers="attn,ff", max_train_steps=1,
+                              init_lora_weights="pissa_niter_2"))
+    assert {".lora_A." in k or ".lora_B." in k for k in lora_tensors(pissa)} == {True}  # one naming throughout
+    load_generation_pipeline(str(tiny_model_dir), vae=None, loras=[str(pissa)], device="cpu")  # (refuses a partial)
     assert inspect_lora(out)["target_modules"]["unet"] == sorted(
         ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"])
     attn_only = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "attn", max_train_steps=1)))
