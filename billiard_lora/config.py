@@ -199,6 +199,9 @@ class TrainConfig:
                "operations, each a GPU kernel. Off until a GPU has timed it (benchmarks/gpu_check.sh parts 23-24). "
                "Layers where it does not apply (DoRA, several adapters) run peft's forward.")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
+    debiased_estimation_loss: bool = _f(
+        False, "(kohya's) Weight each image's loss by 1/sqrt(SNR) of its timestep (arXiv 2310.08442), which evens "
+               "out how much the noise levels teach; with --snr_gamma the two weights multiply.")
     min_timestep: int = _f(0, "(kohya's) Lowest noise timestep drawn in training (0: the cleanest).")
     max_timestep: Optional[int] = _f(
         None, "(kohya's) Timesteps are drawn below this one (None: the scheduler's num_train_timesteps, 1000 for "

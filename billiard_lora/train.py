@@ -1458,12 +1458,18 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: to
         target, target_prior = torch.chunk(target, 2, dim=0)
         timesteps, _ = torch.chunk(timesteps, 2, dim=0)
         prior_loss = mean_error(pred_prior.float(), target_prior.float(), rows=slice(len(pred_prior), None))
-    if config.snr_gamma is None:
+    if config.snr_gamma is None and not config.debiased_estimation_loss:
         loss = mean_error(model_pred.float(), target.float(), rows=slice(0, len(model_pred)))
     else:
         snr = compute_snr(noise_scheduler, timesteps)
-        weights = torch.clamp(snr, max=config.snr_gamma)
-        weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
+        v_pred = noise_scheduler.config.prediction_type == "v_prediction"
+        weights = torch.ones_like(snr)
+        if config.snr_gamma is not None:
+            weights = torch.clamp(snr, max=config.snr_gamma)
+            weights = weights / (snr + 1) if v_pred else weights / snr
+        if config.debiased_estimation_loss:  # as kohya's: 1/sqrt(SNR), the SNR capped at 1000 (t near 0)
+            capped = torch.clamp(snr, max=1000)
+            weights = weights / torch.sqrt(capped + 1 if v_pred else capped)
         per_sample = error(model_pred.float(), target.float(), rows=slice(0, len(model_pred))).mean(dim=(1, 2, 3))
         loss = (per_sample * weights).mean()
     return loss + config.prior_loss_weight * prior_loss
@@ -1715,7 +1721,7 @@ CHANGES_THE_RUN = ("dataset_name", "instance_data_dir", "kaggle_class", "kaggle_
                    "noise_offset", "with_prior_preservation", "class_prompt", "prior_loss_weight", "max_grad_norm",
                    "lora_dropout", "image_interpolation_mode", "num_class_images", "class_data_dir",
                    "fold_accumulation", "caption_dropout_rate", "loss_type", "huber_schedule", "huber_c",
-                   "min_timestep", "max_timestep")
+                   "min_timestep", "max_timestep", "debiased_estimation_loss")
 
 
 def checkpoint_seed(out: Path, config: TrainConfig) -> int | None:

@@ -286,7 +286,7 @@ def test_timesteps_are_drawn_between_min_and_max_timestep(tiny_model_dir, tmp_pa
 
 
 # ---------------------------------------------------------------- --loss_type
-def test_pseudo_huber_losses_follow_their_formula_and_schedules():
+def test_losses_follow_their_formulas_huber_schedules_and_debiased_weights():
     from diffusers import DDPMScheduler
 
     from billiard_lora.train import diffusion_loss, huber_c
@@ -311,6 +311,19 @@ def test_pseudo_huber_losses_follow_their_formula_and_schedules():
     constant = dict(huber_schedule="constant", huber_c=1.0)
     e = lambda kind: float(diffusion_loss(pred / 4, target, torch.tensor([7]), sched, cfg(loss_type=kind, **constant)))
     assert e("huber") == pytest.approx(8 / 16) and e("smooth_l1") == pytest.approx(2 / 4)
+    # --debiased_estimation_loss: each image's squared error over sqrt(SNR), times Min-SNR's weight where both
+    from diffusers.training_utils import compute_snr
+
+    t3 = torch.tensor([10, 500, 990])
+    preds = torch.stack([torch.full((4, 2, 2), v) for v in (1.0, 2.0, 3.0)])
+    snr = compute_snr(sched, t3)
+    got = float(diffusion_loss(preds, torch.zeros_like(preds), t3, sched, cfg(debiased_estimation_loss=True)))
+    assert got == pytest.approx(float((torch.tensor([1.0, 4.0, 9.0]) / snr.clamp(max=1000).sqrt()).mean()), rel=1e-6)
+    both = float(diffusion_loss(preds, torch.zeros_like(preds), t3, sched,
+                                cfg(debiased_estimation_loss=True, snr_gamma=5.0)))
+    minsnr = snr.clamp(max=5.0) / snr
+    assert both == pytest.approx(float((torch.tensor([1.0, 4.0, 9.0]) * minsnr / snr.clamp(max=1000).sqrt()).mean()),
+                                 rel=1e-6)
     # with prior preservation each half is scored with its own images' c
     both = torch.cat([pred / 4, pred / 8]), torch.zeros(2, 4, 2, 2)
     kw = dict(loss_type="huber", huber_schedule="exponential", huber_c=0.1, with_prior_preservation=True,
