@@ -482,7 +482,7 @@ def test_validation_grid_has_a_row_per_prompt_made_with_the_negative_prompt_and_
     from billiard_lora.models import pipeline_from_components
 
     c = tiny_components
-    prompts = ["sks billiard", "a photo of obama playing billiard", "a billiard table"]
+    prompts = ["sks billiard", "a photo of obama playing billiard", "a billiard table " + "in a smoky hall " * 6]
     cfg = tiny_config(tiny_model_dir, make_images(tmp_path / "data"), tmp_path / "out", validation_prompt=prompts[0],
                       extra_validation_prompts=prompts[1:], validation_negative_prompt="blurry",
                       validation_guidance_scale=7.0, num_validation_images=2, validation_inference_steps=2)
@@ -505,6 +505,11 @@ def test_validation_grid_has_a_row_per_prompt_made_with_the_negative_prompt_and_
 
     grid = Image.open(tmp_path / "out" / "validation" / "step-000005.png")
     assert grid.size[1] >= 3 * 32 and grid.size[0] > 2 * 32  # three rows, two seeds and the prompts' labels
+    from billiard_lora.viz import image_grid
+
+    labels = [*prompts[:2], prompts[2][:45] + "..."]  # a long prompt's label is cut (the metadata has it whole)
+    assert grid.size == image_grid(images, 3, 2, row_labels=labels, col_labels=["seed 0", "seed 1"]).size
+    assert grid.size != image_grid(images, 3, 2, row_labels=prompts, col_labels=["seed 0", "seed 1"]).size
     assert json.loads(grid.text["prompts"]) == prompts and grid.text["negative_prompt"] == "blurry"
 
 
