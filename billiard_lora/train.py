@@ -1817,8 +1817,7 @@ def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, we
     if len(prompts) == 1:
         grid = image_grid(images, 1, len(seeds), labels=seed_labels)
     else:
-        short = [p if len(p) <= 48 else p[:45] + "..." for p in prompts]  # (the whole prompts are in the metadata)
-        grid = image_grid(images, len(prompts), len(seeds), row_labels=short, col_labels=seed_labels)
+        grid = image_grid(images, len(prompts), len(seeds), row_labels=prompts, col_labels=seed_labels)
     path = out / f"step-{step:06d}.png"
     for tracker in accelerator.trackers:  # TensorBoard's IMAGES tab: a row of seeds per prompt, by step
         if tracker.name == "tensorboard":

@@ -505,11 +505,7 @@ def test_validation_grid_has_a_row_per_prompt_made_with_the_negative_prompt_and_
 
     grid = Image.open(tmp_path / "out" / "validation" / "step-000005.png")
     assert grid.size[1] >= 3 * 32 and grid.size[0] > 2 * 32  # three rows, two seeds and the prompts' labels
-    from billiard_lora.viz import image_grid
-
-    labels = [*prompts[:2], prompts[2][:45] + "..."]  # a long prompt's label is cut (the metadata has it whole)
-    assert grid.size == image_grid(images, 3, 2, row_labels=labels, col_labels=["seed 0", "seed 1"]).size
-    assert grid.size != image_grid(images, 3, 2, row_labels=prompts, col_labels=["seed 0", "seed 1"]).size
+    assert grid.size[0] <= 3 * 32 + 32, "a long prompt's label wraps instead of widening the grid"
     assert json.loads(grid.text["prompts"]) == prompts and grid.text["negative_prompt"] == "blurry"
 
 
