@@ -449,6 +449,16 @@ def inspect_lora(path: str | Path, *, unet_config_or_module_names: Any = None,
     if lora.dora:
         warnings.append("DoRA: convert --to kohya and resize refuse it (magnitude conventions differ / need full rank)")
     report["warnings"] = warnings
+    from .pivotal import ENCODER_KEYS, find_embeddings, read_embeddings
+
+    emb = find_embeddings(lora.path)  # pivotal tuning's token embeddings, beside the LoRA
+    if emb is not None:
+        try:
+            state, mapping = read_embeddings(emb)
+            report["token_embeddings"] = {"file": str(emb), "tokens": mapping,
+                                          "shapes": {k: list(state[k].shape) for k in ENCODER_KEYS}}
+        except UserError as exc:
+            warnings.append(str(exc))
     if family == "SDXL" or unet_config_or_module_names is not None:
         keys = kohya_key_report(lora.tensors, unet_config_or_module_names or SDXL_UNET_CONFIG,
                                 text_encoder_layers=text_encoder_layers)
@@ -476,6 +486,11 @@ def format_inspect(r: dict[str, Any]) -> str:
     ]
     if r["conv_layers"]:
         lines.append(("conv layers", str(r["conv_layers"])))
+    if "token_embeddings" in r:
+        te = r["token_embeddings"]
+        lines.append(("tokens", ", ".join(f"{k} -> {''.join(v)}" for k, v in te["tokens"].items())
+                      + f"  ({Path(te['file']).name}: " + ", ".join(f"{k} {'x'.join(map(str, s))}"
+                                                             for k, s in te["shapes"].items()) + ")"))
     if r["other_keys"]:
         lines.append(("other keys", ", ".join(r["other_keys"][:3]) + (" ..." if len(r["other_keys"]) > 3 else "")))
     if "loads_in" in r:

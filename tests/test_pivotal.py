@@ -78,6 +78,11 @@ def test_only_the_lora_and_the_new_rows_train_and_the_callers_models_come_back(t
     for te, layer, weight in zip(c.text_encoders, before["embeddings"], before["weights"]):
         assert te.get_input_embeddings() is layer and torch.equal(layer.weight, weight)
         assert not any("lora" in n for n, _ in te.named_parameters()), "no LoRA on the frozen text encoders"
+    from billiard_lora.lora_tools import format_inspect, inspect_lora
+
+    report = inspect_lora(out)
+    assert report["token_embeddings"]["tokens"] == {"TOK": ["<s0>", "<s1>"]}
+    assert "TOK -> <s0><s1>  (run_emb.safetensors: clip_l 2x32, clip_g 2x32)" in format_inspect(report)
     card = (out / "README.md").read_text()
     assert "`TOK` is `<s0><s1>`" in card and "load_textual_inversion" in card
 
