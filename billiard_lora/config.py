@@ -253,8 +253,8 @@ class TrainConfig:
     lora_layers: str = _f(
         "attn", "(diffusers' newer scripts) The UNet's layers that get a LoRA, comma-separated: attn (the attention "
                 "projections to_q, to_k, to_v, to_out.0: diffusers' default), ff (the feed-forward: ff.net.0.proj, "
-                "ff.net.2), proj (proj_in, proj_out), or module names; 'attn,ff,proj' is what kohya's LoRA adapts in "
-                "each transformer block.")
+                "ff.net.2), proj (proj_in, proj_out), conv (the ResNet blocks' and samplers' convolutions: kohya's "
+                "LoCon), or module names; 'attn,ff,proj' is what kohya's LoRA adapts in each transformer block.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
     train_text_encoder: bool = _f(False, "Also train LoRA on both text encoders.")

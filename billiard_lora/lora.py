@@ -20,7 +20,11 @@ UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 # --lora_layers' groups: the UNet's Linear layers a LoRA can adapt, by what they do in each transformer block
 LORA_LAYER_GROUPS = {"attn": UNET_TARGET_MODULES,  # self- and cross-attention projections (diffusers' default)
                      "ff": ["ff.net.0.proj", "ff.net.2"],  # the feed-forward (GEGLU in, out)
-                     "proj": ["proj_in", "proj_out"]}  # each transformer stack's way in and out
+                     "proj": ["proj_in", "proj_out"],  # each transformer stack's way in and out
+                     # the ResNet blocks' 3x3 convolutions, their 1x1 shortcuts and the downsamplers' (most of
+                     # kohya's LoCon, its --network_args conv_dim; not the upsamplers': A1111 cannot place SDXL's
+                     # first one from a kohya file, its name converter was written for SD 1's layout)
+                     "conv": ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv"]}
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"

@@ -356,7 +356,8 @@ def load_lora_file(path: str | Path) -> LoraFile:
 # ============================================================================ inspect
 _LEAVES = {"to_out_0": "to_out.0", "ff_net_0_proj": "ff.net.0.proj", "ff_net_2": "ff.net.2", "proj_in": "proj_in",
            "proj_out": "proj_out", "time_emb_proj": "time_emb_proj", "conv_shortcut": "conv_shortcut",
-           "mlp_fc1": "mlp.fc1", "mlp_fc2": "mlp.fc2", "text_projection": "text_projection"}
+           "mlp_fc1": "mlp.fc1", "mlp_fc2": "mlp.fc2", "text_projection": "text_projection",
+           "downsamplers_0_conv": "downsamplers.0.conv", "upsamplers_0_conv": "upsamplers.0.conv"}
 
 
 def _leaf(layer: Layer) -> str:

@@ -154,13 +154,16 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     targets = unet_lora_layers(config.lora_layers)
     try:
         add_lora(c.unet, target_modules=targets, **lora_kw)
-    except ValueError as exc:  # peft: no module matches at all
-        raise UserError(f"--lora_layers={config.lora_layers}: no layer of this UNet has those names "
-                        f"({str(exc).splitlines()[0][:120]}); use attn, ff, proj or the names of its Linear layers"
-                        ) from None
+    except ValueError as exc:  # peft: no module matches at all, or an initialisation its layers do not have
+        first = str(exc).strip().splitlines()[0][:160]
+        if "target modules" not in first.lower():
+            raise UserError(f"--lora_layers={config.lora_layers} with --init_lora_weights={config.init_lora_weights}: "
+                            f"{first} (peft; SVD-based inits are for the Linear layers: attn, ff, proj)") from None
+        raise UserError(f"--lora_layers={config.lora_layers}: no layer of this UNet has those names ({first}); "
+                        f"use attn, ff, proj, conv or the names of its layers") from None
     if unmatched := unmatched_targets(c.unet, targets):
         raise UserError(f"--lora_layers={config.lora_layers}: {', '.join(unmatched)} names no layer of this UNet; "
-                        f"use attn, ff, proj or the names of its Linear layers")
+                        f"use attn, ff, proj, conv or the names of its layers")
     text_encoders = [c.text_encoder_one, c.text_encoder_two] if config.train_text_encoder else []
     for te in text_encoders:
         add_lora(te, **lora_kw)

@@ -178,6 +178,41 @@ def test_lora_layers_adapt_the_feed_forward_and_projections_too_and_reload_in_bo
         train(tiny_config(tiny_model_dir, data, tmp_path / "other", init_lora=str(out), lora_layers="attn,ff"))
 
 
+def test_conv_lora_layers_train_save_and_reload_for_diffusers_and_the_webuis(tiny_model_dir, tiny_components,
+                                                                              tmp_path):
+    """--lora_layers attn,conv (kohya's LoCon): the ResNet and sampler convolutions get a LoRA too; both files reload
+    to the trained images, the kohya file's keys are what ComfyUI and A1111 read; an SVD-based init, which peft
+    has only for Linear layers, is one line; with the UNet stored in float8 the convolutions train too."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from billiard_lora.lora_tools import inspect_lora
+    from billiard_lora.models import pipeline_from_components
+
+    data = make_images(tmp_path / "data")
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "out", learning_rate=1e-2, lora_layers="attn,conv",
+                            output_kohya_format=True), components=tiny_components)
+    report = inspect_lora(out / "pytorch_lora_weights_kohya.safetensors")
+    assert report["conv_layers"] > 0 and {"conv1", "conv2", "downsamplers.0.conv"} <= set(
+        report["target_modules"]["unet"])
+    assert report["loads_in"]["comfyui_not_loaded"] == report["loads_in"]["a1111_not_loaded"] == 0
+    trained = sample(pipeline_from_components(tiny_components))
+    for weight_name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+        fresh = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+        fresh.load_lora_weights(str(out), weight_name=weight_name)
+        np.testing.assert_allclose(sample(fresh), trained, atol=1e-5, err_msg=weight_name)
+    with pytest.raises(UserError, match=r"--lora_layers=attn,conv with --init_lora_weights=pissa_niter_2: .*"
+                                        r"SVD-based inits are for the Linear layers"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "pissa", lora_layers="attn,conv",
+                          init_lora_weights="pissa_niter_2"))
+    # --init_lora takes a LoCon file's layers too
+    again = train(tiny_config(tiny_model_dir, data, tmp_path / "again", init_lora=str(out), max_train_steps=1))
+    assert set(json.loads((again / "config.json").read_text())["lora_layers"].split(",")) == {
+        "to_k", "to_q", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv"}
+    fp8 = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "fp8", lora_layers="conv", fp8_base=True,
+                                         max_train_steps=2, learning_rate=1e-2)))
+    assert any(".conv1." in k and v.abs().sum() > 0 for k, v in fp8.items() if "up" in k or "lora_B" in k)
+
+
 def test_saved_keys_match_diffusers_naming_and_carry_the_config(tiny_model_dir, tmp_path):
     from billiard_lora.lora import read_metadata
 
