@@ -349,35 +349,47 @@ def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool 
         pipe.billiard_loras = {}  # adapter name -> LoraSpec: the weights set_adapters was given, for restoring
     pipe.billiard_loras[name] = LoraSpec(str(spec.path), spec.scale, name)
     embeddings = find_embeddings(file)
-    if embeddings is not None:  # trained with --train_text_encoder_ti: its tokens come with it
-        try:
-            _load_embeddings(pipe, name, embeddings)
-        except UserError:
-            unload_lora(pipe, name)
-            raise
+    if embeddings is not None:  # trained with --train_text_encoder_ti: its tokens come with it while it is active
+        read_embeddings(embeddings)  # (a damaged file says so now, not at the first image)
+        pipe.billiard_embeddings = {**getattr(pipe, "billiard_embeddings", {}), name: embeddings}
     if activate:
         pipe.set_adapters([name], adapter_weights=[spec.scale])
     return name
 
 
-def _load_embeddings(pipe, name: str, path: Path) -> None:
-    """The new tokens' embeddings trained with LoRA ``name`` (pivotal tuning), into both text encoders."""
-    state, mapping = read_embeddings(path)
+def sync_embeddings(pipe) -> None:
+    """The text encoders hold the token embeddings (pivotal tuning) of exactly the LoRAs now active: another
+    LoRA's come out, these go in. Two active LoRAs whose tokens share a name cannot both be (one line)."""
+    files = getattr(pipe, "billiard_embeddings", {})
+    loaded: dict[str, dict] = getattr(pipe, "billiard_tokens", {})
+    wanted = {s.name: files[s.name] for s in active_loras(pipe) if s.name in files}
+    for name in [n for n in loaded if n not in wanted]:
+        _unload_tokens(pipe, loaded.pop(name))
+    for name, path in wanted.items():
+        if name in loaded:
+            continue
+        state, mapping = read_embeddings(path)
+        tokens = [t for v in mapping.values() for t in v]
+        clash = next(((other, t) for other, m in loaded.items() for v in m.values() for t in v if t in tokens), None)
+        if clash:
+            raise UserError(f"LoRAs {name} and {clash[0]} both bring the token {clash[1]} of their pivotal tuning: "
+                            f"generate with one of them at a time")
+        if any(t in pipe.tokenizer.get_vocab() for t in tokens):
+            raise UserError(f"{path}: this pipeline's tokenizer already has a token of {''.join(tokens)} (loaded "
+                            f"outside billiard-lora): load the LoRA into a fresh pipeline")
+        with _quiet_loading():
+            for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                            ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+                pipe.load_textual_inversion(state[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer)
+        loaded[name] = mapping
+    pipe.billiard_tokens = loaded
+
+
+def _unload_tokens(pipe, mapping: dict) -> None:
     tokens = [t for v in mapping.values() for t in v]
-    owners = getattr(pipe, "billiard_tokens", {})
-    clash = next(((other, t) for other, m in owners.items() for v in m.values() for t in v if t in tokens), None)
-    if clash:
-        raise UserError(f"LoRA {pipe.billiard_loras[name].path} brings the tokens {''.join(tokens)} of its pivotal "
-                        f"tuning, and LoRA {pipe.billiard_loras[clash[0]].path} has {clash[1]} already: load one of "
-                        f"them at a time")
-    if any(t in pipe.tokenizer.get_vocab() for t in tokens):
-        raise UserError(f"{path}: this pipeline's tokenizer already has a token of {''.join(tokens)} (loaded outside "
-                        f"billiard-lora): load the LoRA into a fresh pipeline")
     with _quiet_loading():
-        for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
-                                        ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
-            pipe.load_textual_inversion(state[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer)
-    pipe.billiard_tokens = {**owners, name: mapping}
+        pipe.unload_textual_inversion(tokens, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+        pipe.unload_textual_inversion(tokens, tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2)
 
 
 def unload_lora(pipe, name: str) -> None:
@@ -386,17 +398,15 @@ def unload_lora(pipe, name: str) -> None:
     with _quiet_loading():  # peft warns which adapter it activates instead; callers set the active ones
         pipe.delete_adapters(name)
     getattr(pipe, "billiard_loras", {}).pop(name, None)
+    getattr(pipe, "billiard_embeddings", {}).pop(name, None)
     mapping = getattr(pipe, "billiard_tokens", {}).pop(name, None)
     if mapping:
-        tokens = [t for v in mapping.values() for t in v]
-        with _quiet_loading():
-            pipe.unload_textual_inversion(tokens, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
-            pipe.unload_textual_inversion(tokens, tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2)
+        _unload_tokens(pipe, mapping)
 
 
 def with_tokens(pipe, text: str | None) -> str | None:
-    """A prompt as the pipeline is given it: each --token_abstraction of a loaded LoRA's pivotal tuning (``TOK``)
-    replaced by its tokens (``<s0><s1>``)."""
+    """A prompt as the pipeline is given it: each --token_abstraction of an active LoRA's pivotal tuning (``TOK``)
+    replaced by its tokens (``<s0><s1>``), once ``sync_embeddings`` has put them in."""
     for mapping in getattr(pipe, "billiard_tokens", {}).values():
         text = insert_tokens(text, mapping)
     return text
@@ -451,15 +461,18 @@ def _trained_on(file: Path) -> str:
 def _quiet_loading() -> Iterator[None]:
     """Hide diffusers'/peft's loading chatter ("No LoRA keys ... text_encoder"): we check what loaded ourselves."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    level = diffusers_logging.get_verbosity()
+    level, t_level = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
     diffusers_logging.set_verbosity(logging.CRITICAL)
+    transformers_logging.set_verbosity(logging.CRITICAL)  # (resizing the embeddings for textual inversion)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         diffusers_logging.set_verbosity(level)
+        transformers_logging.set_verbosity(t_level)
 
 
 def _default_name(file: Path) -> str:
@@ -552,6 +565,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     if cuda_graphs is None:
         cuda_graphs = getattr(pipe, "billiard_cuda_graphs", False)
     with _lora_scale(pipe, loras, lora_scale), sampling_graphs(pipe.unet, cuda_graphs):
+        sync_embeddings(pipe)  # the active LoRAs' token embeddings (pivotal tuning), no others
         jobs = [(p, s) for p in prompts for s in seeds]
         for prompt, seed in tqdm(jobs, desc="images", unit="image", disable=not progress):
             # A CPU generator per image: the same seed gives the same starting noise on any GPU or CPU, and an

@@ -118,23 +118,25 @@ def test_generate_loads_the_embeddings_with_the_lora_and_makes_the_validation_im
     assert not np.array_equal(px(other), px(made.image))
 
 
-def test_checkpoint_grid_swaps_each_checkpoints_embeddings(tiny_model_dir, ti_run):
-    from billiard_lora.generate import checkpoint_grid, load_generation_pipeline
+def test_each_image_has_the_embeddings_of_the_loras_active_for_it(tiny_model_dir, ti_run):
+    """The checkpoint grid of a run also loaded as --lora (generate --lora RUN --checkpoints RUN): each row with its
+    own checkpoint's embeddings, then the run's again; two active LoRAs with the same tokens are one line."""
+    from billiard_lora.generate import checkpoint_grid, generate, load_generation_pipeline
 
     out, _, _, _ = ti_run
-    pipe = load_generation_pipeline(str(tiny_model_dir), vae=None, device="cpu")
-    grid = checkpoint_grid(pipe, out, ["TOK on a green table"], 0, num_inference_steps=2, height=32, width=32)
+    kw = dict(num_inference_steps=2, height=32, width=32)
+    pipe = load_generation_pipeline(str(tiny_model_dir), vae=None, loras=[str(out)], device="cpu")
+    first = generate(pipe, "TOK on a green table", 0, progress=False, **kw)[0]
+    grid = checkpoint_grid(pipe, out, ["TOK on a green table"], 0, **kw)
     assert isinstance(grid, Image.Image)
-    assert not getattr(pipe, "billiard_tokens", {}) and "<s0>" not in pipe.tokenizer.get_vocab(), "all unloaded"
-
-
-def test_two_loras_with_the_same_tokens_are_refused_in_one_line(tiny_model_dir, ti_run):
-    from billiard_lora.generate import load_generation_pipeline
-
-    out, _, _, _ = ti_run
-    with pytest.raises(UserError, match="has <s0> already: load one of them at a time"):
-        load_generation_pipeline(str(tiny_model_dir), vae=None, loras=[str(out), str(out / "checkpoint-2")],
-                                 device="cpu")
+    again = generate(pipe, "TOK on a green table", 0, progress=False, **kw)[0]
+    assert np.array_equal(np.asarray(first.image), np.asarray(again.image)), "the run's own embeddings came back"
+    assert list(pipe.billiard_tokens) == ["run"]
+    both = load_generation_pipeline(str(tiny_model_dir), vae=None, loras=[str(out), str(out / "checkpoint-2")],
+                                    device="cpu")
+    with pytest.raises(UserError, match="LoRAs checkpoint-2 and run both bring the token <s0> of their pivotal "
+                                        "tuning: generate with one of them at a time|LoRAs run and checkpoint-2 both"):
+        generate(both, "TOK", 0, progress=False, **kw)
 
 
 def test_pivotal_run_resumes_bit_for_bit(tiny_model_dir, tmp_path):
@@ -175,7 +177,10 @@ def test_a_pivotal_lora_on_the_hub_brings_its_embeddings(tiny_model_dir, ti_run,
     out = ti_run[0]
     snap = hub_cache("someone/ti", {"pytorch_lora_weights.safetensors": out / "pytorch_lora_weights.safetensors",
                                     "run_emb.safetensors": out / "run_emb.safetensors"})
+    from billiard_lora.generate import sync_embeddings
+
     pipe = load_generation_pipeline(str(tiny_model_dir), vae=None, loras=["someone/ti"], device="cpu")
+    sync_embeddings(pipe)
     assert pipe.billiard_tokens == {"ti": {"TOK": ["<s0>", "<s1>"]}}  # offline: from the cache
     # online (stood in for): the repo's embeddings beside the LoRA are downloaded with it, no others
     fetched = []
