@@ -1491,6 +1491,26 @@ def _fake_capture(fn, inputs, pool=None):
     return (lambda: out.copy_(fn(*inputs))), out
 
 
+def _stand_in_graphs(monkeypatch) -> None:
+    """From here on the trainer records its micro-steps as on a CUDA GPU, with ``_fake_capture`` for the recording."""
+    import billiard_lora.graphs as graphs
+
+    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
+    monkeypatch.setattr(graphs, "_capture", _fake_capture)
+
+
+def _eager_then_graphed(model_dir: Path, data: Path, tmp_path: Path, monkeypatch, **kw) -> tuple[Path, Path]:
+    """The same run eagerly and with recorded micro-steps (stood in for): both runs' folders, once the recorded one
+    replayed its graphs without a failure and logged the eager run's losses."""
+    eager = train(tiny_config(model_dir, data, tmp_path / "eager", cuda_graphs=False, **kw))
+    _stand_in_graphs(monkeypatch)
+    graphed = train(tiny_config(model_dir, data, tmp_path / "graphed", cuda_graphs=True, **kw))
+    summary = json.loads((graphed / "summary.json").read_text())
+    assert summary["cuda_graph_replays"] > 0 and summary["cuda_graph_failure"] is None
+    assert (eager / "loss_history.csv").read_text() == (graphed / "loss_history.csv").read_text()
+    return eager, graphed
+
+
 def test_micro_step_graph_warms_up_records_replays_and_guards_its_tensors():
     import billiard_lora.graphs as graphs
 
@@ -1541,14 +1561,11 @@ def test_cuda_graphs_training_equals_eager_training(tiny_model_dir, tmp_path, mo
     """train() with --cuda_graphs (recording stood in for on the CPU): the same losses and LoRA bit for bit as
     without, the optimizer clearing gradients in place, a smaller last batch run eagerly, then as a graph of its
     own."""
-    import billiard_lora.graphs as graphs
-    import billiard_lora.train as train_mod
 
     data = make_images(tmp_path / "data", n=5)  # batch 2: batches of 2, 2 and 1 per epoch
     kw = dict(max_train_steps=5, gradient_accumulation_steps=2, gradient_checkpointing=True, snr_gamma=5.0)
     eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", **kw))
-    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
-    monkeypatch.setattr(graphs, "_capture", _fake_capture)
+    _stand_in_graphs(monkeypatch)
     graphed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", cuda_graphs=True, **kw))
     summary = json.loads((graphed / "summary.json").read_text())
     # 3 batches per epoch, 2 per step: micro-steps 2 + 1 per epoch (accelerate steps at an epoch's end), 8 in all;
@@ -1566,20 +1583,12 @@ def test_a_recorded_micro_step_with_ema_pivotal_tuning_caption_dropout_and_huber
     """The recording stood in for (as above): the caption mask as one more input of the graph, the frozen text
     encoders with their new token rows and the per-image Huber threshold inside it, the average and the embeddings
     outside; and without --cuda_graphs asked for, pivotal tuning trains eagerly (not yet run on a GPU)."""
-    import billiard_lora.graphs as graphs
-    import billiard_lora.train as train_mod
 
     data = make_images(tmp_path / "data", n=5)
     kw = dict(max_train_steps=4, gradient_accumulation_steps=2, gradient_checkpointing=True, use_ema=True,
               train_text_encoder_ti=True, instance_prompt="a photo of TOK playing billiard", caption_dropout_rate=0.3,
               loss_type="huber", ti_learning_rate=1e-2)
-    eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", **kw))
-    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
-    monkeypatch.setattr(graphs, "_capture", _fake_capture)
-    graphed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", cuda_graphs=True, **kw))
-    summary = json.loads((graphed / "summary.json").read_text())
-    assert summary["cuda_graph_replays"] > 0 and summary["cuda_graph_failure"] is None
-    assert (eager / "loss_history.csv").read_text() == (graphed / "loss_history.csv").read_text()
+    eager, graphed = _eager_then_graphed(tiny_model_dir, data, tmp_path, monkeypatch, **kw)
     for sub, name in (("", "pytorch_lora_weights"), ("no_ema", "pytorch_lora_weights"), ("", "eager_emb")):
         a = load_file(str(eager / sub / f"{name}.safetensors"))
         b = load_file(str(graphed / sub / f"{name.replace('eager', 'graphed')}.safetensors"))
@@ -1697,15 +1706,13 @@ def test_cuda_graphs_with_lora_dropout_and_checkpointing_equal_eager_training(ti
 
     import torch.utils.checkpoint
 
-    import billiard_lora.graphs as graphs
 
     data = make_images(tmp_path / "data", n=4)
     kw = dict(max_train_steps=4, gradient_accumulation_steps=2, gradient_checkpointing=True, lora_dropout=0.3,
               checkpointing_steps=2)
     eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", **kw))
     undropped = train(tiny_config(tiny_model_dir, data, tmp_path / "undropped", **{**kw, "lora_dropout": 0.0}))
-    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
-    monkeypatch.setattr(graphs, "_capture", _fake_capture)
+    _stand_in_graphs(monkeypatch)
     preserved, real = [], torch.utils.checkpoint.checkpoint
 
     def spy(fn, *args, preserve_rng_state=True, **kw2):
@@ -1731,19 +1738,11 @@ def test_cuda_graphs_with_text_encoder_training_equal_eager_training(tiny_model_
     """--train_text_encoder --cuda_graphs (recording stood in for on the CPU): both CLIP encoders encode the token
     ids inside the recorded micro-step, checkpointed, and learn exactly as eagerly: LoRA (UNet and text encoders)
     and losses bit for bit."""
-    import billiard_lora.graphs as graphs
-    import billiard_lora.train as train_mod
 
     data = make_images(tmp_path / "data", n=4, captions={0: "a photo of sks cue", 2: "sks balls on a table"})
     kw = dict(max_train_steps=4, gradient_accumulation_steps=2, gradient_checkpointing=True, snr_gamma=5.0,
               train_text_encoder=True, text_encoder_lr=5e-4, caption_column="prompt")
-    eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", cuda_graphs=False, **kw))
-    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
-    monkeypatch.setattr(graphs, "_capture", _fake_capture)
-    graphed = train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", cuda_graphs=True, **kw))
-    summary = json.loads((graphed / "summary.json").read_text())
-    assert summary["cuda_graph_replays"] > 0 and summary["cuda_graph_failure"] is None
-    assert (eager / "loss_history.csv").read_text() == (graphed / "loss_history.csv").read_text()
+    eager, graphed = _eager_then_graphed(tiny_model_dir, data, tmp_path, monkeypatch, **kw)
     a, b = lora_tensors(eager), lora_tensors(graphed)
     assert a.keys() == b.keys() and sum(k.startswith("text_encoder_2.") for k in a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
@@ -1754,8 +1753,6 @@ def test_cuda_graphs_default_path_with_prior_preservation_validation_and_resume_
     """What CUDA graphs (on by default on one GPU) must leave alone, recording stood in for on the CPU: prior
     preservation's doubled batch, validation images between steps, the 8-bit optimizer writing the adapters in
     place, and a crash + resume all give the LoRA and loss history of an uninterrupted eager run, bit for bit."""
-    import billiard_lora.graphs as graphs
-    import billiard_lora.train as train_mod
 
     data = make_images(tmp_path / "data", n=3)
     kw = dict(max_train_steps=6, gradient_accumulation_steps=2, checkpointing_steps=3, snr_gamma=5.0,
@@ -1764,8 +1761,7 @@ def test_cuda_graphs_default_path_with_prior_preservation_validation_and_resume_
               validation_prompt="a photo of messi playing billiard", validation_steps=2, num_validation_images=1,
               validation_inference_steps=2, use_8bit_adam=True)
     eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", cuda_graphs=False, **kw))
-    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
-    monkeypatch.setattr(graphs, "_capture", _fake_capture)
+    _stand_in_graphs(monkeypatch)
 
     with pytest.raises(Crash):
         train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", **kw), callback=crash_at_step(4))
@@ -1786,16 +1782,13 @@ def test_cuda_graphs_with_fused_lora_ops_refresh_the_kept_half_copies_after_ever
     runs no Python, so no version check: only the trainer's refresh() after each step keeps them current. Stood in
     for on the CPU (copies never re-checked, as in a replay), through a crash and resume: the LoRA and loss history
     of an eager run, bit for bit."""
-    import billiard_lora.graphs as graphs
     import billiard_lora.lora as lora_mod
-    import billiard_lora.train as train_mod
 
     data = make_images(tmp_path / "data", n=3)
     kw = dict(max_train_steps=6, gradient_accumulation_steps=2, checkpointing_steps=3, mixed_precision="bf16",
               fused_lora_ops=True, gradient_checkpointing=True, use_8bit_adam=True)
     eager = train(tiny_config(tiny_model_dir, data, tmp_path / "eager", cuda_graphs=False, **kw))
-    monkeypatch.setattr(train_mod, "_cuda_graphs_possible", lambda: True)
-    monkeypatch.setattr(graphs, "_capture", _fake_capture)
+    _stand_in_graphs(monkeypatch)
     monkeypatch.setattr(lora_mod._HalfCopy, "current", lambda self: self.copies)  # as a replay: never re-checked
     with pytest.raises(Crash):
         train(tiny_config(tiny_model_dir, data, tmp_path / "graphed", **kw), callback=crash_at_step(4))
