@@ -17,7 +17,7 @@ from .io import save_safetensors
 
 # The layers diffusers' DreamBooth-LoRA SDXL script adapts; the saved keys match that script's for the same settings.
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
-# --lora_layers' groups: the UNet's Linear layers a LoRA can adapt, by what they do in each transformer block
+# --lora_layers' groups: the UNet's layers a LoRA can adapt, by what they do
 LORA_LAYER_GROUPS = {"attn": UNET_TARGET_MODULES,  # self- and cross-attention projections (diffusers' default)
                      "ff": ["ff.net.0.proj", "ff.net.2"],  # the feed-forward (GEGLU in, out)
                      "proj": ["proj_in", "proj_out"],  # each transformer stack's way in and out
@@ -33,7 +33,8 @@ METADATA_KEY = "billiard_lora.training_config"  # the run's settings, stored in 
 
 
 def unet_lora_layers(text: str) -> list[str]:
-    """--lora_layers as peft target names: groups (attn, ff, proj) and module names, comma-separated, in order."""
+    """--lora_layers as peft target names: groups (attn, ff, proj, conv) and module names, comma-separated, in
+    order."""
     out: list[str] = []
     for item in (x.strip() for x in text.split(",")):
         for name in LORA_LAYER_GROUPS.get(item, [item] if item else []):

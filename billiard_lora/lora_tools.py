@@ -175,8 +175,8 @@ def init_lora_settings(config):
     foreign = sorted({f"{x.component}:{leaf(x)}" for x in layers if leaf(x) not in allowed.get(x.component, ())})
     if foreign:
         raise UserError(f"{what} adapts modules this trainer does not train ({', '.join(foreign[:4])}"
-                        f"{', ...' if len(foreign) > 4 else ''}): only the Linear layers of --lora_layers' groups "
-                        f"attn, ff and proj, and the text encoders' attention projections")
+                        f"{', ...' if len(foreign) > 4 else ''}): only the layers of --lora_layers' groups attn, "
+                        f"ff, proj and conv, and the text encoders' attention projections")
     notes = []
     in_file = [n for n in known if n in {leaf(x) for x in layers if x.component == "unet"}]
     if in_file and set(in_file) != set(unet_lora_layers(config.lora_layers)):
