@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
@@ -209,6 +210,10 @@ def bench_training(args) -> dict:
             half_precision_norms=args.half_precision_norms == "true", fused_lora_ops=args.fused_lora_ops,
             fold_accumulation=args.fold_accumulation,
             cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+        if args.set:  # (--set FIELD=VALUE: read as a config file's value would be)
+            extra = dict(item.split("=", 1) for item in args.set)
+            config = TrainConfig.from_dict({**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+                                            **extra}, source="--set")
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         if args.bnb_per_tensor:  # what diffusers' script runs: bitsandbytes stepping (and syncing) per tensor
@@ -264,6 +269,7 @@ def bench_training(args) -> dict:
         "half_precision_norms": used["half_precision_norms"], "fused_lora_ops": used.get("fused_lora_ops", False),
         "fold_accumulation": used.get("fold_accumulation", False),  # ms_per_micro_step: still per train_batch_size
         "optimizer_form": ("bnb_per_tensor" if args.bnb_per_tensor else "flat") if used["use_8bit_adam"] else "torch",
+        "set": args.set,
     }
     if used["cuda_graphs"]:
         result.update({k: done.get(k) for k in ("cuda_graph_replays", "micro_steps", "cuda_graphs_recorded",
@@ -474,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
                         "one CUDA GPU), asked for, or off (eager)")
     p.add_argument("--no_cache_latents", action="store_true")
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other trainer setting, as a config file gives it (repeatable), e.g. --set use_ema=true "
+                        "--set train_text_encoder_ti=true --set 'instance_prompt=a photo of TOK playing billiard'")
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps timed")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (H100 bf16 dense: ~790)")
