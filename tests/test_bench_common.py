@@ -155,6 +155,27 @@ def test_bench_train_runs_the_trainer_with_a_unet_variant_and_puts_peft_back(tmp
     assert bench_unet.PeftLinear.forward is bench_unet.PEFT_LINEAR_FORWARD
 
 
+def test_bench_train_set_passes_any_trainer_setting(tmp_path, monkeypatch):
+    import json
+
+    import bench_train
+    import pytest
+
+    import billiard_lora.train as train_mod
+    from billiard_lora.errors import UserError
+
+    seen, real = [], train_mod._train
+    monkeypatch.setattr(train_mod, "_train", lambda config, *a: seen.append(config) or real(config, *a))
+    path = tmp_path / "r.jsonl"
+    bench_train.main(["--shape", "tiny", "--resolution", "32", "--warmup", "1", "--steps", "1", "--json", str(path),
+                      "--set", "use_ema=true", "--set", "caption_dropout_rate=0.2",
+                      "--set", "instance_prompt=a photo of TOK", "--set", "train_text_encoder_ti=yes"])
+    assert (seen[0].use_ema, seen[0].caption_dropout_rate, seen[0].train_text_encoder_ti) == (True, 0.2, True)
+    assert json.loads(path.read_text().splitlines()[0])["set"][0] == "use_ema=true"
+    with pytest.raises(UserError, match="--set: unknown setting 'use_emma'"):
+        bench_train.main(["--shape", "tiny", "--resolution", "32", "--set", "use_emma=true"])
+
+
 def test_unet_ceiling_profile_goes_into_the_row_and_a_failing_profiler_costs_nothing(monkeypatch):
     import bench_train
     import bench_unet
