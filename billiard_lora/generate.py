@@ -357,12 +357,14 @@ def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool 
     return name
 
 
-def sync_embeddings(pipe) -> None:
+def sync_embeddings(pipe, *, lora_scale: float | None = None) -> None:
     """The text encoders hold the token embeddings (pivotal tuning) of exactly the LoRAs now active: another
-    LoRA's come out, these go in. Two active LoRAs whose tokens share a name cannot both be (one line)."""
+    LoRA's come out, these go in; at ``lora_scale`` 0 (the base model's images) none. Two active LoRAs whose tokens
+    share a name cannot both be (one line)."""
     files = getattr(pipe, "billiard_embeddings", {})
     loaded: dict[str, dict] = getattr(pipe, "billiard_tokens", {})
-    wanted = {s.name: files[s.name] for s in active_loras(pipe) if s.name in files}
+    active = active_loras(pipe) if lora_scale != 0 else []
+    wanted = {s.name: files[s.name] for s in active if s.name in files}
     for name in [n for n in loaded if n not in wanted]:
         _unload_tokens(pipe, loaded.pop(name))
     for name, path in wanted.items():
@@ -565,7 +567,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     if cuda_graphs is None:
         cuda_graphs = getattr(pipe, "billiard_cuda_graphs", False)
     with _lora_scale(pipe, loras, lora_scale), sampling_graphs(pipe.unet, cuda_graphs):
-        sync_embeddings(pipe)  # the active LoRAs' token embeddings (pivotal tuning), no others
+        sync_embeddings(pipe, lora_scale=lora_scale)  # the active LoRAs' token embeddings (pivotal tuning) only
         jobs = [(p, s) for p in prompts for s in seeds]
         for prompt, seed in tqdm(jobs, desc="images", unit="image", disable=not progress):
             # A CPU generator per image: the same seed gives the same starting noise on any GPU or CPU, and an

@@ -132,6 +132,14 @@ def test_each_image_has_the_embeddings_of_the_loras_active_for_it(tiny_model_dir
     again = generate(pipe, "TOK on a green table", 0, progress=False, **kw)[0]
     assert np.array_equal(np.asarray(first.image), np.asarray(again.image)), "the run's own embeddings came back"
     assert list(pipe.billiard_tokens) == ["run"]
+    # at LoRA scale 0 (the base row of --compare, a sweep's first column) the base model sees the prompt as written
+    from diffusers import StableDiffusionXLPipeline
+
+    off = generate(pipe, "TOK on a green table", 0, lora_scale=0.0, progress=False, **kw)[0]
+    plain = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    base = plain("TOK on a green table", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    assert np.abs(np.asarray(off.image, dtype=np.int16) - np.asarray(base, dtype=np.int16)).max() <= 1
+    assert "<s0>" not in pipe.tokenizer.get_vocab()
     both = load_generation_pipeline(str(tiny_model_dir), vae=None, loras=[str(out), str(out / "checkpoint-2")],
                                     device="cpu")
     with pytest.raises(UserError, match="LoRAs checkpoint-2 and run both bring the token <s0> of their pivotal "
