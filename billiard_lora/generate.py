@@ -164,9 +164,11 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
                              loras: Sequence[LoraSpec | str] = (), fuse: bool = False,
                              device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
                              fp8_base: bool = False, cuda_graphs: bool = False, cpu_offload: bool = False,
-                             vae_tiling: bool | int = False, scheduler: str = "default"):
+                             vae_tiling: bool | int = False, scheduler: str = "default",
+                             files: Sequence[Path] | None = None):
     """SDXL, a separate VAE unless ``vae`` is None, and LoRAs loaded and weighted; cuda/fp16 if present, else cpu/fp32.
-    ``scheduler``: the sampler, a key of ``SCHEDULERS`` (default: the model's own).
+    ``scheduler``: the sampler, a key of ``SCHEDULERS`` (default: the model's own). ``files``: the LoRA files
+    ``resolve_lora_file`` already found for ``loras``, not looked up again.
 
     ``fuse=True`` merges the weighted LoRAs into the base weights (faster sampling); their scales are then baked in,
     so ``lora_scale``, scale sweeps, base-vs-LoRA and checkpoint grids refuse a fused pipeline.
@@ -184,7 +186,8 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
     the decoder's activations shrink to a tile's, the pixels differ slightly where tiles blend.
     """
     specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
-    files = [resolve_lora_file(s.path) for s in specs]  # fail on a typo before minutes of model loading
+    # fail on a typo before minutes of model loading
+    files = list(files) if files is not None else [resolve_lora_file(s.path) for s in specs]
     check_memory_options(cpu_offload=cpu_offload, cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
     check_scheduler(scheduler)  # before minutes of model loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -350,8 +353,9 @@ def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool 
     pipe.billiard_loras[name] = LoraSpec(str(spec.path), spec.scale, name)
     embeddings = find_embeddings(file)
     if embeddings is not None:  # trained with --train_text_encoder_ti: its tokens come with it while it is active
-        read_embeddings(embeddings)  # (a damaged file says so now, not at the first image)
-        pipe.billiard_embeddings = {**getattr(pipe, "billiard_embeddings", {}), name: embeddings}
+        # read once, here (a damaged file says so now, not at the first image); a few KB, kept for each activation
+        pipe.billiard_embeddings = {**getattr(pipe, "billiard_embeddings", {}), name: (embeddings,
+                                                                                      *read_embeddings(embeddings))}
     if activate:
         pipe.set_adapters([name], adapter_weights=[spec.scale])
     return name
@@ -361,16 +365,15 @@ def sync_embeddings(pipe, *, lora_scale: float | None = None) -> None:
     """The text encoders hold the token embeddings (pivotal tuning) of exactly the LoRAs now active: another
     LoRA's come out, these go in; at ``lora_scale`` 0 (the base model's images) none. Two active LoRAs whose tokens
     share a name cannot both be (one line)."""
-    files = getattr(pipe, "billiard_embeddings", {})
+    known = getattr(pipe, "billiard_embeddings", {})  # adapter name -> (file, rows per encoder, tokens)
     loaded: dict[str, dict] = getattr(pipe, "billiard_tokens", {})
     active = active_loras(pipe) if lora_scale != 0 else []
-    wanted = {s.name: files[s.name] for s in active if s.name in files}
+    wanted = {s.name: known[s.name] for s in active if s.name in known}
     for name in [n for n in loaded if n not in wanted]:
         _unload_tokens(pipe, loaded.pop(name))
-    for name, path in wanted.items():
+    for name, (path, state, mapping) in wanted.items():
         if name in loaded:
             continue
-        state, mapping = read_embeddings(path)
         tokens = [t for v in mapping.values() for t in v]
         clash = next(((other, t) for other, m in loaded.items() for v in m.values() for t in v if t in tokens), None)
         if clash:
@@ -928,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_generation_pipeline(args.model, vae=vae, loras=specs, fuse=args.fuse, device=args.device,
                                     fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs,
                                     cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
-                                    scheduler=args.scheduler)
+                                    scheduler=args.scheduler, files=lora_files)
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
               height=args.height, width=args.width)
     out = Path(args.out)
