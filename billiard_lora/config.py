@@ -217,6 +217,28 @@ class TrainConfig:
     huber_c: float = _f(0.1, "(billiard-lora) The pseudo-Huber c of --loss_type huber/smooth_l1 (see "
                              "--huber_schedule), in (0, 1].")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
+    multires_noise_iterations: int = _f(
+        0, "(kohya's) Multi-resolution ('pyramid') noise: add this many levels of noise drawn at ever coarser "
+           "resolutions (random 2-4x steps), rescaled to unit variance, so that the LoRA also learns large areas' "
+           "brightness and colour; 6-10 is usual, 0 turns it off.")
+    multires_noise_discount: float = _f(
+        0.3, "(kohya's) The strength of each coarser level of --multires_noise_iterations relative to the one "
+             "before, in (0, 1).")
+    input_perturbation: float = _f(
+        0.0, "(diffusers' text-to-image scripts, SimpleTuner) Input perturbation (arXiv 2301.11706): the model sees "
+             "latents noised with noise + this x fresh noise while learning to predict the noise alone, against "
+             "the exposure bias of sampling; 0.1 is usual, 0 turns it off.")
+    timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = _f(
+        "none", "(diffusers' train_text_to_image_sdxl.py) Draw some timesteps more often: later (the noisiest "
+                "--timestep_bias_portion: composition and colour), earlier (the least noisy: fine detail), range "
+                "(--timestep_bias_begin to --timestep_bias_end), by --timestep_bias_multiplier.")
+    timestep_bias_multiplier: float = _f(
+        1.0, "(diffusers') How much more often the biased timesteps are drawn (2.0: twice); positive.")
+    timestep_bias_begin: int = _f(0, "(diffusers') First timestep of --timestep_bias_strategy range.")
+    timestep_bias_end: int = _f(1000, "(diffusers') End of --timestep_bias_strategy range (not included, as in "
+                                      "diffusers' code).")
+    timestep_bias_portion: float = _f(
+        0.25, "(diffusers') The share of the timesteps --timestep_bias_strategy later/earlier favours, in (0, 1].")
     learning_rate: float = _f(1e-4, "Learning rate of the UNet LoRA.")
     text_encoder_lr: float = _f(5e-6, "Learning rate of the text-encoder LoRA.")
     scale_lr: bool = _f(False, "Scale the learning rate by GPUs x accumulation x batch size.")
@@ -405,6 +427,7 @@ class TrainConfig:
         if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
             raise UserError(f"--min_timestep={self.min_timestep} and --max_timestep={self.max_timestep}: timesteps "
                             f"are drawn from min (0 or more) up to max (above min), e.g. 200 and 1000")
+        self._check_noise_recipe()
         if self.ema_decay != EMA_DECAY and not self.use_ema:
             raise UserError(f"--ema_decay={self.ema_decay} only applies with --use_ema: add that flag, or drop "
                             f"--ema_decay")
@@ -423,6 +446,29 @@ class TrainConfig:
                             f"--init_lora_weights={self.init_lora_weights}")
         if self.report_to not in ("tensorboard", "none", "all"):
             raise UserError(f"--report_to={self.report_to!r}: this trainer logs to tensorboard or none")
+
+    def _check_noise_recipe(self) -> None:
+        """The multi-resolution noise and timestep-bias flags: each only where it applies."""
+        if self.multires_noise_discount != 0.3 and not self.multires_noise_iterations:
+            raise UserError(f"--multires_noise_discount={self.multires_noise_discount} only applies with "
+                            f"--multires_noise_iterations (6-10 is usual): add that, or drop --multires_noise_discount")
+        strategy = self.timestep_bias_strategy
+        given = [f for f, default in (("timestep_bias_multiplier", 1.0), ("timestep_bias_portion", 0.25),
+                                      ("timestep_bias_begin", 0), ("timestep_bias_end", 1000))
+                 if getattr(self, f) != default]
+        if strategy == "none" and given:
+            raise UserError(f"--{given[0]} only applies with --timestep_bias_strategy later, earlier or range: add "
+                            f"that, or drop --{given[0]}")
+        wrong = [f for f in given if (f == "timestep_bias_portion") == (strategy == "range") and
+                 f != "timestep_bias_multiplier"]
+        if strategy != "none" and wrong:
+            goes = "later or earlier" if wrong[0] == "timestep_bias_portion" else "range"
+            raise UserError(f"--{wrong[0]} goes with --timestep_bias_strategy {goes}, not {strategy}: drop it, or "
+                            f"change the strategy")
+        if strategy == "range" and not 0 <= self.timestep_bias_begin < self.timestep_bias_end:
+            raise UserError(f"--timestep_bias_begin={self.timestep_bias_begin} and --timestep_bias_end="
+                            f"{self.timestep_bias_end}: the range runs from begin (0 or more) up to end (above "
+                            f"begin), e.g. 200 and 500")
 
     def _check_ranges(self) -> None:
         """Values no run can use (libraries would stop with a traceback, or train silently to no effect)."""
@@ -452,6 +498,17 @@ class TrainConfig:
             ("train_text_encoder_ti_frac", self.train_text_encoder_ti_frac, 0 < self.train_text_encoder_ti_frac <= 1,
              "in (0, 1] (0.5: the first half of the steps)"),
             ("noise_offset", self.noise_offset, self.noise_offset >= 0, "0 or more (0.05-0.1 is usual)"),
+            ("multires_noise_iterations", self.multires_noise_iterations, self.multires_noise_iterations >= 0,
+             "0 or more (6-10 is usual)"),
+            ("multires_noise_discount", self.multires_noise_discount, 0 < self.multires_noise_discount < 1,
+             "in (0, 1) (0.3 is kohya's default)"),
+            ("input_perturbation", self.input_perturbation, self.input_perturbation >= 0,
+             "0 or more (0.1 is usual)"),
+            ("timestep_bias_multiplier", self.timestep_bias_multiplier, self.timestep_bias_multiplier > 0,
+             "positive (2.0 draws the biased timesteps twice as often; --timestep_bias_strategy none turns the bias "
+             "off)"),
+            ("timestep_bias_portion", self.timestep_bias_portion, 0 < self.timestep_bias_portion <= 1,
+             "in (0, 1] (0.25: a quarter of the timesteps)"),
             ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "positive (1.0 is usual)"),
             ("validation_guidance_scale", self.validation_guidance_scale, self.validation_guidance_scale >= 0,
              "0 or more (1 or less turns guidance off; 5 is SDXL's default)"),

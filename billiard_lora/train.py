@@ -42,6 +42,7 @@ from .errors import OUT_OF_MEMORY, UserError, cli_entry, out_of_memory_detail
 from .graphs import MicroStepGraph
 from .io import atomic_write_json, atomic_write_text, nearest_existing, publish_dir
 from .lora import CHECKPOINT_PREFIX, lora_parameters, unet_lora_layers  # (the prefix: shared with generate/evaluate)
+from .noising import draw_timesteps, multires_noise, timestep_weights
 from .optim import make_optimizer
 from .paths import cache_dir
 
@@ -437,23 +438,38 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         raise UserError(f"--max_timestep={config.max_timestep} is past this model's "
                         f"{noise_scheduler.config.num_train_timesteps} timesteps: give at most that")
 
-    def draw(batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if config.timestep_bias_strategy == "range" and \
+            config.timestep_bias_end > noise_scheduler.config.num_train_timesteps:
+        raise UserError(f"--timestep_bias_end={config.timestep_bias_end} is past this model's "
+                        f"{noise_scheduler.config.num_train_timesteps} timesteps: give at most that")
+    bias = timestep_weights(config, noise_scheduler.config.num_train_timesteps)  # None: uniform
+    if bias is not None:
+        bias = bias.to(device)
+
+    def draw(batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Latents, the noise to predict, the timesteps, and the noise the latents are noised with (the same
+        tensor, except with --input_perturbation). Draws added by later options come after the older ones."""
         latents = latent_cache.sample(batch["pixel_values"], batch["keys"], gen, weight_dtype, twins=batch["twins"])
         noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
         if config.noise_offset:
             # https://www.crosslabs.org//blog/diffusion-with-offset-noise: learn overall brightness too
             noise += config.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
                                                        generator=gen, device=device, dtype=latents.dtype)
-        timesteps = torch.randint(config.min_timestep, max_timestep, (latents.shape[0],), generator=gen,
-                                  device=device).long()
-        return latents, noise, timesteps
+        timesteps = draw_timesteps(latents.shape[0], config.min_timestep, max_timestep, bias, gen, device)
+        if config.multires_noise_iterations:
+            noise = multires_noise(noise, gen, config.multires_noise_iterations, config.multires_noise_discount)
+        noised_with = noise
+        if config.input_perturbation:
+            noised_with = noise + config.input_perturbation * torch.randn(
+                latents.shape, generator=gen, device=device, dtype=latents.dtype)
+        return latents, noise, timesteps, noised_with
 
     fold = config.gradient_accumulation_steps // config.micro_steps
     processes, process = accelerator.num_processes, accelerator.process_index
     kept = [torch.zeros((), device=device), torch.ones((), device=device)]  # --caption_dropout_rate: 0 dropped, 1 kept
 
-    def draw_batch(batch: dict, epoch: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch's latents, noise and timesteps. One generator per micro-batch of --train_batch_size, seeded by
+    def draw_batch(batch: dict, epoch: int, batch_index: int) -> tuple[torch.Tensor, ...]:
+        """The batch's latents, noise, timesteps and input noise (``draw``). One generator per micro-batch of --train_batch_size, seeded by
         where training is (nothing to restore on resume); a folded batch draws for each micro-batch it holds with
         the generator that micro-batch has without folding (global batch g: index g // processes, process
         g % processes), so that folding changes how the step runs, not what it computes."""
@@ -482,11 +498,11 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         batches.set_epoch(epoch)  # reaches EpochShuffleSampler: this epoch's order, crops and flips
         for batch_index, batch in enumerate(batches, start=start):
             with accelerator.accumulate(*[unet, *text_encoders]):
-                # latents drawn from the cache, noise and timesteps: (B, 4, H/8, W/8), the same, (B,)
-                latents, noise, timesteps = draw_batch(batch, epoch, batch_index)
+                # latents drawn from the cache, noise, timesteps, input noise: (B, 4, H/8, W/8), the same, (B,), the same
+                latents, noise, timesteps, noised_with = draw_batch(batch, epoch, batch_index)
                 bsz = latents.shape[0]
                 # the forward diffusion process: noise the latents to the sampled timestep
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                noisy_latents = noise_scheduler.add_noise(latents, noised_with, timesteps)
 
                 time_ids = time_id_cache.lookup(batch["original_sizes"], batch["crop_top_lefts"],  # (B, 6)
                                                 batch["target_sizes"])
@@ -1724,7 +1740,9 @@ CHANGES_THE_RUN = ("dataset_name", "instance_data_dir", "kaggle_class", "kaggle_
                    "noise_offset", "with_prior_preservation", "class_prompt", "prior_loss_weight", "max_grad_norm",
                    "lora_dropout", "image_interpolation_mode", "num_class_images", "class_data_dir",
                    "fold_accumulation", "caption_dropout_rate", "loss_type", "huber_schedule", "huber_c",
-                   "min_timestep", "max_timestep", "debiased_estimation_loss")
+                   "min_timestep", "max_timestep", "debiased_estimation_loss", "multires_noise_iterations",
+                   "multires_noise_discount", "input_perturbation", "timestep_bias_strategy",
+                   "timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end", "timestep_bias_portion")
 
 
 def checkpoint_seed(out: Path, config: TrainConfig) -> int | None:
