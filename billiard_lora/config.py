@@ -278,6 +278,10 @@ class TrainConfig:
                 "ff.net.2), proj (proj_in, proj_out), conv (the ResNet blocks' and samplers' convolutions: kohya's "
                 "LoCon), or module names; 'attn,ff,proj' is what kohya's LoRA adapts in each transformer block.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
+    loraplus_lr_ratio: Optional[float] = _f(
+        None, "(kohya's) LoRA+ (arXiv 2402.12354): the LoRA's B matrices (and DoRA's magnitudes, as peft's "
+              "create_loraplus_optimizer groups them) learn at this multiple of the learning rate, the A matrices "
+              "at the learning rate itself; the paper suggests 16 (with a lower --learning_rate than plain LoRA).")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
     train_text_encoder: bool = _f(False, "Also train LoRA on both text encoders.")
     train_text_encoder_ti: bool = _f(
@@ -495,6 +499,8 @@ class TrainConfig:
              "in [0, 1) (0.05-0.1 is usual)"),
             ("text_encoder_lr", self.text_encoder_lr, self.text_encoder_lr > 0, "positive"),
             ("ti_learning_rate", self.ti_learning_rate, self.ti_learning_rate > 0, "positive (3e-4 is usual)"),
+            ("loraplus_lr_ratio", self.loraplus_lr_ratio, self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
+             "positive (16 is the LoRA+ paper's suggestion)"),
             ("train_text_encoder_ti_frac", self.train_text_encoder_ti_frac, 0 < self.train_text_encoder_ti_frac <= 1,
              "in (0, 1] (0.5: the first half of the steps)"),
             ("noise_offset", self.noise_offset, self.noise_offset >= 0, "0 or more (0.05-0.1 is usual)"),

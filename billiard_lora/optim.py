@@ -37,10 +37,10 @@ def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_proce
     name = config.optimizer.lower()
     if name == "prodigy":
         te_lr = ti_lr = lr  # Prodigy adapts one learning rate; diffusers' script uses the same for all
-    groups = [{"params": lora_parameters(unet), "lr": lr, "weight_decay": config.adam_weight_decay}]
-    te_params = [p for te in text_encoders for p in lora_parameters(te)]
-    if te_params:
-        groups.append({"params": te_params, "lr": te_lr, "weight_decay": config.adam_weight_decay_text_encoder})
+    groups = loraplus_groups([unet], lr, config.adam_weight_decay, config.loraplus_lr_ratio)
+    if any(lora_parameters(te) for te in text_encoders):
+        groups += loraplus_groups(text_encoders, te_lr, config.adam_weight_decay_text_encoder,
+                                  config.loraplus_lr_ratio)
     if embeddings:
         groups.append({"params": list(embeddings), "lr": ti_lr, "weight_decay": 0.0})
     betas = (config.adam_beta1, config.adam_beta2)
@@ -60,6 +60,20 @@ def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_proce
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=config.adam_epsilon, fused=True)
     except (RuntimeError, TypeError):  # an older torch, or a device without the fused kernel
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=config.adam_epsilon)
+
+
+def loraplus_groups(models: Sequence[torch.nn.Module], lr: float, weight_decay: float,
+                    ratio: float | None) -> list[dict]:
+    """The models' LoRA parameters as one optimizer group, or with --loraplus_lr_ratio two: the A matrices at
+    ``lr``, then the B matrices and any other 1-D parameter (DoRA's magnitudes) at ``lr * ratio``, the split of
+    peft's ``create_loraplus_optimizer``."""
+    named = [(n, p) for m in models for n, p in m.named_parameters() if p.requires_grad]
+    if ratio is None:
+        return [{"params": [p for _, p in named], "lr": lr, "weight_decay": weight_decay}]
+    fast = [p for n, p in named if "lora_B" in n or p.ndim == 1]
+    slow = [p for n, p in named if not ("lora_B" in n or p.ndim == 1)]
+    return [{"params": slow, "lr": lr, "weight_decay": weight_decay},
+            {"params": fast, "lr": lr * ratio, "weight_decay": weight_decay}]
 
 
 class _Pack:

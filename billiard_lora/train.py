@@ -1617,6 +1617,7 @@ def lora_signature(config: TrainConfig) -> dict:
             "lora_layers": unet_lora_layers(config.lora_layers),
             "train_text_encoder_ti": config.train_text_encoder_ti, "token_abstraction": config.token_abstraction,
             "num_new_tokens_per_abstraction": config.num_new_tokens_per_abstraction,
+            "loraplus": config.loraplus_lr_ratio is not None,  # the optimizer's groups: one or two per model
             # the optimizer's saved state only fits the same optimizer
             "optimizer": "AdamW8bit" if adam8 else {"adamw": "AdamW"}.get(config.optimizer.lower(), "Prodigy")}
 
@@ -1733,6 +1734,7 @@ RESTORED_ON_RESUME = ("learning_rate", "text_encoder_lr", "lr_scheduler", "lr_wa
                       "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_weight_decay_text_encoder",
                       "adam_epsilon", "prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction",
                       "prodigy_safeguard_warmup",
+                      "loraplus_lr_ratio",  # in the groups' learning rates
                       "ema_decay")  # --use_ema's average comes back with its decay
 CHANGES_THE_RUN = ("dataset_name", "instance_data_dir", "kaggle_class", "kaggle_splits", "caption_column",
                    "instance_prompt", "repeats", "resolution", "center_crop", "random_flip", "use_aspect_ratio_buckets",
@@ -1788,7 +1790,7 @@ def check_checkpoint_compatible(checkpoint: Path, config: TrainConfig) -> None:
     from .lora import UNET_TARGET_MODULES
 
     saved = {"use_ema": False, "train_text_encoder_ti": False, "lora_layers": UNET_TARGET_MODULES,  # from before
-             "token_abstraction": "TOK", "num_new_tokens_per_abstraction": 2,
+             "token_abstraction": "TOK", "num_new_tokens_per_abstraction": 2, "loraplus": False,
              **json.loads((checkpoint / STATE_FILE).read_text()).get("signature", {})}
     now = lora_signature(config)
     diff = [k for k in now if k in saved and saved[k] != now[k]]

@@ -2265,3 +2265,47 @@ def test_init_lora_goes_on_training_an_existing_lora_from_its_weights_rank_and_a
     add_lora(c.unet, rank=2, alpha=4)
     with pytest.raises(UserError, match=r"LoRA layers could be loaded|does not fit this model"):
         load_init_lora(first / "pytorch_lora_weights.safetensors", c.unet, [])  # (no text encoders to take theirs)
+
+
+# ---------------------------------------------------------------- --loraplus_lr_ratio
+@pytest.mark.parametrize("ratio", [None, 4.0])
+def test_loraplus_trains_the_b_matrices_at_its_multiple_of_the_learning_rate(tiny_model_dir, tiny_components,
+                                                                              tmp_path, ratio):
+    """Adam's first update moves each weight by the learning rate (its sign from the gradient); B starts at 0, so
+    after one step every B entry that had a gradient is +-lr, and with LoRA+ +-lr x ratio, in the UNet and the text
+    encoders, each at its own rate."""
+    c = tiny_components
+    train(tiny_config(tiny_model_dir, make_images(tmp_path / "data", n=2), tmp_path / "out", max_train_steps=1,
+                      train_text_encoder=True, text_encoder_lr=1e-4, loraplus_lr_ratio=ratio), components=c)
+    for model, lr in ((c.unet, 1e-3), (c.text_encoder_one, 1e-4), (c.text_encoder_two, 1e-4)):
+        b = torch.cat([p.detach().abs().flatten() for n, p in model.named_parameters() if "lora_B" in n])
+        moved = b[b > 0]
+        assert len(moved) > 0.5 * len(b)
+        assert moved.median().item() == pytest.approx(lr * (ratio or 1), rel=0.02)
+
+
+def test_loraplus_groups_work_with_every_optimizer_and_resume_exactly(tiny_model_dir, tmp_path):
+    from billiard_lora.lora import add_lora
+    from billiard_lora.models import load_components
+    from billiard_lora.optim import make_optimizer
+
+    c = load_components(str(tiny_model_dir))
+    add_lora(c.unet, rank=2, alpha=2, use_dora=True)
+    names = {id(p): n for n, p in c.unet.named_parameters()}
+    for kw in (dict(), dict(use_8bit_adam=True), dict(optimizer="prodigy", learning_rate=1.0)):
+        cfg = TrainConfig(instance_prompt="x", loraplus_lr_ratio=16.0, **kw)
+        slow, fast = make_optimizer(cfg, c.unet, [], 1).param_groups
+        assert slow["lr"] == cfg.learning_rate and fast["lr"] == 16 * cfg.learning_rate
+        assert all("lora_A" in names[id(p)] for p in slow["params"])
+        assert {names[id(p)].split(".")[-3] for p in fast["params"]} == {"lora_B", "lora_magnitude_vector"}
+    data = make_images(tmp_path / "data", n=3)
+    kw = dict(max_train_steps=4, checkpointing_steps=2, loraplus_lr_ratio=8.0, learning_rate=1e-4)
+    full = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "full", **kw)))
+    with pytest.raises(Crash):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", **kw), callback=crash_at_step(3))
+    with pytest.raises(UserError, match="was made with loraplus=True but this run has loraplus=False"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", resume_from_checkpoint="latest",
+                          **{**kw, "loraplus_lr_ratio": None}))
+    resumed = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "resumed",
+                                             resume_from_checkpoint="latest", **kw)))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
