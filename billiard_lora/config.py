@@ -95,6 +95,15 @@ class TrainConfig:
               "~/.cache/billiard_lora/latents); one subfolder per VAE, safe to delete.")
     skip_bad_images: bool = _f(
         False, "(billiard-lora) Train on the readable images when some files are broken, instead of stopping.")
+    masked_loss: bool = _f(
+        False, "(kohya's) Learn only where each image's mask is white: the loss of each latent pixel is multiplied "
+               "by the mask there (grey: in part; black: not at all), so that backgrounds are not learned. The "
+               "masks come from --mask_data_dir or, without it, from each image's alpha channel (kohya's "
+               "--alpha_mask); class images are learned whole.")
+    mask_data_dir: Optional[str] = _f(
+        None, "(billiard-lora) The folder of --masked_loss's masks: one greyscale image per training image, with its "
+              "file name (any image extension; beside the image's relative path in the dataset, or at the top), of "
+              "the image's shape.")
 
     # ---- prior preservation
     with_prior_preservation: bool = _f(False, "Add the prior-preservation loss on class images.")
@@ -352,6 +361,8 @@ class TrainConfig:
                             f"{MIN_RESOLUTION} px (the seed's run uses 1024)")
         self.buckets  # a malformed --aspect_ratio_buckets says so here
         self._check_ranges()
+        if self.mask_data_dir and not self.masked_loss:
+            raise UserError("--mask_data_dir holds the masks of --masked_loss: add that flag, or drop --mask_data_dir")
         if self.with_prior_preservation and not self.class_prompt:
             raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a man playing billiard')")
         if not self.with_prior_preservation and (self.class_prompt or self.class_data_dir):

@@ -736,6 +736,64 @@ def render_view(image: Image.Image, resolution: int, size: tuple[int, int], crop
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss masks (--masked_loss): white trains, black is ignored
+
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def alpha_mask(path_or_image: str | Path | Image.Image) -> Image.Image | None:
+    """The image's alpha channel as an upright "L" mask (kohya's --alpha_mask), or None if it has none."""
+    def from_image(img: Image.Image) -> Image.Image | None:
+        if img.mode not in ALPHA_MODES and not (img.mode == "P" and "transparency" in img.info):
+            return None
+        return ImageOps.exif_transpose(img).convert("RGBA").getchannel("A")
+
+    if isinstance(path_or_image, Image.Image):
+        return from_image(path_or_image)
+    with Image.open(path_or_image) as img:  # the image itself was decoded (and checked) already
+        return from_image(img)
+
+
+def find_mask_file(image_path: Path, root: Path | None, mask_dir: Path) -> Path | None:
+    """The mask of ``image_path`` in ``mask_dir``: a file with the image's name (any image extension) at the image's
+    path relative to the dataset's root, or at the top of ``mask_dir``."""
+    rel_parent = image_path.parent.relative_to(root) if root is not None and image_path.is_relative_to(root) else None
+    for folder in ([mask_dir / rel_parent] if rel_parent not in (None, Path(".")) else []) + [mask_dir]:
+        for ext in IMAGE_EXTENSIONS:
+            for name in (image_path.stem + ext, image_path.stem + ext.upper()):
+                if (folder / name).is_file():
+                    return folder / name
+    return None
+
+
+def load_mask(path: Path, image_size: tuple[int, int]) -> Image.Image:
+    """A mask file as an "L" image of ``image_size`` (w, h): any format ``load_image`` reads, scaled when it was made
+    at another resolution of the same shape; another shape is a one-line error naming both."""
+    mask = load_image(path).convert("L")
+    if mask.size != image_size:
+        (mw, mh), (w, h) = mask.size, image_size
+        if abs(mw / mh - w / h) > 0.01 * (w / h):
+            raise UserError(f"{path}: mask is {mw}x{mh} but its image is {w}x{h}; make the mask the image's shape "
+                            f"(white where the loss counts)")
+        mask = mask.resize(image_size, resample=Image.Resampling.BILINEAR)
+    return mask
+
+
+def render_mask(mask: Image.Image, size: tuple[int, int], crop: tuple[int, int], *, flip: bool,
+                target: tuple[int, int], latent_factor: int = 8) -> torch.Tensor:
+    """A view of the mask, resized, flipped and cropped as ``render_view`` does the image, then averaged down to
+    the latents' (h/8, w/8) (kohya's "area" interpolation): (1, h/8, w/8) in [0, 1]."""
+    if size != mask.size:
+        mask = mask.resize(size, resample=Image.Resampling.BILINEAR)
+    if flip:
+        mask = ImageOps.mirror(mask)
+    (top, left), (th, tw) = crop, target
+    arr = np.asarray(mask.crop((left, top, left + tw, top + th)), dtype=np.float32) / 255.0
+    full = torch.from_numpy(arr.copy())[None, None]
+    return torch.nn.functional.interpolate(full, size=(th // latent_factor, tw // latent_factor), mode="area")[0]
+
+
 def prepare_image(
     image: Image.Image,
     resolution: int,

@@ -416,12 +416,16 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     model = accelerator.unwrap_model(unet) if average_by_hand else unet
     encoders = [accelerator.unwrap_model(te) if average_by_hand else te for te in (te_one, te_two)]
 
-    def forward_backward(noisy_latents, timesteps, text_a, text_b, time_ids, target, keep=None) -> torch.Tensor:
+    def forward_backward(noisy_latents, timesteps, text_a, text_b, time_ids, target, *extra) -> torch.Tensor:
         """The micro-step's GPU work: predict, score, backpropagate into the adapters (a CUDA graph with --cuda_graphs).
 
         ``text_a, text_b``: the cached prompt embeddings and pooled embeddings, or, when the text encoders learn
-        too, each encoder's token ids, which they encode here (inside the recorded step). ``keep`` (B,):
-        --caption_dropout_rate's 1 or 0 per image, by which its text conditioning is multiplied."""
+        too, each encoder's token ids, which they encode here (inside the recorded step). ``extra``, in this order
+        where on: ``keep`` (B,), --caption_dropout_rate's 1 or 0 per image, by which its text conditioning is
+        multiplied; ``mask`` (B, 1, h, w), --masked_loss's weight of each latent pixel's loss."""
+        extra = list(extra)
+        keep = extra.pop(0) if config.caption_dropout_rate else None
+        mask = extra.pop(0) if config.masked_loss else None
         if prompt_cache is None:
             text_a, text_b = encode_prompt(encoders, None, input_ids=[text_a, text_b])
         if keep is not None:
@@ -429,7 +433,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         model_pred = model(noisy_latents, timesteps, text_a.to(weight_dtype),
                            added_cond_kwargs={"time_ids": time_ids, "text_embeds": text_b.to(weight_dtype)},
                            return_dict=False)[0]
-        loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, config)
+        loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, config, mask)
         accelerator.backward(loss)
         return loss.detach()
 
@@ -517,8 +521,10 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                 if compiled_graphs:  # a new iteration: CUDA graphs may reuse the memory of the last one's outputs
                     torch.compiler.cudagraph_mark_step_begin()
                 # --caption_dropout_rate: 1 or 0 per image (stacked from tensors on the device: no copy from the host)
-                keep = [torch.stack([kept[not d] for d in batch["dropped"]])] if config.caption_dropout_rate else []
-                loss = micro_step(noisy_latents, timesteps, *text, time_ids, target, *keep)
+                extra = [torch.stack([kept[not d] for d in batch["dropped"]])] if config.caption_dropout_rate else []
+                if config.masked_loss:  # (B, 1, h/8, w/8), in batch order as the latents
+                    extra.append(batch["masks"].to(device, non_blocking=True))
+                loss = micro_step(noisy_latents, timesteps, *text, time_ids, target, *extra)
                 # summed on the device: reading a value would make the CPU wait for the GPU every micro-step
                 accum_loss, accum_n = accum_loss + loss, accum_n + 1
                 if accelerator.sync_gradients:
@@ -1279,6 +1285,7 @@ class TrainImage:
     image: Any  # PIL.Image.Image, RGB
     caption: str
     key: str
+    mask: Any = None  # --masked_loss: PIL "L" of the image's size, white where the loss counts; None: everywhere
 
 
 def load_training_images(config: TrainConfig) -> list[TrainImage]:
@@ -1295,14 +1302,39 @@ def load_training_images(config: TrainConfig) -> list[TrainImage]:
         warnings.warn(f"--kaggle_class/--kaggle_splits select from a Kaggle-layout folder (train|valid|test/<class>/); "
                       f"{source.description} is not one, so every image in it is used")
     report = audit(source, config.resolution)
-    images = []
-    for ex in report.raise_for_bad(skip_bad=config.skip_bad_images):
+    images, examples = [], report.raise_for_bad(skip_bad=config.skip_bad_images)
+    for ex in examples:
         img = load_example(ex)  # decoded once, held in memory: a file that changes mid-run cannot break the run
         raw = Path(ex.path).read_bytes() if ex.path is not None else img.tobytes()
         images.append(TrainImage(img, ex.caption or config.instance_prompt, hashlib.sha256(raw).hexdigest()[:16]))
     if not images:
         raise UserError(f"no usable training images in {source.description}")
+    if config.masked_loss:
+        attach_masks(images, examples, source.root, config)
     return images
+
+
+def attach_masks(images: list[TrainImage], examples: list, root: Path | None, config: TrainConfig) -> None:
+    """--masked_loss: each image's mask, from --mask_data_dir or its alpha channel; every image must have one."""
+    from .data import alpha_mask, find_mask_file, load_mask
+
+    folder = Path(config.mask_data_dir).expanduser() if config.mask_data_dir else None
+    if folder is not None and not folder.is_dir():
+        raise UserError(f"--mask_data_dir={config.mask_data_dir}: no such folder; give the folder of the masks")
+    missing = []
+    for i, (im, ex) in enumerate(zip(images, examples)):
+        name = str(ex.path) if ex.path is not None else f"image {i}"
+        if folder is None:
+            im.mask = alpha_mask(ex.image if ex.image is not None else ex.path)
+        elif ex.path is not None and (found := find_mask_file(Path(ex.path), root, folder)) is not None:
+            im.mask = load_mask(found, im.image.size)
+        if im.mask is None:
+            missing.append(Path(name).name)
+    if missing:
+        where = f"a file of the same name in {folder}" if folder else "an alpha channel (or use --mask_data_dir)"
+        raise UserError(f"--masked_loss: {_count(len(missing), 'image')} of {len(images)} without a mask ("
+                        f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): give each {where}, or drop "
+                        f"--masked_loss")
 
 
 class DreamBoothDataset(Dataset):
@@ -1366,8 +1398,14 @@ class DreamBoothDataset(Dataset):
         twin = view_key(crop, not flip) if cfg.random_flip and one_crop and centred else None
         pixels = None if self.cached(key) else render_view(image, cfg.resolution, size, crop, flip=flip,
                                                            interpolation=cfg.image_interpolation_mode, target=target)
-        return {"pixel_values": pixels, "original_size": (image.height, image.width), "crop_top_left": crop,
+        view = {"pixel_values": pixels, "original_size": (image.height, image.width), "crop_top_left": crop,
                 "target_size": target, "caption": item.caption, "flipped": flip, "key": key, "twin": twin}
+        if cfg.masked_loss:  # the mask's view, cut as the image's, at the latents' size (class images: all ones)
+            from .data import render_mask
+
+            view["mask"] = render_mask(item.mask, size, crop, flip=flip, target=target) if item.mask is not None \
+                else torch.ones((1, th // 8, tw // 8))
+        return view
 
     def __getitem__(self, epoch_and_index: tuple[int, int]) -> dict:
         epoch, index = epoch_and_index
@@ -1436,6 +1474,7 @@ def collate(examples: list[dict]) -> dict:
         "dropped": [p.get("dropped", False) for p in parts],  # --caption_dropout_rate: trained without its caption
         "keys": [p["key"] for p in parts],
         "twins": [p["twin"] for p in parts],  # each view's mirror image's key, where the cache should take it too
+        **({"masks": torch.stack([p["mask"] for p in parts])} if "mask" in parts[0] else {}),  # (B, 1, h/8, w/8)
     }
 
 
@@ -1458,17 +1497,22 @@ def seeded_generator(seed: int, epoch: int, batch_index: int, process: int, devi
 
 # ============================================================================ loss and optimizer
 def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler,
-                   config: TrainConfig) -> torch.Tensor:
+                   config: TrainConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The error to the target (squared, or pseudo-Huber with --loss_type), optionally Min-SNR weighted
-    (arXiv 2303.09556), plus the prior-preservation term."""
+    (arXiv 2303.09556), plus the prior-preservation term. ``mask`` (B, 1, h, w), --masked_loss: each element's
+    error is multiplied by it before the mean (kohya's: a half-masked image counts half)."""
     from diffusers.training_utils import compute_snr
 
     error = partial(elementwise_loss, config=config, c=huber_c(timesteps, noise_scheduler, config))
 
+    def masked_error(pred, target, rows: slice) -> torch.Tensor:
+        e = error(pred, target, rows=rows)
+        return e if mask is None else e * mask[rows]
+
     def mean_error(pred, target, rows: slice) -> torch.Tensor:
-        if config.loss_type == "l2":
+        if config.loss_type == "l2" and mask is None:
             return F.mse_loss(pred, target, reduction="mean")
-        return error(pred, target, rows=rows).mean()
+        return masked_error(pred, target, rows=rows).mean()
 
     prior_loss = 0.0
     if config.with_prior_preservation:
@@ -1489,7 +1533,8 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: to
         if config.debiased_estimation_loss:  # as kohya's: 1/sqrt(SNR), the SNR capped at 1000 (t near 0)
             capped = torch.clamp(snr, max=1000)
             weights = weights / torch.sqrt(capped + 1 if v_pred else capped)
-        per_sample = error(model_pred.float(), target.float(), rows=slice(0, len(model_pred))).mean(dim=(1, 2, 3))
+        per_sample = masked_error(model_pred.float(), target.float(), rows=slice(0, len(model_pred))).mean(
+            dim=(1, 2, 3))
         loss = (per_sample * weights).mean()
     return loss + config.prior_loss_weight * prior_loss
 
@@ -1744,7 +1789,8 @@ CHANGES_THE_RUN = ("dataset_name", "instance_data_dir", "kaggle_class", "kaggle_
                    "fold_accumulation", "caption_dropout_rate", "loss_type", "huber_schedule", "huber_c",
                    "min_timestep", "max_timestep", "debiased_estimation_loss", "multires_noise_iterations",
                    "multires_noise_discount", "input_perturbation", "timestep_bias_strategy",
-                   "timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end", "timestep_bias_portion")
+                   "timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end", "timestep_bias_portion",
+                   "masked_loss", "mask_data_dir")
 
 
 def checkpoint_seed(out: Path, config: TrainConfig) -> int | None:
