@@ -56,6 +56,9 @@
 #  31. as 11 with session 17's training options together: --use_ema --train_text_encoder_ti (the text encoders in the
 #      recorded step, frozen, with new token rows) --caption_dropout_rate 0.3 --loss_type huber: recorded, and the same
 #      LoRA as eager?
+#  32. as 11 with session 18's training options together: --masked_loss (half-white masks for the embedded scenes)
+#      --multires_noise_iterations 6 --input_perturbation 0.1 --timestep_bias_strategy later --loraplus_lr_ratio 16:
+#      recorded, and the same LoRA as eager?
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -277,8 +280,21 @@ p31() { part "31. --cuda_graphs with EMA, pivotal tuning, caption dropout, Huber
   graphs_vs_eager 31 ema_ti_dropout_huber --use_ema --train_text_encoder_ti --caption_dropout_rate=0.3 \
     --loss_type=huber --instance_prompt="a photo of TOK playing billiard"; }
 
+p32() { part "32. --cuda_graphs with masked loss, multi-resolution noise, input perturbation, timestep bias, LoRA+ on the tiny model: the same LoRA as eager? ($(left) s left)"
+  "$PY" - "$WORK/masks32" <<'PYEOF'
+import sys
+from pathlib import Path
+from PIL import Image
+out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+for p in sorted(Path("data/default").glob("*.png")):
+    w, h = Image.open(p).size
+    mask = Image.new("L", (w, h), 0); mask.paste(255, (0, 0, w // 2, h)); mask.save(out / p.name)
+PYEOF
+  graphs_vs_eager 32 masked_multires_perturbed_biased_loraplus --masked_loss --mask_data_dir="$WORK/masks32" \
+    --multires_noise_iterations=6 --input_perturbation=0.1 --timestep_bias_strategy=later --loraplus_lr_ratio=16; }
+
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] || exit 0  # parts that print their checks only (11, 17, 21, 24, 25) write no rows

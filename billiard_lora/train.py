@@ -1981,6 +1981,12 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
         write_model_card(out, config)
 
 
+# settings the model card lists only where a run changed them
+SHOWN_IF_SET = ("loraplus_lr_ratio", "masked_loss", "timestep_bias_strategy", "timestep_bias_multiplier",
+                "multires_noise_iterations", "input_perturbation", "noise_offset", "min_timestep", "max_timestep",
+                "debiased_estimation_loss")
+
+
 def write_model_card(out: Path, config: TrainConfig) -> None:
     """README.md beside the LoRA: what it is, how it was trained, how to use it in diffusers, ComfyUI and A1111."""
     from string import Template
@@ -2001,8 +2007,9 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
                   f"are in `{NO_EMA_DIR}/`." if config.use_ema else "") + _pivotal_note(out, config),
         sample=f"![validation samples](validation/{grids[-1].name})\n" if grids else "(no validation prompt was set)\n",
         settings="\n".join(f"| `{k}` | `{v}` |" for k, v in config.to_dict().items()
-                           if k in shown and (config.use_ema or k != "ema_decay")
-                           and (config.train_text_encoder_ti or k != "token_abstraction")),
+                           if (k in shown and (config.use_ema or k != "ema_decay")
+                               and (config.train_text_encoder_ti or k != "token_abstraction"))
+                           or (k in SHOWN_IF_SET and v != TrainConfig.__dataclass_fields__[k].default)),
         vae=vae or "madebyollin/sdxl-vae-fp16-fix", vae_arg="vae=vae, " if vae else "",
         vae_comment="" if vae else "# optional, SDXL's own VAE can overflow in fp16: ",
         kohya=("`pytorch_lora_weights_kohya.safetensors` (kohya/webui format)" if config.output_kohya_format else

@@ -101,6 +101,9 @@ def test_noise_recipes_change_the_lora_and_resume_bit_for_bit(tiny_model_dir, tm
               noise_offset=0.05, multires_noise_iterations=4, input_perturbation=0.1,
               timestep_bias_strategy="later", timestep_bias_multiplier=2.0)
     full = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "full", **kw)))
+    card = (tmp_path / "full" / "README.md").read_text()  # the model card lists the settings a run changed
+    assert "| `timestep_bias_strategy` | `later` |" in card and "| `multires_noise_iterations` | `4` |" in card
+    assert "masked_loss" not in card and "loraplus_lr_ratio" not in card
     with pytest.raises(Crash):
         train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", **kw), callback=crash_at_step(4))
     resumed = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "resumed",
