@@ -473,10 +473,10 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     kept = [torch.zeros((), device=device), torch.ones((), device=device)]  # --caption_dropout_rate: 0 dropped, 1 kept
 
     def draw_batch(batch: dict, epoch: int, batch_index: int) -> tuple[torch.Tensor, ...]:
-        """The batch's latents, noise, timesteps and input noise (``draw``). One generator per micro-batch of --train_batch_size, seeded by
-        where training is (nothing to restore on resume); a folded batch draws for each micro-batch it holds with
-        the generator that micro-batch has without folding (global batch g: index g // processes, process
-        g % processes), so that folding changes how the step runs, not what it computes."""
+        """The batch's latents, noise, timesteps and input noise (``draw``). One generator per micro-batch of
+        --train_batch_size, seeded by where training is (nothing to restore on resume); a folded batch draws for
+        each micro-batch it holds with the generator that micro-batch has without folding (global batch g: index
+        g // processes, process g % processes), so that folding changes how the step runs, not what it computes."""
         parts = micro_batch_rows(len(batch["keys"]), config.train_batch_size, config.with_prior_preservation)
         drawn = []
         for j, rows in enumerate(parts):
@@ -502,7 +502,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         batches.set_epoch(epoch)  # reaches EpochShuffleSampler: this epoch's order, crops and flips
         for batch_index, batch in enumerate(batches, start=start):
             with accelerator.accumulate(*[unet, *text_encoders]):
-                # latents drawn from the cache, noise, timesteps, input noise: (B, 4, H/8, W/8), the same, (B,), the same
+                # latents drawn from the cache, noise, timesteps, input noise: (B, 4, H/8, W/8), same, (B,), same
                 latents, noise, timesteps, noised_with = draw_batch(batch, epoch, batch_index)
                 bsz = latents.shape[0]
                 # the forward diffusion process: noise the latents to the sampled timestep
@@ -1354,6 +1354,7 @@ class DreamBoothDataset(Dataset):
         # ``cached(key)`` says the latent cache already holds a view: its pixels (a resize of a full photo on the
         # CPU, tens of ms at 1024 px) are then not made at all.
         self.cached = cached or (lambda key: False)
+        self.mask_views: dict[tuple, torch.Tensor] = {}  # --masked_loss: each view's mask, made once (small tensors)
         # each instance image's view size (h, w): its aspect-ratio bucket, or the square resolution; a class image
         # takes the size of the instance image it is paired with (both go through the UNet in one batch)
         buckets = config.buckets
@@ -1403,8 +1404,11 @@ class DreamBoothDataset(Dataset):
         if cfg.masked_loss:  # the mask's view, cut as the image's, at the latents' size (class images: all ones)
             from .data import render_mask
 
-            view["mask"] = render_mask(item.mask, size, crop, flip=flip, target=target) if item.mask is not None \
-                else torch.ones((1, th // 8, tw // 8))
+            mask_key = (id(item), key)  # (an instance and a class image may share their content, not their mask)
+            if mask_key not in self.mask_views:
+                self.mask_views[mask_key] = render_mask(item.mask, size, crop, flip=flip, target=target) \
+                    if item.mask is not None else torch.ones((1, th // 8, tw // 8))
+            view["mask"] = self.mask_views[mask_key]
         return view
 
     def __getitem__(self, epoch_and_index: tuple[int, int]) -> dict:
