@@ -150,3 +150,19 @@ def test_missing_or_unfit_masks_are_one_line_errors(tiny_model_dir, tmp_path, ca
 def test_mask_data_dir_needs_masked_loss(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="--mask_data_dir holds the masks of --masked_loss: add that flag"):
         tiny_config(tiny_model_dir, tmp_path, tmp_path / "out", mask_data_dir=str(tmp_path))
+
+
+def test_masks_are_found_beside_the_images_relative_path_before_the_top_of_the_folder(tmp_path):
+    """Kaggle's layout repeats file names across splits (train/billiards/001.jpg, valid/billiards/001.jpg): the mask
+    at the image's relative path wins; one at the top of the folder serves images without one there."""
+    from billiard_lora.data import find_mask_file
+
+    root, masks = tmp_path / "data", tmp_path / "masks"
+    for split in ("train", "valid"):
+        (masks / split / "billiards").mkdir(parents=True)
+        (masks / split / "billiards" / "001.png").write_bytes(b"")
+    (masks / "002.PNG").write_bytes(b"")
+    assert find_mask_file(root / "train" / "billiards" / "001.jpg", root, masks) == masks / "train/billiards/001.png"
+    assert find_mask_file(root / "valid" / "billiards" / "001.jpg", root, masks) == masks / "valid/billiards/001.png"
+    assert find_mask_file(root / "valid" / "billiards" / "002.jpg", root, masks) == masks / "002.PNG"
+    assert find_mask_file(root / "test" / "billiards" / "003.jpg", root, masks) is None
