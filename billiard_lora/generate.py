@@ -29,6 +29,7 @@ from .hub import download_lora, fetch_embeddings, hub_lora
 from .lora import CHECKPOINT_PREFIX, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, read_metadata
 from .models import SDXL_BASE, SDXL_VAE_FP16_FIX, load_pipeline, store_weights_in_fp8
 from .pivotal import find_embeddings, insert_tokens, read_embeddings
+from .prompts import too_long, weighted_embeddings
 from .viz import image_grid, save_image
 
 DEFAULT_INSTANCE_PROMPT = "a photo of messi playing billiard"  # the seed project's instance prompt
@@ -528,6 +529,7 @@ class GeneratedImage:
     fp8_base: bool = False  # the UNet's weights stored in float8 (load_generation_pipeline(fp8_base=True))
     vae_tiling: int = 0  # the tile size in pixels where the VAE decoded this image in tiles (vae_tiling=...), else 0
     scheduler: str = "default"  # the sampler (set_scheduler), a key of SCHEDULERS
+    prompt_weighting: bool = False  # encoded by compel: weights read, long prompts whole (billiard_lora.prompts)
 
     def metadata(self) -> dict[str, str]:
         """Settings as PNG text chunks (all strings; empty where not applicable)."""
@@ -536,7 +538,7 @@ class GeneratedImage:
             guidance_scale=self.guidance_scale, lora_scale=self.lora_scale, lora_names=",".join(self.lora_names),
             lora_weights=",".join(f"{w:g}" for w in self.lora_weights), width=self.width, height=self.height,
             model=self.model, fused=self.fused, fp8_base=self.fp8_base, vae_tiling=self.vae_tiling,
-            scheduler=self.scheduler,
+            scheduler=self.scheduler, prompt_weighting=self.prompt_weighting,
         )
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
@@ -544,11 +546,14 @@ class GeneratedImage:
 def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, negative_prompt: str | None = None,
              num_inference_steps: int = 30, guidance_scale: float = 5.0, height: int | None = None,
              width: int | None = None, lora_scale: float | None = None, progress: bool = True,
-             cuda_graphs: bool | None = None) -> list[GeneratedImage]:
+             cuda_graphs: bool | None = None, prompt_weighting: bool = False) -> list[GeneratedImage]:
     """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight.
 
     ``cuda_graphs`` (default: what ``load_generation_pipeline`` was given): on a CUDA GPU, the UNet's forward is
     recorded once as a CUDA graph in this call and replayed at every later denoising step (the same images).
+    ``prompt_weighting``: the prompts are encoded by compel (``billiard_lora.prompts``): whole, however long, in
+    75-token chunks, with weights such as ``(green felt:1.3)`` or ``billiard++``; without it a prompt is cut at 77
+    tokens (a warning says which).
     """
     from tqdm.auto import tqdm
 
@@ -569,16 +574,29 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     results = []
     if cuda_graphs is None:
         cuda_graphs = getattr(pipe, "billiard_cuda_graphs", False)
+    if not prompt_weighting:
+        for text, n in too_long(pipe, dict.fromkeys([*prompts, negative_prompt])):
+            warnings.warn(f"prompt {text[:40]!r}... is {n} tokens: SDXL's text encoders read "
+                          f"{pipe.tokenizer.model_max_length}, the rest is cut off; --prompt_weighting "
+                          f"(prompt_weighting=True) encodes all of it, in chunks", stacklevel=2)
     with _lora_scale(pipe, loras, lora_scale), sampling_graphs(pipe.unet, cuda_graphs):
         sync_embeddings(pipe, lora_scale=lora_scale)  # the active LoRAs' token embeddings (pivotal tuning) only
         jobs = [(p, s) for p in prompts for s in seeds]
+        encoded: dict[str, dict] = {}  # prompt -> the pipeline's text inputs, encoded once for all its seeds
+
+        def text_inputs(prompt: str) -> dict:
+            if prompt not in encoded:
+                text, negative = with_tokens(pipe, prompt), with_tokens(pipe, negative_prompt)
+                encoded[prompt] = weighted_embeddings(pipe, text, negative) if prompt_weighting else \
+                    dict(prompt=text, negative_prompt=negative)
+            return encoded[prompt]
+
         for prompt, seed in tqdm(jobs, desc="images", unit="image", disable=not progress):
             # A CPU generator per image: the same seed gives the same starting noise on any GPU or CPU, and an
             # image never depends on the ones generated before it.
             generator = torch.Generator("cpu").manual_seed(seed)
             try:
-                image = pipe(prompt=with_tokens(pipe, prompt), negative_prompt=with_tokens(pipe, negative_prompt),
-                             num_inference_steps=num_inference_steps,
+                image = pipe(**text_inputs(prompt), num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, height=height, width=width,
                              generator=generator).images[0]
             except OUT_OF_MEMORY as exc:
@@ -593,7 +611,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 lora_names=tuple(s.name for s in loras), width=image.width, height=image.height,
                 lora_weights=tuple(s.scale for s in loras), model=getattr(pipe.config, "_name_or_path", ""),
                 fused=fused, fp8_base=fp8, vae_tiling=_decoded_in_tiles(pipe, image),
-                scheduler=getattr(pipe, "billiard_scheduler", "default"),
+                scheduler=getattr(pipe, "billiard_scheduler", "default"), prompt_weighting=prompt_weighting,
             ))
     return results
 
@@ -843,6 +861,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "for SDXL)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--negative_prompt", help="what the images should not show, e.g. 'blurry, lowres'")
+    p.add_argument("--prompt_weighting", action="store_true",
+                   help="encode the prompts with compel: prompts longer than CLIP's 77 tokens whole (in chunks, as "
+                        "A1111 and ComfyUI), and weights: (green felt:1.3) or (green felt)1.3, billiard++, smoke-")
     p.add_argument("--scheduler", default="default", choices=list(SCHEDULERS),
                    help="the sampler, as A1111 and ComfyUI name them, built from the model's own scheduler settings "
                         "(default: the model's own, Euler for SDXL base)")
@@ -933,10 +954,11 @@ def main(argv: list[str] | None = None) -> int:
                                     cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
                                     scheduler=args.scheduler, files=lora_files)
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-              height=args.height, width=args.width)
+              height=args.height, width=args.width, prompt_weighting=args.prompt_weighting)
     out = Path(args.out)
     # Grids carry the settings that made them; single images carry their own (GeneratedImage.metadata).
-    settings = {**{k: v for k, v in kw.items() if v is not None}, "model": args.model, "loras": args.lora,
+    settings = {**{k: v for k, v in kw.items() if v is not None and v is not False}, "model": args.model,
+                "loras": args.lora,
                 "prompts": prompts, **({"fp8_base": True} if args.fp8_base else {}),
                 **({"vae_tiling": args.vae_tiling} if args.vae_tiling else {}),
                 **({"scheduler": args.scheduler} if args.scheduler != "default" else {})}
