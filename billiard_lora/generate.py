@@ -41,6 +41,7 @@ DEFAULT_SUBJECTS = (
     "an astronaut",
 )
 DEFAULT_SCALES = (0.0, 0.3, 0.6, 0.9, 1.2)
+DEFAULT_STRENGTH = 0.6  # image-to-image: enough noise for the LoRA's subject to appear, the layout kept
 # "a photo of | messi | playing billiard": the first "... of" is the framing, then the subject, then the action.
 _SUBJECT_PATTERN = re.compile(r"^(?P<pre>.*?\bof\s+)?(?P<subject>.+?)\s+(?P<rest>playing\s+billiards?\b.*)$",
                               re.IGNORECASE)
@@ -530,6 +531,8 @@ class GeneratedImage:
     vae_tiling: int = 0  # the tile size in pixels where the VAE decoded this image in tiles (vae_tiling=...), else 0
     scheduler: str = "default"  # the sampler (set_scheduler), a key of SCHEDULERS
     prompt_weighting: bool = False  # encoded by compel: weights read, long prompts whole (billiard_lora.prompts)
+    init_image: str = ""  # image-to-image: the starting image (its file name, or "in-memory image"); "" for text only
+    strength: float | None = None  # image-to-image: how much of the starting image is noised away (0-1)
 
     def metadata(self) -> dict[str, str]:
         """Settings as PNG text chunks (all strings; empty where not applicable)."""
@@ -538,7 +541,8 @@ class GeneratedImage:
             guidance_scale=self.guidance_scale, lora_scale=self.lora_scale, lora_names=",".join(self.lora_names),
             lora_weights=",".join(f"{w:g}" for w in self.lora_weights), width=self.width, height=self.height,
             model=self.model, fused=self.fused, fp8_base=self.fp8_base, vae_tiling=self.vae_tiling,
-            scheduler=self.scheduler, prompt_weighting=self.prompt_weighting,
+            scheduler=self.scheduler, prompt_weighting=self.prompt_weighting, init_image=self.init_image,
+            strength=self.strength,
         )
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
@@ -546,7 +550,9 @@ class GeneratedImage:
 def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, negative_prompt: str | None = None,
              num_inference_steps: int = 30, guidance_scale: float = 5.0, height: int | None = None,
              width: int | None = None, lora_scale: float | None = None, progress: bool = True,
-             cuda_graphs: bool | None = None, prompt_weighting: bool = False) -> list[GeneratedImage]:
+             cuda_graphs: bool | None = None, prompt_weighting: bool = False,
+             init_image: str | Path | Image.Image | None = None, strength: float = DEFAULT_STRENGTH
+             ) -> list[GeneratedImage]:
     """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight.
 
     ``cuda_graphs`` (default: what ``load_generation_pipeline`` was given): on a CUDA GPU, the UNet's forward is
@@ -554,6 +560,11 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     ``prompt_weighting``: the prompts are encoded by compel (``billiard_lora.prompts``): whole, however long, in
     75-token chunks, with weights such as ``(green felt:1.3)`` or ``billiard++``; without it a prompt is cut at 77
     tokens (a warning says which).
+    ``init_image`` (a file or PIL image): image-to-image, as A1111's img2img: the image, fitted to ``height`` x
+    ``width`` (by default the SDXL bucket nearest its shape at the model's resolution), is encoded, noised by
+    ``strength`` (1: all of it, the image only sets the size) and denoised with the prompt, through diffusers'
+    ``StableDiffusionXLImg2ImgPipeline`` on the same models, LoRAs included (``strength`` x ``num_inference_steps``
+    denoising steps).
     """
     from tqdm.auto import tqdm
 
@@ -566,6 +577,13 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     _check_settings(seeds, num_inference_steps, height, width)
     # SDXL zeroes the unconditional embedding only for None; "" would encode an empty prompt instead.
     negative_prompt = negative_prompt or None
+    run, image_kw, init_name = pipe, {}, ""
+    if init_image is not None:
+        check_strength(strength, num_inference_steps)
+        start = fit_init_image(pipe, init_image, height, width)
+        run, image_kw = image_to_image(pipe), dict(image=start, strength=strength)
+        height, width = start.height, start.width  # (the image-to-image pipeline takes its size from the image)
+        init_name = Path(init_image).name if not isinstance(init_image, Image.Image) else "in-memory image"
     pipe.set_progress_bar_config(disable=True)  # one bar over images below, not one per image
     loras = active_loras(pipe)
     fused = _is_fused(pipe)
@@ -596,9 +614,9 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
             # image never depends on the ones generated before it.
             generator = torch.Generator("cpu").manual_seed(seed)
             try:
-                image = pipe(**text_inputs(prompt), num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale, height=height, width=width,
-                             generator=generator).images[0]
+                image = run(**text_inputs(prompt), **image_kw, num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, generator=generator,
+                            **({} if image_kw else dict(height=height, width=width))).images[0]
             except OUT_OF_MEMORY as exc:
                 if _is_offloaded(pipe):
                     pipe.maybe_free_model_hooks()  # the model that ran out goes back to CPU memory, for what follows
@@ -612,8 +630,44 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 lora_weights=tuple(s.scale for s in loras), model=getattr(pipe.config, "_name_or_path", ""),
                 fused=fused, fp8_base=fp8, vae_tiling=_decoded_in_tiles(pipe, image),
                 scheduler=getattr(pipe, "billiard_scheduler", "default"), prompt_weighting=prompt_weighting,
+                init_image=init_name, strength=strength if image_kw else None,
             ))
     return results
+
+
+def check_strength(strength: float, steps: int) -> None:
+    if not 0.0 < strength <= 1.0:
+        raise UserError(f"--strength={strength} must be in (0, 1]: the share of the starting image noised away "
+                        f"(0.3 keeps most of it, 1.0 keeps only its size)")
+    if int(strength * steps) < 1:
+        raise UserError(f"--strength={strength} x --steps={steps} is less than one denoising step: raise either")
+
+
+def fit_init_image(pipe, image: str | Path | Image.Image, height: int | None, width: int | None) -> Image.Image:
+    """The starting image (any file ``load_image`` reads: EXIF-rotated, CMYK, 16-bit...) resized to cover
+    ``height`` x ``width`` and centre-cropped; without either, the SDXL bucket nearest its shape at the model's
+    resolution (1024x1024, 896x1152, 1152x896, ...)."""
+    from PIL import ImageOps
+
+    from .data import auto_buckets, load_image, nearest_bucket
+
+    picture = load_image(image)
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    if height or width:
+        h, w = height or size, width or size
+    else:
+        h, w = nearest_bucket(picture.width, picture.height, auto_buckets(size))
+    return ImageOps.fit(picture, (w, h), method=Image.Resampling.LANCZOS)
+
+
+def image_to_image(pipe):
+    """diffusers' SDXL image-to-image pipeline on ``pipe``'s own models (LoRAs, scheduler, offload hooks and
+    float8 weights as they are: built from its components, not ``from_pipe``, which casts them to float32)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    return img2img
 
 
 class GenerationInterrupted(KeyboardInterrupt):
@@ -864,6 +918,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_weighting", action="store_true",
                    help="encode the prompts with compel: prompts longer than CLIP's 77 tokens whole (in chunks, as "
                         "A1111 and ComfyUI), and weights: (green felt:1.3) or (green felt)1.3, billiard++, smoke-")
+    p.add_argument("--init_image", metavar="FILE",
+                   help="image-to-image (A1111's img2img): start from this picture instead of pure noise, fitted to "
+                        "--height/--width (default: the SDXL size nearest its shape)")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"with --init_image: how much of it is noised away, in (0, 1] (default {DEFAULT_STRENGTH}; "
+                        f"0.3 keeps most of the picture, 1.0 only its size)")
     p.add_argument("--scheduler", default="default", choices=list(SCHEDULERS),
                    help="the sampler, as A1111 and ComfyUI name them, built from the model's own scheduler settings "
                         "(default: the model's own, Euler for SDXL base)")
@@ -892,6 +952,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> None:
     from .io import check_out_folder
 
+    if args.strength is not None and not args.init_image:
+        raise UserError("--strength sets how much of --init_image is noised away: add --init_image FILE, or drop "
+                        "--strength")
+    if args.init_image:
+        from .data import load_image
+
+        load_image(args.init_image)  # an unreadable picture says so now, before the models load
+        check_strength(args.strength if args.strength is not None else DEFAULT_STRENGTH, args.steps)
     if args.scales is not None and not args.sweep:
         raise UserError("--scales sets the LoRA scales of --sweep: add --sweep (or give one scale as --lora DIR:SCALE)")
     args.scales = args.scales or list(DEFAULT_SCALES)
@@ -954,7 +1022,9 @@ def main(argv: list[str] | None = None) -> int:
                                     cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
                                     scheduler=args.scheduler, files=lora_files)
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-              height=args.height, width=args.width, prompt_weighting=args.prompt_weighting)
+              height=args.height, width=args.width, prompt_weighting=args.prompt_weighting,
+              **({"init_image": args.init_image, "strength": args.strength if args.strength is not None else
+                  DEFAULT_STRENGTH} if args.init_image else {}))
     out = Path(args.out)
     # Grids carry the settings that made them; single images carry their own (GeneratedImage.metadata).
     settings = {**{k: v for k, v in kw.items() if v is not None and v is not False}, "model": args.model,

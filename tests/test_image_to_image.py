@@ -1,0 +1,95 @@
+"""generate(..., init_image=...): image-to-image (A1111's img2img) with the LoRA, through diffusers' SDXL pipeline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from billiard_lora.errors import UserError
+from billiard_lora.generate import _is_fp8, fit_init_image, generate
+from test_generate import FAST, PROMPT, REPO, _pipe, _px, _train
+
+STEPS = dict(num_inference_steps=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    return _train(tiny_model_dir, tmp_path_factory.mktemp("img2img") / "run")
+
+
+def _picture(seed: int, h: int = 40, w: int = 56) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def test_image_to_image_is_diffusers_img2img_on_the_same_models_with_the_lora(tiny_model_dir, lora_run):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe = _pipe(tiny_model_dir, loras=[str(lora_run)])
+    ours = generate(pipe, PROMPT, 0, init_image=_picture(0), strength=0.5, **STEPS)[0]
+    theirs = StableDiffusionXLImg2ImgPipeline(**pipe.components)(
+        PROMPT, image=fit_init_image(pipe, _picture(0), None, None), strength=0.5, num_inference_steps=4,
+        generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.array_equal(_px(ours), _px(theirs))
+    assert ours.metadata()["init_image"] == "in-memory image" and ours.metadata()["strength"] == "0.5"
+    other = generate(pipe, PROMPT, 0, init_image=_picture(1), strength=0.5, **STEPS)[0]
+    assert not np.array_equal(_px(ours), _px(other))  # the starting image matters
+    stronger = generate(pipe, PROMPT, 0, init_image=_picture(0), strength=1.0, **STEPS)[0]
+    assert not np.array_equal(_px(ours), _px(stronger))
+    # the LoRA shapes it: at scale 0 it is the bare model's image-to-image
+    bare = generate(_pipe(tiny_model_dir), PROMPT, 0, init_image=_picture(0), strength=0.5, **STEPS)[0]
+    off = generate(pipe, PROMPT, 0, init_image=_picture(0), strength=0.5, lora_scale=0.0, **STEPS)[0]
+    assert np.abs(_px(bare) - _px(off)).max() <= 1 and not np.array_equal(_px(bare), _px(ours))
+
+
+def test_the_starting_image_is_fitted_to_the_size_or_the_nearest_sdxl_bucket(tiny_model_dir):
+    pipe = _pipe(tiny_model_dir)
+    made = generate(pipe, PROMPT, 0, init_image=_picture(0), strength=0.5, height=32, width=48, **STEPS)[0]
+    assert made.image.size == (48, 32)
+    sdxl = types.SimpleNamespace(default_sample_size=128, vae_scale_factor=8)  # SDXL's 1024 px
+    assert fit_init_image(sdxl, _picture(0, 800, 1200), None, None).size == (1216, 832)  # SDXL's 3:2 bucket
+    assert fit_init_image(sdxl, _picture(0, 1000, 1000), None, None).size == (1024, 1024)
+    assert fit_init_image(sdxl, _picture(0, 1000, 700), None, None).size == (832, 1216)
+
+
+def test_image_to_image_leaves_the_pipeline_as_it_was(tiny_model_dir):
+    """Built from the pipeline's components, not from_pipe (which casts every model to float32): float8 weights
+    stay float8, and text-to-image afterwards makes the images it made before."""
+    pipe = _pipe(tiny_model_dir, fp8_base=True)
+    before = generate(pipe, PROMPT, 0, **FAST)[0]
+    generate(pipe, PROMPT, 0, init_image=_picture(0), strength=0.5, **STEPS)
+    assert _is_fp8(pipe)
+    assert np.array_equal(_px(before), _px(generate(pipe, PROMPT, 0, **FAST)[0]))
+
+
+def test_strengths_no_step_can_use_are_one_line(tiny_model_dir):
+    pipe = _pipe(tiny_model_dir)
+    with pytest.raises(UserError, match=r"--strength=1.5 must be in \(0, 1\]"):
+        generate(pipe, PROMPT, 0, init_image=_picture(0), strength=1.5, **STEPS)
+    with pytest.raises(UserError, match=r"--strength=0.1 x --steps=4 is less than one denoising step"):
+        generate(pipe, PROMPT, 0, init_image=_picture(0), strength=0.1, **STEPS)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "billiard_lora.generate", *args], capture_output=True, text=True,
+                          cwd=REPO, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"})
+
+
+def test_cli_init_image_and_strength(tiny_model_dir, tmp_path):
+    _picture(0).save(tmp_path / "table.jpg")
+    common = ["--model", str(tiny_model_dir), "--vae", "none", "--device", "cpu", "--prompt", PROMPT, "--steps", "4",
+              "--out", str(tmp_path / "gen")]
+    r = _cli(*common, "--init_image", str(tmp_path / "table.jpg"), "--strength", "0.5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (png,) = (tmp_path / "gen").glob("*.png")
+    assert Image.open(png).text["init_image"] == "table.jpg" and Image.open(png).text["strength"] == "0.5"
+    for extra, message in ((["--strength", "0.5"], "--strength sets how much of --init_image is noised away"),
+                           (["--init_image", str(tmp_path / "none.jpg")], "none.jpg: file not found"),
+                           (["--init_image", str(tmp_path / "table.jpg"), "--strength", "2"], "--strength=2.0 must")):
+        r = _cli(*common, *extra)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
