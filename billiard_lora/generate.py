@@ -617,6 +617,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 image = run(**text_inputs(prompt), **image_kw, num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, generator=generator,
                             **({} if image_kw else dict(height=height, width=width))).images[0]
+                if run is not pipe and _is_offloaded(pipe):  # the offload hooks are pipe's: it puts the VAE back
+                    pipe.maybe_free_model_hooks()
             except OUT_OF_MEMORY as exc:
                 if _is_offloaded(pipe):
                     pipe.maybe_free_model_hooks()  # the model that ran out goes back to CPU memory, for what follows
