@@ -21,7 +21,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -492,6 +494,9 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     micro_step = MicroStepGraph(forward_backward, lambda: [*adapters, *(p.grad for p in adapters)],
                                 enabled=config.cuda_graphs, say=say)
     accum_loss, accum_n = 0.0, 0
+    # Ctrl-C or SIGTERM from here on: the step under way finishes, a checkpoint is saved, then the run stops
+    stop = StopRequest()
+    undo.append(stop.install())
     for epoch in range(first_epoch, num_epochs):
         batches: Any = dataloader
         start = 0
@@ -572,8 +577,16 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                 validate(global_step)
             if global_step >= max_train_steps:
                 break
+            if stop.agreed(accelerator):
+                if global_step % config.checkpointing_steps:  # (else saved just above)
+                    save_checkpoint(accelerator, out, global_step, config, unet, text_encoders, history,
+                                    pissa_initial, averaged, pivotal)
+                progress.close()
+                accelerator.end_training()
+                raise KeyboardInterrupt(f"stopped at step {global_step} {stop.name}: " + interrupted_hint(config))
         if global_step >= max_train_steps:
             break
+    stop.uninstall()  # from here a signal stops at once, as before the loop
     progress.close()
 
     # ---- 9. save: the LoRA (diffusers + kohya), the config, loss history and plot, model card, summary
@@ -2119,14 +2132,54 @@ def ensure_class_images(config: TrainConfig, c, accelerator, weight_dtype) -> li
             for p in paths]
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's or a container's stop) while the training loop runs: noted, not
+    raised, so that the optimizer step under way completes and a checkpoint holds exactly the run so far, from which
+    ``--resume_from_checkpoint`` goes on as if it had never stopped. A second Ctrl-C stops at once. Under
+    ``accelerate launch`` the processes agree (one reduction per optimizer step), so that all save the same step.
+    Outside the main thread (where Python cannot take signals) it does nothing."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    @property
+    def name(self) -> str:
+        return {signal.SIGINT: "by Ctrl-C", signal.SIGTERM: "by SIGTERM"}.get(self.signum, "as another process was")
+
+    def install(self) -> Callable[[], None]:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._note)
+        return self.uninstall
+
+    def uninstall(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def _note(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: now
+        self.signum = self.signum or signum
+
+    def agreed(self, accelerator) -> bool:
+        """Does any process want to stop? (The same answer on every process.)"""
+        wanted = self.signum is not None
+        if accelerator.num_processes > 1:
+            votes = accelerator.reduce(torch.tensor([int(wanted)], device=accelerator.device), reduction="sum")
+            wanted = int(votes.item()) > 0
+        return wanted
+
+
 # ============================================================================ command line
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         train(config)
-    except KeyboardInterrupt:  # Ctrl-C (or a notebook's stop): say what is kept and how to go on
-        raise KeyboardInterrupt(interrupted_hint(config)) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C (or a notebook's stop): say what is kept and how to go on
+        raise KeyboardInterrupt(str(exc) or interrupted_hint(config)) from None
     return 0
 
 
