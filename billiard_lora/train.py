@@ -290,7 +290,9 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     # Its own generator: creating a DataLoader iterator then draws from it, not from the global RNG that
     # LoRA dropout uses (otherwise a resumed run would draw different dropout masks).
     loader_kw = dict(collate_fn=collate, num_workers=config.dataloader_num_workers,
-                     generator=torch.Generator().manual_seed(config.seed))
+                     generator=torch.Generator().manual_seed(config.seed),
+                     # a Ctrl-C reaches the workers too: they keep loading while the step under way finishes
+                     worker_init_fn=ignore_stop_signals if config.dataloader_num_workers else None)
     if shapes > 1:  # a batch holds one bucket's views (with one shape in use, the order is the plain one's)
         dataloader = DataLoader(dataset, batch_sampler=BucketBatchSampler(sampler, dataset.target,
                                                                           config.micro_batch_size), **loader_kw)
@@ -2130,6 +2132,14 @@ def ensure_class_images(config: TrainConfig, c, accelerator, weight_dtype) -> li
     paths = existing()[: config.num_class_images]
     return [TrainImage(load_image(p), config.class_prompt, hashlib.sha256(p.read_bytes()).hexdigest()[:16])
             for p in paths]
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's start: Ctrl-C and SIGTERM are the main process's to act on (``StopRequest``); a worker
+    that died of them would fail the step the main process is finishing. (Forked workers inherit the main process's
+    handler anyway; spawned ones, macOS's and Windows' default, would not. Workers end with the main process.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StopRequest:

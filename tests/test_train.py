@@ -2356,24 +2356,27 @@ def test_a_second_ctrl_c_stops_at_once(tiny_model_dir, tmp_path):
 
 
 def test_cli_ctrl_c_during_training_saves_and_says_how_to_go_on(tiny_model_dir, tmp_path):
-    """The command line, stopped by SIGINT from outside once it trains: exit 130, a checkpoint, one line saying
-    how to go on, no traceback."""
+    """The command line, stopped by a terminal's Ctrl-C once it trains (SIGINT to its process group, data loader
+    workers included): exit 130, a checkpoint, one line saying how to go on, no traceback."""
     import signal
     import time
 
-    data = make_images(tmp_path / "data", n=4)
+    data = make_images(tmp_path / "data", n=8, size=32)
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "billiard_lora.train", f"--pretrained_model_name_or_path="
                              f"{tiny_model_dir}", f"--instance_data_dir={data}", f"--output_dir={out}",
                              "--instance_prompt=a photo of sks billiard", "--resolution=32", "--max_train_steps=100000",
-                             "--checkpointing_steps=100000", "--report_to=none", "--seed=0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                             "--checkpointing_steps=100000", "--report_to=none", "--seed=0",
+                             "--train_batch_size=1", "--gradient_accumulation_steps=3",
+                             "--dataloader_num_workers=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
     deadline = time.time() + 120
     while (out / "config.json").exists() is False and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     time.sleep(2)  # (config.json is written just before the loop: let it take some steps)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
