@@ -26,7 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -1074,6 +1074,62 @@ def format_resize(infos: list[ResizedLayer], out_file: Path, *, per_layer: bool 
     return "\n".join(lines)
 
 
+# ============================================================================ combine
+def _in_peft_naming(lora: LoraFile) -> list[tuple[Layer, str, dict[str, torch.Tensor]]]:
+    """``_peft_pairs`` of any LoRA file: a kohya one is converted by diffusers' loader first (its alphas kept)."""
+    if lora.format != "kohya":
+        return _peft_pairs(lora)
+    layers, configs = kohya_to_diffusers(lora)
+    with tempfile.TemporaryDirectory(prefix=".lora-") as tmp:
+        converted = load_lora_file(write_lora(Path(tmp) / LORA_WEIGHT_NAME, layers, configs))
+    return _peft_pairs(converted)
+
+
+def combine_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, *, rank: int | None = None,
+                  energy: float | None = None, overwrite: bool = False) -> tuple[Path, int, int]:
+    """One LoRA file that acts as ``sources`` loaded together at their weights (kohya's ``merge_lora.py
+    --concat``): for each layer, the sources' factors side by side, ``B = [w1·s1·B1, w2·s2·B2, ...]``,
+    ``A = [A1; A2; ...]`` (s: each file's alpha / rank), so ``B·A = Σ w·s·Bi·Ai`` exactly, at the sum of the ranks;
+    ``rank`` or ``energy`` then SVD-resizes each layer. Written in diffusers' format (``lora convert`` makes the
+    kohya file). Returns (file, layers, largest rank)."""
+    if len(sources) < 2:
+        raise UserError("combine needs at least two LoRAs: FILE[:WEIGHT] FILE[:WEIGHT] ...")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise UserError(f"--energy is the fraction of ||ΔW||² to keep, in (0, 1]; got {energy}")
+    files = [(load_lora_file(path), float(weight)) for path, weight in sources]
+    families = {detect_base_model(lora)[0] for lora, _ in files}
+    if len(families) > 1:
+        raise UserError(f"these LoRAs were trained for different base models ({', '.join(sorted(families))}); "
+                        f"combine LoRAs of one model")
+    out_file = _output_file(out, LORA_WEIGHT_NAME, files[0][0].path, "combined", overwrite)
+    parts: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for lora, weight in files:
+        if lora.dora:
+            raise UserError(f"{lora.path} is a DoRA LoRA: its magnitudes rescale the whole weight, so it cannot be "
+                            f"combined by adding its factors")
+        for layer, module, pair in _in_peft_naming(lora):
+            down, up = pair[module + ".lora_A.weight"], pair[module + ".lora_B.weight"]
+            parts.setdefault((layer.component, module), []).append(
+                (down.double(), up.double() * (weight * layer.scale)))
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    ranks: dict[str, dict[str, int]] = {}
+    for (component, module), factors in parts.items():
+        down, up = torch.cat([d for d, _ in factors], dim=0), torch.cat([u for _, u in factors], dim=1)
+        if rank is not None or energy is not None:
+            joined = Layer(module, component, module, "", "", down, up, alpha=float(down.shape[0]))
+            down, up, _ = resize_layer(joined, rank=rank, energy=energy)
+        layers.setdefault(component, {}).update({f"{module}.lora_A.weight": down.float().contiguous(),
+                                                  f"{module}.lora_B.weight": up.float().contiguous()})
+        ranks.setdefault(component, {})[module] = int(down.shape[0])
+    configs = {c: lora_config_dict(r, {m: float(k) for m, k in r.items()}) for c, r in ranks.items()}
+    header = {"billiard_lora.combined": json.dumps({"sources": [[str(lora.path), w] for lora, w in files],
+                                                    "rank": rank, "energy": energy})}
+    write_lora(out_file, layers, configs, header=header)
+    return out_file, len(parts), max(k for r in ranks.values() for k in r.values())
+
+
 # ============================================================================ merge
 def count_lora_layers(pipe) -> dict[str, int]:
     """How many modules of each pipeline component carry a LoRA (to catch files that silently did not load)."""
@@ -1281,6 +1337,13 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
     sp.add_argument("--quiet", action="store_true", help="only the summary line, not one line per layer")
     sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
+    sp = sub.add_parser("combine", help="several LoRAs (with weights) as one file, exactly, or SVD-resized")
+    sp.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]", help=lora_file + "; WEIGHT (default 1) multiplies it")
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--rank", type=int, help="SVD-resize each combined layer to this rank (default: the sum)")
+    group.add_argument("--energy", type=float, help="or keep the fewest directions holding this share of ||ΔW||²")
+    sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
+    sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     sp = sub.add_parser("merge", help="fuse into the base model and save a standalone pipeline (safetensors)")
     sp.add_argument("file", metavar="FILE", help=lora_file)
     sp.add_argument("--model", required=True, help="base model: hub id or local diffusers folder")
@@ -1307,6 +1370,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "resize":
         out, infos = resize_lora(args.file, args.out, rank=args.rank, energy=args.energy, overwrite=args.overwrite)
         print(format_resize(infos, out, per_layer=not args.quiet))
+    elif args.command == "combine":
+        from .generate import parse_lora_arg
+
+        specs = [parse_lora_arg(f) for f in args.files]
+        out, n, top = combine_loras([(s.path, s.scale) for s in specs], args.out, rank=args.rank,
+                                    energy=args.energy, overwrite=args.overwrite)
+        print(f"wrote {out}: {len(specs)} LoRAs at weights {', '.join(f'{s.scale:g}' for s in specs)} as one, "
+              f"{n} layers, rank up to {top}" + ("" if args.rank or args.energy else " (exact)"))
     elif args.command == "merge":
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         out = merge_lora(args.file, args.model, args.out, vae=args.vae, scale=args.scale, torch_dtype=dtype,

@@ -495,3 +495,53 @@ def _non_lora_file(tmp_path: Path) -> Path:
 
     save_file({"conv_in.weight": torch.zeros(2, 2)}, str(tmp_path / "vae.safetensors"))
     return tmp_path / "vae.safetensors"
+
+
+# ---------------------------------------------------------------- combine
+@pytest.fixture(scope="module")
+def second(tiny_model_dir, tmp_path_factory) -> Path:
+    """Another LoRA: UNet only, rank 2, attention and feed-forward layers (some layers the first one lacks)."""
+    from test_train import make_images, tiny_config
+
+    from billiard_lora.train import train
+
+    root = tmp_path_factory.mktemp("lora-second")
+    return train(tiny_config(tiny_model_dir, make_images(root / "data"), root / "out", rank=2, lora_alpha=1,
+                             lora_layers="attn,ff", seed=1, learning_rate=1e-2))
+
+
+def test_combined_lora_applies_the_weighted_sum_of_its_sources_exactly(trained, second, kohya_file, tiny_model_dir,
+                                                                       tmp_path):
+    one, two = module_deltas(with_lora(tiny_model_dir, trained)), module_deltas(with_lora(tiny_model_dir, second))
+    assert set(two) - set(one) and set(one) - set(two)  # each has layers the other lacks
+    for first, weights in ((trained, (0.7, -0.5)), (kohya_file, (1.0, 1.0))):
+        out, n, top = lt.combine_loras([(first, weights[0]), (second, weights[1])],
+                                       tmp_path / f"c{weights[0]}.safetensors")
+        assert n == len(set(one) | set(two)) and top == 4 + 2
+        got = module_deltas(with_lora(tiny_model_dir, out))
+        assert set(got) == set(one) | set(two)
+        for key, (delta, rank) in got.items():
+            expected = sum(w * d[key][0] for w, d in zip(weights, (one, two)) if key in d)
+            assert rank == sum(d[key][1] for d in (one, two) if key in d)
+            assert torch.allclose(delta, expected, atol=1e-6, rtol=1e-4), key
+    resized, _, top = lt.combine_loras([(trained, 1.0), (second, 1.0)], tmp_path / "r2.safetensors", rank=2)
+    got = module_deltas(with_lora(tiny_model_dir, resized))
+    assert top == 2 and {r for _, r in got.values()} == {2}
+    for key, (delta, _) in got.items():  # the best rank-2 part of the sum: closer to it than to nothing
+        full = sum(d[key][0] for d in (one, two) if key in d)
+        assert (delta - full).norm() < full.norm() or full.norm() == delta.norm() == 0  # (an untrained layer: 0)
+
+
+def test_combine_refuses_what_it_cannot_do_in_one_line(trained, second, tmp_path):
+    with pytest.raises(UserError, match="combine needs at least two LoRAs"):
+        lt.combine_loras([(trained, 1.0)], tmp_path / "x.safetensors")
+    with pytest.raises(UserError, match="--rank must be at least 1"):
+        lt.combine_loras([(trained, 1.0), (second, 1.0)], tmp_path / "x.safetensors", rank=0)
+    with pytest.raises(UserError, match="is the input file"):
+        lt.combine_loras([(trained, 1.0), (second, 1.0)], trained / "pytorch_lora_weights.safetensors")
+    r = subprocess.run([sys.executable, "-m", "billiard_lora.lora", "combine", f"{trained}:0.5", str(second),
+                        "--out", str(tmp_path / "cli")], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "2 LoRAs at weights 0.5, 1 as one" in r.stdout and "(exact)" in r.stdout
+    assert (tmp_path / "cli" / "pytorch_lora_weights.safetensors").is_file()
