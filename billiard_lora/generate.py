@@ -27,9 +27,9 @@ from .config import same_setting
 from .errors import OUT_OF_MEMORY, ArgumentParser, UserError, check_device, cli_entry, out_of_memory_detail
 from .hub import download_lora, fetch_embeddings, hub_lora
 from .lora import CHECKPOINT_PREFIX, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, read_metadata
-from .models import SDXL_BASE, SDXL_VAE_FP16_FIX, load_pipeline, store_weights_in_fp8
+from .models import SDXL_BASE, SDXL_REFINER, SDXL_VAE_FP16_FIX, load_pipeline, store_weights_in_fp8
 from .pivotal import find_embeddings, insert_tokens, read_embeddings
-from .prompts import too_long, weighted_embeddings
+from .prompts import refiner_embeddings, too_long, weighted_embeddings
 from .viz import image_grid, save_image
 
 DEFAULT_INSTANCE_PROMPT = "a photo of messi playing billiard"  # the seed project's instance prompt
@@ -42,6 +42,7 @@ DEFAULT_SUBJECTS = (
 )
 DEFAULT_SCALES = (0.0, 0.3, 0.6, 0.9, 1.2)
 DEFAULT_STRENGTH = 0.6  # image-to-image: enough noise for the LoRA's subject to appear, the layout kept
+DEFAULT_REFINER_START = 0.8  # --refiner: the share of the denoising the base model (and LoRA) does (diffusers' docs)
 # "a photo of | messi | playing billiard": the first "... of" is the framing, then the subject, then the action.
 _SUBJECT_PATTERN = re.compile(r"^(?P<pre>.*?\bof\s+)?(?P<subject>.+?)\s+(?P<rest>playing\s+billiards?\b.*)$",
                               re.IGNORECASE)
@@ -167,7 +168,7 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
                              device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
                              fp8_base: bool = False, cuda_graphs: bool = False, cpu_offload: bool = False,
                              vae_tiling: bool | int = False, scheduler: str = "default",
-                             files: Sequence[Path] | None = None):
+                             files: Sequence[Path] | None = None, refiner: str | None = None):
     """SDXL, a separate VAE unless ``vae`` is None, and LoRAs loaded and weighted; cuda/fp16 if present, else cpu/fp32.
     ``scheduler``: the sampler, a key of ``SCHEDULERS`` (default: the model's own). ``files``: the LoRA files
     ``resolve_lora_file`` already found for ``loras``, not looked up again.
@@ -186,20 +187,36 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
     all four (the same images; the moves cost time each image). ``vae_tiling=True`` decodes the latents in
     overlapping 512-px tiles (diffusers' tiled decoder; an int: that tile size in pixels) where the image is larger:
     the decoder's activations shrink to a tile's, the pixels differ slightly where tiles blend.
+
+    ``refiner`` (e.g. ``models.SDXL_REFINER``): SDXL's refiner, sharing the second text encoder and the VAE, finishes
+    every image ``generate`` makes, as diffusers' SDXL docs run base and refiner as an ensemble of experts: the base
+    model with its LoRAs denoises the first ``refiner_start`` of the steps, the refiner the rest.
     """
     specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
     # fail on a typo before minutes of model loading
     files = list(files) if files is not None else [resolve_lora_file(s.path) for s in specs]
     check_memory_options(cpu_offload=cpu_offload, cuda_graphs=cuda_graphs, vae_tiling=vae_tiling)
     check_scheduler(scheduler)  # before minutes of model loading
+    if refiner and cpu_offload:
+        raise UserError("--refiner does not combine with --cpu_offload yet (the two pipelines share the text encoder "
+                        "and VAE, which offloading moves for one of them): drop one; --fp8_base and --vae_tiling "
+                        "also save memory")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch_dtype is None:
         torch_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     pipe = load_pipeline(model, pretrained_vae_model_name_or_path=vae, torch_dtype=torch_dtype,
                          device="cpu" if fp8_base or cpu_offload else device)
-    return prepare_pipeline(pipe, specs, files=files, fuse=fuse, device=device, fp8_base=fp8_base,
+    pipe = prepare_pipeline(pipe, specs, files=files, fuse=fuse, device=device, fp8_base=fp8_base,
                             cuda_graphs=cuda_graphs, cpu_offload=cpu_offload, vae_tiling=vae_tiling,
                             scheduler=scheduler)
+    if refiner:
+        from .models import load_refiner
+
+        finisher = load_refiner(refiner, pipe, torch_dtype=torch_dtype).to(device)
+        set_scheduler(finisher, scheduler)
+        finisher.set_progress_bar_config(disable=True)
+        pipe.billiard_refiner, pipe.billiard_refiner_name = finisher, refiner
+    return pipe
 
 
 def prepare_pipeline(pipe, loras: Sequence[LoraSpec | str] = (), *, files: Sequence[Path] | None = None,
@@ -533,6 +550,8 @@ class GeneratedImage:
     prompt_weighting: bool = False  # encoded by compel: weights read, long prompts whole (billiard_lora.prompts)
     init_image: str = ""  # image-to-image: the starting image (its file name, or "in-memory image"); "" for text only
     strength: float | None = None  # image-to-image: how much of the starting image is noised away (0-1)
+    refiner: str = ""  # the SDXL refiner that finished the image, "" for none
+    refiner_start: float | None = None  # where the refiner took over (a share of the denoising)
 
     def metadata(self) -> dict[str, str]:
         """Settings as PNG text chunks (all strings; empty where not applicable)."""
@@ -542,7 +561,7 @@ class GeneratedImage:
             lora_weights=",".join(f"{w:g}" for w in self.lora_weights), width=self.width, height=self.height,
             model=self.model, fused=self.fused, fp8_base=self.fp8_base, vae_tiling=self.vae_tiling,
             scheduler=self.scheduler, prompt_weighting=self.prompt_weighting, init_image=self.init_image,
-            strength=self.strength,
+            strength=self.strength, refiner=self.refiner, refiner_start=self.refiner_start,
         )
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
@@ -551,8 +570,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
              num_inference_steps: int = 30, guidance_scale: float = 5.0, height: int | None = None,
              width: int | None = None, lora_scale: float | None = None, progress: bool = True,
              cuda_graphs: bool | None = None, prompt_weighting: bool = False,
-             init_image: str | Path | Image.Image | None = None, strength: float = DEFAULT_STRENGTH
-             ) -> list[GeneratedImage]:
+             init_image: str | Path | Image.Image | None = None, strength: float = DEFAULT_STRENGTH,
+             refiner_start: float = DEFAULT_REFINER_START) -> list[GeneratedImage]:
     """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight.
 
     ``cuda_graphs`` (default: what ``load_generation_pipeline`` was given): on a CUDA GPU, the UNet's forward is
@@ -565,6 +584,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     ``strength`` (1: all of it, the image only sets the size) and denoised with the prompt, through diffusers'
     ``StableDiffusionXLImg2ImgPipeline`` on the same models, LoRAs included (``strength`` x ``num_inference_steps``
     denoising steps).
+    With a refiner loaded (``load_generation_pipeline(refiner=...)``), the base model denoises the first
+    ``refiner_start`` of the steps and hands its latents to the refiner, which finishes them.
     """
     from tqdm.auto import tqdm
 
@@ -578,6 +599,10 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     # SDXL zeroes the unconditional embedding only for None; "" would encode an empty prompt instead.
     negative_prompt = negative_prompt or None
     run, image_kw, init_name = pipe, {}, ""
+    refiner = getattr(pipe, "billiard_refiner", None)
+    if refiner is not None and not 0.0 < refiner_start < 1.0:
+        raise UserError(f"--refiner_start={refiner_start} must be in (0, 1): the share of the steps the base model "
+                        f"(with the LoRA) takes before the refiner (0.8 is diffusers' example)")
     if init_image is not None:
         check_strength(strength, num_inference_steps)
         start = fit_init_image(pipe, init_image, height, width)
@@ -600,23 +625,31 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     with _lora_scale(pipe, loras, lora_scale), sampling_graphs(pipe.unet, cuda_graphs):
         sync_embeddings(pipe, lora_scale=lora_scale)  # the active LoRAs' token embeddings (pivotal tuning) only
         jobs = [(p, s) for p in prompts for s in seeds]
-        encoded: dict[str, dict] = {}  # prompt -> the pipeline's text inputs, encoded once for all its seeds
+        encoded: dict[tuple[str, bool], dict] = {}  # (prompt, for the refiner) -> the text inputs, made once
 
-        def text_inputs(prompt: str) -> dict:
-            if prompt not in encoded:
+        def text_inputs(prompt: str, for_refiner: bool = False) -> dict:
+            if (prompt, for_refiner) not in encoded:
                 text, negative = with_tokens(pipe, prompt), with_tokens(pipe, negative_prompt)
-                encoded[prompt] = weighted_embeddings(pipe, text, negative) if prompt_weighting else \
-                    dict(prompt=text, negative_prompt=negative)
-            return encoded[prompt]
+                encode = refiner_embeddings if for_refiner else weighted_embeddings
+                encoded[prompt, for_refiner] = encode(refiner if for_refiner else pipe, text, negative) \
+                    if prompt_weighting else dict(prompt=text, negative_prompt=negative)
+            return encoded[prompt, for_refiner]
 
         for prompt, seed in tqdm(jobs, desc="images", unit="image", disable=not progress):
             # A CPU generator per image: the same seed gives the same starting noise on any GPU or CPU, and an
             # image never depends on the ones generated before it.
             generator = torch.Generator("cpu").manual_seed(seed)
             try:
-                image = run(**text_inputs(prompt), **image_kw, num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale, generator=generator,
-                            **({} if image_kw else dict(height=height, width=width))).images[0]
+                common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              generator=generator)
+                size = {} if image_kw else dict(height=height, width=width)
+                if refiner is None:
+                    image = run(**text_inputs(prompt), **image_kw, **common, **size).images[0]
+                else:  # base (and LoRA) for the noisy part, then the refiner on its latents
+                    latents = run(**text_inputs(prompt), **image_kw, **common, **size, denoising_end=refiner_start,
+                                  output_type="latent").images
+                    image = refiner(**text_inputs(prompt, for_refiner=True), image=latents,
+                                    denoising_start=refiner_start, **common).images[0]
                 if run is not pipe and _is_offloaded(pipe):  # the offload hooks are pipe's: it puts the VAE back
                     pipe.maybe_free_model_hooks()
             except OUT_OF_MEMORY as exc:
@@ -633,6 +666,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 fused=fused, fp8_base=fp8, vae_tiling=_decoded_in_tiles(pipe, image),
                 scheduler=getattr(pipe, "billiard_scheduler", "default"), prompt_weighting=prompt_weighting,
                 init_image=init_name, strength=strength if image_kw else None,
+                refiner=getattr(pipe, "billiard_refiner_name", "") if refiner is not None else "",
+                refiner_start=refiner_start if refiner is not None else None,
             ))
     return results
 
@@ -926,6 +961,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None,
                    help=f"with --init_image: how much of it is noised away, in (0, 1] (default {DEFAULT_STRENGTH}; "
                         f"0.3 keeps most of the picture, 1.0 only its size)")
+    p.add_argument("--refiner", nargs="?", const=SDXL_REFINER, default=None, metavar="MODEL",
+                   help=f"finish each image with SDXL's refiner (default {SDXL_REFINER}; a hub id or a local "
+                        f"folder), as diffusers' SDXL docs: base + LoRA for the first --refiner_start of the steps")
+    p.add_argument("--refiner_start", type=float, default=DEFAULT_REFINER_START,
+                   help=f"with --refiner: the share of the denoising the base model does (default "
+                        f"{DEFAULT_REFINER_START})")
     p.add_argument("--scheduler", default="default", choices=list(SCHEDULERS),
                    help="the sampler, as A1111 and ComfyUI name them, built from the model's own scheduler settings "
                         "(default: the model's own, Euler for SDXL base)")
@@ -1022,9 +1063,10 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_generation_pipeline(args.model, vae=vae, loras=specs, fuse=args.fuse, device=args.device,
                                     fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs,
                                     cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
-                                    scheduler=args.scheduler, files=lora_files)
+                                    scheduler=args.scheduler, files=lora_files, refiner=args.refiner)
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
               height=args.height, width=args.width, prompt_weighting=args.prompt_weighting,
+              **({"refiner_start": args.refiner_start} if args.refiner else {}),
               **({"init_image": args.init_image, "strength": args.strength if args.strength is not None else
                   DEFAULT_STRENGTH} if args.init_image else {}))
     out = Path(args.out)

@@ -227,6 +227,21 @@ def load_pipeline(pretrained_model_name_or_path: str = SDXL_BASE, *, pretrained_
     return pipe
 
 
+SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
+
+
+def load_refiner(name: str, base, *, torch_dtype: torch.dtype | None = None, cache_dir: str | None = None):
+    """SDXL's refiner as diffusers' ``StableDiffusionXLImg2ImgPipeline``, sharing ``base``'s second text encoder,
+    its tokenizer (new tokens included) and its VAE, as diffusers' SDXL docs load it: only the refiner's UNet is new
+    (SDXL refiner 1.0: 2.3 B parameters)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    kw: dict[str, Any] = dict(cache_dir=cache_dir, use_safetensors=True, **_dtype_kw(torch_dtype))
+    with _friendly_errors("SDXL refiner", name):
+        return StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            name, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=base.vae, **kw)
+
+
 def pipeline_from_components(components: Components, *, unet=None, text_encoder_one=None, text_encoder_two=None,
                              scheduler_config: dict | None = None):
     """A ``StableDiffusionXLPipeline`` sharing already-loaded modules (validation during training loads nothing)."""

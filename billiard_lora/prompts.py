@@ -68,3 +68,21 @@ def weighted_embeddings(pipe, prompt: str, negative_prompt: str | None) -> dict[
         out.update(negative_prompt_embeds=cond.negative_embeds,
                    negative_pooled_prompt_embeds=cond.negative_pooled_embeds)
     return out
+
+
+def refiner_embeddings(refiner, prompt: str, negative_prompt: str | None) -> dict[str, torch.Tensor]:
+    """The SDXL refiner's text inputs through compel: its one text encoder (OpenCLIP bigG's penultimate layer and
+    pooled output, as the refiner's pipeline encodes), the prompt and the negative prompt ("" without one, as the
+    refiner encodes it) padded to the same chunks."""
+    try:
+        from compel import Compel, ReturnedEmbeddingsType
+    except ImportError:
+        raise UserError("prompt weighting needs the compel package: pip install compel") from None
+    device = getattr(refiner, "_execution_device", None) or refiner.device
+    compel = Compel(tokenizer=refiner.tokenizer_2, text_encoder=refiner.text_encoder_2, device=str(device),
+                    returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                    requires_pooled=True, truncate_long_prompts=False)
+    with torch.no_grad():
+        embeds, pooled = compel([a1111_to_compel(prompt), a1111_to_compel(negative_prompt or "")])
+    return {"prompt_embeds": embeds[:1], "pooled_prompt_embeds": pooled[:1],
+            "negative_prompt_embeds": embeds[1:], "negative_pooled_prompt_embeds": pooled[1:]}

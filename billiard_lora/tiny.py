@@ -229,6 +229,43 @@ def save_tiny_pipeline(out_dir: str | Path, *, seed: int = 0, shape: str = "tiny
     return out
 
 
+def build_refiner_components(shape: SDXLShape = TINY, *, seed: int = 0) -> dict:
+    """Random-weight SDXL-refiner components of ``shape`` as ``StableDiffusionXLImg2ImgPipeline(**components)``
+    takes them: SDXL refiner 1.0's layout (the second text encoder alone, cross-attention at its width, 5 micro-
+    conditioning numbers with the aesthetic score instead of the target size), at ``shape``'s sizes."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    base = build_components(shape, seed=seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=shape.sample_size, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(shape.unet_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(shape.unet_channels) - 1) + ("UpBlock2D",),
+        block_out_channels=shape.unet_channels, layers_per_block=shape.unet_layers_per_block,
+        transformer_layers_per_block=shape.unet_transformer_depth, attention_head_dim=shape.unet_head_dim,
+        cross_attention_dim=shape.te2["hidden_size"], use_linear_projection=True, norm_num_groups=shape.unet_norm_groups,
+        addition_embed_type="text_time", addition_time_embed_dim=shape.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=5 * shape.addition_time_embed_dim + shape.te2["projection_dim"],
+    ).eval()
+    scheduler = EulerDiscreteScheduler.from_config(base["scheduler"].config)
+    return dict(unet=unet, vae=base["vae"], text_encoder=None, tokenizer=None, text_encoder_2=base["text_encoder_2"],
+                tokenizer_2=base["tokenizer_2"], scheduler=scheduler, requires_aesthetics_score=True,
+                force_zeros_for_empty_prompt=False)
+
+
+def save_tiny_refiner(out_dir: str | Path, *, seed: int = 0, shape: str = "tiny") -> Path:
+    """An SDXL-refiner pipeline folder at random weights that stock diffusers' ``StableDiffusionXLImg2ImgPipeline``
+    loads offline (``python -m billiard_lora.tiny OUT --refiner``)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    out = Path(out_dir)
+    StableDiffusionXLImg2ImgPipeline(**build_refiner_components(SHAPES[shape], seed=seed)).save_pretrained(
+        out, safe_serialization=True)
+    (out / TINY_MARKER).write_text(json.dumps({"shape": shape, "seed": seed, "random_weights": True,
+                                               "kind": "refiner"}))
+    return out
+
+
 def check_tiny_out(out_dir: str | Path) -> Path:
     """The folder ``tiny`` writes into: new, empty, or an earlier tiny pipeline's; never a real model's (its weights
     would be replaced by random ones) or a training run's."""
@@ -251,8 +288,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="tiny: seconds on CPU; small: SDXL-shaped CPU benchmark size; full: SDXL base's size")
     p.add_argument("--device", default="cpu", help="where to build it (cuda is much faster for --shape full)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="precision of the saved weights")
+    p.add_argument("--refiner", action="store_true", help="an SDXL refiner's architecture instead (generate --refiner)")
     args = p.parse_args(argv)
     check_tiny_out(args.out_dir)
+    if args.refiner:
+        if args.shape == "full" or args.dtype != "fp32" or args.device != "cpu":
+            from .errors import UserError
+
+            raise UserError("--refiner writes a tiny or small refiner in fp32 on the CPU (for tests and demos)")
+        out = save_tiny_refiner(args.out_dir, seed=args.seed, shape=args.shape)
+        print(f"wrote {args.shape} SDXL refiner pipeline (random weights, seed {args.seed}) to {out}")
+        return 0
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     out = save_tiny_pipeline(args.out_dir, seed=args.seed, shape=args.shape, device=args.device, dtype=dtype)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
