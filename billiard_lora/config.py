@@ -68,6 +68,13 @@ class TrainConfig:
              "SimpleTuner's caption_dropout_probability): the text conditioning is zeroed, as SDXL was trained for "
              "the unconditioned prediction that classifier-free guidance uses (and the pipeline samples with); "
              "drawn per image and epoch from --seed. 0.05-0.1 is usual for styles; class images keep theirs.")
+    shuffle_caption: bool = _f(
+        False, "(kohya's) Shuffle each caption's comma-separated tags afresh every epoch (for tag-style captions: "
+               "no tag learns to depend on its place), drawn from --seed; the text encoders then encode each step's "
+               "captions in the step instead of once ahead (they stay on the GPU).")
+    keep_tokens: int = _f(
+        0, "(kohya's) With --shuffle_caption: the first N tags stay where they are (e.g. 1 keeps 'sks billiard' "
+           "first).")
     resolution: int = _f(1024, "Training resolution in pixels (square); a multiple of 8.")
     center_crop: bool = _f(False, "Center-crop to the resolution instead of random crops.")
     random_flip: bool = _f(False, "Randomly flip images horizontally, re-drawn every epoch.")
@@ -443,6 +450,9 @@ class TrainConfig:
             raise UserError(f"--min_timestep={self.min_timestep} and --max_timestep={self.max_timestep}: timesteps "
                             f"are drawn from min (0 or more) up to max (above min), e.g. 200 and 1000")
         self._check_noise_recipe()
+        if self.keep_tokens and not self.shuffle_caption:
+            raise UserError(f"--keep_tokens={self.keep_tokens} keeps the first tags in place when --shuffle_caption "
+                            f"shuffles the rest: add --shuffle_caption, or drop --keep_tokens")
         if self.ema_decay != EMA_DECAY and not self.use_ema:
             raise UserError(f"--ema_decay={self.ema_decay} only applies with --use_ema: add that flag, or drop "
                             f"--ema_decay")
@@ -519,6 +529,7 @@ class TrainConfig:
              "0 or more (6-10 is usual)"),
             ("multires_noise_discount", self.multires_noise_discount, 0 < self.multires_noise_discount < 1,
              "in (0, 1) (0.3 is kohya's default)"),
+            ("keep_tokens", self.keep_tokens, self.keep_tokens >= 0, "0 or more"),
             ("input_perturbation", self.input_perturbation, self.input_perturbation >= 0,
              "0 or more (0.1 is usual)"),
             ("timestep_bias_multiplier", self.timestep_bias_multiplier, self.timestep_bias_multiplier > 0,

@@ -215,7 +215,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
 
     # ---- 3. prompt embeddings, computed once per distinct caption when the text encoders are frozen
     prompt_cache = None
-    if not (config.train_text_encoder or config.train_text_encoder_ti):
+    # (--shuffle_caption: a caption's tags come in a new order each epoch; the frozen encoders encode them in the step)
+    if not (config.train_text_encoder or config.train_text_encoder_ti or config.shuffle_caption):
         captions = {im.caption for im in instance_images} | {im.caption for im in class_images}
         prompt_cache = PromptCache.build(sorted(captions), c, device)
         if device.type == "cuda":
@@ -1140,11 +1141,13 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
             why = "not chosen by default with this --torch_compile setting"
         # with --lora_dropout the masks are drawn inside the recorded step: on by default since an H100 (torch
         # 2.11, checkpointing) gave the eager LoRA bit for bit (gpu_check.sh part 21, benchmarks/RESULTS.md)
-        if not asked and why is None and (config.train_text_encoder or config.train_text_encoder_ti):
+        if not asked and why is None and (config.train_text_encoder or config.train_text_encoder_ti or
+                                          config.shuffle_caption):
             # the text encoders in the recorded step: recorded on an H100, but its LoRA differed from eager's by up to
             # 2.7e-5 after 6 steps (part 17; UNet-only runs agree bit for bit), so only when asked for (pivotal
-            # tuning runs them there too, frozen with new token rows: gpu_check.sh part 31 has yet to run)
-            flag = "--train_text_encoder" if config.train_text_encoder else "--train_text_encoder_ti"
+            # tuning and --shuffle_caption run them there too, frozen: gpu_check.sh parts 31 and 32 have yet to run)
+            flag = next(f"--{k}" for k in ("train_text_encoder", "train_text_encoder_ti", "shuffle_caption")
+                        if getattr(config, k))
             why = f"not chosen by default with {flag}"
         if why:
             if asked:
@@ -1431,12 +1434,25 @@ class DreamBoothDataset(Dataset):
         rng = random.Random(f"{self.config.seed}:{epoch}:{index}")
         target = self.target(index)
         example = {"instance": self._prepare(self.instance[index % len(self.instance)], rng, target)}
+        if self.config.shuffle_caption:  # its own draw, as caption dropout's: crops and flips stay as they were
+            shuffle = random.Random(f"{self.config.seed}:{epoch}:{index}:shuffle")
+            example["instance"]["caption"] = shuffle_tags(example["instance"]["caption"], self.config.keep_tokens,
+                                                          shuffle)
         if self.config.caption_dropout_rate:  # its own draw: the crops and flips stay those of a run without
             draw = random.Random(f"{self.config.seed}:{epoch}:{index}:caption").random()
             example["instance"]["dropped"] = draw < self.config.caption_dropout_rate
         if self.class_images:
             example["class"] = self._prepare(self.class_images[index % len(self.class_images)], rng, target)
         return example
+
+
+def shuffle_tags(caption: str, keep: int, rng: random.Random) -> str:
+    """kohya's --shuffle_caption: the comma-separated tags of ``caption`` in a random order, the first ``keep`` in
+    place; spaces around the commas are normalised to ", "."""
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep], tags[keep:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
 
 
 class EpochShuffleSampler(Sampler):
@@ -1623,6 +1639,8 @@ class TrainingOutOfMemory(UserError):
             ("no --train_text_encoder", config.train_text_encoder),
             ("no --train_text_encoder_ti (the text encoders then leave the GPU once the prompts are encoded)",
              config.train_text_encoder_ti),
+            ("no --shuffle_caption (the text encoders then leave the GPU once the prompts are encoded)",
+             config.shuffle_caption),
             (f"--train_batch_size 1 --gradient_accumulation_steps {effective_batch} (the same batch per step)",
              config.train_batch_size > 1),
             ("--cache_latents", not config.cache_latents),
@@ -1809,7 +1827,7 @@ CHANGES_THE_RUN = ("dataset_name", "instance_data_dir", "kaggle_class", "kaggle_
                    "min_timestep", "max_timestep", "debiased_estimation_loss", "multires_noise_iterations",
                    "multires_noise_discount", "input_perturbation", "timestep_bias_strategy",
                    "timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end", "timestep_bias_portion",
-                   "masked_loss", "mask_data_dir")
+                   "masked_loss", "mask_data_dir", "shuffle_caption", "keep_tokens")
 
 
 def checkpoint_seed(out: Path, config: TrainConfig) -> int | None:

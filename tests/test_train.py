@@ -2382,3 +2382,53 @@ def test_cli_ctrl_c_during_training_saves_and_says_how_to_go_on(tiny_model_dir, 
     assert "Traceback" not in stderr
     (ckpt,) = list_checkpoints(out)
     assert f"interrupted; stopped at step {ckpt.name.split('-')[1]} by Ctrl-C: {ckpt} is kept" in stderr
+
+
+# ---------------------------------------------------------------- --shuffle_caption / --keep_tokens
+def test_shuffle_tags_keeps_the_first_tags_and_every_tag():
+    import random
+
+    from billiard_lora.train import shuffle_tags
+
+    caption = "sks billiard,  green felt, red ball ,cue, lamp, smoke"
+    orders = {shuffle_tags(caption, 1, random.Random(i)) for i in range(30)}
+    assert len(orders) > 10
+    for order in orders:
+        tags = order.split(", ")
+        assert tags[0] == "sks billiard" and sorted(tags) == sorted(t.strip() for t in caption.split(","))
+    assert shuffle_tags("a photo of sks billiard", 0, random.Random(0)) == "a photo of sks billiard"
+
+
+def test_shuffled_captions_change_per_epoch_train_through_the_encoders_and_resume_exactly(tiny_model_dir, tmp_path,
+                                                                                         monkeypatch):
+    from billiard_lora.train import DreamBoothDataset, TrainImage
+
+    tags = "sks billiard, green felt, red ball, cue, lamp"
+    data = make_images(tmp_path / "data", n=3, captions={i: tags for i in range(3)})
+    cfg = tiny_config(tiny_model_dir, data, tmp_path / "x", caption_column="prompt", shuffle_caption=True,
+                      keep_tokens=1)
+    images = [TrainImage(Image.new("RGB", (48, 48)), tags, f"k{i}") for i in range(3)]
+    dataset = DreamBoothDataset(images, [], cfg)
+    drawn = [dataset[(epoch, 0)]["instance"]["caption"] for epoch in range(6)]
+    assert len(set(drawn)) > 2 and all(c.startswith("sks billiard, ") for c in drawn)
+    assert dataset[(2, 1)]["instance"]["caption"] == DreamBoothDataset(images, [], cfg)[(2, 1)]["instance"]["caption"]
+    assert dataset[(0, 0)]["instance"]["pixel_values"].equal(
+        DreamBoothDataset(images, [], cfg.replace(shuffle_caption=False, keep_tokens=0))[(0, 0)]["instance"][
+            "pixel_values"])  # crops and flips as without shuffling
+
+    encoded = []
+    real = train_mod.encode_prompt
+    monkeypatch.setattr(train_mod, "encode_prompt", lambda *a, **k: encoded.append(1) or real(*a, **k))
+    kw = dict(max_train_steps=6, checkpointing_steps=3, caption_column="prompt", shuffle_caption=True, keep_tokens=1)
+    full = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "full", **kw)))
+    assert len(encoded) >= 6  # in every step, not once ahead
+    with pytest.raises(Crash):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "resumed", **kw), callback=crash_at_step(4))
+    resumed = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "resumed",
+                                             resume_from_checkpoint="latest", **kw)))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    plain = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "plain", max_train_steps=6,
+                                           caption_column="prompt")))
+    assert any(not torch.equal(full[k], plain[k]) for k in full)
+    with pytest.raises(UserError, match="--keep_tokens=1 keeps the first tags in place when --shuffle_caption"):
+        tiny_config(tiny_model_dir, data, tmp_path / "y", keep_tokens=1)
