@@ -727,6 +727,7 @@ class GenerationOutOfMemory(UserError):
             ("--vae_tiling", not getattr(pipe.vae, "use_tiling", False)),
             ("--fp8_base", not _is_fp8(pipe)),
             ("no --cuda_graphs", bool(cuda_graphs) and torch.cuda.is_available()),
+            ("no --refiner (a second UNet on the GPU)", getattr(pipe, "billiard_refiner", None) is not None),
         ) if applies]
         hints.append("a smaller --height/--width")
         device = torch.device(getattr(pipe, "_execution_device", pipe.device)).type
@@ -995,6 +996,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> None:
     from .io import check_out_folder
 
+    if args.refiner_start != DEFAULT_REFINER_START and not args.refiner:
+        raise UserError("--refiner_start sets where the refiner takes over: add --refiner, or drop --refiner_start")
     if args.strength is not None and not args.init_image:
         raise UserError("--strength sets how much of --init_image is noised away: add --init_image FILE, or drop "
                         "--strength")

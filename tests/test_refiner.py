@@ -98,3 +98,7 @@ def test_cli_refiner(tiny_model_dir, refiner_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (png,) = (tmp_path / "gen").glob("*.png")
     assert Image.open(png).text["refiner_start"] == "0.7"
+    r = subprocess.run([sys.executable, "-m", "billiard_lora.generate", "--model", str(tiny_model_dir), "--vae", "none",
+                        "--device", "cpu", "--prompt", PROMPT, "--refiner_start", "0.7", "--out", str(tmp_path / "g2")],
+                       capture_output=True, text=True, cwd=REPO, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"})
+    assert r.returncode == 2 and "--refiner_start sets where the refiner takes over: add --refiner" in r.stderr
