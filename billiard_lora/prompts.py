@@ -9,7 +9,9 @@ to compel's. A prompt without weights that fits 77 tokens gives exactly the pipe
 
 from __future__ import annotations
 
+import contextlib
 import re
+from typing import Iterator
 
 import torch
 
@@ -49,20 +51,27 @@ def _compel(pipe):
     return made[1]
 
 
-def weighted_embeddings(pipe, prompt: str, negative_prompt: str | None) -> dict[str, torch.Tensor]:
-    """The pipeline's ``prompt_embeds`` and ``pooled_prompt_embeds`` (and the negative ones where a negative prompt is
-    given: without one, SDXL's pipeline zeroes the unconditional embeddings as it does for ``negative_prompt=None``)."""
-    compel = _compel(pipe)
+@contextlib.contextmanager
+def _readable(prompt: str) -> Iterator[None]:
+    """compel's and pyparsing's parser errors (several lines long) as one line naming the prompt."""
     try:
         with torch.no_grad():
-            cond = compel(a1111_to_compel(prompt),
-                          negative_prompt=a1111_to_compel(negative_prompt) if negative_prompt else None)
-    except Exception as exc:  # noqa: BLE001 - compel's and pyparsing's parser errors, several lines long
+            yield
+    except Exception as exc:  # noqa: BLE001 - only the parsers' own errors are translated
         if not type(exc).__module__.startswith(("compel", "pyparsing")):
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise UserError(f"prompt {prompt!r}: compel cannot read its weights ({first}); check the brackets, e.g. "
                         f"(green felt:1.3), (green felt)1.3 or (\"a\", \"b\").blend(0.7, 0.3)") from None
+
+
+def weighted_embeddings(pipe, prompt: str, negative_prompt: str | None) -> dict[str, torch.Tensor]:
+    """The pipeline's ``prompt_embeds`` and ``pooled_prompt_embeds`` (and the negative ones where a negative prompt is
+    given: without one, SDXL's pipeline zeroes the unconditional embeddings as it does for ``negative_prompt=None``)."""
+    compel = _compel(pipe)
+    with _readable(prompt):
+        cond = compel(a1111_to_compel(prompt),
+                      negative_prompt=a1111_to_compel(negative_prompt) if negative_prompt else None)
     out = {"prompt_embeds": cond.embeds, "pooled_prompt_embeds": cond.pooled_embeds}
     if negative_prompt:
         out.update(negative_prompt_embeds=cond.negative_embeds,
@@ -82,7 +91,7 @@ def refiner_embeddings(refiner, prompt: str, negative_prompt: str | None) -> dic
     compel = Compel(tokenizer=refiner.tokenizer_2, text_encoder=refiner.text_encoder_2, device=str(device),
                     returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
                     requires_pooled=True, truncate_long_prompts=False)
-    with torch.no_grad():
+    with _readable(prompt):
         embeds, pooled = compel([a1111_to_compel(prompt), a1111_to_compel(negative_prompt or "")])
     return {"prompt_embeds": embeds[:1], "pooled_prompt_embeds": pooled[:1],
             "negative_prompt_embeds": embeds[1:], "negative_pooled_prompt_embeds": pooled[1:]}
