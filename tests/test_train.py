@@ -2333,8 +2333,8 @@ def test_a_stop_signal_finishes_the_step_saves_a_checkpoint_and_resumes_exactly(
               lora_dropout=0.1, snr_gamma=5.0)
     full = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "full", **kw)))
     before = signal.getsignal(getattr(signal, signame))
-    with pytest.raises(KeyboardInterrupt, match=r"at step 3: .*checkpoint-3 is kept: add --resume_from_checkpoint="
-                                                r"latest"):
+    with pytest.raises(KeyboardInterrupt, match=r"stopped at step 3 by (Ctrl-C|SIGTERM): .*checkpoint-3 is kept: "
+                                                r"add --resume_from_checkpoint=latest"):
         train(tiny_config(tiny_model_dir, data, tmp_path / "stopped", **kw),
               callback=signal_at_step(3, getattr(signal, signame)))
     assert signal.getsignal(getattr(signal, signame)) is before  # the handler is put back
