@@ -23,7 +23,8 @@ from typing import Any, Literal, Optional
 from .errors import UserError
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-OPTIMIZERS = ("adamw", "prodigy")
+OPTIMIZERS = ("adamw", "prodigy", "adamw_schedulefree", "adamwschedulefree")  # (the last: kohya's spelling)
+SCHEDULE_FREE = ("adamw_schedulefree", "adamwschedulefree")
 COMPILE_MODES = ("none", "regional", "full")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EMA_DECAY = 0.9999  # --ema_decay's default (diffusers' EMAModel's)
@@ -262,7 +263,11 @@ class TrainConfig:
     lr_warmup_steps: int = _f(500, "Warm-up steps of the learning-rate scheduler.")
     lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.")
     lr_power: float = _f(1.0, "Power of the polynomial scheduler.")
-    optimizer: str = _f("AdamW", "AdamW or Prodigy.")
+    optimizer: str = _f(
+        "AdamW", "AdamW, Prodigy, or AdamW_ScheduleFree (schedule-free AdamW, arXiv 2405.15682, the schedulefree "
+                 "package: no learning-rate schedule, its own warm-up with --lr_scheduler constant_with_warmup "
+                 "--lr_warmup_steps N; the LoRA files and validation images "
+                 "hold its averaged weights; try a higher --learning_rate than AdamW's, e.g. 1e-3).")
     use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes, stepped over a few flat buffers instead of "
                                     "tensor by tensor (the same update); falls back to AdamW where it has no backend.")
     adam_beta1: float = _f(0.9, "Adam beta1.")
@@ -387,7 +392,14 @@ class TrainConfig:
             raise UserError("--fp8_base does not combine with --use_dora (DoRA sets its magnitudes from the weights "
                             "before rounding): drop one of the two")
         if self.optimizer.lower() not in OPTIMIZERS:
-            raise UserError(f"unknown --optimizer={self.optimizer!r}; choose AdamW or Prodigy")
+            raise UserError(f"unknown --optimizer={self.optimizer!r}; choose AdamW, Prodigy or AdamW_ScheduleFree")
+        if self.schedule_free:
+            if self.lr_scheduler not in ("constant", "constant_with_warmup"):
+                raise UserError(f"--optimizer={self.optimizer} needs no learning-rate schedule (it averages the "
+                                f"weights instead): use --lr_scheduler constant, or constant_with_warmup with "
+                                f"--lr_warmup_steps for its own warm-up")
+            if self.use_ema:
+                raise UserError(f"--optimizer={self.optimizer} already averages the weights: drop --use_ema")
         if self.image_interpolation_mode.lower() not in ("lanczos", "bicubic", "bilinear", "nearest"):
             raise UserError(f"unknown --image_interpolation_mode={self.image_interpolation_mode!r}; "
                             "choose lanczos, bicubic, bilinear or nearest")
@@ -574,6 +586,11 @@ class TrainConfig:
         from .data import parse_buckets
 
         return parse_buckets(self.aspect_ratio_buckets or "auto", self.resolution)
+
+    @property
+    def schedule_free(self) -> bool:
+        """--optimizer AdamW_ScheduleFree (either spelling)."""
+        return self.optimizer.lower() in SCHEDULE_FREE
 
     @property
     def splits(self) -> tuple[str, ...]:

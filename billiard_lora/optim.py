@@ -52,6 +52,15 @@ def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_proce
         return FlatProdigy(groups, lr=lr, betas=betas, beta3=config.prodigy_beta3, eps=config.adam_epsilon,
                            decouple=config.prodigy_decouple, use_bias_correction=config.prodigy_use_bias_correction,
                            safeguard_warmup=config.prodigy_safeguard_warmup)
+    if config.schedule_free:
+        if importlib.util.find_spec("schedulefree") is None:
+            raise UserError(f"--optimizer={config.optimizer} needs the schedulefree package: pip install schedulefree")
+        from schedulefree import AdamWScheduleFree
+
+        # (its foreach form: one kernel per operation over all the LoRA's tensors, and no host synchronisation)
+        # warm-up as the schedules it replaces: --lr_scheduler constant has none, constant_with_warmup its steps
+        warmup = config.lr_warmup_steps if config.lr_scheduler == "constant_with_warmup" else 0
+        return AdamWScheduleFree(groups, lr=lr, betas=betas, eps=config.adam_epsilon, warmup_steps=warmup)
     if config.use_8bit_adam:
         return FlatAdamW8bit(groups, lr=lr, betas=betas, eps=config.adam_epsilon)
     # torch's fused AdamW: one kernel for all ~1,100 LoRA tensors instead of a few per tensor (SDXL's rank-4 LoRA
@@ -329,6 +338,35 @@ def _bnb_adamw8bit():
             return config
 
     return AdamW8bitGroups
+
+
+class ScheduleFreeAverage:
+    """Schedule-free AdamW's averaged weights (its ``eval()`` mode, what the paper evaluates) for a while: saving and
+    validation images; then training goes on from the very weights it left, bit for bit. (The optimizer's own
+    ``train()`` would lerp back and round differently, so a run that validated would drift from one that did not.)
+    The interface of ``AdapterEMA.applied``."""
+
+    def __init__(self, optimizer, params: Sequence[torch.nn.Parameter], *, on_change=None):
+        self.optimizer, self.params, self.on_change = optimizer, list(params), on_change
+
+    @contextlib.contextmanager
+    def applied(self):
+        kept = [p.detach().clone() for p in self.params]
+        self.optimizer.eval()
+        self._changed()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, k in zip(self.params, kept):
+                    p.copy_(k)
+            for group in self.optimizer.param_groups:
+                group["train_mode"] = True
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
 
 class AdapterEMA:

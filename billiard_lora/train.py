@@ -309,8 +309,10 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     from diffusers.optimization import get_scheduler
 
     # accelerate steps a prepared scheduler once per process, hence the factor (as in diffusers' script)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
-                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+    # (schedule-free AdamW has no schedule: a constant one, its warm-up inside the optimizer)
+    lr_scheduler = get_scheduler("constant" if config.schedule_free else config.lr_scheduler, optimizer,
+                                 num_warmup_steps=0 if config.schedule_free else
+                                 config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes,
                                  num_cycles=config.lr_num_cycles, power=config.lr_power)
     if config.fp8_base and accelerator.num_processes > 1:
@@ -339,6 +341,11 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         ema = AdapterEMA(adapters, config.ema_decay, on_change=fused_ops.refresh if fused_ops else None)
         accelerator.register_for_checkpointing(ema)
     averaged = ema.applied if ema is not None else contextlib.nullcontext  # what is saved and validated
+    if config.schedule_free:  # its averaged weights, as the optimizer's eval() mode computes them
+        from .optim import ScheduleFreeAverage
+
+        optimizer.train()
+        averaged = ScheduleFreeAverage(optimizer, adapters, on_change=fused_ops.refresh if fused_ops else None).applied
 
     # ---- 7. resume
     global_step, first_epoch, skip_batches = 0, 0, 0
@@ -598,7 +605,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if config.validation_prompt and not (history and should_validate(config, global_step, steps_per_epoch)):
         final_images = validate(global_step)
     if accelerator.is_main_process:
-        save_final(out, config, unet, text_encoders, history, accelerator, pissa_initial, ema, pivotal)
+        save_final(out, config, unet, text_encoders, history, accelerator, pissa_initial, ema, pivotal,
+                   averaged=averaged)
         summary = {**timer.summary(global_step), "steps_this_run": global_step - start_step}
         if config.cuda_graphs:
             summary.update(cuda_graph_replays=micro_step.replays, micro_steps=micro_step.calls,
@@ -1174,6 +1182,10 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
                      "backward (more memory than without fp8); training with checkpointing (or pass "
                      "--auto_gradient_checkpointing to let a trial step decide)")
         changes["gradient_checkpointing"] = True
+    if config.schedule_free and config.use_8bit_adam:
+        notes.append(f"--use_8bit_adam is for AdamW: --optimizer={config.optimizer} keeps its 32-bit states (a LoRA's "
+                     f"are small: SDXL's rank-4 UNet LoRA, 46 MB)")
+        changes["use_8bit_adam"] = False
     if config.optimizer.lower() == "prodigy":  # what runs, as config.json records it
         if config.use_8bit_adam:
             notes.append("--use_8bit_adam is for AdamW and Prodigy has no 8-bit form: training Prodigy with its "
@@ -1701,7 +1713,8 @@ def lora_signature(config: TrainConfig) -> dict:
             "num_new_tokens_per_abstraction": config.num_new_tokens_per_abstraction,
             "loraplus": config.loraplus_lr_ratio is not None,  # the optimizer's groups: one or two per model
             # the optimizer's saved state only fits the same optimizer
-            "optimizer": "AdamW8bit" if adam8 else {"adamw": "AdamW"}.get(config.optimizer.lower(), "Prodigy")}
+            "optimizer": "AdamW8bit" if adam8 else "AdamWScheduleFree" if config.schedule_free else
+            {"adamw": "AdamW"}.get(config.optimizer.lower(), "Prodigy")}
 
 
 @contextlib.contextmanager
@@ -1985,10 +1998,11 @@ def _precision_words(mixed_precision: str) -> str:
 
 
 def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, accelerator, pissa_initial=None,
-               ema=None, pivotal=None) -> None:
+               ema=None, pivotal=None, averaged=contextlib.nullcontext) -> None:
     """The LoRA (diffusers format, kohya too where asked), config.json, loss history and plot, model card. With
     ``ema`` (--use_ema) the LoRA files hold the average, and no_ema/ the last weights themselves; with ``pivotal``
-    (--train_text_encoder_ti) the token embeddings are saved beside each LoRA."""
+    (--train_text_encoder_ti) the token embeddings are saved beside each LoRA. ``averaged``: the context in which
+    the adapters hold what the LoRA files get (--use_ema's average, schedule-free AdamW's averaged weights)."""
     from .pivotal import embeddings_file
 
     from .lora import KOHYA_WEIGHT_NAME, save_lora
@@ -2005,7 +2019,7 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
             save_lora(out / NO_EMA_DIR, metadata={**config.to_dict(), "ema": "no: the last weights"}, **lora)
             if pivotal is not None:
                 pivotal.save(embeddings_file(out / NO_EMA_DIR), config.to_dict())
-        with ema.applied() if ema is not None else contextlib.nullcontext():
+        with averaged():
             save_lora(out, metadata=config.to_dict(), kohya=kohya, **lora)
             if pivotal is not None:
                 pivotal.save(embeddings_file(out), config.to_dict())
@@ -2021,7 +2035,7 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
 # settings the model card lists only where a run changed them
 SHOWN_IF_SET = ("loraplus_lr_ratio", "masked_loss", "timestep_bias_strategy", "timestep_bias_multiplier",
                 "multires_noise_iterations", "input_perturbation", "noise_offset", "min_timestep", "max_timestep",
-                "debiased_estimation_loss")
+                "debiased_estimation_loss", "shuffle_caption", "keep_tokens")
 
 
 def write_model_card(out: Path, config: TrainConfig) -> None:

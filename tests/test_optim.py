@@ -266,3 +266,37 @@ def test_adapter_ema_state_round_trips_and_refuses_another_lora():
     other = optim.AdapterEMA([torch.nn.Parameter(torch.zeros(8, 4))], decay=0.99)
     with pytest.raises(optim.UserError, match="does not fit this run's LoRA"):
         other.load_state_dict(state)
+
+
+def test_schedule_free_average_is_the_optimizers_eval_weights_and_training_goes_on_bit_for_bit():
+    from schedulefree import AdamWScheduleFree
+
+    from billiard_lora.optim import ScheduleFreeAverage
+
+    def run(look: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(5, 3))
+        opt = AdamWScheduleFree([w], lr=0.05, warmup_steps=2)
+        opt.train()
+        seen = []
+        for step in range(6):
+            w.grad = torch.sin(w.detach() * (step + 1))
+            opt.step()
+            if look:
+                with ScheduleFreeAverage(opt, [w]).applied():
+                    seen.append(w.detach().clone())
+        return w.detach().clone(), seen
+
+    plain, _ = run(False)
+    looked, seen = run(True)
+    assert torch.equal(plain, looked)  # looking at the average left training exactly where it was
+    # what it showed is the optimizer's own eval() weights: x = y + (1 - 1/beta1) (z - y)
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    opt = AdamWScheduleFree([w], lr=0.05, warmup_steps=2)
+    opt.train()
+    for step in range(6):
+        w.grad = torch.sin(w.detach() * (step + 1))
+        opt.step()
+    opt.eval()
+    assert torch.equal(seen[-1], w.detach()) and not torch.equal(seen[-1], plain)

@@ -2432,3 +2432,40 @@ def test_shuffled_captions_change_per_epoch_train_through_the_encoders_and_resum
     assert any(not torch.equal(full[k], plain[k]) for k in full)
     with pytest.raises(UserError, match="--keep_tokens=1 keeps the first tags in place when --shuffle_caption"):
         tiny_config(tiny_model_dir, data, tmp_path / "y", keep_tokens=1)
+
+
+# ---------------------------------------------------------------- --optimizer AdamW_ScheduleFree
+def test_schedule_free_saves_its_averaged_weights_validates_them_and_resumes_exactly(tiny_model_dir, tiny_components,
+                                                                                     tmp_path):
+    """The LoRA files hold schedule-free AdamW's averaged (eval-mode) weights, not the ones it trains; a run that
+    validated and checkpointed along the way, crashed and resumed ends bit for bit where one that did neither ends."""
+    from billiard_lora.lora import peft_state_dict
+
+    data = make_images(tmp_path / "data", n=3)
+    kw = dict(max_train_steps=6, optimizer="AdamW_ScheduleFree", learning_rate=1e-3, gradient_accumulation_steps=2)
+    c = tiny_components
+    quiet = train(tiny_config(tiny_model_dir, data, tmp_path / "quiet", **kw), components=c)
+    trained = {k: v.detach().clone() for k, v in peft_state_dict(c.unet).items()}  # the weights it trains (y)
+    saved = lora_tensors(quiet)
+    ups = {k.removeprefix("unet.").removesuffix(".lora.up.weight"): v for k, v in saved.items() if ".lora.up." in k}
+    bs = {k.removesuffix(".lora_B.weight"): v for k, v in trained.items() if k.endswith(".lora_B.weight")}
+    assert ups.keys() == bs.keys() and any(not torch.equal(ups[k], bs[k]) for k in ups)
+    busy = dict(kw, checkpointing_steps=2, validation_prompt="a photo of sks billiard", validation_steps=2,
+                num_validation_images=1, validation_inference_steps=2)
+    with pytest.raises(Crash):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "busy", **busy), callback=crash_at_step(5))
+    resumed = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "busy", resume_from_checkpoint="latest",
+                                             **busy)))
+    assert saved.keys() == resumed.keys() and all(torch.equal(saved[k], resumed[k]) for k in saved)
+    adamw = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "adamw", max_train_steps=6,
+                                           learning_rate=1e-3, gradient_accumulation_steps=2)))
+    assert any(not torch.equal(saved[k], adamw[k]) for k in saved)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(lr_scheduler="cosine"), "needs no learning-rate schedule"),
+    (dict(use_ema=True), "already averages the weights: drop --use_ema"),
+])
+def test_schedule_free_refuses_a_schedule_and_a_second_average(tiny_model_dir, tmp_path, kw, message):
+    with pytest.raises(UserError, match=message):
+        tiny_config(tiny_model_dir, tmp_path, tmp_path / "o", optimizer="adamwschedulefree", **kw)
