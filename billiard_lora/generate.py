@@ -43,6 +43,7 @@ DEFAULT_SUBJECTS = (
 DEFAULT_SCALES = (0.0, 0.3, 0.6, 0.9, 1.2)
 DEFAULT_STRENGTH = 0.6  # image-to-image: enough noise for the LoRA's subject to appear, the layout kept
 DEFAULT_REFINER_START = 0.8  # --refiner: the share of the denoising the base model (and LoRA) does (diffusers' docs)
+DEFAULT_HIRES_STRENGTH = 0.5  # --hires_scale: how much of the upscaled image its second pass redraws
 # "a photo of | messi | playing billiard": the first "... of" is the framing, then the subject, then the action.
 _SUBJECT_PATTERN = re.compile(r"^(?P<pre>.*?\bof\s+)?(?P<subject>.+?)\s+(?P<rest>playing\s+billiards?\b.*)$",
                               re.IGNORECASE)
@@ -552,6 +553,8 @@ class GeneratedImage:
     strength: float | None = None  # image-to-image: how much of the starting image is noised away (0-1)
     refiner: str = ""  # the SDXL refiner that finished the image, "" for none
     refiner_start: float | None = None  # where the refiner took over (a share of the denoising)
+    hires_scale: float | None = None  # A1111's hires fix: upscaled by this, then redrawn by image-to-image
+    hires_strength: float | None = None  # ... at this strength
 
     def metadata(self) -> dict[str, str]:
         """Settings as PNG text chunks (all strings; empty where not applicable)."""
@@ -562,6 +565,7 @@ class GeneratedImage:
             model=self.model, fused=self.fused, fp8_base=self.fp8_base, vae_tiling=self.vae_tiling,
             scheduler=self.scheduler, prompt_weighting=self.prompt_weighting, init_image=self.init_image,
             strength=self.strength, refiner=self.refiner, refiner_start=self.refiner_start,
+            hires_scale=self.hires_scale, hires_strength=self.hires_strength,
         )
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
@@ -571,7 +575,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
              width: int | None = None, lora_scale: float | None = None, progress: bool = True,
              cuda_graphs: bool | None = None, prompt_weighting: bool = False,
              init_image: str | Path | Image.Image | None = None, strength: float = DEFAULT_STRENGTH,
-             refiner_start: float = DEFAULT_REFINER_START) -> list[GeneratedImage]:
+             refiner_start: float = DEFAULT_REFINER_START, hires_scale: float | None = None,
+             hires_strength: float = DEFAULT_HIRES_STRENGTH) -> list[GeneratedImage]:
     """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight.
 
     ``cuda_graphs`` (default: what ``load_generation_pipeline`` was given): on a CUDA GPU, the UNet's forward is
@@ -586,6 +591,9 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     denoising steps).
     With a refiner loaded (``load_generation_pipeline(refiner=...)``), the base model denoises the first
     ``refiner_start`` of the steps and hands its latents to the refiner, which finishes them.
+    ``hires_scale`` (A1111's "hires. fix"): each finished image is upscaled by that factor (Lanczos, to multiples of
+    8 pixels) and redrawn at ``hires_strength`` by image-to-image with the LoRA, for detail at sizes beyond what
+    the model composes well in one pass.
     """
     from tqdm.auto import tqdm
 
@@ -603,6 +611,9 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     if refiner is not None and not 0.0 < refiner_start < 1.0:
         raise UserError(f"--refiner_start={refiner_start} must be in (0, 1): the share of the steps the base model "
                         f"(with the LoRA) takes before the refiner (0.8 is diffusers' example)")
+    if hires_scale is not None:
+        check_hires(hires_scale, hires_strength, num_inference_steps)
+        upscaler = image_to_image(pipe)
     if init_image is not None:
         check_strength(strength, num_inference_steps)
         start = fit_init_image(pipe, init_image, height, width)
@@ -650,7 +661,10 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                                   output_type="latent").images
                     image = refiner(**text_inputs(prompt, for_refiner=True), image=latents,
                                     denoising_start=refiner_start, **common).images[0]
-                if run is not pipe and _is_offloaded(pipe):  # the offload hooks are pipe's: it puts the VAE back
+                if hires_scale is not None:  # the same generator goes on: the image stays a function of the seed
+                    image = upscaler(**text_inputs(prompt), image=upscaled(image, hires_scale),
+                                     strength=hires_strength, **common).images[0]
+                if (run is not pipe or hires_scale is not None) and _is_offloaded(pipe):  # (hooks: pipe's)
                     pipe.maybe_free_model_hooks()
             except OUT_OF_MEMORY as exc:
                 if _is_offloaded(pipe):
@@ -668,6 +682,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 init_image=init_name, strength=strength if image_kw else None,
                 refiner=getattr(pipe, "billiard_refiner_name", "") if refiner is not None else "",
                 refiner_start=refiner_start if refiner is not None else None,
+                hires_scale=hires_scale, hires_strength=hires_strength if hires_scale is not None else None,
             ))
     return results
 
@@ -678,6 +693,21 @@ def check_strength(strength: float, steps: int) -> None:
                         f"(0.3 keeps most of it, 1.0 keeps only its size)")
     if int(strength * steps) < 1:
         raise UserError(f"--strength={strength} x --steps={steps} is less than one denoising step: raise either")
+
+
+def check_hires(scale: float, strength: float, steps: int) -> None:
+    if not 1.0 < scale <= 4.0:
+        raise UserError(f"--hires_scale={scale} must be above 1 and at most 4 (1.5 is usual: a 1024-px image "
+                        f"redrawn at 1536)")
+    if not 0.0 < strength <= 1.0 or int(strength * steps) < 1:
+        raise UserError(f"--hires_strength={strength} must be in (0, 1] and leave at least one of the --steps={steps} "
+                        f"denoising steps (0.3-0.5 keeps the composition)")
+
+
+def upscaled(image: Image.Image, scale: float) -> Image.Image:
+    """``image`` enlarged by ``scale`` (Lanczos), each side rounded to a multiple of 8 (the VAE's factor)."""
+    size = tuple(max(8, round(side * scale / 8) * 8) for side in image.size)
+    return image.resize(size, resample=Image.Resampling.LANCZOS)
 
 
 def fit_init_image(pipe, image: str | Path | Image.Image, height: int | None, width: int | None) -> Image.Image:
@@ -962,6 +992,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None,
                    help=f"with --init_image: how much of it is noised away, in (0, 1] (default {DEFAULT_STRENGTH}; "
                         f"0.3 keeps most of the picture, 1.0 only its size)")
+    p.add_argument("--hires_scale", type=float, default=None, metavar="FACTOR",
+                   help="A1111's hires fix: upscale each image by FACTOR (e.g. 1.5) and redraw it with the LoRA by "
+                        "image-to-image, for detail beyond one pass (with --vae_tiling on smaller GPUs)")
+    p.add_argument("--hires_strength", type=float, default=DEFAULT_HIRES_STRENGTH,
+                   help=f"with --hires_scale: how much of the upscaled image is redrawn (default "
+                        f"{DEFAULT_HIRES_STRENGTH})")
     p.add_argument("--refiner", nargs="?", const=SDXL_REFINER, default=None, metavar="MODEL",
                    help=f"finish each image with SDXL's refiner (default {SDXL_REFINER}; a hub id or a local "
                         f"folder), as diffusers' SDXL docs: base + LoRA for the first --refiner_start of the steps")
@@ -996,6 +1032,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> None:
     from .io import check_out_folder
 
+    if args.hires_strength != DEFAULT_HIRES_STRENGTH and args.hires_scale is None:
+        raise UserError("--hires_strength sets how much of the upscaled image is redrawn: add --hires_scale (e.g. "
+                        "1.5), or drop --hires_strength")
+    if args.hires_scale is not None:
+        check_hires(args.hires_scale, args.hires_strength, args.steps)
     if args.refiner_start != DEFAULT_REFINER_START and not args.refiner:
         raise UserError("--refiner_start sets where the refiner takes over: add --refiner, or drop --refiner_start")
     if args.strength is not None and not args.init_image:
@@ -1070,6 +1111,8 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
               height=args.height, width=args.width, prompt_weighting=args.prompt_weighting,
               **({"refiner_start": args.refiner_start} if args.refiner else {}),
+              **({"hires_scale": args.hires_scale, "hires_strength": args.hires_strength}
+                 if args.hires_scale is not None else {}),
               **({"init_image": args.init_image, "strength": args.strength if args.strength is not None else
                   DEFAULT_STRENGTH} if args.init_image else {}))
     out = Path(args.out)

@@ -101,3 +101,23 @@ def test_image_to_image_with_cpu_offload_makes_the_same_images(tiny_model_dir, l
     offloaded = _pipe(tiny_model_dir, loras=[str(lora_run)], cpu_offload=True)
     assert np.abs(_px(resident) - _px(generate(offloaded, PROMPT, 0, **kw)[0])).max() <= 1
     assert np.abs(_px(resident) - _px(generate(offloaded, PROMPT, 0, **kw)[0])).max() <= 1  # and again after it
+
+
+def test_hires_fix_upscales_and_redraws_with_the_same_generator(tiny_model_dir, lora_run):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from PIL import Image as PILImage
+
+    pipe = _pipe(tiny_model_dir, loras=[str(lora_run)])
+    ours = generate(pipe, PROMPT, 0, height=32, width=48, hires_scale=1.5, hires_strength=0.5, **STEPS)[0]
+    assert ours.image.size == (72, 48)
+    assert ours.metadata()["hires_scale"] == "1.5" and ours.metadata()["hires_strength"] == "0.5"
+    g = torch.Generator("cpu").manual_seed(0)
+    first = pipe(PROMPT, num_inference_steps=4, height=32, width=48, generator=g).images[0]
+    theirs = StableDiffusionXLImg2ImgPipeline(**pipe.components)(
+        PROMPT, image=first.resize((72, 48), resample=PILImage.Resampling.LANCZOS), strength=0.5,
+        num_inference_steps=4, generator=g).images[0]
+    assert np.array_equal(_px(ours), _px(theirs))
+    with pytest.raises(UserError, match=r"--hires_scale=1.0 must be above 1"):
+        generate(pipe, PROMPT, 0, hires_scale=1.0, **STEPS)
+    with pytest.raises(UserError, match=r"--hires_strength=0.1 must be in \(0, 1\] and leave at least one"):
+        generate(pipe, PROMPT, 0, hires_scale=1.5, hires_strength=0.1, **STEPS)
