@@ -146,7 +146,7 @@ def build_components(shape: SDXLShape = TINY, *, seed: int = 0, device: str | to
 
     Built directly on ``device`` (the full-size UNet alone is 10 GB in float32) and seeded, so two calls agree.
     """
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tok1, tok2 = build_tokenizers()
@@ -156,17 +156,8 @@ def build_components(shape: SDXLShape = TINY, *, seed: int = 0, device: str | to
     cross_dim = shape.te1["hidden_size"] + shape.te2["hidden_size"]
     with torch.device(device):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=shape.sample_size, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(shape.unet_channels) - 1),
-            up_block_types=("CrossAttnUpBlock2D",) * (len(shape.unet_channels) - 1) + ("UpBlock2D",),
-            block_out_channels=shape.unet_channels, layers_per_block=shape.unet_layers_per_block,
-            transformer_layers_per_block=shape.unet_transformer_depth, attention_head_dim=shape.unet_head_dim,
-            cross_attention_dim=cross_dim, use_linear_projection=True, norm_num_groups=shape.unet_norm_groups,
-            # SDXL's micro-conditioning: 6 size/crop numbers embedded and concatenated with the pooled text embedding
-            addition_embed_type="text_time", addition_time_embed_dim=shape.addition_time_embed_dim,
-            projection_class_embeddings_input_dim=6 * shape.addition_time_embed_dim + shape.te2["projection_dim"],
-        )
+        # SDXL's micro-conditioning: 6 size/crop numbers embedded and concatenated with the pooled text embedding
+        unet = _unet(shape, cross_dim, time_ids=6)
         vae = _vae(shape)
         text_encoder = CLIPTextModel(CLIPTextConfig(**te_common, **shape.te1))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_common, **shape.te2))
@@ -180,6 +171,23 @@ def build_components(shape: SDXLShape = TINY, *, seed: int = 0, device: str | to
             m.to(dtype)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                 tokenizer=tok1, tokenizer_2=tok2, scheduler=scheduler)
+
+
+def _unet(shape: SDXLShape, cross_dim: int, time_ids: int):
+    """An SDXL-layout UNet of ``shape``: cross-attention to ``cross_dim``-wide text embeddings, ``time_ids``
+    micro-conditioning numbers embedded beside the second encoder's pooled embedding."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=shape.sample_size, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(shape.unet_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(shape.unet_channels) - 1) + ("UpBlock2D",),
+        block_out_channels=shape.unet_channels, layers_per_block=shape.unet_layers_per_block,
+        transformer_layers_per_block=shape.unet_transformer_depth, attention_head_dim=shape.unet_head_dim,
+        cross_attention_dim=cross_dim, use_linear_projection=True, norm_num_groups=shape.unet_norm_groups,
+        addition_embed_type="text_time", addition_time_embed_dim=shape.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=time_ids * shape.addition_time_embed_dim + shape.te2["projection_dim"],
+    )
 
 
 def _vae(shape: SDXLShape):
@@ -233,20 +241,11 @@ def build_refiner_components(shape: SDXLShape = TINY, *, seed: int = 0) -> dict:
     """Random-weight SDXL-refiner components of ``shape`` as ``StableDiffusionXLImg2ImgPipeline(**components)``
     takes them: SDXL refiner 1.0's layout (the second text encoder alone, cross-attention at its width, 5 micro-
     conditioning numbers with the aesthetic score instead of the target size), at ``shape``'s sizes."""
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler
 
     base = build_components(shape, seed=seed)
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
-        sample_size=shape.sample_size, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(shape.unet_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(shape.unet_channels) - 1) + ("UpBlock2D",),
-        block_out_channels=shape.unet_channels, layers_per_block=shape.unet_layers_per_block,
-        transformer_layers_per_block=shape.unet_transformer_depth, attention_head_dim=shape.unet_head_dim,
-        cross_attention_dim=shape.te2["hidden_size"], use_linear_projection=True, norm_num_groups=shape.unet_norm_groups,
-        addition_embed_type="text_time", addition_time_embed_dim=shape.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=5 * shape.addition_time_embed_dim + shape.te2["projection_dim"],
-    ).eval()
+    unet = _unet(shape, shape.te2["hidden_size"], time_ids=5).eval()  # (the aesthetic score replaces the target size)
     scheduler = EulerDiscreteScheduler.from_config(base["scheduler"].config)
     return dict(unet=unet, vae=base["vae"], text_encoder=None, tokenizer=None, text_encoder_2=base["text_encoder_2"],
                 tokenizer_2=base["tokenizer_2"], scheduler=scheduler, requires_aesthetics_score=True,

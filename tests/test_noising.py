@@ -10,7 +10,7 @@ from billiard_lora.config import TrainConfig
 from billiard_lora.errors import UserError
 from billiard_lora.noising import multires_noise, timestep_weights
 from billiard_lora.train import train
-from test_train import Crash, crash_at_step, lora_tensors, make_images, tiny_config
+from test_train import Crash, crash_at_step, drawn_timesteps, lora_tensors, make_images, tiny_config
 
 
 def config(**kw) -> TrainConfig:
@@ -36,22 +36,16 @@ def test_timestep_weights_follow_diffusers_strategies_inside_min_and_max_timeste
 
 
 def test_biased_timesteps_are_drawn_where_the_bias_points(tiny_model_dir, tmp_path, monkeypatch):
-    seen, real = [], train_mod.diffusion_loss
-    monkeypatch.setattr(train_mod, "diffusion_loss", lambda pred, target, t, *a: seen.append(t.tolist()) or
-                        real(pred, target, t, *a))
     data = make_images(tmp_path / "data", n=4)
     # the last tenth drawn 1000x as often as the rest: ~99 % of the draws, all below --max_timestep
-    train(tiny_config(tiny_model_dir, data, tmp_path / "a", max_train_steps=6, train_batch_size=4,
-                      timestep_bias_strategy="later", timestep_bias_portion=0.1, timestep_bias_multiplier=1000.0,
-                      max_timestep=950))
-    drawn = [t for step in seen for t in step]
+    drawn = drawn_timesteps(monkeypatch, tiny_config(
+        tiny_model_dir, data, tmp_path / "a", max_train_steps=6, train_batch_size=4, timestep_bias_strategy="later",
+        timestep_bias_portion=0.1, timestep_bias_multiplier=1000.0, max_timestep=950))
     assert len(drawn) == 24 and max(drawn) < 950 and sum(t >= 900 for t in drawn) >= 20 and len(set(drawn)) > 5
-    seen.clear()
-    train(tiny_config(tiny_model_dir, data, tmp_path / "b", max_train_steps=6, train_batch_size=4,
-                      timestep_bias_strategy="range", timestep_bias_begin=10, timestep_bias_end=20,
-                      timestep_bias_multiplier=1e6))
-    drawn = [t for step in seen for t in step]
-    assert all(10 <= t < 20 for t in drawn)
+    drawn = drawn_timesteps(monkeypatch, tiny_config(
+        tiny_model_dir, data, tmp_path / "b", max_train_steps=6, train_batch_size=4, timestep_bias_strategy="range",
+        timestep_bias_begin=10, timestep_bias_end=20, timestep_bias_multiplier=1e6))
+    assert len(drawn) == 24 and all(10 <= t < 20 for t in drawn)
     with pytest.raises(UserError, match="--timestep_bias_end=2000 is past this model's 1000 timesteps"):
         train(tiny_config(tiny_model_dir, data, tmp_path / "c", max_train_steps=1, timestep_bias_strategy="range",
                           timestep_bias_end=2000))

@@ -305,14 +305,20 @@ def test_dropped_captions_train_on_zeroed_text_conditioning(tiny_model_dir, tmp_
     assert any(not torch.equal(a[k], c[k]) for k in c)
 
 
-def test_timesteps_are_drawn_between_min_and_max_timestep(tiny_model_dir, tmp_path, monkeypatch):
+def drawn_timesteps(monkeypatch, config: TrainConfig) -> list[int]:
+    """Every timestep a run of ``config`` trains at, in order (spied on the loss)."""
     seen, real = [], train_mod.diffusion_loss
-    monkeypatch.setattr(train_mod, "diffusion_loss", lambda pred, target, t, *a: seen.append(t.tolist()) or
+    monkeypatch.setattr(train_mod, "diffusion_loss", lambda pred, target, t, *a: seen.extend(t.tolist()) or
                         real(pred, target, t, *a))
+    train(config)
+    monkeypatch.setattr(train_mod, "diffusion_loss", real)
+    return seen
+
+
+def test_timesteps_are_drawn_between_min_and_max_timestep(tiny_model_dir, tmp_path, monkeypatch):
     data = make_images(tmp_path / "data", n=4)
-    train(tiny_config(tiny_model_dir, data, tmp_path / "a", max_train_steps=6, train_batch_size=4,
-                      min_timestep=700, max_timestep=710))
-    drawn = [t for step in seen for t in step]
+    drawn = drawn_timesteps(monkeypatch, tiny_config(tiny_model_dir, data, tmp_path / "a", max_train_steps=6,
+                                                     train_batch_size=4, min_timestep=700, max_timestep=710))
     assert len(drawn) == 24 and min(drawn) >= 700 and max(drawn) < 710 and len(set(drawn)) > 3
     with pytest.raises(UserError, match="--max_timestep=2000 is past this model's 1000 timesteps"):
         train(tiny_config(tiny_model_dir, data, tmp_path / "b", max_train_steps=1, max_timestep=2000))
