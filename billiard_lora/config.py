@@ -400,6 +400,10 @@ class TrainConfig:
                                 f"--lr_warmup_steps for its own warm-up")
             if self.use_ema:
                 raise UserError(f"--optimizer={self.optimizer} already averages the weights: drop --use_ema")
+            if self.train_text_encoder_ti and self.train_text_encoder_ti_frac < 1:
+                raise UserError(f"--optimizer={self.optimizer} keeps moving weights toward its average after their "
+                                f"learning rate is 0, so --train_text_encoder_ti_frac={self.train_text_encoder_ti_frac} "
+                                f"cannot stop the token embeddings: give --train_text_encoder_ti_frac 1, or use AdamW")
         if self.image_interpolation_mode.lower() not in ("lanczos", "bicubic", "bilinear", "nearest"):
             raise UserError(f"unknown --image_interpolation_mode={self.image_interpolation_mode!r}; "
                             "choose lanczos, bicubic, bilinear or nearest")

@@ -2471,6 +2471,7 @@ def test_schedule_free_saves_its_averaged_weights_validates_them_and_resumes_exa
 @pytest.mark.parametrize("kw, message", [
     (dict(lr_scheduler="cosine"), "needs no learning-rate schedule"),
     (dict(use_ema=True), "already averages the weights: drop --use_ema"),
+    (dict(train_text_encoder_ti=True, instance_prompt="a photo of TOK"), "cannot stop the token embeddings"),
 ])
 def test_schedule_free_refuses_a_schedule_and_a_second_average(tiny_model_dir, tmp_path, kw, message):
     with pytest.raises(UserError, match=message):
