@@ -46,6 +46,7 @@ class Example:
     path: Path | None  # file on disk (None for hub datasets, where `image` is set)
     caption: str | None  # per-image caption; None -> the trainer uses --instance_prompt
     image: Image.Image | None = None
+    repeats: int = 1  # how often an epoch shows it (kohya's "N_name" folders), before --repeats
 
 
 @dataclass
@@ -149,11 +150,47 @@ def is_kaggle_layout(folder: Path) -> bool:
     return (folder / "sports.csv").is_file() or any(_subdirs(folder / s) for s in KAGGLE_SPLITS)
 
 
+# kohya's DreamBooth folders: "<repeats>_<class or instance words>", e.g. "10_sks billiard"
+_KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
+
+
+def is_kohya_layout(folder: Path) -> bool:
+    """True for a folder of kohya-style subfolders (``10_sks billiard/``, ...) and no images of its own."""
+    subdirs = _subdirs(folder)
+    return bool(subdirs) and all(_KOHYA_DIR.match(d) for d in subdirs) and not any(
+        _is_image_name(p.name) for p in folder.iterdir() if p.is_file())
+
+
+def _kohya_layout_source(folder: Path) -> ImageSource:
+    """kohya's layout: each ``N_words`` subfolder's images, shown N times an epoch, captioned by their ``.txt`` (or
+    ``.caption``) file where there is one, else by the folder's words, as kohya's DreamBooth datasets are."""
+    examples: list[Example] = []
+    parts = []
+    for name in _subdirs(folder):
+        repeats, words = _KOHYA_DIR.match(name).groups()
+        if int(repeats) < 1:
+            raise UserError(f"{folder / name}: kohya's folder names start with the repeats, at least 1 (e.g. "
+                            f"10_{words}); rename it")
+        files = list_images(folder / name)
+        for p in files:
+            side = next((p.with_suffix(ext) for ext in (".txt", ".caption") if p.with_suffix(ext).is_file()), None)
+            caption = _clean_caption(side.read_text(encoding="utf-8")) if side else None
+            examples.append(Example(p, caption or words.strip(), repeats=int(repeats)))
+        parts.append(f"{name}: {len(files)}")
+    if not examples:
+        raise UserError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found in the kohya-style subfolders of {folder}")
+    shown = sum(e.repeats for e in examples)
+    return ImageSource(examples, folder, f"kohya-style folder {folder} ({', '.join(parts)}; {shown} views an epoch "
+                                         f"with the folders' repeats)", [], "kohya")
+
+
 def _folder_source(
     folder: Path, *, caption_column: str | None, kaggle_class: str, splits: Sequence[str]
 ) -> ImageSource:
     if is_kaggle_layout(folder):
         return _kaggle_layout_source(folder, kaggle_class=kaggle_class, splits=splits, caption_column=caption_column)
+    if is_kohya_layout(folder):
+        return _kohya_layout_source(folder)
     files = list_images(folder)
     if not files:
         raise UserError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found in {folder}")

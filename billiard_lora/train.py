@@ -408,7 +408,9 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         given = "--dataset_name default" if config.dataset_name else "no --instance_data_dir or --dataset_name"
         say(f"{given}: training on the {len(instance_images)} synthetic billiard scenes embedded in data/default "
             f"(a demo set); pass your photos' folder to train on them")
-    say(f"training on {_count(len(instance_images), 'image')} ({_count(len(class_images), 'class image')}), "
+    distinct = len({id(im) for im in instance_images})
+    shown = f", {len(instance_images)} views an epoch with the folders' repeats" if distinct < len(instance_images) else ""
+    say(f"training on {_count(distinct, 'image')}{shown} ({_count(len(class_images), 'class image')}), "
         f"{_count(max_train_steps, 'step')}, "
         f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
         f"{accelerator.num_processes} process(es)"
@@ -1341,7 +1343,8 @@ def load_training_images(config: TrainConfig) -> list[TrainImage]:
         raise UserError(f"no usable training images in {source.description}")
     if config.masked_loss:
         attach_masks(images, examples, source.root, config)
-    return images
+    # kohya's "N_words" folders: each image N times an epoch (one decoded image, one latent cache entry)
+    return [im for im, ex in zip(images, examples) for _ in range(ex.repeats)]
 
 
 def attach_masks(images: list[TrainImage], examples: list, root: Path | None, config: TrainConfig) -> None:

@@ -63,6 +63,25 @@ def test_plain_folder_is_recursive_case_insensitive_and_skips_hidden(tmp_path):
     assert "6 images" in source.description
 
 
+def test_kohya_folders_give_repeats_and_the_folder_words_as_captions(tmp_path):
+    for name in ["10_sks billiard/a.png", "10_sks billiard/b.png", "1_billiard table/c.png"]:
+        tiny(tmp_path / name)
+    (tmp_path / "10_sks billiard" / "b.txt").write_text("sks billiard, green felt\n")
+    source = resolve_source(str(tmp_path))
+    assert source.kind == "kohya"
+    got = {e.path.name: (e.caption, e.repeats) for e in source.examples}
+    assert got == {"a.png": ("sks billiard", 10), "b.png": ("sks billiard, green felt", 10),
+                   "c.png": ("billiard table", 1)}
+    assert "21 views an epoch" in source.description
+    # a subfolder that is not kohya's (or images beside them) makes it a plain folder again
+    tiny(tmp_path / "a.png")
+    assert resolve_source(str(tmp_path)).kind == "folder"
+    (tmp_path / "a.png").unlink()
+    tiny(tmp_path / "0_none" / "d.png")
+    with pytest.raises(UserError, match="0_none: kohya's folder names start with the repeats, at least 1"):
+        resolve_source(str(tmp_path))
+
+
 def test_sidecar_txt_captions_are_stripped_and_empty_means_none(tmp_path):
     tiny(tmp_path / "a.jpg")
     tiny(tmp_path / "b.jpg")

@@ -2476,3 +2476,14 @@ def test_schedule_free_saves_its_averaged_weights_validates_them_and_resumes_exa
 def test_schedule_free_refuses_a_schedule_and_a_second_average(tiny_model_dir, tmp_path, kw, message):
     with pytest.raises(UserError, match=message):
         tiny_config(tiny_model_dir, tmp_path, tmp_path / "o", optimizer="adamwschedulefree", **kw)
+
+
+def test_kohya_folder_repeats_make_an_epoch(tiny_model_dir, tmp_path):
+    """3_sks billiard/ (2 images) and 1_billiard/ (1 image): 7 views an epoch, so one epoch at batch 1 is 7 steps,
+    each image decoded and encoded once."""
+    data = tmp_path / "kohya"
+    make_images(data / "3_sks billiard", n=2)
+    make_images(data / "1_billiard", n=1)
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_train_steps=None, num_train_epochs=1,
+                            train_batch_size=1))
+    assert len((out / "loss_history.csv").read_text().strip().splitlines()) == 1 + 7
