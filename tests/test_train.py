@@ -657,11 +657,22 @@ def test_seed_command_runs_unchanged_on_the_tiny_model(tiny_model_dir, shared_bi
 
 
 @pytest.mark.parametrize("extra", [[], ["--fp8_base", "--use_8bit_adam"],
-                                   ["--use_ema", "--train_text_encoder_ti", "--instance_prompt=TOK billiard"]])
+                                   ["--use_ema", "--train_text_encoder_ti", "--instance_prompt=TOK billiard"],
+                                   ["--optimizer=AdamW_ScheduleFree", "--loraplus_lr_ratio=8", "--masked_loss",
+                                    "--shuffle_caption", "--multires_noise_iterations=4", "--input_perturbation=0.1",
+                                    "--timestep_bias_strategy=later", "--instance_prompt=sks billiard, green felt"]])
 def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra):
     from diffusers import StableDiffusionXLPipeline
 
     data = make_images(tmp_path / "data", n=4)
+    if "--masked_loss" in extra:  # half-white masks beside the photos
+        (tmp_path / "masks").mkdir()
+        for p in data.glob("*.png"):
+            w, h = Image.open(p).size
+            mask = Image.new("L", (w, h), 0)
+            mask.paste(255, (0, 0, w // 2, h))
+            mask.save(tmp_path / "masks" / p.name)
+        extra = [*extra, f"--mask_data_dir={tmp_path / 'masks'}"]
     out = tmp_path / "ddp"
     r = _run([*_launch_two(), "-m", "billiard_lora.train",
               f"--pretrained_model_name_or_path={tiny_model_dir}", f"--instance_data_dir={data}", f"--output_dir={out}",
