@@ -296,6 +296,24 @@ def load_dino(name_or_path: str = DINO_VIT_S16, *, cache_dir: str | None = None,
     return model, image_processor
 
 
+BLIP_CAPTIONER = "Salesforce/blip-image-captioning-large"  # the captioner diffusers' advanced DreamBooth docs use
+
+
+def load_captioner(name_or_path: str = BLIP_CAPTIONER, *, cache_dir: str | None = None,
+                   device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None):
+    """``(BlipForConditionalGeneration, BlipProcessor)`` for ``python -m billiard_lora.caption``, eval mode."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    common = _eval_model_kwargs(name_or_path, cache_dir, None)
+    with _eval_model_errors("BLIP captioning model", name_or_path, common.get("revision")):
+        _require_model_type(name_or_path, "BLIP captioning model", ("blip",), "--model", common)
+        model = _load_all_weights(BlipForConditionalGeneration, name_or_path, "BLIP captioning model", common,
+                                  **_tf_dtype_kw(torch_dtype))
+        processor = BlipProcessor(image_processor=_image_processor(name_or_path, common),
+                                  tokenizer=_tokenizer(name_or_path, common))
+    return model.to(device).eval(), processor
+
+
 def _eval_model_kwargs(name: str, cache_dir: str | None, revision: str | None) -> dict[str, Any]:
     if _is_local(name):
         folder = Path(name).expanduser()

@@ -333,6 +333,26 @@ def save_tiny_clip(out_dir: str | Path, *, seed: int = 0) -> Path:
     return _save_eval_model(out_dir, model, processor, "clip", seed)
 
 
+def save_tiny_blip(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random-weight BLIP captioning model folder (``BlipForConditionalGeneration``, a BERT word-piece tokenizer
+    over the built-in corpus's words, a PIL image processor) that ``load_captioner`` reads: its captions are random
+    words of that corpus."""
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil,
+                              BlipProcessor)
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + sorted(set(_CORPUS.split()))
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, bos_token="[DEC]")
+    text = dict(_TINY_VIT, vocab_size=len(words), max_position_embeddings=64, bos_token_id=words.index("[DEC]"),
+                sep_token_id=words.index("[SEP]"), pad_token_id=words.index("[PAD]"))
+    vision = dict(_TINY_VIT, image_size=TINY_EVAL_IMAGE_SIZE, patch_size=8)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    size = TINY_EVAL_IMAGE_SIZE
+    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": size, "width": size}),
+                              tokenizer=tokenizer)
+    return _save_eval_model(out_dir, model, processor, "blip", seed)
+
+
 def save_tiny_dino(out_dir: str | Path, *, seed: int = 0) -> Path:
     """A random-weight DINO-style ``ViTModel`` folder (no pooler, ImageNet normalisation) that ``load_dino`` reads."""
     from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
