@@ -347,7 +347,9 @@ class TrainConfig:
     validation_steps: Optional[int] = _f(None, "(billiard-lora) Validate every N optimizer steps.")
     validation_epochs: int = _f(50, "Validate every N epochs (used when --validation_steps is not set).")
     validation_inference_steps: int = _f(25, "(billiard-lora) Denoising steps of validation images.")
-    report_to: str = _f("tensorboard", "tensorboard, or none.")
+    report_to: str = _f(
+        "tensorboard", "tensorboard, wandb (Weights & Biases: pip install wandb, then wandb login; WANDB_MODE=offline "
+                       "keeps the run on disk), all (both), or none.")
     logging_dir: str = _f("logs", "TensorBoard folder, relative to output_dir.")
     output_kohya_format: bool = _f(False, "Also write the LoRA in kohya/webui format (ComfyUI, A1111).")
 
@@ -485,8 +487,8 @@ class TrainConfig:
         if self.init_lora and self.init_lora_weights not in ("gaussian", "true", "True"):
             raise UserError(f"--init_lora starts from {self.init_lora}'s weights: drop "
                             f"--init_lora_weights={self.init_lora_weights}")
-        if self.report_to not in ("tensorboard", "none", "all"):
-            raise UserError(f"--report_to={self.report_to!r}: this trainer logs to tensorboard or none")
+        if self.report_to not in ("tensorboard", "wandb", "none", "all"):
+            raise UserError(f"--report_to={self.report_to!r}: this trainer logs to tensorboard, wandb, all or none")
 
     def _check_noise_recipe(self) -> None:
         """The multi-resolution noise and timestep-bias flags: each only where it applies."""
@@ -590,6 +592,11 @@ class TrainConfig:
         from .data import parse_buckets
 
         return parse_buckets(self.aspect_ratio_buckets or "auto", self.resolution)
+
+    @property
+    def trackers(self) -> list[str]:
+        """The loggers --report_to names: tensorboard, wandb, both (all) or none."""
+        return {"none": [], "all": ["tensorboard", "wandb"]}.get(self.report_to, [self.report_to])
 
     @property
     def schedule_free(self) -> bool:

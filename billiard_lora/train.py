@@ -15,6 +15,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import importlib.util
 import io as _io
 import json
 import math
@@ -1201,12 +1202,13 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
     if config.fold_accumulation and config.gradient_accumulation_steps == 1:
         notes.append("--fold_accumulation has nothing to fold with --gradient_accumulation_steps 1; ignored")
         changes["fold_accumulation"] = False
-    if config.report_to in ("tensorboard", "all"):
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            notes.append("--report_to=tensorboard: the tensorboard package is not installed; not logging to it")
-            changes["report_to"] = "none"
+    installed = [t for t in config.trackers if importlib.util.find_spec(t) is not None]
+    for t in config.trackers:
+        if t not in installed:
+            notes.append(f"--report_to={config.report_to}: the {t} package is not installed (pip install {t}); not "
+                         f"logging to it")
+    if installed != config.trackers:
+        changes["report_to"] = installed[0] if len(installed) == 1 else "none"
     return config.replace(**changes, fallbacks=notes) if changes else config
 
 
@@ -1271,7 +1273,7 @@ def make_accelerator(config: TrainConfig, out: Path):
     from accelerate.utils import ProjectConfiguration
 
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / config.logging_dir))
-    log_with = None if config.report_to == "none" else "tensorboard"
+    log_with = config.trackers or None
     # Several processes without a GPU (accelerate launch --multi_gpu on a CPU machine): accelerate only sets up
     # its gloo process group when told the run is on CPU.
     cpu_distributed = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -1294,11 +1296,21 @@ def make_accelerator(config: TrainConfig, out: Path):
 
 
 def init_trackers(accelerator, config: TrainConfig) -> None:
-    if config.report_to == "none":
+    if not config.trackers:
         return
     # TensorBoard's hparams take only scalars and strings.
     flat = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers("dreambooth-lora-sdxl", config=flat)
+    # wandb keeps its run files (and, with WANDB_MODE=offline, the whole run) beside TensorBoard's
+    kwargs = {"wandb": {"dir": str(Path(config.output_dir) / config.logging_dir),
+                        "name": Path(config.output_dir).name}} if "wandb" in config.trackers else {}
+    try:
+        accelerator.init_trackers("dreambooth-lora-sdxl", config=flat, init_kwargs=kwargs)
+    except Exception as exc:  # noqa: BLE001 - wandb's own errors (no API key, no network), several lines long
+        if not type(exc).__module__.startswith("wandb"):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"--report_to={config.report_to}: wandb could not start a run ({first}); run `wandb login`, "
+                        f"or set WANDB_MODE=offline to keep the run on disk, or --report_to tensorboard") from None
 
 
 def _printer(accelerator) -> Callable[[str], None]:
@@ -1941,13 +1953,18 @@ def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, we
     else:
         grid = image_grid(images, len(prompts), len(seeds), row_labels=prompts, col_labels=seed_labels)
     path = out / f"step-{step:06d}.png"
-    for tracker in accelerator.trackers:  # TensorBoard's IMAGES tab: a row of seeds per prompt, by step
-        if tracker.name == "tensorboard":
-            for row, prompt in enumerate(prompts):
-                shown = images[row * len(seeds):(row + 1) * len(seeds)]
-                tracker.writer.add_images(f"validation/{row}: {prompt}"[:100],
-                                          np.stack([np.asarray(im.convert("RGB")) for im in shown]), step,
+    for tracker in accelerator.trackers:  # TensorBoard's IMAGES tab, wandb's media: a row of seeds per prompt
+        for row, prompt in enumerate(prompts):
+            shown = images[row * len(seeds):(row + 1) * len(seeds)]
+            key = f"validation/{row}: {prompt}"[:100]
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images(key, np.stack([np.asarray(im.convert("RGB")) for im in shown]), step,
                                           dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({key: [wandb.Image(im, caption=label) for im, label in zip(shown, seed_labels)]},
+                            step=step)
     save_image(grid, path, metadata={"prompt": prompts[0], "prompts": json.dumps(prompts), "step": str(step),
                                      "seed": str(config.seed), "steps": str(config.validation_inference_steps),
                                      "negative_prompt": config.validation_negative_prompt or "",

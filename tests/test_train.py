@@ -2498,3 +2498,39 @@ def test_kohya_folder_repeats_make_an_epoch(tiny_model_dir, tmp_path):
     out = train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_train_steps=None, num_train_epochs=1,
                             train_batch_size=1))
     assert len((out / "loss_history.csv").read_text().strip().splitlines()) == 1 + 7
+
+
+# ---------------------------------------------------------------- --report_to wandb
+def test_report_to_wandb_logs_losses_and_validation_images_offline(tiny_model_dir, tmp_path, monkeypatch):
+    """diffusers' README runs with --report_to="wandb": the run goes to Weights & Biases (here WANDB_MODE=offline,
+    kept under the run's logs/), losses by step and each validation row of seeds as images."""
+    from accelerate.tracking import WandBTracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    real_log = WandBTracker.log
+    monkeypatch.setattr(WandBTracker, "log", lambda self, values, step=None, **kw: logged.append((step, values)) or
+                        real_log(self, values, step=step, **kw))
+    out = train(tiny_config(tiny_model_dir, make_images(tmp_path / "data", n=2), tmp_path / "out", report_to="all",
+                            max_train_steps=2, validation_prompt="a photo of sks billiard", validation_steps=2,
+                            extra_validation_prompts=["a red ball"], num_validation_images=2,
+                            validation_inference_steps=2))
+    assert [s for s, v in logged if "loss" in v] == [1, 2]
+    images = {k: (s, v) for s, values in logged for k, v in values.items() if k.startswith("validation/")}
+    assert set(images) == {"validation/0: a photo of sks billiard", "validation/1: a red ball"}
+    assert all(len(v) == 2 and v[0]._caption == "seed 0" for _, v in images.values())
+    assert list((out / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))  # the run, on disk
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # and TensorBoard's too (report_to all)
+
+
+def test_report_to_a_logger_that_is_not_installed_trains_without_it(tiny_model_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    out = train(tiny_config(tiny_model_dir, make_images(tmp_path / "data", n=2), tmp_path / "out", report_to="all",
+                            max_train_steps=1))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["report_to"] == "tensorboard"
+    assert any("the wandb package is not installed (pip install wandb)" in f for f in saved["fallbacks"])
