@@ -410,7 +410,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         say(f"{given}: training on the {len(instance_images)} synthetic billiard scenes embedded in data/default "
             f"(a demo set); pass your photos' folder to train on them")
     distinct = len({id(im) for im in instance_images})
-    shown = f", {len(instance_images)} views an epoch with the folders' repeats" if distinct < len(instance_images) else ""
+    shown = (f", {len(instance_images)} views an epoch with the folders' repeats"
+             if distinct < len(instance_images) else "")
     say(f"training on {_count(distinct, 'image')}{shown} ({_count(len(class_images), 'class image')}), "
         f"{_count(max_train_steps, 'step')}, "
         f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
