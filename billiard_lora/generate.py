@@ -42,6 +42,7 @@ DEFAULT_SUBJECTS = (
 )
 DEFAULT_SCALES = (0.0, 0.3, 0.6, 0.9, 1.2)
 DEFAULT_STRENGTH = 0.6  # image-to-image: enough noise for the LoRA's subject to appear, the layout kept
+DEFAULT_INPAINT_STRENGTH = 0.99  # inpainting: the masked area redrawn almost from noise (diffusers' SDXL default)
 DEFAULT_REFINER_START = 0.8  # --refiner: the share of the denoising the base model (and LoRA) does (diffusers' docs)
 DEFAULT_HIRES_STRENGTH = 0.5  # --hires_scale: how much of the upscaled image its second pass redraws
 # "a photo of | messi | playing billiard": the first "... of" is the framing, then the subject, then the action.
@@ -550,6 +551,7 @@ class GeneratedImage:
     scheduler: str = "default"  # the sampler (set_scheduler), a key of SCHEDULERS
     prompt_weighting: bool = False  # encoded by compel: weights read, long prompts whole (billiard_lora.prompts)
     init_image: str = ""  # image-to-image: the starting image (its file name, or "in-memory image"); "" for text only
+    mask_image: str = ""  # inpainting: the mask (white: redrawn) with init_image; "" for none
     strength: float | None = None  # image-to-image: how much of the starting image is noised away (0-1)
     refiner: str = ""  # the SDXL refiner that finished the image, "" for none
     refiner_start: float | None = None  # where the refiner took over (a share of the denoising)
@@ -564,7 +566,7 @@ class GeneratedImage:
             lora_weights=",".join(f"{w:g}" for w in self.lora_weights), width=self.width, height=self.height,
             model=self.model, fused=self.fused, fp8_base=self.fp8_base, vae_tiling=self.vae_tiling,
             scheduler=self.scheduler, prompt_weighting=self.prompt_weighting, init_image=self.init_image,
-            strength=self.strength, refiner=self.refiner, refiner_start=self.refiner_start,
+            mask_image=self.mask_image, strength=self.strength, refiner=self.refiner, refiner_start=self.refiner_start,
             hires_scale=self.hires_scale, hires_strength=self.hires_strength,
         )
         return {k: "" if v is None else str(v) for k, v in values.items()}
@@ -574,7 +576,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
              num_inference_steps: int = 30, guidance_scale: float = 5.0, height: int | None = None,
              width: int | None = None, lora_scale: float | None = None, progress: bool = True,
              cuda_graphs: bool | None = None, prompt_weighting: bool = False,
-             init_image: str | Path | Image.Image | None = None, strength: float = DEFAULT_STRENGTH,
+             init_image: str | Path | Image.Image | None = None, strength: float | None = None,
+             mask_image: str | Path | Image.Image | None = None,
              refiner_start: float = DEFAULT_REFINER_START, hires_scale: float | None = None,
              hires_strength: float = DEFAULT_HIRES_STRENGTH) -> list[GeneratedImage]:
     """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight.
@@ -588,7 +591,10 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     ``width`` (by default the SDXL bucket nearest its shape at the model's resolution), is encoded, noised by
     ``strength`` (1: all of it, the image only sets the size) and denoised with the prompt, through diffusers'
     ``StableDiffusionXLImg2ImgPipeline`` on the same models, LoRAs included (``strength`` x ``num_inference_steps``
-    denoising steps).
+    denoising steps; ``strength`` defaults to 0.6).
+    ``mask_image`` with ``init_image``: inpainting, through diffusers' ``StableDiffusionXLInpaintPipeline`` on the
+    same models: where the mask is white the picture is redrawn with the prompt and the LoRA (``strength`` defaults
+    to 0.99 there), elsewhere its pixels are kept as they were (pasted back, as A1111 keeps them).
     With a refiner loaded (``load_generation_pipeline(refiner=...)``), the base model denoises the first
     ``refiner_start`` of the steps and hands its latents to the refiner, which finishes them.
     ``hires_scale`` (A1111's "hires. fix"): each finished image is upscaled by that factor (Lanczos, to multiples of
@@ -614,10 +620,20 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     if hires_scale is not None:
         check_hires(hires_scale, hires_strength, num_inference_steps)
         upscaler = image_to_image(pipe)
+    if mask_image is not None and init_image is None:
+        raise UserError("--mask_image marks what to redraw in --init_image: add --init_image FILE")
+    if mask_image is not None and refiner is not None:
+        raise UserError("--mask_image (inpainting) does not combine with --refiner yet: drop one")
+    if strength is None:
+        strength = DEFAULT_INPAINT_STRENGTH if mask_image is not None else DEFAULT_STRENGTH
+    start = mask = None
     if init_image is not None:
         check_strength(strength, num_inference_steps)
         start = fit_init_image(pipe, init_image, height, width)
         run, image_kw = image_to_image(pipe), dict(image=start, strength=strength)
+        if mask_image is not None:  # the mask fitted as the picture is, white where it is redrawn
+            mask = fit_init_image(pipe, mask_image, start.height, start.width).convert("L")
+            run, image_kw = inpainting(pipe), dict(image_kw, mask_image=mask, height=start.height, width=start.width)
         height, width = start.height, start.width  # (the image-to-image pipeline takes its size from the image)
         init_name = Path(init_image).name if not isinstance(init_image, Image.Image) else "in-memory image"
     pipe.set_progress_bar_config(disable=True)  # one bar over images below, not one per image
@@ -656,6 +672,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 size = {} if image_kw else dict(height=height, width=width)
                 if refiner is None:
                     image = run(**text_inputs(prompt), **image_kw, **common, **size).images[0]
+                    if mask is not None:  # the unmasked pixels exactly as they were
+                        image = run.image_processor.apply_overlay(mask, start, image)
                 else:  # base (and LoRA) for the noisy part, then the refiner on its latents
                     latents = run(**text_inputs(prompt), **image_kw, **common, **size, denoising_end=refiner_start,
                                   output_type="latent").images
@@ -680,6 +698,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 fused=fused, fp8_base=fp8, vae_tiling=_decoded_in_tiles(pipe, image),
                 scheduler=getattr(pipe, "billiard_scheduler", "default"), prompt_weighting=prompt_weighting,
                 init_image=init_name, strength=strength if image_kw else None,
+                mask_image=("in-memory image" if isinstance(mask_image, Image.Image) else Path(mask_image).name)
+                if mask_image is not None else "",
                 refiner=getattr(pipe, "billiard_refiner_name", "") if refiner is not None else "",
                 refiner_start=refiner_start if refiner is not None else None,
                 hires_scale=hires_scale, hires_strength=hires_strength if hires_scale is not None else None,
@@ -725,6 +745,16 @@ def fit_init_image(pipe, image: str | Path | Image.Image, height: int | None, wi
     else:
         h, w = nearest_bucket(picture.width, picture.height, auto_buckets(size))
     return ImageOps.fit(picture, (w, h), method=Image.Resampling.LANCZOS)
+
+
+def inpainting(pipe):
+    """diffusers' SDXL inpainting pipeline on ``pipe``'s own models (as ``image_to_image``): SDXL base's 4-channel
+    UNet, the masked latents blended back at each step."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    painter = StableDiffusionXLInpaintPipeline(**pipe.components)
+    painter.set_progress_bar_config(disable=True)
+    return painter
 
 
 def image_to_image(pipe):
@@ -990,8 +1020,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-to-image (A1111's img2img): start from this picture instead of pure noise, fitted to "
                         "--height/--width (default: the SDXL size nearest its shape)")
     p.add_argument("--strength", type=float, default=None,
-                   help=f"with --init_image: how much of it is noised away, in (0, 1] (default {DEFAULT_STRENGTH}; "
-                        f"0.3 keeps most of the picture, 1.0 only its size)")
+                   help=f"with --init_image: how much of it is noised away, in (0, 1] (default {DEFAULT_STRENGTH}, "
+                        f"{DEFAULT_INPAINT_STRENGTH} with --mask_image; 0.3 keeps most of the picture, 1.0 only its "
+                        f"size)")
+    p.add_argument("--mask_image", metavar="FILE",
+                   help="with --init_image: inpainting, the picture redrawn only where this mask is white (e.g. put "
+                        "your subject at a real billiard table), its other pixels kept")
     p.add_argument("--hires_scale", type=float, default=None, metavar="FACTOR",
                    help="A1111's hires fix: upscale each image by FACTOR (e.g. 1.5) and redraw it with the LoRA by "
                         "image-to-image, for detail beyond one pass (with --vae_tiling on smaller GPUs)")
@@ -1042,11 +1076,16 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.strength is not None and not args.init_image:
         raise UserError("--strength sets how much of --init_image is noised away: add --init_image FILE, or drop "
                         "--strength")
+    if args.mask_image and not args.init_image:
+        raise UserError("--mask_image marks what to redraw in --init_image: add --init_image FILE")
     if args.init_image:
         from .data import load_image
 
-        load_image(args.init_image)  # an unreadable picture says so now, before the models load
-        check_strength(args.strength if args.strength is not None else DEFAULT_STRENGTH, args.steps)
+        for picture in (args.init_image, args.mask_image):  # an unreadable one says so now, before the models load
+            if picture:
+                load_image(picture)
+        default = DEFAULT_INPAINT_STRENGTH if args.mask_image else DEFAULT_STRENGTH
+        check_strength(args.strength if args.strength is not None else default, args.steps)
     if args.scales is not None and not args.sweep:
         raise UserError("--scales sets the LoRA scales of --sweep: add --sweep (or give one scale as --lora DIR:SCALE)")
     args.scales = args.scales or list(DEFAULT_SCALES)
@@ -1113,8 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
               **({"refiner_start": args.refiner_start} if args.refiner else {}),
               **({"hires_scale": args.hires_scale, "hires_strength": args.hires_strength}
                  if args.hires_scale is not None else {}),
-              **({"init_image": args.init_image, "strength": args.strength if args.strength is not None else
-                  DEFAULT_STRENGTH} if args.init_image else {}))
+              **({"init_image": args.init_image, "strength": args.strength, "mask_image": args.mask_image}
+                 if args.init_image else {}))
     out = Path(args.out)
     # Grids carry the settings that made them; single images carry their own (GeneratedImage.metadata).
     settings = {**{k: v for k, v in kw.items() if v is not None and v is not False}, "model": args.model,

@@ -121,3 +121,25 @@ def test_hires_fix_upscales_and_redraws_with_the_same_generator(tiny_model_dir, 
         generate(pipe, PROMPT, 0, hires_scale=1.0, **STEPS)
     with pytest.raises(UserError, match=r"--hires_strength=0.1 must be in \(0, 1\] and leave at least one"):
         generate(pipe, PROMPT, 0, hires_scale=1.5, hires_strength=0.1, **STEPS)
+
+
+def test_inpainting_redraws_only_under_the_mask_as_diffusers_does(tiny_model_dir, lora_run, tmp_path):
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from PIL import Image as PILImage
+
+    pipe = _pipe(tiny_model_dir, loras=[str(lora_run)])
+    start = _picture(0, 32, 32)
+    mask = PILImage.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))  # the left half is redrawn
+    ours = generate(pipe, PROMPT, 0, init_image=start, mask_image=mask, height=32, width=32, **STEPS)[0]
+    assert ours.metadata()["strength"] == "0.99" and ours.metadata()["mask_image"] == "in-memory image"
+    got, before = _px(ours), _px(start)
+    assert np.array_equal(got[:, 16:], before[:, 16:])  # the unmasked half, pixel for pixel
+    assert not np.array_equal(got[:, :16], before[:, :16])
+    painter = StableDiffusionXLInpaintPipeline(**pipe.components)
+    theirs = painter(PROMPT, image=start, mask_image=mask, strength=0.99, num_inference_steps=4, height=32, width=32,
+                     guidance_scale=5.0,
+                     generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.array_equal(got, _px(painter.image_processor.apply_overlay(mask, start, theirs)))
+    with pytest.raises(UserError, match="--mask_image marks what to redraw in --init_image"):
+        generate(pipe, PROMPT, 0, mask_image=mask, **STEPS)
