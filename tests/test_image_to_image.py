@@ -88,7 +88,14 @@ def test_cli_init_image_and_strength(tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (png,) = (tmp_path / "gen").glob("*.png")
     assert Image.open(png).text["init_image"] == "table.jpg" and Image.open(png).text["strength"] == "0.5"
+    Image.new("L", (56, 40), 255).save(tmp_path / "mask.png")
+    r = _cli(*common, "--init_image", str(tmp_path / "table.jpg"), "--mask_image", str(tmp_path / "mask.png"),
+             "--out", str(tmp_path / "inpainted"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (png,) = (tmp_path / "inpainted").glob("*.png")
+    assert Image.open(png).text["mask_image"] == "mask.png" and Image.open(png).text["strength"] == "0.99"
     for extra, message in ((["--strength", "0.5"], "--strength sets how much of --init_image is noised away"),
+                           (["--mask_image", str(tmp_path / "mask.png")], "--mask_image marks what to redraw"),
                            (["--init_image", str(tmp_path / "none.jpg")], "none.jpg: file not found"),
                            (["--init_image", str(tmp_path / "table.jpg"), "--strength", "2"], "--strength=2.0 must")):
         r = _cli(*common, *extra)
