@@ -633,7 +633,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
         run, image_kw = image_to_image(pipe), dict(image=start, strength=strength)
         if mask_image is not None:  # the mask fitted as the picture is, white where it is redrawn
             mask = fit_init_image(pipe, mask_image, start.height, start.width).convert("L")
-            run, image_kw = inpainting(pipe), dict(image_kw, mask_image=mask, height=start.height, width=start.width)
+            run = image_to_image(pipe, inpaint=True)
+            image_kw = dict(image_kw, mask_image=mask, height=start.height, width=start.width)
         height, width = start.height, start.width  # (the image-to-image pipeline takes its size from the image)
         init_name = Path(init_image).name if not isinstance(init_image, Image.Image) else "in-memory image"
     pipe.set_progress_bar_config(disable=True)  # one bar over images below, not one per image
@@ -747,24 +748,15 @@ def fit_init_image(pipe, image: str | Path | Image.Image, height: int | None, wi
     return ImageOps.fit(picture, (w, h), method=Image.Resampling.LANCZOS)
 
 
-def inpainting(pipe):
-    """diffusers' SDXL inpainting pipeline on ``pipe``'s own models (as ``image_to_image``): SDXL base's 4-channel
-    UNet, the masked latents blended back at each step."""
-    from diffusers import StableDiffusionXLInpaintPipeline
+def image_to_image(pipe, *, inpaint: bool = False):
+    """diffusers' SDXL image-to-image pipeline (``inpaint``: its inpainting one, SDXL base's 4-channel UNet with the
+    masked latents blended back at each step) on ``pipe``'s own models: LoRAs, scheduler, offload hooks and float8
+    weights as they are (built from its components, not ``from_pipe``, which casts them to float32)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
-    painter = StableDiffusionXLInpaintPipeline(**pipe.components)
-    painter.set_progress_bar_config(disable=True)
-    return painter
-
-
-def image_to_image(pipe):
-    """diffusers' SDXL image-to-image pipeline on ``pipe``'s own models (LoRAs, scheduler, offload hooks and
-    float8 weights as they are: built from its components, not ``from_pipe``, which casts them to float32)."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline
-
-    img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components)
-    img2img.set_progress_bar_config(disable=True)
-    return img2img
+    made = (StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLImg2ImgPipeline)(**pipe.components)
+    made.set_progress_bar_config(disable=True)
+    return made
 
 
 class GenerationInterrupted(KeyboardInterrupt):
