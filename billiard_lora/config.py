@@ -292,6 +292,15 @@ class TrainConfig:
 
     # ---- LoRA
     rank: int = _f(4, "LoRA rank.")
+    lora_type: str = _f(
+        "lora", "(SimpleTuner's --lora_type lycoris, kohya's --network_args algo=...) The adapter: lora, loha (LyCORIS "
+                "LoHa: a Hadamard product of two rank-r products, twice LoRA's parameters for a rank) or lokr "
+                "(LyCORIS LoKr: a Kronecker product of a small full matrix and a rank-r one, far fewer parameters; "
+                "--rank 100000 makes both factors full, as SimpleTuner's and kohya's LoKr presets do). LoHa/LoKr "
+                "are saved in LyCORIS' format (ComfyUI, A1111, Forge) and loaded by this package's generate.")
+    lokr_factor: int = _f(
+        -1, "(LyCORIS' factor) --lora_type lokr: the size of the small Kronecker factor (-1: as near the square "
+            "root of each layer's size as divides it; 8 or 16 are common).")
     lora_alpha: Optional[int] = _f(None, "(billiard-lora) LoRA alpha; None: equal to rank, as in diffusers.")
     lora_layers: str = _f(
         "attn", "(diffusers' newer scripts) The UNet's layers that get a LoRA, comma-separated: attn (the attention "
@@ -487,8 +496,34 @@ class TrainConfig:
         if self.init_lora and self.init_lora_weights not in ("gaussian", "true", "True"):
             raise UserError(f"--init_lora starts from {self.init_lora}'s weights: drop "
                             f"--init_lora_weights={self.init_lora_weights}")
+        self._check_lora_type()
         if self.report_to not in ("tensorboard", "wandb", "none", "all"):
             raise UserError(f"--report_to={self.report_to!r}: this trainer logs to tensorboard, wandb, all or none")
+
+    def _check_lora_type(self) -> None:
+        """--lora_type loha/lokr (LyCORIS): the LoRA-only options refused, each in one line."""
+        if self.lora_type not in ("lora", "loha", "lokr"):
+            hint = " (SimpleTuner's lycoris preset is a LoKr)" if self.lora_type.lower() == "lycoris" else ""
+            raise UserError(f"unknown --lora_type={self.lora_type!r}; choose lora, loha or lokr{hint}")
+        if self.lokr_factor != -1 and self.lora_type != "lokr":
+            raise UserError(f"--lokr_factor={self.lokr_factor} applies with --lora_type lokr: add that, or drop "
+                            f"--lokr_factor")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise UserError(f"--lokr_factor={self.lokr_factor}: give a size of the small factor (e.g. 8, 16), or -1")
+        if self.lora_type == "lora":
+            return
+        lora_only = [("use_dora", self.use_dora, "DoRA is a variant of LoRA"),
+                     ("loraplus_lr_ratio", self.loraplus_lr_ratio, "LoRA+ speeds up LoRA's B matrices, which LoHa "
+                      "and LoKr do not have"),
+                     ("init_lora", self.init_lora, "it starts from a LoRA file's weights"),
+                     ("lora_dropout", self.lora_dropout, "LoHa and LoKr train without dropout here"),
+                     ("init_lora_weights", self.init_lora_weights not in ("gaussian", "true", "True"),
+                      "the SVD-based initialisations are LoRA's"),
+                     ("output_kohya_format", self.output_kohya_format, "the LoHa/LoKr file already is in the "
+                      "kohya/LyCORIS format ComfyUI and A1111 read")]
+        for flag, value, why in lora_only:
+            if value:
+                raise UserError(f"--{flag} does not apply to --lora_type {self.lora_type} ({why}): drop --{flag}")
 
     def _check_noise_recipe(self) -> None:
         """The multi-resolution noise and timestep-bias flags: each only where it applies."""

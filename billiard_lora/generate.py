@@ -159,6 +159,10 @@ def _check_is_lora(path: Path) -> None:
             keys = list(f.keys())
     except Exception as exc:  # noqa: BLE001 - safetensors' own error types for truncated or foreign files
         raise UserError(f"{path} could not be read as safetensors ({type(exc).__name__}: {str(exc)[:120]})") from None
+    from .lycoris import is_lycoris_keys
+
+    if is_lycoris_keys(keys):  # a LoHa/LoKr
+        return
     try:
         _detect_format(keys)
     except UserError as exc:
@@ -358,12 +362,18 @@ def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool 
     expected = _count_lora_layers(file)
     taken = {n for names in pipe.get_list_adapters().values() for n in names}
     name = _unique_name(spec.name or _default_name(file), taken)
+    lycoris = _is_lycoris(file)
     try:
         with _quiet_loading(), _offload_lifted(pipe):
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+            if lycoris:  # LoHa/LoKr: diffusers' SDXL loader reads none; ours makes it a peft adapter like a LoRA's
+                from .lycoris import load_lycoris
+
+                load_lycoris(pipe, file, name)
+            else:
+                pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except (RuntimeError, ValueError, KeyError) as exc:  # size mismatch / no module matches / not LoRA keys
         raise _does_not_fit(pipe, file, _first_line(exc)) from None
-    loaded = _count_loaded_layers(pipe, name)
+    loaded = _count_loaded_layers(pipe, name, lycoris=lycoris)
     if loaded == 0 or loaded < expected:  # diffusers only warns when part of a LoRA finds no module to attach to
         unload_lora(pipe, name)
         reason = (f"only {loaded} of its {expected} LoRA layers exist in this model" if loaded
@@ -446,18 +456,36 @@ def active_loras(pipe) -> list[LoraSpec]:
 
 
 def _count_lora_layers(file: Path) -> int:
-    """How many adapted layers the file describes (one down/A matrix each), in diffusers, peft or kohya naming."""
+    """How many adapted layers the file describes (one down/A matrix each), in diffusers, peft or kohya naming, or
+    LyCORIS' (LoHa, LoKr)."""
     from safetensors import safe_open
+
+    from .lycoris import count_layers, is_lycoris_keys
 
     try:
         with safe_open(str(file), framework="pt") as f:
             keys = list(f.keys())
     except Exception as exc:  # safetensors raises its own error type for a truncated or foreign file
         raise UserError(f"LoRA file {file} cannot be read as safetensors ({_first_line(exc)})") from None
+    if is_lycoris_keys(keys):
+        return count_layers(keys)
     return sum(k.endswith(("lora.down.weight", "lora_down.weight", "lora_A.weight")) for k in keys)
 
 
-def _count_loaded_layers(pipe, name: str) -> int:
+def _is_lycoris(file: Path) -> bool:
+    from safetensors import safe_open
+
+    from .lycoris import is_lycoris_keys
+
+    with safe_open(str(file), framework="pt") as f:
+        return is_lycoris_keys(f.keys())
+
+
+def _count_loaded_layers(pipe, name: str, *, lycoris: bool = False) -> int:
+    if lycoris:
+        from .lycoris import count_loaded
+
+        return count_loaded(pipe, name)
     modules = (getattr(pipe, c, None) for c in ("unet", "text_encoder", "text_encoder_2"))
     return sum(1 for m in modules if m is not None for layer in m.modules()
                if isinstance(getattr(layer, "lora_A", None), torch.nn.ModuleDict) and name in layer.lora_A)

@@ -52,12 +52,21 @@ def unmatched_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
 
 
 def add_lora(model: torch.nn.Module, *, rank: int, alpha: int | None = None, dropout: float = 0.0,
-             use_dora: bool = False, target_modules: list[str] | None = None, init_lora_weights: Any = "gaussian"):
-    """Attach a trainable LoRA adapter named "default" to a diffusers UNet or a transformers CLIP text encoder."""
+             use_dora: bool = False, target_modules: list[str] | None = None, init_lora_weights: Any = "gaussian",
+             lora_type: str = "lora", lokr_factor: int = -1):
+    """Attach a trainable adapter named "default" to a diffusers UNet or a transformers CLIP text encoder: a LoRA,
+    or with ``lora_type`` a LyCORIS LoHa/LoKr (``lycoris.py``)."""
     from peft import LoraConfig
 
     is_text_encoder = type(model).__name__.startswith("CLIPText")
     targets = target_modules or (TEXT_ENCODER_TARGET_MODULES if is_text_encoder else UNET_TARGET_MODULES)
+    if lora_type != "lora":
+        from .lycoris import lycoris_config, match_lycoris_scale
+
+        model.add_adapter(lycoris_config(lora_type, rank=rank, alpha=alpha if alpha is not None else rank,
+                                         target_modules=targets, factor=lokr_factor))
+        match_lycoris_scale(model)
+        return model
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                         use_dora=use_dora, init_lora_weights=init_lora_weights, target_modules=targets)
     model.add_adapter(config)
@@ -326,6 +335,13 @@ def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encod
 
         save_pissa_lora(output_dir, pissa_initial, metadata=metadata, weight_name=weight_name, unet=unet,
                         text_encoder=text_encoder_one, text_encoder_2=text_encoder_two)
+    elif adapter_type(unet) != "lora":  # LoHa/LoKr: LyCORIS' own format (diffusers' has none for them)
+        from .lycoris import save_lycoris
+
+        factor = int((metadata or {}).get("lokr_factor", -1))
+        save_lycoris(output_dir / weight_name, {"unet": unet, "text_encoder": text_encoder_one,
+                                                "text_encoder_2": text_encoder_two}, metadata=extra, factor=factor)
+        return output_dir / weight_name
     else:
         _save_diffusers(output_dir, weight_name, unet, text_encoder_one, text_encoder_two, extra)
     if kohya:
@@ -335,6 +351,12 @@ def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encod
         kohya_sd, header = to_kohya(load_lora_file(output_dir / weight_name))
         save_safetensors(kohya_sd, output_dir / KOHYA_WEIGHT_NAME, metadata={**header, **extra})
     return output_dir / weight_name
+
+
+def adapter_type(model) -> str:
+    from .lycoris import adapter_type as kind
+
+    return kind(model)
 
 
 def _save_diffusers(output_dir: Path, weight_name: str, unet, text_encoder_one, text_encoder_two,

@@ -305,6 +305,13 @@ def load_lora_file(path: str | Path) -> LoraFile:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
         raise UserError(f"{path} could not be read as safetensors ({type(exc).__name__}: {str(exc)[:120]})") from None
+    from .lycoris import algo_of, is_lycoris_keys
+
+    if is_lycoris_keys(tensors):
+        kind = {"loha": "LoHa", "lokr": "LoKr"}[algo_of(tensors)]
+        raise UserError(f"{path} is a LyCORIS {kind}, not a LoRA: convert, resize, combine and --init_lora take "
+                        f"LoRAs (a {kind} file already is in the format ComfyUI and A1111 read); inspect, merge and "
+                        f"generate take it as it is")
     try:
         fmt = _detect_format(tensors)
     except UserError as exc:
@@ -402,6 +409,9 @@ def detect_base_model(lora: LoraFile) -> tuple[str, list[str]]:
 def inspect_lora(path: str | Path, *, unet_config_or_module_names: Any = None,
                  text_encoder_layers: tuple[int, int] = SDXL_TEXT_ENCODER_LAYERS) -> dict[str, Any]:
     """Everything worth knowing about a LoRA file, as a JSON-ready dict (see ``format_inspect`` for the text)."""
+    if _is_lycoris_file(path):
+        return inspect_lycoris(path, unet_config_or_module_names=unet_config_or_module_names,
+                               text_encoder_layers=text_encoder_layers)
     lora = load_lora_file(path)
     family, evidence = detect_base_model(lora)
     layers = list(lora.layers.values())
@@ -470,6 +480,85 @@ def inspect_lora(path: str | Path, *, unet_config_or_module_names: Any = None,
     return report
 
 
+def _is_lycoris_file(path: str | Path) -> bool:
+    from safetensors import safe_open
+
+    from .lycoris import is_lycoris_keys
+
+    try:
+        with safe_open(str(resolve_lora_path(path)), framework="pt") as f:
+            return is_lycoris_keys(f.keys())
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - not safetensors: load_lora_file says so in its own words
+        return False
+
+
+def inspect_lycoris(path: str | Path, *, unet_config_or_module_names: Any = None,
+                    text_encoder_layers: tuple[int, int] = SDXL_TEXT_ENCODER_LAYERS) -> dict[str, Any]:
+    """``inspect_lora``'s report for a LyCORIS LoHa/LoKr file: layers, ranks, alphas and scales as ComfyUI and A1111
+    apply them, parameters, and whether their loaders find every layer."""
+    from safetensors import safe_open
+
+    from .lycoris import PARTS, algo_of, component_of, lycoris_scale, split_modules
+
+    path = resolve_lora_path(path)
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    algo = algo_of(tensors)
+    modules = split_modules(tensors)
+    fmt_num = lambda x: int(x) if float(x).is_integer() else round(float(x), 6)  # noqa: E731
+    per_comp, targets, ranks, alphas, scales, full = (collections.Counter(), {}, collections.Counter(),
+                                                      collections.Counter(), collections.Counter(), 0)
+    for name, parts in modules.items():
+        comp = component_of(name) or "unknown"
+        per_comp[comp] += 1
+        leaf = next((t for t in ("downsamplers_0_conv", "upsamplers_0_conv", "conv_shortcut", "to_q", "to_k", "to_v",
+                                 "to_out_0", "ff_net_0_proj", "ff_net_2", "proj_in",
+                                 "proj_out", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2") if
+                     name.endswith("_" + t)), name.rsplit("_", 1)[-1])
+        targets.setdefault(comp, set()).add(leaf)
+        low = [parts[p] for p in ("hada_w1_b", "lokr_w2_b", "lokr_w1_b") if p in parts]
+        if low:
+            ranks[int(low[0].shape[0])] += 1
+        else:
+            full += 1
+        alpha = float(parts["alpha"]) if "alpha" in parts else None
+        alphas["none" if alpha is None else fmt_num(alpha)] += 1
+        scales[fmt_num(round(lycoris_scale(parts, alpha), 6))] += 1
+    config = header.get(METADATA_KEY)
+    evidence = [f"kohya metadata: {header['ss_base_model_version']}"] if "ss_base_model_version" in header else []
+    evidence += ["second text encoder (lora_te2_)"] if "text_encoder_2" in per_comp else []
+    sdxl = any("sdxl" in e for e in evidence) or bool(evidence and "lora_te2_" in evidence[-1])
+    report: dict[str, Any] = {
+        "file": str(path), "format": f"LyCORIS {'LoKr' if algo == 'lokr' else 'LoHa'} (kohya names)",
+        "base_model": "SDXL" if sdxl else "unknown", "base_model_evidence": evidence, "dora": False,
+        "alpha_source": "stored per layer (.alpha)" if "none" not in alphas else "none stored: scale 1",
+        "other_keys": [k for k in tensors if not any(k.endswith("." + p) for p in (*PARTS["loha"], *PARTS["lokr"],
+                                                                                    "alpha"))],
+        "layers": dict(per_comp), "target_modules": {c: sorted(v) for c, v in targets.items()},
+        "ranks": {**{str(k): v for k, v in sorted(ranks.items())}, **({"full": full} if full else {})},
+        "alphas": {str(k): v for k, v in alphas.items()}, "scales": {str(k): v for k, v in sorted(scales.items())},
+        "parameters": sum(t.numel() for k, t in tensors.items() if not k.endswith(".alpha")),
+        "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
+        "text_encoder_lora": any(c.startswith("text_encoder") for c in per_comp),
+        "conv_layers": sum(bool(re.search(r"(conv\d?|conv_shortcut|in_layers_2|out_layers_3|skip_connection|_op)$", n))
+                           for n in modules),
+        "training_config": json.loads(config) if config else None,
+        "kohya_metadata": {k: v for k, v in header.items() if k.startswith("ss_")},
+        "warnings": [],
+    }
+    if report["base_model"] == "SDXL" or unet_config_or_module_names is not None:
+        keys = kohya_key_report(tensors, unet_config_or_module_names or SDXL_UNET_CONFIG,
+                                text_encoder_layers=text_encoder_layers)
+        report["loads_in"] = {"checked_against": "the given model" if unet_config_or_module_names is not None
+                              else "SDXL base 1.0 layout", "keys": keys.total,
+                              "comfyui_not_loaded": len(keys.comfyui), "a1111_not_loaded": len(keys.a1111),
+                              "comfyui_examples": keys.comfyui[:5], "a1111_examples": keys.a1111[:5]}
+    return report
+
+
 def format_inspect(r: dict[str, Any]) -> str:
     """The inspect report as a few aligned lines."""
     counts = lambda d: ", ".join(f"{k} (x{v})" for k, v in d.items())  # noqa: E731
@@ -481,7 +570,8 @@ def format_inspect(r: dict[str, Any]) -> str:
         ("targets", "; ".join(f"{c}: {', '.join(v)}" for c, v in r["target_modules"].items())),
         ("rank", counts(r["ranks"])),
         ("alpha", f"{counts(r['alphas'])}  [{r['alpha_source']}]"),
-        ("scale", counts(r["scales"]) + "  (alpha / rank; multiplies B @ A)"),
+        ("scale", counts(r["scales"]) + ("  (as ComfyUI and A1111 apply it)" if r["format"].startswith("LyCORIS")
+                                         else "  (alpha / rank; multiplies B @ A)")),
         ("parameters", f"{r['parameters']:,} ({r['dtype']})"),
         ("text encoder", "yes" if r["text_encoder_lora"] else "no (UNet only)"),
     ]
@@ -530,6 +620,20 @@ _ATTN_INNER = re.compile(r"(proj_in|proj_out|norm|transformer_blocks\.\d+\.(norm
                          r"|ff\.net\.0\.proj|ff\.net\.2))")  # comfy/utils.py UNET_MAP_ATTENTIONS + TRANSFORMER_BLOCKS
 # A1111 extensions-builtin/Lora/networks.py: the module parts its network_lora accepts for a matched layer.
 _KOHYA_PARTS = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale")
+# LyCORIS' LoHa and LoKr parts (comfy/weight_adapter/loha.py, lokr.py; A1111's network_hada.py, network_lokr.py)
+_LYCORIS_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
+                  "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def _a1111_layer_complete(base: str, keys: set[str]) -> bool:
+    """A1111 builds a module for a layer from a complete set of parts: LoRA's up and down, LoHa's four hada
+    matrices, or LoKr's two factors (each whole or as _a and _b)."""
+    has = lambda part: f"{base}.{part}" in keys  # noqa: E731
+    if has("lora_up.weight") and has("lora_down.weight"):
+        return True
+    if all(has(p) for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")):
+        return True
+    return all(has(f"lokr_w{i}") or (has(f"lokr_w{i}_a") and has(f"lokr_w{i}_b")) for i in (1, 2))
 
 
 def unet_module_names(unet_config_or_model: Any) -> list[str]:
@@ -610,7 +714,7 @@ def _comfyui_loads(key: str, key_map: set[str], keys: set[str]) -> bool:
             if key.endswith(sep + mine):
                 base = key[: -len(sep + mine)]
                 return base in key_map and f"{base}{sep}{other}" in keys
-    for part in ("alpha", "dora_scale", "lora_mid.weight"):
+    for part in ("alpha", "dora_scale", "lora_mid.weight", *_LYCORIS_PARTS):  # (comfy/weight_adapter: LoHa, LoKr)
         if key.endswith("." + part):
             return key[: -len(part) - 1] in key_map
     return False
@@ -718,8 +822,8 @@ def kohya_key_report(state_dict: Mapping[str, Any] | Iterable[str], unet_config_
     bad_a1111 = []
     for k in sorted(keys):
         base, _, part = k.partition(".")
-        layer_complete = f"{base}.lora_up.weight" in keys and f"{base}.lora_down.weight" in keys
-        if part not in _KOHYA_PARTS or not layer_complete or not _a1111_finds(base, a1111):
+        if part not in (*_KOHYA_PARTS, *_LYCORIS_PARTS) or not _a1111_layer_complete(base, keys) \
+                or not _a1111_finds(base, a1111):
             bad_a1111.append(k)
     return KeyReport(len(keys), bad_comfy, bad_a1111)
 
@@ -1158,6 +1262,20 @@ def check_merge_out(out: Path, model: str, overwrite: bool = False) -> None:
                         if overwrite else f"--out {out} is not empty: give a new folder{extra}")
 
 
+class _LycorisSource:
+    """What merge_lora needs of a LyCORIS file: its path, layers and training config."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        from .lycoris import count_layers
+
+        with safe_open(str(path), framework="pt") as f:
+            header, keys = dict(f.metadata() or {}), list(f.keys())
+        self.path, self.layers = path, range(count_layers(keys))
+        self.training_config = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
+
+
 def merge_lora(path: str | Path, model: str, out: str | Path, *, vae: str | None = None, scale: float = 1.0,
                torch_dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Fuse the LoRA into the base UNet (and text encoders) and save a standalone pipeline folder (safetensors).
@@ -1170,16 +1288,27 @@ def merge_lora(path: str | Path, model: str, out: str | Path, *, vae: str | None
 
     out = Path(out).expanduser()
     check_merge_out(out, model, overwrite)
-    lora = load_lora_file(path)
+    lycoris = _is_lycoris_file(path)
+    lora = _LycorisSource(resolve_lora_path(path)) if lycoris else load_lora_file(path)
     pipe = load_pipeline(model, pretrained_vae_model_name_or_path=vae)
     from .generate import _quiet_loading
 
     try:
         with _quiet_loading():  # "No LoRA keys associated to CLIPTextModel": what loaded is counted just below
-            pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name="merge")
+            if lycoris:  # LoHa/LoKr: our loader, as generate's (diffusers' SDXL loader reads none)
+                from .lycoris import load_lycoris
+
+                load_lycoris(pipe, lora.path, "merge")
+            else:
+                pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name="merge")
     except (ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"diffusers could not load {lora.path} into {model}: {str(exc).strip()[:200]}") from None
-    loaded = sum(count_lora_layers(pipe).values())
+    if lycoris:
+        from .lycoris import count_loaded
+
+        loaded = count_loaded(pipe, "merge")
+    else:
+        loaded = sum(count_lora_layers(pipe).values())
     if loaded != len(lora.layers):
         raise UserError(f"only {loaded} of the {len(lora.layers)} LoRA layers in {lora.path} found a module in "
                         f"{model}; is it the base model the LoRA was trained on?")

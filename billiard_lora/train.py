@@ -153,7 +153,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
 
     init = validate_init_lora_weights(config.init_lora_weights, use_dora=config.use_dora)
     lora_kw = dict(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, use_dora=config.use_dora,
-                   init_lora_weights=init)
+                   init_lora_weights=init, lora_type=config.lora_type, lokr_factor=config.lokr_factor)
     torch.manual_seed(config.seed)  # the init draws random numbers: a resumed run must rebuild the same adapter
     targets = unet_lora_layers(config.lora_layers)
     try:
@@ -1723,6 +1723,7 @@ def lora_signature(config: TrainConfig) -> dict:
     adam8 = config.use_8bit_adam and config.optimizer.lower() == "adamw"  # what ran, after any hardware fallback
     return {"pretrained_model_name_or_path": config.pretrained_model_name_or_path, "rank": config.rank,
             "lora_alpha": config.alpha, "use_dora": config.use_dora, "train_text_encoder": config.train_text_encoder,
+            "lora_type": config.lora_type, "lokr_factor": config.lokr_factor,
             "init_lora_weights": config.init_lora_weights, "use_ema": config.use_ema,
             "lora_layers": unet_lora_layers(config.lora_layers),
             "train_text_encoder_ti": config.train_text_encoder_ti, "token_abstraction": config.token_abstraction,
@@ -1903,6 +1904,7 @@ def check_checkpoint_compatible(checkpoint: Path, config: TrainConfig) -> None:
 
     saved = {"use_ema": False, "train_text_encoder_ti": False, "lora_layers": UNET_TARGET_MODULES,  # from before
              "token_abstraction": "TOK", "num_new_tokens_per_abstraction": 2, "loraplus": False,
+             "lora_type": "lora", "lokr_factor": -1,
              **json.loads((checkpoint / STATE_FILE).read_text()).get("signature", {})}
     now = lora_signature(config)
     diff = [k for k in now if k in saved and saved[k] != now[k]]
@@ -2054,7 +2056,8 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
 
 
 # settings the model card lists only where a run changed them
-SHOWN_IF_SET = ("loraplus_lr_ratio", "masked_loss", "timestep_bias_strategy", "timestep_bias_multiplier",
+SHOWN_IF_SET = ("lora_type", "lokr_factor",
+                "loraplus_lr_ratio", "masked_loss", "timestep_bias_strategy", "timestep_bias_multiplier",
                 "multires_noise_iterations", "input_perturbation", "noise_offset", "min_timestep", "max_timestep",
                 "debiased_estimation_loss", "shuffle_caption", "keep_tokens")
 
@@ -2084,10 +2087,33 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
                            or (k in SHOWN_IF_SET and v != TrainConfig.__dataclass_fields__[k].default)),
         vae=vae or "madebyollin/sdxl-vae-fp16-fix", vae_arg="vae=vae, " if vae else "",
         vae_comment="" if vae else "# optional, SDXL's own VAE can overflow in fp16: ",
-        kohya=("`pytorch_lora_weights_kohya.safetensors` (kohya/webui format)" if config.output_kohya_format else
-               "the kohya file (train with `--output_kohya_format`, or `python -m billiard_lora.lora convert "
-               "pytorch_lora_weights.safetensors --to kohya --out .`)"))
+        **_loading_notes(out, config))
     atomic_write_text(out / "README.md", text)
+
+
+def _loading_notes(out: Path, config: TrainConfig) -> dict[str, str]:
+    """The model card's lines on loading the file: diffusers' loader for a LoRA, ours for a LoHa/LoKr."""
+    if config.lora_type != "lora":
+        kind = {"loha": "LoHa", "lokr": "LoKr"}[config.lora_type]
+        return {"adapter_kind": f"LyCORIS {kind}", "extra_tags": f", lycoris, {config.lora_type}",
+                "load_code": f"# diffusers' SDXL load_lora_weights reads no LyCORIS {kind} file; billiard-lora's "
+                             f"loader puts it on the\n# pipeline as a peft adapter (pipe.set_adapters, fuse_lora "
+                             f"work as for a LoRA)\nfrom billiard_lora.lycoris import load_lycoris\n"
+                             f"load_lycoris(pipe, \"{out.name}/pytorch_lora_weights.safetensors\", \"subject\")",
+                "webui_note": f"`pytorch_lora_weights.safetensors` is in LyCORIS' own format (`lora_unet_..."
+                              f"{'.lokr_w1' if config.lora_type == 'lokr' else '.hada_w1_a'}`, kohya's names), "
+                              f"which ComfyUI's LoRA loader node and A1111's built-in Lora extension read: copy it "
+                              f"into `ComfyUI/models/loras/` or `stable-diffusion-webui/models/Lora/` and use "
+                              f"`<lora:pytorch_lora_weights:1>` in the prompt (A1111)."}
+    kohya = ("`pytorch_lora_weights_kohya.safetensors` (kohya/webui format)" if config.output_kohya_format else
+             "the kohya file (train with `--output_kohya_format`, or `python -m billiard_lora.lora convert "
+             "pytorch_lora_weights.safetensors --to kohya --out .`)")
+    return {"adapter_kind": "LoRA", "extra_tags": "",
+            "load_code": f"pipe.load_lora_weights(\"{out.name}\")  # this folder",
+            "webui_note": f"Copy {kohya} into `ComfyUI/models/loras/` or `stable-diffusion-webui/models/Lora/`, then "
+                          f"load it with a LoRA\nloader node (ComfyUI) or `<lora:pytorch_lora_weights_kohya:1>` in the "
+                          f"prompt (A1111). The diffusers-format file\n(`pytorch_lora_weights.safetensors`) is for "
+                          f"diffusers; ComfyUI and A1111 read the kohya one."}
 
 
 def _pivotal_note(out: Path, config: TrainConfig) -> str:
