@@ -59,6 +59,9 @@
 #  32. as 11 with session 18's training options together: --masked_loss (half-white masks for the embedded scenes)
 #      --multires_noise_iterations 6 --input_perturbation 0.1 --timestep_bias_strategy later --loraplus_lr_ratio 16:
 #      recorded, and the same LoRA as eager?
+#  33. (session 19) --lora_type lokr and loha on the tiny model with --cuda_graphs: the same adapter as eager? Then, time
+#      left, ours at the seed's settings with a LoKr (--rank 100000 --lokr_factor 16: full factors, SimpleTuner's
+#      preset) and a LoHa (rank 4), against part 2's LoRA
 # Parts 4-9 are time-boxed to what is left of BUDGET_S (seconds since the start), each also to a cap of its own so
 # one slow compile cannot starve the next part (CAP5=480 sets part 5's, and so on for parts 4-7 and 9).
 # PARTS="1 3 4 2" runs those parts in that order (part 3 needs part 1's model folder, parts 2 and 10 use it if it is
@@ -293,8 +296,16 @@ PYEOF
   graphs_vs_eager 32 masked_multires_perturbed_biased_loraplus --masked_loss --mask_data_dir="$WORK/masks32" \
     --multires_noise_iterations=6 --input_perturbation=0.1 --timestep_bias_strategy=later --loraplus_lr_ratio=16; }
 
+p33() { part "33. LoKr and LoHa: --cuda_graphs the same adapter as eager, and their speed at the seed's settings ($(left) s left)"
+  graphs_vs_eager 33 lokr --lora_type=lokr
+  graphs_vs_eager 33 loha --lora_type=loha
+  [ "$(left)" -gt 150 ] && run 33 "$(upto 150)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --set lora_type=lokr --set rank=100000 --set lokr_factor=16
+  [ "$(left)" -gt 150 ] && run 33 "$(upto 150)" "$PY" benchmarks/bench_train.py "${built[@]}" "${common[@]}" \
+    --gradient_checkpointing --set lora_type=loha; }
+
 # parts run in the order PARTS names them (part 3 needs part 1's model folder; parts 2 and 10 use it if it is there)
-for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32}; do "p$n"; done
+for n in ${PARTS:-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33}; do "p$n"; done
 
 part "done"
 [ -f "$OUT/bench.jsonl" ] || exit 0  # parts that print their checks only (11, 17, 21, 24, 25) write no rows
@@ -316,7 +327,8 @@ for r in rows:
               f"(timed steps {r.get('cuda_max_allocated_gb_timed', float('nan')):.2f}) "
               f"mfu={r.get('mfu', float('nan')):.3f} gpu_kernels={r.get('gpu_kernel_ms_per_micro_step', float('nan')):.1f} ms/micro "
               f"gpu_idle={r.get('gpu_idle_ms_per_micro_step', float('nan')):.1f} ms/micro "
-              f"syncs/step={r.get('cuda_synchronize_calls_per_optimizer_step', '-')}")
+              f"syncs/step={r.get('cuda_synchronize_calls_per_optimizer_step', '-')}"
+              + (f" set={' '.join(r['set'])}" if r.get("set") else ""))
         for g in r.get("longest_gpu_gaps", [])[:3]:
             print(f"    gap {g['ms']:.1f} ms after {g['after']} before {g['before']}")
     elif r["what"] == "unet_ceiling":

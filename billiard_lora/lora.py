@@ -341,6 +341,8 @@ def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encod
         factor = int((metadata or {}).get("lokr_factor", -1))
         save_lycoris(output_dir / weight_name, {"unet": unet, "text_encoder": text_encoder_one,
                                                 "text_encoder_2": text_encoder_two}, metadata=extra, factor=factor)
+        if kohya:  # that file already is kohya's format; a LoRA's kohya file an earlier run left here is not this
+            (output_dir / KOHYA_WEIGHT_NAME).unlink(missing_ok=True)
         return output_dir / weight_name
     else:
         _save_diffusers(output_dir, weight_name, unet, text_encoder_one, text_encoder_two, extra)
