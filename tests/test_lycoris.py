@@ -96,6 +96,10 @@ def test_lycoris_trains_only_its_weights_and_saves_what_comfyui_and_a1111_apply(
     assert json.loads(header["billiard_lora.training_config"])["lora_type"] == kw["lora_type"]
     assert all(k.startswith(tuple(PREFIXES.values())) and (f".{prefix}" in k or k.endswith(".alpha")) for k in keys)
     assert any(k.startswith("lora_te1_") for k in keys) == bool(kw.get("train_text_encoder"))
+    card = (out / "README.md").read_text()  # the model card says how to load what diffusers' loader cannot
+    kind = {"loha": "LoHa", "lokr": "LoKr"}[kw["lora_type"]]
+    assert f"LyCORIS {kind} weights" in card and "load_lycoris(pipe, " in card and "load_lora_weights(" not in card
+    assert f"| `lora_type` | `{kw['lora_type']}` |" in card
 
     # every trained layer's change, as the webuis compute it from the file, is the change training made
     layers = {}
@@ -260,3 +264,18 @@ def test_webui_key_rules_need_a_complete_lycoris_layer():
     partial = {k: v for k, v in loha.items() if not k.endswith("hada_w2_b")}
     assert kohya_key_report(partial).a1111  # A1111 builds no module from three of LoHa's four matrices
     assert kohya_key_report({"lora_unet_no_such_layer.lokr_w1": 0, "lora_unet_no_such_layer.lokr_w2": 0}).comfyui
+
+
+def test_the_model_cards_python_loads_the_lycoris(lycoris_runs, monkeypatch):
+    """The card's diffusers snippet, run as written (on the CPU in float32, 2 steps): it loads the LoHa."""
+    import re
+
+    out, c, _ = lycoris_runs["loha"]
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)[1]
+    code = (code.replace('.to("cuda")', "").replace("torch.float16", "torch.float32")
+            .replace("num_inference_steps=25", "num_inference_steps=2"))
+    monkeypatch.chdir(out.parent)
+    scope: dict = {}
+    exec(compile(code, "model card", "exec"), scope)  # noqa: S102 - our own generated snippet
+    assert scope["pipe"].get_list_adapters()["unet"] == ["subject"]
+    assert scope["image"].size[0] > 0
