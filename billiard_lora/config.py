@@ -307,6 +307,12 @@ class TrainConfig:
                 "projections to_q, to_k, to_v, to_out.0: diffusers' default), ff (the feed-forward: ff.net.0.proj, "
                 "ff.net.2), proj (proj_in, proj_out), conv (the ResNet blocks' and samplers' convolutions: kohya's "
                 "LoCon), or module names; 'attn,ff,proj' is what kohya's LoRA adapts in each transformer block.")
+    conv_rank: Optional[int] = _f(
+        None, "(kohya's --network_args conv_dim) Rank of the convolution layers (--lora_layers conv: LoCon), which "
+              "often train at a lower rank than the attention layers; None: --rank.")
+    conv_alpha: Optional[int] = _f(
+        None, "(kohya's --network_args conv_alpha) Alpha of the convolution layers; None: equal to --conv_rank (as "
+              "--lora_alpha defaults to --rank).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
     loraplus_lr_ratio: Optional[float] = _f(
         None, "(kohya's) LoRA+ (arXiv 2402.12354): the LoRA's B matrices (and DoRA's magnitudes, as peft's "
@@ -437,7 +443,7 @@ class TrainConfig:
             raise UserError(f"--selective_checkpointing={self.selective_checkpointing} only applies with "
                             f"--gradient_checkpointing: add that flag (or --auto_gradient_checkpointing), or drop "
                             f"--selective_checkpointing")
-        for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
+        for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit", "conv_rank", "conv_alpha"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"--{name}={v} must be at least 1")
@@ -473,6 +479,9 @@ class TrainConfig:
 
         if not unet_lora_layers(self.lora_layers):
             raise UserError("--lora_layers is empty: give attn (the default), ff, proj or module names")
+        if self.conv_alpha is not None and self.conv_rank is None:
+            raise UserError(f"--conv_alpha={self.conv_alpha} goes with --conv_rank (the convolutions' rank): add "
+                            f"that, or drop --conv_alpha")
         if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
             raise UserError(f"--min_timestep={self.min_timestep} and --max_timestep={self.max_timestep}: timesteps "
                             f"are drawn from min (0 or more) up to max (above min), e.g. 200 and 1000")
@@ -499,6 +508,13 @@ class TrainConfig:
         self._check_lora_type()
         if self.report_to not in ("tensorboard", "wandb", "none", "all"):
             raise UserError(f"--report_to={self.report_to!r}: this trainer logs to tensorboard, wandb, all or none")
+
+    @property
+    def conv_alpha_value(self) -> int | None:
+        """The convolutions' alpha where --conv_rank sets their rank (None: the layers' common --rank/alpha)."""
+        if self.conv_rank is None:
+            return None
+        return self.conv_alpha if self.conv_alpha is not None else self.conv_rank
 
     def _check_lora_type(self) -> None:
         """--lora_type loha/lokr (LyCORIS): the LoRA-only options refused, each in one line."""

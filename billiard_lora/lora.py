@@ -7,6 +7,7 @@ write that layer ourselves: ``model.add_adapter(LoraConfig(...))`` puts it on th
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,22 +54,31 @@ def unmatched_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
 
 def add_lora(model: torch.nn.Module, *, rank: int, alpha: int | None = None, dropout: float = 0.0,
              use_dora: bool = False, target_modules: list[str] | None = None, init_lora_weights: Any = "gaussian",
-             lora_type: str = "lora", lokr_factor: int = -1):
+             lora_type: str = "lora", lokr_factor: int = -1, conv_rank: int | None = None,
+             conv_alpha: int | None = None):
     """Attach a trainable adapter named "default" to a diffusers UNet or a transformers CLIP text encoder: a LoRA,
-    or with ``lora_type`` a LyCORIS LoHa/LoKr (``lycoris.py``)."""
+    or with ``lora_type`` a LyCORIS LoHa/LoKr (``lycoris.py``). ``conv_rank``/``conv_alpha``: the rank and alpha of
+    the adapted convolutions (kohya's conv_dim, conv_alpha), through peft's per-module rank_pattern/alpha_pattern."""
     from peft import LoraConfig
 
     is_text_encoder = type(model).__name__.startswith("CLIPText")
     targets = target_modules or (TEXT_ENCODER_TARGET_MODULES if is_text_encoder else UNET_TARGET_MODULES)
+    alpha = alpha if alpha is not None else rank
+    patterns = {}
+    if conv_rank is not None and not is_text_encoder:
+        convs = [re.escape(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+                 and any(n == t or n.endswith("." + t) for t in targets)]
+        alpha_value = conv_alpha if conv_alpha is not None else conv_rank
+        patterns = {"rank_pattern": {n: conv_rank for n in convs}, "alpha_pattern": {n: alpha_value for n in convs}}
     if lora_type != "lora":
         from .lycoris import lycoris_config, match_lycoris_scale
 
-        model.add_adapter(lycoris_config(lora_type, rank=rank, alpha=alpha if alpha is not None else rank,
-                                         target_modules=targets, factor=lokr_factor))
+        model.add_adapter(lycoris_config(lora_type, rank=rank, alpha=alpha, target_modules=targets,
+                                         factor=lokr_factor, **patterns))
         match_lycoris_scale(model)
         return model
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        use_dora=use_dora, init_lora_weights=init_lora_weights, target_modules=targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_dora=use_dora,
+                        init_lora_weights=init_lora_weights, target_modules=targets, **patterns)
     model.add_adapter(config)
     return model
 

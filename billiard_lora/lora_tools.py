@@ -157,10 +157,16 @@ def init_lora_settings(config):
     if lora.dora and lora.format == "kohya":
         raise UserError(f"{what}: {path} is a kohya DoRA, whose magnitudes diffusers does not load; go on from the "
                         f"diffusers-format file of that run")
-    ranks, alphas = sorted({x.rank for x in layers}), sorted({x.alpha for x in layers})
-    if len(ranks) > 1 or len(alphas) > 1 or any(x.rslora for x in layers):
-        raise UserError(f"{what}: its layers have ranks {ranks} and alphas {alphas}; going on training needs one "
-                        f"rank and one alpha (a LoRA resized with --energy has several: resize it with --rank)")
+    convs = [x for x in layers if x.down.ndim == 4]  # may have a rank and alpha of their own (--conv_rank)
+    main = [x for x in layers if x.down.ndim != 4] or convs
+    groups = [("its layers", main)] + ([("its convolutions", convs)] if convs and main is not convs else [])
+    for label, group in groups:
+        ranks, alphas = sorted({x.rank for x in group}), sorted({x.alpha for x in group})
+        if len(ranks) > 1 or len(alphas) > 1 or any(x.rslora for x in group):
+            raise UserError(f"{what}: {label} have ranks {ranks} and alphas {alphas}; going on training needs one "
+                            f"rank and one alpha (and one for the convolutions: --conv_rank; a LoRA resized with "
+                            f"--energy has several: resize it with --rank)")
+    ranks, alphas = [main[0].rank], [main[0].alpha]
     if lora.dora != config.use_dora:
         raise UserError(f"{what} is {'a DoRA' if lora.dora else 'a plain LoRA'}: "
                         f"{'add' if lora.dora else 'drop'} --use_dora to go on training it")
@@ -192,7 +198,17 @@ def init_lora_settings(config):
     if (rank, alpha) != (config.rank, config.alpha):
         notes.append(f"--init_lora: rank {rank} and alpha {alpha} from {path.name} (instead of --rank {config.rank}"
                      f", alpha {config.alpha})")
-    return config.replace(rank=rank, lora_alpha=alpha), notes, lora
+    conv_rank = conv_alpha = None
+    if len(groups) > 1 and (convs[0].rank, convs[0].alpha) != (rank, alpha):
+        conv_rank, conv_alpha = convs[0].rank, convs[0].alpha
+        if not float(conv_alpha).is_integer():
+            raise UserError(f"{what}: its convolutions' alpha {conv_alpha:g} is not a whole number, which "
+                            f"--conv_alpha needs")
+        conv_alpha = int(conv_alpha)
+    if (conv_rank, conv_alpha) != (config.conv_rank, config.conv_alpha_value):
+        notes.append(f"--init_lora: the convolutions' rank {conv_rank or rank} and alpha {conv_alpha or alpha} from "
+                     f"{path.name}")
+    return config.replace(rank=rank, lora_alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha), notes, lora
 
 
 def load_init_lora(source: "str | Path | LoraFile", unet, text_encoders=()) -> None:

@@ -49,13 +49,15 @@ def algo_of(keys) -> str:
     return "lokr" if any(".lokr_" in k for k in keys) else "loha"
 
 
-def lycoris_config(algo: str, *, rank: int, alpha: float, target_modules: list[str], factor: int = -1):
-    """peft's config for a trainable LoHa/LoKr adapter (zero change at the start, as LyCORIS initialises)."""
+def lycoris_config(algo: str, *, rank: int, alpha: float, target_modules: list[str], factor: int = -1,
+                   **patterns):
+    """peft's config for a trainable LoHa/LoKr adapter (zero change at the start, as LyCORIS initialises);
+    ``patterns``: peft's rank_pattern/alpha_pattern."""
     from peft import LoHaConfig, LoKrConfig
 
     if algo == "loha":
-        return LoHaConfig(r=rank, alpha=alpha, target_modules=target_modules)
-    return LoKrConfig(r=rank, alpha=alpha, target_modules=target_modules, decompose_factor=factor)
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=target_modules, **patterns)
+    return LoKrConfig(r=rank, alpha=alpha, target_modules=target_modules, decompose_factor=factor, **patterns)
 
 
 def match_lycoris_scale(model: torch.nn.Module, adapter: str = "default") -> None:

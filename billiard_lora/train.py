@@ -154,10 +154,11 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     init = validate_init_lora_weights(config.init_lora_weights, use_dora=config.use_dora)
     lora_kw = dict(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout, use_dora=config.use_dora,
                    init_lora_weights=init, lora_type=config.lora_type, lokr_factor=config.lokr_factor)
+    conv_kw = dict(conv_rank=config.conv_rank, conv_alpha=config.conv_alpha_value)  # the UNet's convolutions only
     torch.manual_seed(config.seed)  # the init draws random numbers: a resumed run must rebuild the same adapter
     targets = unet_lora_layers(config.lora_layers)
     try:
-        add_lora(c.unet, target_modules=targets, **lora_kw)
+        add_lora(c.unet, target_modules=targets, **lora_kw, **conv_kw)
     except ValueError as exc:  # peft: no module matches at all, or an initialisation its layers do not have
         first = str(exc).strip().splitlines()[0][:160]
         if "target modules" not in first.lower():
@@ -168,6 +169,11 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     if unmatched := unmatched_targets(c.unet, targets):
         raise UserError(f"--lora_layers={config.lora_layers}: {', '.join(unmatched)} names no layer of this UNet; "
                         f"use attn, ff, proj, conv or the names of its layers")
+    if config.conv_rank is not None and not any(isinstance(getattr(m, "base_layer", None), torch.nn.Conv2d)
+                                                for m in c.unet.modules()):
+        raise UserError(f"--conv_rank={config.conv_rank} sets the rank of adapted convolutions, and "
+                        f"--lora_layers={config.lora_layers} adapts none: add conv to --lora_layers, or drop "
+                        f"--conv_rank")
     text_encoders = [c.text_encoder_one, c.text_encoder_two] if config.train_text_encoder else []
     for te in text_encoders:
         add_lora(te, **lora_kw)
@@ -1723,7 +1729,8 @@ def lora_signature(config: TrainConfig) -> dict:
     adam8 = config.use_8bit_adam and config.optimizer.lower() == "adamw"  # what ran, after any hardware fallback
     return {"pretrained_model_name_or_path": config.pretrained_model_name_or_path, "rank": config.rank,
             "lora_alpha": config.alpha, "use_dora": config.use_dora, "train_text_encoder": config.train_text_encoder,
-            "lora_type": config.lora_type, "lokr_factor": config.lokr_factor,
+            "lora_type": config.lora_type, "lokr_factor": config.lokr_factor, "conv_rank": config.conv_rank,
+            "conv_alpha": config.conv_alpha_value,
             "init_lora_weights": config.init_lora_weights, "use_ema": config.use_ema,
             "lora_layers": unet_lora_layers(config.lora_layers),
             "train_text_encoder_ti": config.train_text_encoder_ti, "token_abstraction": config.token_abstraction,
@@ -1904,7 +1911,7 @@ def check_checkpoint_compatible(checkpoint: Path, config: TrainConfig) -> None:
 
     saved = {"use_ema": False, "train_text_encoder_ti": False, "lora_layers": UNET_TARGET_MODULES,  # from before
              "token_abstraction": "TOK", "num_new_tokens_per_abstraction": 2, "loraplus": False,
-             "lora_type": "lora", "lokr_factor": -1,
+             "lora_type": "lora", "lokr_factor": -1, "conv_rank": None, "conv_alpha": None,
              **json.loads((checkpoint / STATE_FILE).read_text()).get("signature", {})}
     now = lora_signature(config)
     diff = [k for k in now if k in saved and saved[k] != now[k]]
@@ -2056,7 +2063,7 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
 
 
 # settings the model card lists only where a run changed them
-SHOWN_IF_SET = ("lora_type", "lokr_factor",
+SHOWN_IF_SET = ("lora_type", "lokr_factor", "conv_rank", "conv_alpha",
                 "loraplus_lr_ratio", "masked_loss", "timestep_bias_strategy", "timestep_bias_multiplier",
                 "multires_noise_iterations", "input_perturbation", "noise_offset", "min_timestep", "max_timestep",
                 "debiased_estimation_loss", "shuffle_caption", "keep_tokens")

@@ -213,6 +213,45 @@ def test_conv_lora_layers_train_save_and_reload_for_diffusers_and_the_webuis(tin
     assert any(".conv1." in k and v.abs().sum() > 0 for k, v in fp8.items() if "up" in k or "lora_B" in k)
 
 
+def test_conv_rank_and_alpha_give_the_convolutions_their_own_and_reload_everywhere(tiny_model_dir, tiny_components,
+                                                                                   tmp_path):
+    """--conv_rank/--conv_alpha (kohya's conv_dim/conv_alpha): the convolutions train at their own rank and alpha,
+    the attention layers at --rank; both files reload to the trained images with those ranks and alphas, --init_lora
+    takes them back, and a LoHa's convolutions follow them too."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from billiard_lora.lora_tools import inspect_lora, load_lora_file
+    from billiard_lora.models import pipeline_from_components
+
+    data = make_images(tmp_path / "data")
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "out", learning_rate=1e-2, lora_layers="attn,conv",
+                            rank=4, lora_alpha=4, conv_rank=2, conv_alpha=1, output_kohya_format=True),
+                components=tiny_components)
+    for layer in load_lora_file(out / "pytorch_lora_weights_kohya.safetensors").layers.values():
+        conv = layer.down.ndim == 4
+        assert (layer.rank, layer.alpha) == ((2, 1.0) if conv else (4, 4.0)), layer.name
+    report = inspect_lora(out)
+    assert set(report["ranks"]) == {"2", "4"} and report["ranks"]["2"] == report["conv_layers"] > 0
+    trained = sample(pipeline_from_components(tiny_components))
+    for weight_name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+        fresh = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+        fresh.load_lora_weights(str(out), weight_name=weight_name)
+        np.testing.assert_allclose(sample(fresh), trained, atol=1e-5, err_msg=weight_name)
+    again = train(tiny_config(tiny_model_dir, data, tmp_path / "again", init_lora=str(out), max_train_steps=1))
+    saved = json.loads((again / "config.json").read_text())
+    assert (saved["rank"], saved["lora_alpha"], saved["conv_rank"], saved["conv_alpha"]) == (4, 4, 2, 1)
+    loha = load_file(str(train(tiny_config(tiny_model_dir, data, tmp_path / "loha", lora_type="loha",
+                                           lora_layers="attn,conv", conv_rank=2, max_train_steps=1))
+                          / "pytorch_lora_weights.safetensors"))
+    assert {v.shape[0] for k, v in loha.items() if k.endswith("conv1.hada_w1_b")} == {2}
+    assert {v.shape[0] for k, v in loha.items() if k.endswith("to_q.hada_w1_b")} == {4}
+    with pytest.raises(UserError, match="--conv_rank=2 sets the rank of adapted convolutions, and "
+                                        "--lora_layers=attn adapts none"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "none", conv_rank=2))
+    with pytest.raises(UserError, match="--conv_alpha=1 goes with --conv_rank"):
+        tiny_config(tiny_model_dir, data, tmp_path / "x", conv_alpha=1)
+
+
 def test_saved_keys_match_diffusers_naming_and_carry_the_config(tiny_model_dir, tmp_path):
     from billiard_lora.lora import read_metadata
 
