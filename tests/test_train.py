@@ -699,9 +699,12 @@ def test_seed_command_runs_unchanged_on_the_tiny_model(tiny_model_dir, shared_bi
                                    ["--use_ema", "--train_text_encoder_ti", "--instance_prompt=TOK billiard"],
                                    ["--optimizer=AdamW_ScheduleFree", "--loraplus_lr_ratio=8", "--masked_loss",
                                     "--shuffle_caption", "--multires_noise_iterations=4", "--input_perturbation=0.1",
-                                    "--timestep_bias_strategy=later", "--instance_prompt=sks billiard, green felt"]])
+                                    "--timestep_bias_strategy=later", "--instance_prompt=sks billiard, green felt"],
+                                   ["--lora_type=lokr", "--lokr_factor=4", "--lora_layers=attn,conv", "--conv_rank=2"]])
 def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra):
     from diffusers import StableDiffusionXLPipeline
+
+    from billiard_lora.generate import LoraSpec, load_lora
 
     data = make_images(tmp_path / "data", n=4)
     if "--masked_loss" in extra:  # half-white masks beside the photos
@@ -727,7 +730,7 @@ def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra)
     # the token embeddings live outside DDP's modules: their gradients are averaged by hand (a collective of both)
     assert (out / "ddp_emb.safetensors").is_file() == ("--train_text_encoder_ti" in extra)
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
-    pipe.load_lora_weights(str(out))
+    load_lora(pipe, LoraSpec(str(out)))  # diffusers' load_lora_weights, or ours for the LoKr
     assert np.isfinite(sample(pipe)).all()
 
 
