@@ -354,6 +354,11 @@ class TrainConfig:
     extra_validation_prompts: list[str] = field(default_factory=list, metadata={"help": (
         "(billiard-lora) More prompts validated beside --validation_prompt, each a row of the grid (kohya's "
         "--sample_prompts): --extra_validation_prompts 'a photo of obama playing billiard' 'a billiard table'.")})
+    sample_prompts: Optional[str] = _f(
+        None, "(kohya's --sample_prompts, SimpleTuner's --user_prompt_library) A file of validation prompts, each a "
+              "row of the grid after --validation_prompt's: .txt, one per line, kohya's --n NEGATIVE, --l GUIDANCE, "
+              "--s STEPS after a prompt apply to its row (--w, --h, --d are left out with a note); or .json, "
+              "SimpleTuner's {name: prompt} library or a list.")
     validation_negative_prompt: Optional[str] = _f(
         None, "(billiard-lora) Negative prompt of the validation images (e.g. 'blurry, low quality').")
     validation_guidance_scale: float = _f(
@@ -447,8 +452,10 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"--{name}={v} must be at least 1")
+        if self.sample_prompts:
+            self.sample_prompt_rows  # a missing or malformed file says so here, in one line
         for name in ("extra_validation_prompts", "validation_negative_prompt"):
-            if getattr(self, name) and not self.validation_prompt:
+            if getattr(self, name) and not (self.validation_prompt or self.sample_prompts):
                 raise UserError(f"--{name} goes with --validation_prompt (the first row of the validation grid): "
                                 f"add that flag, or drop --{name}")
         if any(not str(p).strip() for p in self.extra_validation_prompts):
@@ -627,8 +634,25 @@ class TrainConfig:
     # ------------------------------------------------------------------ conveniences
     @property
     def validation_prompts(self) -> list[str]:
-        """The validation grid's rows: --validation_prompt, then --extra_validation_prompts (none without the first)."""
-        return [self.validation_prompt, *self.extra_validation_prompts] if self.validation_prompt else []
+        """The validation grid's rows: --validation_prompt, then --extra_validation_prompts (none without the first),
+        then the --sample_prompts file's."""
+        return [row.prompt for row in self.validation_rows]
+
+    @property
+    def validation_rows(self) -> list:
+        """The validation grid's rows as ``SamplePrompt``s (a file's rows with their own settings)."""
+        from .sample_prompts import SamplePrompt
+
+        given = [self.validation_prompt, *self.extra_validation_prompts] if self.validation_prompt else []
+        return [SamplePrompt(p) for p in given] + self.sample_prompt_rows
+
+    @property
+    def sample_prompt_rows(self) -> list:
+        if not self.sample_prompts:
+            return []
+        from .sample_prompts import read_sample_prompts
+
+        return read_sample_prompts(self.sample_prompts)[0]
 
     @property
     def alpha(self) -> int:
@@ -730,7 +754,7 @@ class TrainConfig:
 # ---------------------------------------------------------------------- command line
 # Flags that name a local file or folder when one exists by that name (else a Hub id, or unset)
 LOCAL_PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir",
-                     "class_data_dir", "init_lora")
+                     "class_data_dir", "init_lora", "sample_prompts")
 
 
 def same_setting(name: str, a: Any, b: Any) -> bool:

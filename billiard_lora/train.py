@@ -220,6 +220,12 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         pissa_initial = {name: {k: v.detach().clone() for k, v in peft_state_dict(m).items()}
                          for name, m in zip(("unet", "text_encoder", "text_encoder_2"), trainable)}
 
+    if config.sample_prompts:  # what of kohya's per-prompt options the validation grid leaves out
+        from .sample_prompts import read_sample_prompts
+
+        for note in read_sample_prompts(config.sample_prompts)[1]:
+            say(note)
+
     # ---- 3. prompt embeddings, computed once per distinct caption when the text encoders are frozen
     prompt_cache = None
     # (--shuffle_caption: a caption's tags come in a new order each epoch; the frozen encoders encode them in the step)
@@ -397,7 +403,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         with averaged():
             return run_validation(config, c, unet, te_one, te_two, accelerator, weight_dtype, step, callback,
                                   prompt_map=pivotal.insert if pivotal else None)
-    if global_step == 0 and config.validation_prompt:
+    if global_step == 0 and config.validation_prompts:
         validate(0)  # a baseline: what the base model makes before any training
 
     # ---- 8. the loop: noise -> timesteps -> predict -> loss -> step
@@ -593,7 +599,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             if global_step % config.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, global_step, config, unet, text_encoders, history, pissa_initial,
                                 averaged, pivotal)
-            if config.validation_prompt and should_validate(config, global_step, steps_per_epoch):
+            if config.validation_prompts and should_validate(config, global_step, steps_per_epoch):
                 validate(global_step)
             if global_step >= max_train_steps:
                 break
@@ -612,7 +618,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     # ---- 9. save: the LoRA (diffusers + kohya), the config, loss history and plot, model card, summary
     accelerator.wait_for_everyone()
     final_images = None
-    if config.validation_prompt and not (history and should_validate(config, global_step, steps_per_epoch)):
+    if config.validation_prompts and not (history and should_validate(config, global_step, steps_per_epoch)):
         final_images = validate(global_step)
     if accelerator.is_main_process:
         save_final(out, config, unet, text_encoders, history, accelerator, pissa_initial, ema, pivotal,
@@ -1944,15 +1950,18 @@ def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, we
     device = accelerator.device
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     images = []
-    prompts, seeds = config.validation_prompts, [config.seed + i for i in range(config.num_validation_images)]
+    rows, seeds = config.validation_rows, [config.seed + i for i in range(config.num_validation_images)]
+    prompts = [row.prompt for row in rows]
+    settings = [{"negative_prompt": row.negative_prompt if row.negative_prompt is not None else
+                 config.validation_negative_prompt,
+                 "guidance_scale": row.guidance_scale if row.guidance_scale is not None else
+                 config.validation_guidance_scale,
+                 "num_inference_steps": row.steps or config.validation_inference_steps} for row in rows]
     with torch.no_grad(), autocast, on_device([pipe.text_encoder, pipe.text_encoder_2, pipe.vae], device):
-        for prompt in prompts:
+        for prompt, setting in zip(prompts, settings):
             for seed in seeds:
                 g = torch.Generator(device=device).manual_seed(seed)
-                images.append(pipe(prompt_map(prompt) if prompt_map else prompt,
-                                   negative_prompt=config.validation_negative_prompt,
-                                   guidance_scale=config.validation_guidance_scale,
-                                   num_inference_steps=config.validation_inference_steps,
+                images.append(pipe(prompt_map(prompt) if prompt_map else prompt, **setting,
                                    height=config.resolution, width=config.resolution, generator=g,
                                    crops_coords_top_left=(config.crops_coords_top_left_h,
                                                           config.crops_coords_top_left_w)).images[0])
@@ -1978,7 +1987,8 @@ def run_validation(config: TrainConfig, c, unet, te_one, te_two, accelerator, we
     save_image(grid, path, metadata={"prompt": prompts[0], "prompts": json.dumps(prompts), "step": str(step),
                                      "seed": str(config.seed), "steps": str(config.validation_inference_steps),
                                      "negative_prompt": config.validation_negative_prompt or "",
-                                     "guidance_scale": str(config.validation_guidance_scale)})
+                                     "guidance_scale": str(config.validation_guidance_scale),
+                                     "rows": json.dumps([{"prompt": p, **st} for p, st in zip(prompts, settings)])})
     if callback:
         callback({"event": "validation", "step": step, "images": images, "path": str(path)})
     return images
