@@ -139,7 +139,7 @@ def test_lycoris_reloads_to_the_same_images_and_scales_like_a_lora(lycoris_runs,
     assert np.abs(trained - base).max() > 1e-4, "the adapter should change the output"
     np.testing.assert_allclose(sample(pipe), trained, atol=1e-5)
     pipe.set_adapters([name], adapter_weights=[0.0])
-    np.testing.assert_allclose(sample(pipe), base, atol=1e-6)
+    np.testing.assert_allclose(sample(pipe), base, atol=1e-5)
     pipe.set_adapters([name], adapter_weights=[1.0])
     fuse_loras(pipe)  # merged into the weights, adapter modules gone
     np.testing.assert_allclose(sample(pipe), trained, atol=1e-4)
