@@ -325,9 +325,9 @@ def load_lora_file(path: str | Path) -> LoraFile:
 
     if is_lycoris_keys(tensors):
         kind = {"loha": "LoHa", "lokr": "LoKr"}[algo_of(tensors)]
-        raise UserError(f"{path} is a LyCORIS {kind}, not a LoRA: convert, resize, combine and --init_lora take "
-                        f"LoRAs (a {kind} file already is in the format ComfyUI and A1111 read); inspect, merge and "
-                        f"generate take it as it is")
+        raise UserError(f"{path} is a LyCORIS {kind}, not a LoRA: convert, combine and --init_lora take LoRAs (a "
+                        f"{kind} file already is in the format ComfyUI and A1111 read; `lora resize FILE --rank N "
+                        f"--out DIR` makes a LoRA of it); inspect, merge and generate take it as it is")
     try:
         fmt = _detect_format(tensors)
     except UserError as exc:
@@ -1127,6 +1127,12 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, e
         raise UserError(f"--rank must be at least 1, got {rank}")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise UserError(f"--energy is the fraction of ||ΔW||² to keep, in (0, 1]; got {energy}")
+    if _is_lycoris_file(path):  # a LoHa/LoKr: its layers' ΔW, SVD-truncated, become a LoRA every loader reads
+        from .lycoris import lycoris_to_lora
+
+        source = resolve_lora_path(path)
+        return lycoris_to_lora(source, _output_file(out, LORA_WEIGHT_NAME, source, "resized", overwrite),
+                               rank=rank, energy=energy)
     lora = load_lora_file(path)
     if lora.dora:
         raise UserError("DoRA LoRAs cannot be SVD-resized: the magnitude vector belongs to the full-rank direction")
@@ -1473,7 +1479,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--to", required=True, choices=["kohya", "diffusers"])
     sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
     sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
-    sp = sub.add_parser("resize", help="SVD to a lower rank (or the rank that keeps a fraction of the energy)")
+    sp = sub.add_parser("resize", help="SVD to a lower rank (or the rank that keeps a fraction of the energy); a "
+                                       "LyCORIS LoHa/LoKr becomes a LoRA (kohya format) that diffusers loads too")
     sp.add_argument("file", metavar="FILE", help=lora_file)
     group = sp.add_mutually_exclusive_group(required=True)
     group.add_argument("--rank", type=int, help="keep this many singular values per layer")

@@ -311,3 +311,84 @@ def count_loaded(pipe, adapter_name: str) -> int:
     return sum(1 for c in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None
                for m in getattr(pipe, c).modules()
                if isinstance(m, LycorisLayer) and adapter_name in m._available_adapters)
+
+
+# ---------------------------------------------------------------------------------------------- to a LoRA
+_CONV_NAME = re.compile(r"(conv\d?|conv_shortcut|conv_in|conv_out|downsamplers_0_conv|upsamplers_0_conv|_op|"
+                        r"in_layers_2|out_layers_3|skip_connection|input_blocks_0_0|out_2)$")
+_ONE_BY_ONE = re.compile(r"(conv_shortcut|skip_connection)$")
+
+
+def delta_weight(parts: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A module's ΔW as ComfyUI and A1111 compute it from the file, as an (out, in·kh·kw) matrix."""
+    p = {k: v.to(dtype) for k, v in parts.items() if k != "alpha"}
+    alpha = float(parts["alpha"]) if "alpha" in parts else None
+    if "hada_w1_a" in p:
+        d = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+    else:
+        w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+        w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"]
+        d = torch.kron(w1[:, :, None, None], w2) if w2.ndim == 4 else torch.kron(w1, w2)
+    return (d * lycoris_scale(parts, alpha)).reshape(d.shape[0], -1)
+
+
+def kernel_of(name: str, parts: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """A module's kernel size: from a 4-D factor where the file has one, else from its name (SDXL's convolutions are
+    3x3 but for the 1x1 shortcuts); () for a Linear layer."""
+    four = next((t for t in parts.values() if t.ndim == 4), None)
+    if four is not None:
+        return tuple(four.shape[2:])
+    if not _CONV_NAME.search(name):
+        return ()
+    return (1, 1) if _ONE_BY_ONE.search(name) else (3, 3)
+
+
+def lycoris_to_lora(path: str | Path, out_file: Path, *, rank: int | None, energy: float | None):
+    """Each LoHa/LoKr layer's ΔW, SVD-truncated (``rank``, or the fewest directions holding ``energy`` of ||ΔW||²),
+    written as a kohya-format LoRA: what diffusers' ``load_lora_weights``, ComfyUI and A1111 all read. Returns
+    (file, ResizedLayer infos)."""
+    from safetensors import safe_open
+
+    from .io import save_safetensors
+    from .lora_tools import ResizedLayer, _most_common, choose_rank
+
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    algo = algo_of(tensors)
+    if any(k.endswith(TUCKER_PARTS) for k in tensors):
+        raise UserError(f"{path}: its 3x3 convolutions are Tucker-decomposed (LyCORIS' use_tucker), which is not "
+                        f"converted here")
+    modules = split_modules(tensors)
+    layers, infos = {}, []
+    for name, parts in modules.items():
+        if not any(p in parts for p in PARTS[algo]):
+            continue
+        delta = delta_weight(parts)
+        kernel = kernel_of(name, parts)
+        cols = delta.shape[1] // (kernel[0] * kernel[1] if kernel else 1)
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        k = choose_rank(s, rank=rank, energy=energy)
+        root = torch.sqrt(s[:k])
+        up, down = u[:, :k] * root, root[:, None] * vh[:k]
+        if kernel:
+            up, down = up[:, :, None, None], down.reshape(k, cols, *kernel)
+        total = float((s ** 2).sum())
+        out_name = name.replace("lycoris_", "lora_unet_", 1) if name.startswith("lycoris_") else name
+        layers[out_name] = [down, up, k]
+        infos.append(ResizedLayer(out_name, int(min(delta.shape)), k,
+                                  float((s[:k] ** 2).sum()) / total if total > 0 else 1.0, s))
+    # one alpha for the file (diffusers' kohya loader keeps only the most common one); other ranks absorb the rest
+    alpha = _most_common(i.new_rank for i in infos)
+    out: dict[str, torch.Tensor] = {}
+    for name, (down, up, k) in layers.items():
+        fix = (k / alpha) ** 0.5
+        out[f"{name}.lora_down.weight"] = (down * fix).float().contiguous()
+        out[f"{name}.lora_up.weight"] = (up * fix).float().contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    kept = {k: v for k, v in header.items() if not k.startswith("ss_network_")}
+    kept.update({"ss_network_module": "networks.lora", "ss_network_dim": str(alpha), "ss_network_alpha": str(alpha),
+                 "billiard_lora.resized": json.dumps({"from": str(path), "from_lycoris": algo, "rank": rank,
+                                                      "energy": energy})})
+    save_safetensors(out, out_file, metadata=kept)
+    return out_file, infos

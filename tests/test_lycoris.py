@@ -242,9 +242,9 @@ def test_lora_toolbox_inspects_and_merges_a_lycoris_and_refuses_the_rest_in_one_
     assert r["conv_layers"] > 0 and r["training_config"]["lora_type"] == "loha"
     assert r["loads_in"]["comfyui_not_loaded"] == 0 and r["loads_in"]["a1111_not_loaded"] == 0
     assert "LyCORIS LoHa" in lt.format_inspect(r)
-    for call in (lambda: lt.convert_lora(out, "diffusers", tmp_path / "c"), lambda: lt.resize_lora(out, tmp_path / "r",
-                                                                                                    rank=2)):
-        with pytest.raises(UserError, match="is a LyCORIS LoHa, not a LoRA: convert, resize"):
+    for call in (lambda: lt.convert_lora(out, "diffusers", tmp_path / "c"),
+                 lambda: lt.combine_loras([(out, 1.0), (out, 0.5)], tmp_path / "c2")):
+        with pytest.raises(UserError, match="is a LyCORIS LoHa, not a LoRA: convert, combine .* `lora resize FILE"):
             call()
 
     merged = lt.merge_lora(out, str(tiny_model_dir), tmp_path / "merged", scale=1.0)
@@ -279,3 +279,31 @@ def test_the_model_cards_python_loads_the_lycoris(lycoris_runs, monkeypatch):
     exec(compile(code, "model card", "exec"), scope)  # noqa: S102 - our own generated snippet
     assert scope["pipe"].get_list_adapters()["unet"] == ["subject"]
     assert scope["image"].size[0] > 0
+
+
+@pytest.mark.parametrize("case", ["loha", "lokr-low-rank"])
+def test_resize_turns_a_lycoris_into_a_lora_that_stock_diffusers_loads(lycoris_runs, tiny_model_dir, tmp_path, case):
+    """diffusers' SDXL loader reads no LoHa/LoKr: `lora resize` makes each layer's ΔW a LoRA (SVD), at full rank the
+    same model, which load_lora_weights, ComfyUI and A1111 read; --energy keeps fewer directions."""
+    from diffusers import StableDiffusionXLPipeline
+
+    import billiard_lora.lora_tools as lt
+    from billiard_lora.generate import LoraSpec, load_lora
+
+    out, _, _ = lycoris_runs[case]
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    load_lora(pipe, LoraSpec(str(out)))
+    want = sample(pipe)
+    file, infos = lt.resize_lora(out, tmp_path / "full", rank=10_000)
+    assert file.name == "pytorch_lora_weights.safetensors" and all(i.energy > 0.999999 for i in infos)
+    report = lt.inspect_lora(file)
+    assert report["format"] == "kohya" and report["loads_in"]["comfyui_not_loaded"] == 0
+    assert report["loads_in"]["a1111_not_loaded"] == 0
+    stock = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    stock.load_lora_weights(str(file.parent))  # diffusers' own loader, kohya converter
+    np.testing.assert_allclose(sample(stock), want, atol=1e-4)
+    small, small_infos = lt.resize_lora(out, tmp_path / "small" / "x.safetensors", energy=0.5)
+    assert sum(i.new_rank for i in small_infos) < sum(i.new_rank for i in infos)
+    assert all(i.energy >= 0.5 for i in small_infos)
+    with safe_open(str(small), framework="pt") as f:
+        assert json.loads(f.metadata()["billiard_lora.resized"])["from_lycoris"] == CASES[case]["lora_type"]
