@@ -307,3 +307,42 @@ def test_resize_turns_a_lycoris_into_a_lora_that_stock_diffusers_loads(lycoris_r
     assert all(i.energy >= 0.5 for i in small_infos)
     with safe_open(str(small), framework="pt") as f:
         assert json.loads(f.metadata()["billiard_lora.resized"])["from_lycoris"] == CASES[case]["lora_type"]
+
+
+@pytest.mark.parametrize("kind,rank,factor,layers", [("lokr", 4, -1, "attn,ff,proj,conv"), ("lokr", 100000, 16, "attn"),
+                                                     ("loha", 4, -1, "attn,conv")])
+def test_lycoris_files_in_sgm_names_load_every_layer_of_sdxls_full_unet(kind, rank, factor, layers, tmp_path):
+    """SDXL's real layout (2.6 B parameters, left uninitialised: only the adapters are touched, ~1.4 GB): a LyCORIS
+    file named as most SDXL LoHa/LoKr files are (SGM names), with the factor shapes peft builds for each of its layers,
+    loads every layer, and each layer's ΔW is the webuis'."""
+    from diffusers import UNet2DConditionModel
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    from billiard_lora.lora import add_lora, unet_lora_layers
+    from billiard_lora.lora_tools import SDXL_UNET_CONFIG, _sgm_names
+    from billiard_lora.lycoris import count_loaded, load_lycoris
+
+    with torch.device("meta"):
+        shapes_from = UNet2DConditionModel.from_config(dict(SDXL_UNET_CONFIG))
+    add_lora(shapes_from, rank=rank, lora_type=kind, lokr_factor=factor, target_modules=unet_lora_layers(layers))
+    sgm = _sgm_names(n for n, _ in shapes_from.named_modules())
+    torch.manual_seed(0)
+    state, names = {}, {}
+    for name, layer in shapes_from.named_modules():
+        if isinstance(layer, LycorisLayer):
+            base = "lora_unet_" + sgm[name].replace(".", "_")
+            names[base] = name
+            for part in (p for p in dir(layer) if p.startswith(("hada_w", "lokr_w"))):
+                if "default" in getattr(layer, part, {}):
+                    state[f"{base}.{part}"] = torch.randn(getattr(layer, part)["default"].shape) * 0.02
+            state[f"{base}.alpha"] = torch.tensor(2.0)
+    save_file(state, tmp_path / "sgm.safetensors")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(SDXL_UNET_CONFIG))
+    pipe = type("Pipe", (), {"unet": unet.to_empty(device="cpu")})()
+    assert load_lycoris(pipe, tmp_path / "sgm.safetensors", "x") == len(names) == count_loaded(pipe, "x")
+    modules = dict(pipe.unet.named_modules())
+    for base in list(names)[::50]:
+        parts = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(base + ".")}
+        got = modules[names[base]].get_delta_weight("x").detach()
+        torch.testing.assert_close(got, webui_delta(parts, got.shape), rtol=1e-5, atol=1e-9)
