@@ -2145,7 +2145,8 @@ def _pivotal_note(out: Path, config: TrainConfig) -> str:
     words = ", ".join(f"`{k}` is `{''.join(v)}`" for k, v in mapping.items())
     return (f"\n\nPivotal tuning: new tokens trained with the LoRA ({words} in prompts), their embeddings in "
             f"`{name}` (`clip_l`, `clip_g`: A1111 and ComfyUI read it as an SDXL embedding). In diffusers, after "
-            f"`load_lora_weights`:\n```python\nfrom safetensors.torch import load_file\nstate = load_file(\"{name}\")\n"
+            f"loading the {'LoRA' if config.lora_type == 'lora' else 'adapter'} as below:\n```python\n"
+            f"from safetensors.torch import load_file\nstate = load_file(\"{name}\")\n"
             f"pipe.load_textual_inversion(state[\"clip_l\"], token={tokens}, text_encoder=pipe.text_encoder, "
             f"tokenizer=pipe.tokenizer)\npipe.load_textual_inversion(state[\"clip_g\"], token={tokens}, "
             f"text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)\n```\n`python -m billiard_lora.generate` "
