@@ -43,7 +43,12 @@ class TrainConfig:
 
     # ---- model
     pretrained_model_name_or_path: str = _f(
-        "stabilityai/stable-diffusion-xl-base-1.0", "SDXL base model: a hub id or a local diffusers folder.")
+        "stabilityai/stable-diffusion-xl-base-1.0", "SDXL base model: a hub id, a local diffusers folder, or a "
+                                                    "single-file checkpoint (.safetensors, as civitai's, A1111's).")
+    single_file_config: Optional[str] = _f(
+        None, "(billiard-lora) For a single-file --pretrained_model_name_or_path: a diffusers SDXL folder or hub id "
+              "whose configs and tokenizers describe its layout (default: SDXL base 1.0's, a few MB fetched once; "
+              "offline, any SDXL folder of the same architecture).")
     pretrained_vae_model_name_or_path: Optional[str] = _f(
         None, "A separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE overflows in fp16).")
     revision: Optional[str] = _f(None, "Revision (branch, tag or commit) of the model on the hub.")
@@ -395,6 +400,12 @@ class TrainConfig:
                             f"{MIN_RESOLUTION} px (the seed's run uses 1024)")
         self.buckets  # a malformed --aspect_ratio_buckets says so here
         self._check_ranges()
+        from .single_file import is_single_file
+
+        if not is_single_file(self.pretrained_model_name_or_path) and self.single_file_config:  # (a .ckpt: refused)
+            raise UserError(f"--single_file_config describes a single-file checkpoint, and "
+                            f"--pretrained_model_name_or_path={self.pretrained_model_name_or_path} is not one (a "
+                            f".safetensors file): drop --single_file_config")
         if self.mask_data_dir and not self.masked_loss:
             raise UserError("--mask_data_dir holds the masks of --masked_loss: add that flag, or drop --mask_data_dir")
         if self.with_prior_preservation and not self.class_prompt:
@@ -754,7 +765,7 @@ class TrainConfig:
 # ---------------------------------------------------------------------- command line
 # Flags that name a local file or folder when one exists by that name (else a Hub id, or unset)
 LOCAL_PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir",
-                     "class_data_dir", "init_lora", "sample_prompts")
+                     "class_data_dir", "init_lora", "sample_prompts", "single_file_config")
 
 
 def same_setting(name: str, a: Any, b: Any) -> bool:

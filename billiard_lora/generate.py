@@ -174,8 +174,10 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
                              device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
                              fp8_base: bool = False, cuda_graphs: bool = False, cpu_offload: bool = False,
                              vae_tiling: bool | int = False, scheduler: str = "default",
-                             files: Sequence[Path] | None = None, refiner: str | None = None):
+                             files: Sequence[Path] | None = None, refiner: str | None = None,
+                             single_file_config: str | None = None):
     """SDXL, a separate VAE unless ``vae`` is None, and LoRAs loaded and weighted; cuda/fp16 if present, else cpu/fp32.
+    ``model``: a Hub id, a diffusers folder or a single-file checkpoint (its layout from ``single_file_config``).
     ``scheduler``: the sampler, a key of ``SCHEDULERS`` (default: the model's own). ``files``: the LoRA files
     ``resolve_lora_file`` already found for ``loras``, not looked up again.
 
@@ -211,7 +213,7 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
     if torch_dtype is None:
         torch_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     pipe = load_pipeline(model, pretrained_vae_model_name_or_path=vae, torch_dtype=torch_dtype,
-                         device="cpu" if fp8_base or cpu_offload else device)
+                         device="cpu" if fp8_base or cpu_offload else device, single_file_config=single_file_config)
     pipe = prepare_pipeline(pipe, specs, files=files, fuse=fuse, device=device, fp8_base=fp8_base,
                             cuda_graphs=cuda_graphs, cpu_offload=cpu_offload, vae_tiling=vae_tiling,
                             scheduler=scheduler)
@@ -1010,8 +1012,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m billiard_lora.generate`` flags."""
     p = ArgumentParser(prog="python -m billiard_lora.generate", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--model", default=None,
-                   help="SDXL base model: hub id or local diffusers folder (default: the one the first --lora was "
-                        f"trained on, else {SDXL_BASE})")
+                   help="SDXL base model: hub id, local diffusers folder or single-file checkpoint (.safetensors) "
+                        f"(default: the one the first --lora was trained on, else {SDXL_BASE})")
+    p.add_argument("--single_file_config", default=None, metavar="FOLDER_OR_ID",
+                   help="for a single-file --model: a diffusers SDXL folder or hub id giving its layout (default: "
+                        "what the LoRA was trained with, else SDXL base 1.0's configs, fetched once)")
     p.add_argument("--vae", default="config",
                    help="separate VAE (hub id or folder); 'none': the model's own (default: the one the first --lora "
                         f"was trained with, where it runs on that run's model; else {SDXL_VAE_FP16_FIX})")
@@ -1134,7 +1139,8 @@ def _default_instance_prompt(args: argparse.Namespace, lora_files: list[Path]) -
 
 def _default_model_and_vae(args: argparse.Namespace, lora_files: list[Path]) -> tuple[str, str | None]:
     """--model and --vae, else what the first LoRA (or checkpoint run) that records them was trained with: a LoRA
-    trained on a local model generates with that model, as its model card's command says."""
+    trained on a local model generates with that model, as its model card's command says (a single-file model with
+    the --single_file_config it was read with, set on ``args`` unless given)."""
     trained: dict = {}
     candidates = list(lora_files) + ([f for _, f in lora_checkpoints(args.checkpoints)] if args.checkpoints else [])
     for f in candidates:
@@ -1143,6 +1149,9 @@ def _default_model_and_vae(args: argparse.Namespace, lora_files: list[Path]) -> 
                 trained = meta
                 break
     model = args.model or trained.get("pretrained_model_name_or_path") or SDXL_BASE
+    if args.single_file_config is None and trained and same_setting(
+            "pretrained_model_name_or_path", model, trained.get("pretrained_model_name_or_path")):
+        args.single_file_config = trained.get("single_file_config")
     if str(args.vae).lower() == "none":
         return model, None
     if args.vae != "config":
@@ -1166,7 +1175,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_generation_pipeline(args.model, vae=vae, loras=specs, fuse=args.fuse, device=args.device,
                                     fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs,
                                     cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
-                                    scheduler=args.scheduler, files=lora_files, refiner=args.refiner)
+                                    scheduler=args.scheduler, files=lora_files, refiner=args.refiner,
+                                    single_file_config=args.single_file_config)
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
               height=args.height, width=args.width, prompt_weighting=args.prompt_weighting,
               **({"refiner_start": args.refiner_start} if args.refiner else {}),

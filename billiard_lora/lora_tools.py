@@ -1274,8 +1274,17 @@ def check_merge_out(out: Path, model: str, overwrite: bool = False) -> None:
     user keeps there. ``overwrite`` replaces only an earlier merge's output (its ``merged_lora.json`` says so)."""
     if Path(model).expanduser().exists() and Path(model).expanduser().resolve() == out.resolve():
         raise UserError(f"--out {out} is the base model's own folder: give the merged pipeline a new folder")
+    if out.suffix.lower() == ".safetensors":  # a single-file checkpoint
+        if Path(model).expanduser().exists() and Path(model).expanduser().resolve() == out.resolve():
+            raise UserError(f"--out {out} is the base model's own file: give the merged checkpoint a new name")
+        if out.exists() and not overwrite:
+            raise UserError(f"--out {out} exists: give a new file name, or --overwrite to replace it")
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder: give a .safetensors file name for a single-file checkpoint")
+        return
     if out.is_file():
-        raise UserError(f"--out {out} is a file: give a folder for the merged pipeline")
+        raise UserError(f"--out {out} is a file: give a folder for the merged pipeline (or a .safetensors name for a "
+                        f"single-file checkpoint)")
     if out.is_dir() and any(out.iterdir()):
         if overwrite and (out / "merged_lora.json").is_file():
             return
@@ -1299,11 +1308,14 @@ class _LycorisSource:
 
 
 def merge_lora(path: str | Path, model: str, out: str | Path, *, vae: str | None = None, scale: float = 1.0,
-               torch_dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
-    """Fuse the LoRA into the base UNet (and text encoders) and save a standalone pipeline folder (safetensors).
+               torch_dtype: torch.dtype | None = None, overwrite: bool = False,
+               single_file_config: str | None = None) -> Path:
+    """Fuse the LoRA into the base UNet (and text encoders) and save a standalone pipeline folder (safetensors), or,
+    where ``out`` ends in .safetensors, one single-file checkpoint (what A1111, ComfyUI and civitai use).
 
     The arithmetic is done in float32 (``torch_dtype`` only sets what is saved): W' = W + scale · ΔW. ``out`` must
-    be a new or empty folder (``overwrite``: or an earlier merge's output), checked before anything is loaded.
+    be a new or empty folder (``overwrite``: or an earlier merge's output) or a new file (``overwrite``: any), checked
+    before anything is loaded. ``model`` may itself be a single-file checkpoint (layout: ``single_file_config``).
     """
     from .io import publish_dir
     from .models import load_pipeline
@@ -1312,7 +1324,7 @@ def merge_lora(path: str | Path, model: str, out: str | Path, *, vae: str | None
     check_merge_out(out, model, overwrite)
     lycoris = _is_lycoris_file(path)
     lora = _LycorisSource(resolve_lora_path(path)) if lycoris else load_lora_file(path)
-    pipe = load_pipeline(model, pretrained_vae_model_name_or_path=vae)
+    pipe = load_pipeline(model, pretrained_vae_model_name_or_path=vae, single_file_config=single_file_config)
     from .generate import _quiet_loading
 
     try:
@@ -1337,15 +1349,21 @@ def merge_lora(path: str | Path, model: str, out: str | Path, *, vae: str | None
     with _quiet_loading():
         pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
         pipe.unload_lora_weights()  # drops the adapter modules; the fused weights stay
+    record = {"base_model": model, "vae": vae, "lora": str(lora.path), "scale": scale,
+              "training_config": lora.training_config}
+    if out.suffix.lower() == ".safetensors":
+        from .single_file import save_single_file
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return save_single_file(pipe, out, torch_dtype=torch_dtype,
+                                metadata={"billiard_lora.merged_lora": json.dumps(record, default=str)})
     if torch_dtype is not None:
         pipe.to(dtype=torch_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:  # written beside the target, then moved into place with one rename: never a half-written pipeline
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "merged_lora.json").write_text(json.dumps(
-            {"base_model": model, "vae": vae, "lora": str(lora.path), "scale": scale,
-             "training_config": lora.training_config}, indent=2, default=str) + "\n")
+        (tmp / "merged_lora.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1498,9 +1516,14 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     sp = sub.add_parser("merge", help="fuse into the base model and save a standalone pipeline (safetensors)")
     sp.add_argument("file", metavar="FILE", help=lora_file)
-    sp.add_argument("--model", required=True, help="base model: hub id or local diffusers folder")
+    sp.add_argument("--model", required=True,
+                    help="base model: hub id, local diffusers folder or single-file checkpoint (.safetensors)")
     sp.add_argument("--vae", default=None, help="a separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
-    sp.add_argument("--out", required=True, metavar="DIR")
+    sp.add_argument("--out", required=True, metavar="DIR_OR_FILE",
+                    help="a folder (a diffusers pipeline), or a .safetensors file name: one single-file checkpoint "
+                         "for A1111, ComfyUI, Forge (--dtype fp16 halves it)")
+    sp.add_argument("--single_file_config", default=None, metavar="FOLDER_OR_ID",
+                    help="for a single-file --model: a diffusers SDXL folder or hub id giving its layout")
     sp.add_argument("--scale", type=float, default=1.0, help="LoRA strength fused in (W + scale * ΔW)")
     sp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="precision of the saved weights")
     sp.add_argument("--overwrite", action="store_true",
@@ -1533,8 +1556,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "merge":
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         out = merge_lora(args.file, args.model, args.out, vae=args.vae, scale=args.scale, torch_dtype=dtype,
-                         overwrite=args.overwrite)
-        print(f"wrote a standalone pipeline with the LoRA fused in at scale {args.scale:g} to {out}")
+                         overwrite=args.overwrite, single_file_config=args.single_file_config)
+        kind = "single-file checkpoint" if out.suffix == ".safetensors" else "standalone pipeline"
+        print(f"wrote a {kind} with the LoRA fused in at scale {args.scale:g} to {out}")
     return 0
 
 

@@ -73,17 +73,32 @@ def _friendly_errors(what: str, name: str) -> Iterator[None]:
 
 def load_components(pretrained_model_name_or_path: str, *, pretrained_vae_model_name_or_path: str | None = None,
                     revision: str | None = None, variant: str | None = None, cache_dir: str | None = None,
-                    torch_dtype: torch.dtype | None = None) -> Components:
+                    torch_dtype: torch.dtype | None = None, single_file_config: str | None = None) -> Components:
     """Load tokenizers, both text encoders, VAE (optionally a separate one), UNet and a DDPM noise scheduler, on CPU.
 
     By default in the files' float32, which stays memory-mapped until the weights move (SDXL: 0.4 GiB of private
     memory); ``torch_dtype`` loads the UNet and text encoders converted instead, into private memory (float16:
-    6.7 GiB for SDXL; ``benchmarks/bench_load.py``). The VAE stays float32 either way.
+    6.7 GiB for SDXL; ``benchmarks/bench_load.py``). The VAE stays float32 either way. A single-file checkpoint
+    (``.safetensors``: civitai's, A1111's) is read through diffusers' converters, its layout from
+    ``single_file_config`` (``single_file.py``).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+    from .single_file import is_single_file, load_single_file_pipeline
+
     name = pretrained_model_name_or_path
+    if is_single_file(name):
+        pipe = load_single_file_pipeline(name, config=single_file_config, torch_dtype=torch_dtype,
+                                         cache_dir=cache_dir)
+        vae = (load_vae(pretrained_vae_model_name_or_path, cache_dir=cache_dir) if pretrained_vae_model_name_or_path
+               else pipe.vae.to(torch.float32))
+        _require_sdxl(pipe.unet, name)
+        return Components(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, vae, pipe.unet,
+                          DDPMScheduler.from_config(pipe.scheduler.config))
+    if single_file_config:
+        raise UserError(f"--single_file_config describes a single-file checkpoint, and '{name}' is not one (a "
+                        f".safetensors file): drop --single_file_config")
     common = dict(revision=revision, cache_dir=cache_dir)
     weights = dict(common, variant=variant, use_safetensors=True)
     with _friendly_errors("SDXL pipeline", name):
@@ -98,10 +113,14 @@ def load_components(pretrained_model_name_or_path: str, *, pretrained_vae_model_
             vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
     if pretrained_vae_model_name_or_path is not None:
         vae = load_vae(pretrained_vae_model_name_or_path, cache_dir=cache_dir)
+    _require_sdxl(unet, name)
+    return Components(tok1, tok2, te1, te2, vae, unet, scheduler)
+
+
+def _require_sdxl(unet, name: str) -> None:
     if getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise UserError(f"'{name}' is not an SDXL model (its UNet has no text_time conditioning); "
                         f"pass an SDXL base model such as {SDXL_BASE}")
-    return Components(tok1, tok2, te1, te2, vae, unet, scheduler)
 
 
 def _dtype_kw(dtype: torch.dtype | None) -> dict[str, Any]:
@@ -212,16 +231,32 @@ def load_vae(name: str, *, cache_dir: str | None = None, torch_dtype: torch.dtyp
 
 def load_pipeline(pretrained_model_name_or_path: str = SDXL_BASE, *, pretrained_vae_model_name_or_path: str | None = None,
                   torch_dtype: torch.dtype | None = None, variant: str | None = None, revision: str | None = None,
-                  device: str | torch.device | None = None, cache_dir: str | None = None):
-    """Load ``StableDiffusionXLPipeline`` (base + optional separate VAE), cast to ``torch_dtype``, moved to ``device``."""
+                  device: str | torch.device | None = None, cache_dir: str | None = None,
+                  single_file_config: str | None = None):
+    """Load ``StableDiffusionXLPipeline`` (base + optional separate VAE), cast to ``torch_dtype``, moved to ``device``;
+    from a diffusers folder or Hub id, or a single-file checkpoint (``single_file.py``)."""
     from diffusers import StableDiffusionXLPipeline
 
-    kw: dict[str, Any] = dict(revision=revision, variant=variant, cache_dir=cache_dir, use_safetensors=True,
-                              **_dtype_kw(torch_dtype))
+    from .single_file import is_single_file, load_single_file_pipeline
+
+    vae = None
     if pretrained_vae_model_name_or_path is not None:
-        kw["vae"] = load_vae(pretrained_vae_model_name_or_path, cache_dir=cache_dir, torch_dtype=torch_dtype)
-    with _friendly_errors("SDXL pipeline", pretrained_model_name_or_path):
-        pipe = StableDiffusionXLPipeline.from_pretrained(pretrained_model_name_or_path, **kw)
+        vae = load_vae(pretrained_vae_model_name_or_path, cache_dir=cache_dir, torch_dtype=torch_dtype)
+    if is_single_file(pretrained_model_name_or_path):
+        pipe = load_single_file_pipeline(pretrained_model_name_or_path, config=single_file_config,
+                                         torch_dtype=torch_dtype, cache_dir=cache_dir)
+        if vae is not None:
+            pipe.register_modules(vae=vae)
+    else:
+        if single_file_config:
+            raise UserError(f"--single_file_config describes a single-file checkpoint, and "
+                            f"'{pretrained_model_name_or_path}' is not one (a .safetensors file): drop it")
+        kw: dict[str, Any] = dict(revision=revision, variant=variant, cache_dir=cache_dir, use_safetensors=True,
+                                  **_dtype_kw(torch_dtype))
+        if vae is not None:
+            kw["vae"] = vae
+        with _friendly_errors("SDXL pipeline", pretrained_model_name_or_path):
+            pipe = StableDiffusionXLPipeline.from_pretrained(pretrained_model_name_or_path, **kw)
     if device is not None:
         pipe.to(device)
     return pipe

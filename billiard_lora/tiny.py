@@ -10,6 +10,7 @@ written by ``save_tiny_pipeline`` with ``HF_HUB_OFFLINE=1``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,11 @@ FULL = SDXLShape(
              projection_dim=1280, hidden_act="gelu"),
     sample_size=128,
 )
-SHAPES = {"tiny": TINY, "small": SMALL, "full": FULL}
+# TINY with a wider second text encoder, for single-file checkpoints: diffusers' single-file loader tells SDXL's two
+# text encoders apart by their width (768 and 1280), and TINY's are both 32 wide.
+TINY_SINGLE_FILE = dataclasses.replace(TINY, te2=dict(_TE_TINY, hidden_size=48, intermediate_size=53,
+                                                      projection_dim=48, hidden_act="gelu"))
+SHAPES = {"tiny": TINY, "small": SMALL, "full": FULL, "tiny-single-file": TINY_SINGLE_FILE}
 
 
 def build_components(shape: SDXLShape = TINY, *, seed: int = 0, device: str | torch.device = "cpu",
@@ -237,6 +242,17 @@ def save_tiny_pipeline(out_dir: str | Path, *, seed: int = 0, shape: str = "tiny
     return out
 
 
+def save_tiny_single_file(folder: str | Path) -> Path:
+    """The pipeline in ``folder`` (written by ``save_tiny_pipeline(shape="tiny-single-file")``) as one single-file
+    checkpoint, ``folder/tiny-sdxl.safetensors``; ``folder`` then serves as its ``--single_file_config``."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .single_file import save_single_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder))
+    return save_single_file(pipe, Path(folder) / "tiny-sdxl.safetensors")
+
+
 def build_refiner_components(shape: SDXLShape = TINY, *, seed: int = 0) -> dict:
     """Random-weight SDXL-refiner components of ``shape`` as ``StableDiffusionXLImg2ImgPipeline(**components)``
     takes them: SDXL refiner 1.0's layout (the second text encoder alone, cross-attention at its width, 5 micro-
@@ -288,8 +304,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="where to build it (cuda is much faster for --shape full)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="precision of the saved weights")
     p.add_argument("--refiner", action="store_true", help="an SDXL refiner's architecture instead (generate --refiner)")
+    p.add_argument("--single_file", action="store_true",
+                   help="also the same model as one single-file checkpoint, OUT_DIR/tiny-sdxl.safetensors (train "
+                        "--pretrained_model_name_or_path OUT_DIR/tiny-sdxl.safetensors --single_file_config OUT_DIR)")
     args = p.parse_args(argv)
     check_tiny_out(args.out_dir)
+    if args.single_file:
+        if args.refiner or args.shape != "tiny" or args.dtype != "fp32" or args.device != "cpu":
+            from .errors import UserError
+
+            raise UserError("--single_file writes a tiny pipeline in fp32 on the CPU (for tests and demos)")
+        out = save_tiny_pipeline(args.out_dir, seed=args.seed, shape="tiny-single-file")
+        file = save_tiny_single_file(out)
+        print(f"wrote a tiny SDXL pipeline (random weights, seed {args.seed}) to {out} and as one single-file "
+              f"checkpoint to {file}: pass --single_file_config {out} with it")
+        return 0
     if args.refiner:
         if args.shape == "full" or args.dtype != "fp32" or args.device != "cpu":
             from .errors import UserError

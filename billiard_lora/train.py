@@ -124,7 +124,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
 
         components = load_components(config.pretrained_model_name_or_path,
                                      pretrained_vae_model_name_or_path=config.pretrained_vae_model_name_or_path,
-                                     revision=config.revision, variant=config.variant, cache_dir=config.cache_dir)
+                                     revision=config.revision, variant=config.variant, cache_dir=config.cache_dir,
+                                     single_file_config=config.single_file_config)
     c = components
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's own VAE overflows in fp16 (black images); the fp16-fix VAE does not, so only that one is cast. Where bf16
@@ -2092,8 +2093,13 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
              "with_prior_preservation", "init_lora_weights", "init_lora",
              "use_aspect_ratio_buckets", "aspect_ratio_buckets", "use_ema", "ema_decay", "fallbacks")
     template = Template((Path(__file__).parent / "templates" / "model_card.md").read_text())
+    from .single_file import is_single_file
+
+    single = is_single_file(config.pretrained_model_name_or_path)  # a civitai-style checkpoint file
     text = template.substitute(
         base_model=config.pretrained_model_name_or_path, instance_prompt=config.instance_prompt, folder=out.name,
+        loader="from_single_file" if single else "from_pretrained",
+        loader_args=f"config=\"{config.single_file_config}\", " if single and config.single_file_config else "",
         vae_note=f" (trained with the VAE `{vae}`)" if vae else "",
         ema_note=(f"\nThe weights are the moving average of training's (`--use_ema`); the last weights themselves "
                   f"are in `{NO_EMA_DIR}/`." if config.use_ema else "") + _pivotal_note(out, config),
