@@ -122,3 +122,25 @@ def test_tiny_writes_a_single_file_checkpoint_from_the_command_line(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "t" / "tiny-sdxl.safetensors").is_file() and "--single_file_config" in r.stdout
+
+
+def test_sdxls_full_layout_maps_to_names_diffusers_reads_back(monkeypatch):
+    """SDXL base 1.0's real architecture (built on the meta device: names and shapes, no memory): diffusers'
+    converters take every name our writer gives back to the module it came from, with its shape."""
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                      convert_open_clip_checkpoint)
+
+    from billiard_lora.single_file import (CLIP_G_PREFIX, clip_g_to_single_file, unet_to_single_file,
+                                           vae_to_single_file)
+    from billiard_lora.tiny import FULL, build_components
+
+    c = build_components(FULL, device="meta")
+    for model, written, convert in (
+            (c["unet"], unet_to_single_file(c["unet"]), lambda ck: convert_ldm_unet_checkpoint(ck, c["unet"].config)),
+            (c["vae"], vae_to_single_file(c["vae"]), lambda ck: convert_ldm_vae_checkpoint(ck, c["vae"].config)),
+            (c["text_encoder_2"], clip_g_to_single_file(c["text_encoder_2"]),
+             lambda ck: convert_open_clip_checkpoint(c["text_encoder_2"], ck, prefix=CLIP_G_PREFIX))):
+        want = model.state_dict()
+        back = convert(written)
+        assert set(back) == set(want), sorted(set(back) ^ set(want))[:5]
+        assert all(back[k].shape == want[k].shape for k in want)
