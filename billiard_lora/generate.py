@@ -1149,9 +1149,9 @@ def _default_model_and_vae(args: argparse.Namespace, lora_files: list[Path]) -> 
                 trained = meta
                 break
     model = args.model or trained.get("pretrained_model_name_or_path") or SDXL_BASE
-    if args.single_file_config is None and trained and same_setting(
+    if getattr(args, "single_file_config", None) is None and trained and same_setting(
             "pretrained_model_name_or_path", model, trained.get("pretrained_model_name_or_path")):
-        args.single_file_config = trained.get("single_file_config")
+        args.single_file_config = trained.get("single_file_config")  # (main passes it on)
     if str(args.vae).lower() == "none":
         return model, None
     if args.vae != "config":

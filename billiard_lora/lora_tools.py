@@ -1269,6 +1269,17 @@ def count_lora_layers(pipe) -> dict[str, int]:
     return counts
 
 
+def _merged_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a single-file checkpoint ``merge_lora`` wrote (its header says so)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "billiard_lora.merged_lora" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not safetensors at all
+        return False
+
+
 def check_merge_out(out: Path, model: str, overwrite: bool = False) -> None:
     """``--out`` of a merge must be a new or empty folder: never the base model's, never a run or anything else a
     user keeps there. ``overwrite`` replaces only an earlier merge's output (its ``merged_lora.json`` says so)."""
@@ -1277,10 +1288,14 @@ def check_merge_out(out: Path, model: str, overwrite: bool = False) -> None:
     if out.suffix.lower() == ".safetensors":  # a single-file checkpoint
         if Path(model).expanduser().exists() and Path(model).expanduser().resolve() == out.resolve():
             raise UserError(f"--out {out} is the base model's own file: give the merged checkpoint a new name")
-        if out.exists() and not overwrite:
-            raise UserError(f"--out {out} exists: give a new file name, or --overwrite to replace it")
         if out.is_dir():
             raise UserError(f"--out {out} is a folder: give a .safetensors file name for a single-file checkpoint")
+        if out.exists():
+            if not _merged_checkpoint(out):
+                raise UserError(f"--out {out} is a file that no earlier merge wrote: give a new file name")
+            if not overwrite:
+                raise UserError(f"--out {out} is a file an earlier merge wrote: --overwrite replaces it, or give a "
+                                f"new file name")
         return
     if out.is_file():
         raise UserError(f"--out {out} is a file: give a folder for the merged pipeline (or a .safetensors name for a "

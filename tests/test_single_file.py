@@ -91,8 +91,13 @@ def test_merge_writes_a_single_file_checkpoint_with_the_lora_fused_in(single_fil
     want = sample(with_lora)
     assert np.abs(want - base).max() > 1e-4
     np.testing.assert_allclose(sample(load_single_file_pipeline(merged, config=str(folder))), want, atol=1e-4)
-    with pytest.raises(UserError, match="exists: give a new file name, or --overwrite"):
+    with pytest.raises(UserError, match="is a file an earlier merge wrote: --overwrite replaces it"):
         lt.merge_lora(run, str(file), merged, single_file_config=str(folder))
+    again = lt.merge_lora(run, str(file), merged, single_file_config=str(folder), overwrite=True, scale=0.0)
+    np.testing.assert_allclose(sample(load_single_file_pipeline(again, config=str(folder))), base, atol=1e-5)
+    lora_file = run / "pytorch_lora_weights.safetensors"  # never replaced, --overwrite or not
+    with pytest.raises(UserError, match="is a file that no earlier merge wrote"):
+        lt.merge_lora(run, str(file), lora_file, single_file_config=str(folder), overwrite=True)
 
 
 def test_single_file_mistakes_are_one_line(single_file, tmp_path):
