@@ -221,6 +221,14 @@ class TrainConfig:
                "operations, each a GPU kernel. Off until a GPU has timed it (benchmarks/gpu_check.sh parts 23-24). "
                "Layers where it does not apply (DoRA, several adapters) run peft's forward.")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5.0 recommended); None disables it.")
+    prediction_type: Optional[str] = _f(
+        None, "(diffusers' text-to-image script; kohya's --v_parameterization) What the UNet predicts: epsilon or "
+              "v_prediction; None: the model's scheduler config, or a single-file checkpoint's v_pred marker (as "
+              "ComfyUI reads it: v-prediction SDXL finetunes such as NoobAI-XL V-Pred).")
+    zero_terminal_snr: bool = _f(
+        False, "(kohya's; SimpleTuner's --rescale_betas_zero_snr) Rescale the noise schedule so that the last "
+               "timestep is pure noise (arXiv 2305.08891), as zero-terminal-SNR finetunes were trained; needs "
+               "v-prediction. A single-file checkpoint's ztsnr marker turns it on.")
     debiased_estimation_loss: bool = _f(
         False, "(kohya's) Weight each image's loss by 1/sqrt(SNR) of its timestep (arXiv 2310.08442), which evens "
                "out how much the noise levels teach; with --snr_gamma the two weights multiply.")
@@ -504,6 +512,11 @@ class TrainConfig:
             raise UserError(f"--min_timestep={self.min_timestep} and --max_timestep={self.max_timestep}: timesteps "
                             f"are drawn from min (0 or more) up to max (above min), e.g. 200 and 1000")
         self._check_noise_recipe()
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise UserError(f"unknown --prediction_type={self.prediction_type!r}; choose epsilon or v_prediction")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise UserError("--zero_terminal_snr trains the last timestep on pure noise, where an epsilon model has "
+                            "nothing to predict: add --prediction_type v_prediction (or leave it to the model's)")
         if self.keep_tokens and not self.shuffle_caption:
             raise UserError(f"--keep_tokens={self.keep_tokens} keeps the first tags in place when --shuffle_caption "
                             f"shuffles the rest: add --shuffle_caption, or drop --keep_tokens")

@@ -419,8 +419,8 @@ def _cache_index(images_dir: Path) -> dict[str, Path]:
 
 def generate_all(variants: Sequence[Variant], jobs: Sequence[Job], settings: Settings, images_dir: Path, *,
                  pipe=None, device: str | None = None, progress: bool = True,
-                 cpu_offload: bool = False, single_file_config: str | None = None
-                 ) -> tuple[dict[str, list[Path]], dict]:
+                 cpu_offload: bool = False, single_file_config: str | None = None,
+                 noise_schedule: dict | None = None) -> tuple[dict[str, list[Path]], dict]:
     """Every (variant, job) image as a PNG path, generating only what the cache lacks; also per-label counts.
 
     The pipeline is loaded only when something is missing, so a rerun over a finished evaluation loads no SDXL.
@@ -452,6 +452,10 @@ def generate_all(variants: Sequence[Variant], jobs: Sequence[Job], settings: Set
                                             torch_dtype=getattr(torch, settings.dtype), cpu_offload=cpu_offload,
                                             vae_tiling=settings.vae_tiling or False,
                                             single_file_config=single_file_config)
+            if noise_schedule:  # the run's --prediction_type / --zero_terminal_snr
+                from .models import with_noise_schedule
+
+                pipe.scheduler = with_noise_schedule(pipe.scheduler, **noise_schedule)
         bar = tqdm(total=missing, desc="generating", unit="image", disable=not progress)
         try:
             for v in variants:
@@ -557,9 +561,11 @@ def evaluate_run(output_dir: str | Path, *, prompts: Sequence[str] | None = None
     dino = dino or DinoEmbedder.load(dino_model, device="cpu")
 
     t0 = time.perf_counter()
-    single_file_config = config.single_file_config if model == config.pretrained_model_name_or_path else None
+    same = model == config.pretrained_model_name_or_path
     paths, counts = generate_all(variants, jobs, settings, out_dir / "images", pipe=pipe, device=device,
-                                 single_file_config=single_file_config,
+                                 single_file_config=config.single_file_config if same else None,
+                                 noise_schedule=dict(prediction_type=config.prediction_type,
+                                                     zero_terminal_snr=config.zero_terminal_snr) if same else None,
                                  progress=progress, cpu_offload=cpu_offload)
     t_generate = time.perf_counter() - t0
     gc.collect()  # a pipeline generate_all loaded is unreferenced now: its GPU memory goes before CLIP and DINO move in

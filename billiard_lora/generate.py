@@ -1152,6 +1152,10 @@ def _default_model_and_vae(args: argparse.Namespace, lora_files: list[Path]) -> 
     if getattr(args, "single_file_config", None) is None and trained and same_setting(
             "pretrained_model_name_or_path", model, trained.get("pretrained_model_name_or_path")):
         args.single_file_config = trained.get("single_file_config")  # (main passes it on)
+    if trained and same_setting("pretrained_model_name_or_path", model, trained.get("pretrained_model_name_or_path")):
+        # a run that overrode the model's noise schedule (v-prediction, zero terminal SNR) samples with it too
+        args.noise_schedule = {"prediction_type": trained.get("prediction_type"),
+                               "zero_terminal_snr": bool(trained.get("zero_terminal_snr"))}
     if str(args.vae).lower() == "none":
         return model, None
     if args.vae != "config":
@@ -1177,6 +1181,10 @@ def main(argv: list[str] | None = None) -> int:
                                     cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
                                     scheduler=args.scheduler, files=lora_files, refiner=args.refiner,
                                     single_file_config=args.single_file_config)
+    if getattr(args, "noise_schedule", None):
+        from .models import with_noise_schedule
+
+        pipe.scheduler = with_noise_schedule(pipe.scheduler, **args.noise_schedule)
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
               height=args.height, width=args.width, prompt_weighting=args.prompt_weighting,
               **({"refiner_start": args.refiner_start} if args.refiner else {}),

@@ -94,8 +94,10 @@ def load_components(pretrained_model_name_or_path: str, *, pretrained_vae_model_
         vae = (load_vae(pretrained_vae_model_name_or_path, cache_dir=cache_dir) if pretrained_vae_model_name_or_path
                else pipe.vae.to(torch.float32))
         _require_sdxl(pipe.unet, name)
+        scheduler = with_noise_schedule(DDPMScheduler.from_config(pipe.scheduler.config),
+                                        markers=single_file_markers(name))
         return Components(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, vae, pipe.unet,
-                          DDPMScheduler.from_config(pipe.scheduler.config))
+                          scheduler)
     if single_file_config:
         raise UserError(f"--single_file_config describes a single-file checkpoint, and '{name}' is not one (a "
                         f".safetensors file): drop --single_file_config")
@@ -115,6 +117,36 @@ def load_components(pretrained_model_name_or_path: str, *, pretrained_vae_model_
         vae = load_vae(pretrained_vae_model_name_or_path, cache_dir=cache_dir)
     _require_sdxl(unet, name)
     return Components(tok1, tok2, te1, te2, vae, unet, scheduler)
+
+
+def single_file_markers(path: str) -> dict[str, Any]:
+    """The noise-schedule settings a single-file checkpoint carries, as ComfyUI reads them: a ``v_pred`` key
+    (v-prediction), a ``ztsnr`` key (zero terminal SNR), or modelspec's ``prediction_type`` in the header."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path).expanduser()), framework="pt") as f:
+        keys, header = set(f.keys()), f.metadata() or {}
+    v_pred = "v_pred" in keys or header.get("modelspec.prediction_type", "").lower() in ("v", "v_prediction",
+                                                                                         "velocity")
+    return {**({"prediction_type": "v_prediction"} if v_pred else {}),
+            **({"rescale_betas_zero_snr": True} if "ztsnr" in keys else {})}
+
+
+def with_noise_schedule(scheduler, *, prediction_type: str | None = None, zero_terminal_snr: bool = False,
+                        markers: dict | None = None):
+    """``scheduler`` (training's DDPM or a pipeline's sampler) rebuilt with the prediction type and zero terminal SNR
+    asked for (flags, else a single file's markers); the same object where nothing changes. Zero terminal SNR samples
+    with "trailing" timesteps, so that sampling starts at the pure-noise timestep (arXiv 2305.08891)."""
+    kw = dict(markers or {})
+    if prediction_type:
+        kw["prediction_type"] = prediction_type
+    if zero_terminal_snr:
+        kw["rescale_betas_zero_snr"] = True
+    if kw.get("rescale_betas_zero_snr"):
+        kw["timestep_spacing"] = "trailing"
+    if all(scheduler.config.get(k) == v for k, v in kw.items()):
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, **kw)
 
 
 def _require_sdxl(unet, name: str) -> None:
@@ -247,6 +279,7 @@ def load_pipeline(pretrained_model_name_or_path: str = SDXL_BASE, *, pretrained_
                                          torch_dtype=torch_dtype, cache_dir=cache_dir)
         if vae is not None:
             pipe.register_modules(vae=vae)
+        pipe.scheduler = with_noise_schedule(pipe.scheduler, markers=single_file_markers(pretrained_model_name_or_path))
     else:
         if single_file_config:
             raise UserError(f"--single_file_config describes a single-file checkpoint, and "

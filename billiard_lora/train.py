@@ -127,6 +127,16 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                                      revision=config.revision, variant=config.variant, cache_dir=config.cache_dir,
                                      single_file_config=config.single_file_config)
     c = components
+    if config.prediction_type or config.zero_terminal_snr:  # the model's noise schedule, overridden by the flags
+        from .models import with_noise_schedule
+
+        c = dataclasses.replace(c, noise_scheduler=with_noise_schedule(
+            c.noise_scheduler, prediction_type=config.prediction_type, zero_terminal_snr=config.zero_terminal_snr))
+    if c.noise_scheduler.config.get("rescale_betas_zero_snr") and \
+            c.noise_scheduler.config.prediction_type != "v_prediction":
+        raise UserError("zero terminal SNR (--zero_terminal_snr, or the checkpoint's ztsnr marker) trains the last "
+                        "timestep on pure noise, where an epsilon model has nothing to predict: add --prediction_type "
+                        "v_prediction if the model is a v-prediction one")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's own VAE overflows in fp16 (black images); the fp16-fix VAE does not, so only that one is cast. Where bf16
     # fell back to fp16 on this GPU, the VAE given was chosen for bf16: cast only if its config says fp16 is safe.
