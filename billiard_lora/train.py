@@ -2108,7 +2108,7 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
     single = is_single_file(config.pretrained_model_name_or_path)  # a civitai-style checkpoint file
     text = template.substitute(
         base_model=config.pretrained_model_name_or_path, instance_prompt=config.instance_prompt, folder=out.name,
-        loader="from_single_file" if single else "from_pretrained",
+        loader="from_single_file" if single else "from_pretrained", scheduler_line=_scheduler_line(config, single),
         loader_args=f"config=\"{config.single_file_config}\", " if single and config.single_file_config else "",
         vae_note=f" (trained with the VAE `{vae}`)" if vae else "",
         ema_note=(f"\nThe weights are the moving average of training's (`--use_ema`); the last weights themselves "
@@ -2122,6 +2122,26 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
         vae_comment="" if vae else "# optional, SDXL's own VAE can overflow in fp16: ",
         **_loading_notes(out, config))
     atomic_write_text(out / "README.md", text)
+
+
+def _scheduler_line(config: TrainConfig, single: bool) -> str:
+    """The model card's line that samples as the run trained: v-prediction / zero terminal SNR set by flags or by a
+    single file's markers, which diffusers' loaders do not apply by themselves ("" where nothing differs)."""
+    kw = {}
+    if single:
+        from .models import single_file_markers
+
+        kw.update(single_file_markers(config.pretrained_model_name_or_path))
+    if config.prediction_type:
+        kw["prediction_type"] = config.prediction_type
+    if config.zero_terminal_snr:
+        kw["rescale_betas_zero_snr"] = True
+    if kw.get("rescale_betas_zero_snr"):
+        kw["timestep_spacing"] = "trailing"
+    if not kw or kw == {"prediction_type": "epsilon"}:
+        return ""
+    args = ", ".join(f"{k}={v!r}".replace("'", '"') for k, v in kw.items())
+    return f"pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, {args})  # as trained\n"
 
 
 def _loading_notes(out: Path, config: TrainConfig) -> dict[str, str]:

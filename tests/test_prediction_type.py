@@ -57,6 +57,8 @@ def test_v_prediction_trains_on_the_velocity_and_zero_snr_keeps_the_loss_finite(
     assert calls and len(losses) == 2 and np.isfinite(losses).all()
     saved = json.loads((out / "config.json").read_text())
     assert saved["prediction_type"] == "v_prediction" and saved["zero_terminal_snr"] is True
+    assert ('pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction", '
+            'rescale_betas_zero_snr=True, timestep_spacing="trailing")') in (out / "README.md").read_text()
     calls.clear()
     train_mod.train(tiny_config(tiny_model_dir, data, tmp_path / "eps", max_train_steps=1))
     assert not calls, "an epsilon model trains on the noise"
