@@ -487,13 +487,19 @@ def inspect_lora(path: str | Path, *, unet_config_or_module_names: Any = None,
         except UserError as exc:
             warnings.append(str(exc))
     if family == "SDXL" or unet_config_or_module_names is not None:
-        keys = kohya_key_report(lora.tensors, unet_config_or_module_names or SDXL_UNET_CONFIG,
-                                text_encoder_layers=text_encoder_layers)
-        report["loads_in"] = {"checked_against": "the given model" if unet_config_or_module_names is not None
-                              else "SDXL base 1.0 layout", "keys": keys.total,
-                              "comfyui_not_loaded": len(keys.comfyui), "a1111_not_loaded": len(keys.a1111),
-                              "comfyui_examples": keys.comfyui[:5], "a1111_examples": keys.a1111[:5]}
+        report["loads_in"] = _loads_in(lora.tensors, unet_config_or_module_names, text_encoder_layers)
     return report
+
+
+def _loads_in(tensors: Mapping[str, Any], unet_config_or_module_names: Any,
+              text_encoder_layers: tuple[int, int]) -> dict[str, Any]:
+    """inspect's verdict on whether ComfyUI's and A1111's loaders find every key (``kohya_key_report``)."""
+    keys = kohya_key_report(tensors, unet_config_or_module_names or SDXL_UNET_CONFIG,
+                            text_encoder_layers=text_encoder_layers)
+    return {"checked_against": "the given model" if unet_config_or_module_names is not None
+            else "SDXL base 1.0 layout", "keys": keys.total,
+            "comfyui_not_loaded": len(keys.comfyui), "a1111_not_loaded": len(keys.a1111),
+            "comfyui_examples": keys.comfyui[:5], "a1111_examples": keys.a1111[:5]}
 
 
 def _is_lycoris_file(path: str | Path) -> bool:
@@ -566,12 +572,7 @@ def inspect_lycoris(path: str | Path, *, unet_config_or_module_names: Any = None
         "warnings": [],
     }
     if report["base_model"] == "SDXL" or unet_config_or_module_names is not None:
-        keys = kohya_key_report(tensors, unet_config_or_module_names or SDXL_UNET_CONFIG,
-                                text_encoder_layers=text_encoder_layers)
-        report["loads_in"] = {"checked_against": "the given model" if unet_config_or_module_names is not None
-                              else "SDXL base 1.0 layout", "keys": keys.total,
-                              "comfyui_not_loaded": len(keys.comfyui), "a1111_not_loaded": len(keys.a1111),
-                              "comfyui_examples": keys.comfyui[:5], "a1111_examples": keys.a1111[:5]}
+        report["loads_in"] = _loads_in(tensors, unet_config_or_module_names, text_encoder_layers)
     return report
 
 
