@@ -408,12 +408,10 @@ class TrainConfig:
                             f"{MIN_RESOLUTION} px (the seed's run uses 1024)")
         self.buckets  # a malformed --aspect_ratio_buckets says so here
         self._check_ranges()
-        from .single_file import is_single_file
+        from .single_file import check_single_file_config
 
-        if not is_single_file(self.pretrained_model_name_or_path) and self.single_file_config:  # (a .ckpt: refused)
-            raise UserError(f"--single_file_config describes a single-file checkpoint, and "
-                            f"--pretrained_model_name_or_path={self.pretrained_model_name_or_path} is not one (a "
-                            f".safetensors file): drop --single_file_config")
+        check_single_file_config(self.pretrained_model_name_or_path, self.single_file_config,
+                                 "--pretrained_model_name_or_path")  # (and a pickled .ckpt is refused here)
         if self.mask_data_dir and not self.masked_loss:
             raise UserError("--mask_data_dir holds the masks of --masked_loss: add that flag, or drop --mask_data_dir")
         if self.with_prior_preservation and not self.class_prompt:

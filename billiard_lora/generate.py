@@ -361,10 +361,12 @@ def fuse_loras(pipe) -> None:
 def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool = True) -> str:
     """Load one LoRA as a named adapter, the only active one if ``activate``; UserError if it does not fit the model."""
     file = file or resolve_lora_file(spec.path)
-    expected = _count_lora_layers(file)
+    from .lycoris import is_lycoris_keys
+
+    keys = _lora_keys(file)
+    expected, lycoris = _count_lora_layers(keys), is_lycoris_keys(keys)
     taken = {n for names in pipe.get_list_adapters().values() for n in names}
     name = _unique_name(spec.name or _default_name(file), taken)
-    lycoris = _is_lycoris(file)
     try:
         with _quiet_loading(), _offload_lifted(pipe):
             if lycoris:  # LoHa/LoKr: diffusers' SDXL loader reads none; ours makes it a peft adapter like a LoRA's
@@ -457,30 +459,25 @@ def active_loras(pipe) -> list[LoraSpec]:
     return list(getattr(pipe, "billiard_fused_loras", [])) + [known.get(n) or LoraSpec("", 1.0, n) for n in names]
 
 
-def _count_lora_layers(file: Path) -> int:
-    """How many adapted layers the file describes (one down/A matrix each), in diffusers, peft or kohya naming, or
-    LyCORIS' (LoHa, LoKr)."""
+def _lora_keys(file: Path) -> list[str]:
+    """The tensor names of a LoRA file, read from its header alone."""
     from safetensors import safe_open
-
-    from .lycoris import count_layers, is_lycoris_keys
 
     try:
         with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
+            return list(f.keys())
     except Exception as exc:  # safetensors raises its own error type for a truncated or foreign file
         raise UserError(f"LoRA file {file} cannot be read as safetensors ({_first_line(exc)})") from None
+
+
+def _count_lora_layers(keys: list[str]) -> int:
+    """How many adapted layers a LoRA file's keys describe (one down/A matrix each), in diffusers, peft or kohya
+    naming, or LyCORIS' (LoHa, LoKr)."""
+    from .lycoris import count_layers, is_lycoris_keys
+
     if is_lycoris_keys(keys):
         return count_layers(keys)
     return sum(k.endswith(("lora.down.weight", "lora_down.weight", "lora_A.weight")) for k in keys)
-
-
-def _is_lycoris(file: Path) -> bool:
-    from safetensors import safe_open
-
-    from .lycoris import is_lycoris_keys
-
-    with safe_open(str(file), framework="pt") as f:
-        return is_lycoris_keys(f.keys())
 
 
 def _count_loaded_layers(pipe, name: str, *, lycoris: bool = False) -> int:
@@ -1149,10 +1146,9 @@ def _default_model_and_vae(args: argparse.Namespace, lora_files: list[Path]) -> 
                 trained = meta
                 break
     model = args.model or trained.get("pretrained_model_name_or_path") or SDXL_BASE
-    if getattr(args, "single_file_config", None) is None and trained and same_setting(
-            "pretrained_model_name_or_path", model, trained.get("pretrained_model_name_or_path")):
-        args.single_file_config = trained.get("single_file_config")  # (main passes it on)
     if trained and same_setting("pretrained_model_name_or_path", model, trained.get("pretrained_model_name_or_path")):
+        if getattr(args, "single_file_config", None) is None:
+            args.single_file_config = trained.get("single_file_config")  # (main passes it on)
         # a run that overrode the model's noise schedule (v-prediction, zero terminal SNR) samples with it too
         args.noise_schedule = {"prediction_type": trained.get("prediction_type"),
                                "zero_terminal_snr": bool(trained.get("zero_terminal_snr"))}

@@ -337,6 +337,8 @@ def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encod
     after a PiSSA/OLoRA init, which rewrote the base weights) saves the *difference* training made instead, a
     rank-2r LoRA for the unmodified base model (see ``lora_tools.save_pissa_lora``).
     """
+    from .lycoris import adapter_type, save_lycoris
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     extra = {METADATA_KEY: json.dumps(metadata, default=str)} if metadata else {}
@@ -346,7 +348,6 @@ def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encod
         save_pissa_lora(output_dir, pissa_initial, metadata=metadata, weight_name=weight_name, unet=unet,
                         text_encoder=text_encoder_one, text_encoder_2=text_encoder_two)
     elif adapter_type(unet) != "lora":  # LoHa/LoKr: LyCORIS' own format (diffusers' has none for them)
-        from .lycoris import save_lycoris
 
         factor = int((metadata or {}).get("lokr_factor", -1))
         save_lycoris(output_dir / weight_name, {"unet": unet, "text_encoder": text_encoder_one,
@@ -363,12 +364,6 @@ def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encod
         kohya_sd, header = to_kohya(load_lora_file(output_dir / weight_name))
         save_safetensors(kohya_sd, output_dir / KOHYA_WEIGHT_NAME, metadata={**header, **extra})
     return output_dir / weight_name
-
-
-def adapter_type(model) -> str:
-    from .lycoris import adapter_type as kind
-
-    return kind(model)
 
 
 def _save_diffusers(output_dir: Path, weight_name: str, unet, text_encoder_one, text_encoder_two,

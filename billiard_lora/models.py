@@ -85,22 +85,20 @@ def load_components(pretrained_model_name_or_path: str, *, pretrained_vae_model_
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .single_file import is_single_file, load_single_file_pipeline
+    from .single_file import check_single_file_config, load_single_file_pipeline
 
     name = pretrained_model_name_or_path
-    if is_single_file(name):
-        pipe = load_single_file_pipeline(name, config=single_file_config, torch_dtype=torch_dtype,
-                                         cache_dir=cache_dir)
+    if check_single_file_config(name, single_file_config):
         vae = (load_vae(pretrained_vae_model_name_or_path, cache_dir=cache_dir) if pretrained_vae_model_name_or_path
-               else pipe.vae.to(torch.float32))
+               else None)
+        pipe = load_single_file_pipeline(name, config=single_file_config, torch_dtype=torch_dtype,
+                                         cache_dir=cache_dir, vae=vae)
+        vae = vae if vae is not None else pipe.vae.to(torch.float32)  # (the VAE stays float32, as below)
         _require_sdxl(pipe.unet, name)
         scheduler = with_noise_schedule(DDPMScheduler.from_config(pipe.scheduler.config),
                                         markers=single_file_markers(name))
         return Components(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, vae, pipe.unet,
                           scheduler)
-    if single_file_config:
-        raise UserError(f"--single_file_config describes a single-file checkpoint, and '{name}' is not one (a "
-                        f".safetensors file): drop --single_file_config")
     common = dict(revision=revision, cache_dir=cache_dir)
     weights = dict(common, variant=variant, use_safetensors=True)
     with _friendly_errors("SDXL pipeline", name):
@@ -132,11 +130,11 @@ def single_file_markers(path: str) -> dict[str, Any]:
             **({"rescale_betas_zero_snr": True} if "ztsnr" in keys else {})}
 
 
-def with_noise_schedule(scheduler, *, prediction_type: str | None = None, zero_terminal_snr: bool = False,
-                        markers: dict | None = None):
-    """``scheduler`` (training's DDPM or a pipeline's sampler) rebuilt with the prediction type and zero terminal SNR
-    asked for (flags, else a single file's markers); the same object where nothing changes. Zero terminal SNR samples
-    with "trailing" timesteps, so that sampling starts at the pure-noise timestep (arXiv 2305.08891)."""
+def noise_schedule_settings(*, prediction_type: str | None = None, zero_terminal_snr: bool = False,
+                            markers: dict | None = None) -> dict[str, Any]:
+    """The scheduler settings for the prediction type and zero terminal SNR asked for (flags, over a single file's
+    markers). Zero terminal SNR samples with "trailing" timesteps, so that sampling starts at the pure-noise
+    timestep (arXiv 2305.08891)."""
     kw = dict(markers or {})
     if prediction_type:
         kw["prediction_type"] = prediction_type
@@ -144,6 +142,13 @@ def with_noise_schedule(scheduler, *, prediction_type: str | None = None, zero_t
         kw["rescale_betas_zero_snr"] = True
     if kw.get("rescale_betas_zero_snr"):
         kw["timestep_spacing"] = "trailing"
+    return kw
+
+
+def with_noise_schedule(scheduler, **asked):
+    """``scheduler`` (training's DDPM or a pipeline's sampler) rebuilt with ``noise_schedule_settings(**asked)``; the
+    same object where nothing changes."""
+    kw = noise_schedule_settings(**asked)
     if all(scheduler.config.get(k) == v for k, v in kw.items()):
         return scheduler
     return type(scheduler).from_config(scheduler.config, **kw)
@@ -269,21 +274,16 @@ def load_pipeline(pretrained_model_name_or_path: str = SDXL_BASE, *, pretrained_
     from a diffusers folder or Hub id, or a single-file checkpoint (``single_file.py``)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from .single_file import is_single_file, load_single_file_pipeline
+    from .single_file import check_single_file_config, load_single_file_pipeline
 
     vae = None
     if pretrained_vae_model_name_or_path is not None:
         vae = load_vae(pretrained_vae_model_name_or_path, cache_dir=cache_dir, torch_dtype=torch_dtype)
-    if is_single_file(pretrained_model_name_or_path):
+    if check_single_file_config(pretrained_model_name_or_path, single_file_config):
         pipe = load_single_file_pipeline(pretrained_model_name_or_path, config=single_file_config,
-                                         torch_dtype=torch_dtype, cache_dir=cache_dir)
-        if vae is not None:
-            pipe.register_modules(vae=vae)
+                                         torch_dtype=torch_dtype, cache_dir=cache_dir, vae=vae)
         pipe.scheduler = with_noise_schedule(pipe.scheduler, markers=single_file_markers(pretrained_model_name_or_path))
     else:
-        if single_file_config:
-            raise UserError(f"--single_file_config describes a single-file checkpoint, and "
-                            f"'{pretrained_model_name_or_path}' is not one (a .safetensors file): drop it")
         kw: dict[str, Any] = dict(revision=revision, variant=variant, cache_dir=cache_dir, use_safetensors=True,
                                   **_dtype_kw(torch_dtype))
         if vae is not None:

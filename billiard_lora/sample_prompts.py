@@ -11,6 +11,7 @@ option are left out with a note: a validation grid's images share ``--resolution
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -34,11 +35,20 @@ _IGNORED = {"w": "width", "h": "height", "d": "seed", "ss": "sampler"}
 
 
 def read_sample_prompts(path: str | Path) -> tuple[list[SamplePrompt], list[str]]:
-    """(the rows, notes on what was left out); UserError naming the file (and line) where it cannot be read."""
+    """(the rows, notes on what was left out); UserError naming the file (and line) where it cannot be read. Parsed
+    once per version of the file (the config asks at each validation)."""
     p = Path(path).expanduser()
-    what = f"--sample_prompts {path}"
     if not p.is_file():
-        raise UserError(f"{what} does not exist: give a .txt file (one prompt per line) or a .json prompt library")
+        raise UserError(f"--sample_prompts {path} does not exist: give a .txt file (one prompt per line) or a .json "
+                        f"prompt library")
+    stat = p.stat()
+    rows, notes = _read(str(path), str(p), stat.st_mtime_ns, stat.st_size)
+    return list(rows), list(notes)
+
+
+@functools.lru_cache(maxsize=8)
+def _read(path: str, resolved: str, mtime_ns: int, size: int) -> tuple[tuple[SamplePrompt, ...], tuple[str, ...]]:
+    p, what = Path(resolved), f"--sample_prompts {path}"
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -46,7 +56,7 @@ def read_sample_prompts(path: str | Path) -> tuple[list[SamplePrompt], list[str]
     rows, notes = (_from_json(text, what) if p.suffix.lower() == ".json" else _from_txt(text, what))
     if not rows:
         raise UserError(f"{what} holds no prompt")
-    return rows, notes
+    return tuple(rows), tuple(notes)
 
 
 def _from_txt(text: str, what: str) -> tuple[list[SamplePrompt], list[str]]:

@@ -41,14 +41,25 @@ def is_single_file(name: str | os.PathLike | None) -> bool:
     return p.suffix.lower() == ".safetensors"
 
 
+def check_single_file_config(model: str, config: str | None, flag: str = "the model") -> bool:
+    """Whether ``model`` is a single-file checkpoint; UserError where ``config`` (its layout) is given for one that
+    is not (a pickled checkpoint is refused by ``is_single_file``)."""
+    single = is_single_file(model)
+    if config and not single:
+        raise UserError(f"--single_file_config describes a single-file checkpoint, and {flag} '{model}' is not one "
+                        f"(a .safetensors file): drop --single_file_config")
+    return single
+
+
 def load_single_file_pipeline(path: str | os.PathLike, *, config: str | None = None,
-                              torch_dtype: torch.dtype | None = None, cache_dir: str | None = None):
+                              torch_dtype: torch.dtype | None = None, cache_dir: str | None = None, vae=None):
     """``StableDiffusionXLPipeline`` from a single-file SDXL checkpoint, through diffusers' converters; ``config``: a
-    diffusers SDXL folder or repo giving the layout (default: what diffusers infers, SDXL base 1.0's)."""
+    diffusers SDXL folder or repo giving the layout (default: what diffusers infers, SDXL base 1.0's); ``vae``: a
+    separate VAE, used instead of the file's (which is then not converted at all)."""
     from diffusers import StableDiffusionXLPipeline
 
     path = Path(os.path.expanduser(str(path)))
-    kw: dict[str, Any] = dict(cache_dir=cache_dir)
+    kw: dict[str, Any] = dict(cache_dir=cache_dir, **({"vae": vae} if vae is not None else {}))
     if torch_dtype is not None:
         kw["torch_dtype"] = torch_dtype
     if config is not None:

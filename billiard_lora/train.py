@@ -414,7 +414,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         with averaged():
             return run_validation(config, c, unet, te_one, te_two, accelerator, weight_dtype, step, callback,
                                   prompt_map=pivotal.insert if pivotal else None)
-    if global_step == 0 and config.validation_prompts:
+    validating = bool(config.validation_prompts)  # (the prompt file is read here, not at every step)
+    if global_step == 0 and validating:
         validate(0)  # a baseline: what the base model makes before any training
 
     # ---- 8. the loop: noise -> timesteps -> predict -> loss -> step
@@ -610,7 +611,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             if global_step % config.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, global_step, config, unet, text_encoders, history, pissa_initial,
                                 averaged, pivotal)
-            if config.validation_prompts and should_validate(config, global_step, steps_per_epoch):
+            if validating and should_validate(config, global_step, steps_per_epoch):
                 validate(global_step)
             if global_step >= max_train_steps:
                 break
@@ -629,7 +630,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     # ---- 9. save: the LoRA (diffusers + kohya), the config, loss history and plot, model card, summary
     accelerator.wait_for_everyone()
     final_images = None
-    if config.validation_prompts and not (history and should_validate(config, global_step, steps_per_epoch)):
+    if validating and not (history and should_validate(config, global_step, steps_per_epoch)):
         final_images = validate(global_step)
     if accelerator.is_main_process:
         save_final(out, config, unet, text_encoders, history, accelerator, pissa_initial, ema, pivotal,
@@ -2127,17 +2128,10 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
 def _scheduler_line(config: TrainConfig, single: bool) -> str:
     """The model card's line that samples as the run trained: v-prediction / zero terminal SNR set by flags or by a
     single file's markers, which diffusers' loaders do not apply by themselves ("" where nothing differs)."""
-    kw = {}
-    if single:
-        from .models import single_file_markers
+    from .models import noise_schedule_settings, single_file_markers
 
-        kw.update(single_file_markers(config.pretrained_model_name_or_path))
-    if config.prediction_type:
-        kw["prediction_type"] = config.prediction_type
-    if config.zero_terminal_snr:
-        kw["rescale_betas_zero_snr"] = True
-    if kw.get("rescale_betas_zero_snr"):
-        kw["timestep_spacing"] = "trailing"
+    kw = noise_schedule_settings(prediction_type=config.prediction_type, zero_terminal_snr=config.zero_terminal_snr,
+                                 markers=single_file_markers(config.pretrained_model_name_or_path) if single else None)
     if not kw or kw == {"prediction_type": "epsilon"}:
         return ""
     args = ", ".join(f"{k}={v!r}".replace("'", '"') for k, v in kw.items())
