@@ -320,6 +320,15 @@ class TrainConfig:
                 "projections to_q, to_k, to_v, to_out.0: diffusers' default), ff (the feed-forward: ff.net.0.proj, "
                 "ff.net.2), proj (proj_in, proj_out), conv (the ResNet blocks' and samplers' convolutions: kohya's "
                 "LoCon), or module names; 'attn,ff,proj' is what kohya's LoRA adapts in each transformer block.")
+    lora_unet_blocks: Optional[str] = _f(
+        None, "(diffusers' advanced script) Only the --lora_layers inside these UNet blocks get a LoRA, "
+              "comma-separated: diffusers' names (up_blocks.0.attentions.1, mid_block, down_blocks.2; a unet. prefix "
+              "is dropped) or the original UNet's that kohya, LyCORIS presets and ComfyUI use (output_blocks.1.1, "
+              "middle_block, input_blocks.8). A smaller file that changes only part of the model.")
+    use_blora: bool = _f(
+        False, "(diffusers' advanced script) B-LoRA (arXiv 2403.14572): the LoRA adapts only up_blocks.0.attentions.0 "
+               "(which learns the content) and up_blocks.0.attentions.1 (the style), so that generate can take the "
+               "content of one such LoRA and the style of another (--lora RUN@content --lora OTHER@style).")
     conv_rank: Optional[int] = _f(
         None, "(kohya's --network_args conv_dim) Rank of the convolution layers (--lora_layers conv: LoCon), which "
               "often train at a lower rank than the attention layers; None: --rank.")
@@ -499,10 +508,16 @@ class TrainConfig:
             raise UserError("--token_abstraction, --num_new_tokens_per_abstraction, --ti_learning_rate and "
                             "--train_text_encoder_ti_frac apply with --train_text_encoder_ti: add that flag, or drop "
                             "them")
-        from .lora import unet_lora_layers
+        from .lora import BLORA_BLOCKS, unet_lora_layers
 
         if not unet_lora_layers(self.lora_layers):
             raise UserError("--lora_layers is empty: give attn (the default), ff, proj or module names")
+        if self.use_blora and self.lora_unet_blocks:
+            raise UserError(f"--use_blora trains the blocks {', '.join(BLORA_BLOCKS)}; --lora_unet_blocks="
+                            f"{self.lora_unet_blocks} names others: give one of the two")
+        if self.lora_unet_blocks is not None and not self.unet_blocks:
+            raise UserError("--lora_unet_blocks is empty: give UNet blocks, e.g. up_blocks.0.attentions.1, or leave "
+                            "it out for all of them")
         if self.conv_alpha is not None and self.conv_rank is None:
             raise UserError(f"--conv_alpha={self.conv_alpha} goes with --conv_rank (the convolutions' rank): add "
                             f"that, or drop --conv_alpha")
@@ -537,6 +552,13 @@ class TrainConfig:
         self._check_lora_type()
         if self.report_to not in ("tensorboard", "wandb", "none", "all"):
             raise UserError(f"--report_to={self.report_to!r}: this trainer logs to tensorboard, wandb, all or none")
+
+    @property
+    def unet_blocks(self) -> list[str]:
+        """The UNet blocks the LoRA is confined to (--use_blora, --lora_unet_blocks); empty: all."""
+        from .lora import BLORA_BLOCKS, parse_unet_blocks
+
+        return list(BLORA_BLOCKS) if self.use_blora else parse_unet_blocks(self.lora_unet_blocks or "")
 
     @property
     def conv_alpha_value(self) -> int | None:

@@ -91,17 +91,32 @@ class LoraSpec:
     path: str
     scale: float = 1.0
     name: str | None = None  # adapter name; derived from the path when None
+    blocks: tuple[str, ...] = ()  # only its layers in these UNet blocks (``@content``, ``@style``, ``@up_blocks.1``)
+
+
+_BLOCK_NAME = re.compile(r"(unet\.)?(down_blocks|up_blocks|mid_block|input_blocks|middle_block|output_blocks)"
+                         r"(\.(attentions|resnets|\d+))*")
 
 
 def parse_lora_arg(text: str) -> LoraSpec:
-    """``DIR_OR_FILE_OR_REPO[:SCALE]`` -> LoraSpec; the part after the last colon is a scale only if it is a number."""
-    path, sep, tail = text.rpartition(":")
+    """``DIR_OR_FILE_OR_REPO[@BLOCKS][:SCALE]`` -> LoraSpec; the part after the last colon is a scale only if it is a
+    number, the part after the last @ blocks only if it is content, style, blora or UNet block names."""
+    from .lora import BLORA_PARTS, parse_unet_blocks
+
+    path, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
     if sep:
         try:
-            return _nonempty(LoraSpec(path, float(tail)), text)
+            path, scale = head, float(tail)
         except ValueError:  # "C:\\runs\\x" or "run:v2": the colon belongs to the path
             pass
-    return _nonempty(LoraSpec(text), text)
+    blocks: tuple[str, ...] = ()
+    head, sep, tail = path.rpartition("@")
+    if sep and tail.strip() in BLORA_PARTS:
+        path, blocks = head, BLORA_PARTS[tail.strip()]
+    elif sep and tail.strip() and all(_BLOCK_NAME.fullmatch(b) for b in parse_unet_blocks(tail)):
+        path, blocks = head, tuple(parse_unet_blocks(tail))
+    return _nonempty(LoraSpec(path, scale, blocks=blocks), text)
 
 
 def _nonempty(spec: LoraSpec, text: str) -> LoraSpec:
@@ -383,9 +398,13 @@ def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool 
         reason = (f"only {loaded} of its {expected} LoRA layers exist in this model" if loaded
                   else "none of its LoRA layers exist in this model")
         raise _does_not_fit(pipe, file, reason)
+    if spec.blocks and not keep_blocks(pipe, name, spec.blocks):
+        unload_lora(pipe, name)
+        raise UserError(f"--lora {spec.path}@{','.join(spec.blocks)}: none of its layers lies in "
+                        f"{', '.join(spec.blocks)} ({loaded} layers elsewhere); leave out the @ part to use them")
     if not hasattr(pipe, "billiard_loras"):
         pipe.billiard_loras = {}  # adapter name -> LoraSpec: the weights set_adapters was given, for restoring
-    pipe.billiard_loras[name] = LoraSpec(str(spec.path), spec.scale, name)
+    pipe.billiard_loras[name] = LoraSpec(str(spec.path), spec.scale, name, spec.blocks)
     embeddings = find_embeddings(file)
     if embeddings is not None:  # trained with --train_text_encoder_ti: its tokens come with it while it is active
         # read once, here (a damaged file says so now, not at the first image); a few KB, kept for each activation
@@ -394,6 +413,32 @@ def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool 
     if activate:
         pipe.set_adapters([name], adapter_weights=[spec.scale])
     return name
+
+
+def keep_blocks(pipe, name: str, blocks: Sequence[str]) -> int:
+    """Adapter ``name`` keeps only its layers inside these UNet blocks (diffusers' or the original UNet's names; a
+    B-LoRA's content or style block): the others, its text-encoder layers too, are taken off their modules, as the
+    B-LoRA loaders of diffusers' docs and ComfyUI filter the file. Returns how many layers stay."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .lora import block_of
+    from .lora_tools import _sgm_names
+
+    sgm = _sgm_names([n for n, _ in pipe.unet.named_modules()])
+    kept = 0
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        for module_name, module in model.named_modules() if model is not None else ():
+            if not isinstance(module, BaseTunerLayer) or not any(
+                    name in getattr(module, attr, {}) for attr in module.adapter_layer_names):  # (LoKr: w1 or w1_a)
+                continue
+            if component == "unet" and block_of(module_name, list(blocks), sgm):
+                kept += 1
+                continue
+            with warnings.catch_warnings():  # "Adapter X was active which is now deleted": set_adapters follows
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                module.delete_adapter(name)
+    return kept
 
 
 def sync_embeddings(pipe, *, lora_scale: float | None = None) -> None:
@@ -721,7 +766,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
             results.append(GeneratedImage(
                 image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=num_inference_steps,
                 guidance_scale=guidance_scale, lora_scale=recorded_scale,
-                lora_names=tuple(s.name for s in loras), width=image.width, height=image.height,
+                lora_names=tuple(s.name + (f"@{'+'.join(s.blocks)}" if s.blocks else "") for s in loras),
+                width=image.width, height=image.height,
                 lora_weights=tuple(s.scale for s in loras), model=getattr(pipe.config, "_name_or_path", ""),
                 fused=fused, fp8_base=fp8, vae_tiling=_decoded_in_tiles(pipe, image),
                 scheduler=getattr(pipe, "billiard_scheduler", "default"), prompt_weighting=prompt_weighting,
@@ -1017,10 +1063,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default="config",
                    help="separate VAE (hub id or folder); 'none': the model's own (default: the one the first --lora "
                         f"was trained with, where it runs on that run's model; else {SDXL_VAE_FP16_FIX})")
-    p.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",
+    p.add_argument("--lora", action="append", default=[], metavar="DIR[@BLOCKS][:SCALE]",
                    help="training output folder, .safetensors (diffusers or kohya), or a LoRA on the Hugging Face Hub "
                         "(owner/name or owner/name/FILE.safetensors, kept in the Hub's cache), optional weight; "
-                        "repeatable")
+                        "repeatable. @content or @style: only a B-LoRA's content or style block (--use_blora), e.g. "
+                        "--lora dog_run@content --lora painting_run@style; @BLOCK,BLOCK: only its layers in those "
+                        "UNet blocks (up_blocks.0, output_blocks.1.1, ...)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     p.add_argument("--prompts_file", help="text file, one prompt per line")
     p.add_argument("--instance_prompt",

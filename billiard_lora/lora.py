@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
 from .io import save_safetensors
 
 # The layers diffusers' DreamBooth-LoRA SDXL script adapts; the saved keys match that script's for the same settings.
@@ -42,6 +43,54 @@ def unet_lora_layers(text: str) -> list[str]:
             if name not in out:
                 out.append(name)
     return out
+
+
+# B-LoRA (arXiv 2403.14572; diffusers' advanced script's --use_blora): in SDXL's UNet, the first transformer stack of
+# the first up block learns an image's content, the second its style (the original UNet's output_blocks.0.1, .1.1)
+BLORA_BLOCKS = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.1")
+BLORA_PARTS = {"content": BLORA_BLOCKS[:1], "style": BLORA_BLOCKS[1:], "blora": BLORA_BLOCKS}
+
+
+def parse_unet_blocks(text: str) -> list[str]:
+    """--lora_unet_blocks: comma-separated block names, whitespace and a leading ``unet.`` or ``diffusion_model.``
+    dropped, in order, without repeats."""
+    out: list[str] = []
+    for item in text.split(","):
+        name = "".join(item.split()).removeprefix("unet.").removeprefix("model.").removeprefix("diffusion_model.")
+        name = name.rstrip(".")
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
+def block_of(name: str, blocks: list[str], sgm: dict[str, str]) -> str | None:
+    """The first of ``blocks`` (diffusers' or the original UNet's names) that holds UNet module ``name``; None if
+    none. ``sgm``: diffusers name -> original name (``lora_tools._sgm_names``) of the UNet's modules."""
+    name = name.removeprefix("unet.")
+    for block in blocks:
+        if name == block or name.startswith(block + ".") or (
+                name in sgm and (sgm[name] == block or sgm[name].startswith(block + "."))):
+            return block
+    return None
+
+
+def modules_in_blocks(unet: torch.nn.Module, targets: list[str], blocks: list[str],
+                      flag: str = "--lora_unet_blocks") -> list[str]:
+    """The full names of the UNet's modules named by ``targets`` (peft's rule: the name or its last parts) that lie
+    in ``blocks``; UserError naming the blocks that hold none, and the UNet's blocks to choose from."""
+    from .lora_tools import _sgm_names
+
+    names = [n for n, _ in unet.named_modules()]
+    sgm = _sgm_names(names)
+    chosen = [n for n in names if n and any(n == t or n.endswith("." + t) for t in targets)]
+    found = {b: [n for n in chosen if block_of(n, [b], sgm)] for b in blocks}
+    if empty := [b for b, ns in found.items() if not ns]:
+        stacks = [n for n, m in unet.named_modules() if re.fullmatch(r"(down|up)_blocks\.\d+\.attentions\.\d+|"
+                                                                     r"mid_block\.attentions\.0", n)]
+        raise UserError(f"{flag}: {', '.join(empty)} holds none of the UNet's {', '.join(targets)} "
+                        f"layers; its transformer stacks are {', '.join(stacks)} (diffusers' names; the original "
+                        f"UNet's, like output_blocks.1.1, work too)")
+    return [n for n in chosen if block_of(n, blocks, sgm)]
 
 
 def unmatched_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:

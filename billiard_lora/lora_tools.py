@@ -240,6 +240,10 @@ def load_init_lora(source: "str | Path | LoraFile", unet, text_encoders=()) -> N
             raise UserError(f"--init_lora {path} does not fit this model ({str(exc).strip().splitlines()[-1][:160]})"
                             f"; was it trained on another base model?") from None
         missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing and not result.unexpected_keys and model is unet:  # a part of the layers: other blocks
+            raise UserError(f"--init_lora {path} adapts fewer of the UNet's layers than this run trains (none of, "
+                            f"e.g., {missing[0].split('.lora_')[0]}): a LoRA confined to some blocks goes on with the "
+                            f"same --use_blora or --lora_unet_blocks")
         if result.unexpected_keys or missing:
             raise UserError(f"--init_lora {path} does not fit this model: {len(missing)} of its adapter weights "
                             f"missing, {len(result.unexpected_keys)} unexpected (e.g. "
@@ -422,6 +426,24 @@ def detect_base_model(lora: LoraFile) -> tuple[str, list[str]]:
     return ("SD1.x/2.x", sd12) if sd12 else ("unknown", ["no SDXL- or SD1/2-specific layer or shape in the file"])
 
 
+_STACK = re.compile(r"(?:^|[._])((?:down|up)_blocks[._]\d+[._](?:attentions|resnets)[._]\d+|mid_block[._](?:attentions|resnets)"
+                    r"[._]\d+|(?:down|up)_blocks[._]\d+[._](?:down|up)samplers|(?:input|output)_blocks[._]\d+[._]\d+"
+                    r"|middle_block[._]\d+)(?:[._]|$)")
+
+
+def unet_stacks(module_names: Iterable[str]) -> dict[str, int]:
+    """The UNet's blocks (transformer stacks, ResNets, samplers; in the name style the keys use) that these adapted
+    modules lie in, with how many each, in order of first appearance: what ``lora inspect`` shows as blocks."""
+    out: dict[str, int] = {}
+    for name in module_names:
+        if found := _STACK.search(name):
+            stack = re.sub(r"_(?=\d)|(?<=\d)_", ".", found[1]).replace("_attentions", ".attentions") \
+                .replace("_resnets", ".resnets").replace("_downsamplers", ".downsamplers") \
+                .replace("_upsamplers", ".upsamplers")
+            out[stack] = out.get(stack, 0) + 1
+    return out
+
+
 def inspect_lora(path: str | Path, *, unet_config_or_module_names: Any = None,
                  text_encoder_layers: tuple[int, int] = SDXL_TEXT_ENCODER_LAYERS) -> dict[str, Any]:
     """Everything worth knowing about a LoRA file, as a JSON-ready dict (see ``format_inspect`` for the text)."""
@@ -454,6 +476,7 @@ def inspect_lora(path: str | Path, *, unet_config_or_module_names: Any = None,
         "dtype": str(next(iter(lora.tensors.values())).dtype).replace("torch.", ""),
         "text_encoder_lora": any(c.startswith("text_encoder") for c in per_comp),
         "conv_layers": sum(layer.down.ndim == 4 for layer in layers),
+        "unet_blocks": unet_stacks(layer.module for layer in layers if layer.component == "unet"),
         "dora": lora.dora,
         "other_keys": lora.other_keys[:20],
         "training_config": lora.training_config,
@@ -567,6 +590,7 @@ def inspect_lycoris(path: str | Path, *, unet_config_or_module_names: Any = None
         "text_encoder_lora": any(c.startswith("text_encoder") for c in per_comp),
         "conv_layers": sum(bool(re.search(r"(conv\d?|conv_shortcut|in_layers_2|out_layers_3|skip_connection|_op)$", n))
                            for n in modules),
+        "unet_blocks": unet_stacks(n for n in modules if component_of(n) == "unet"),
         "training_config": json.loads(config) if config else None,
         "kohya_metadata": {k: v for k, v in header.items() if k.startswith("ss_")},
         "warnings": [],
@@ -594,6 +618,13 @@ def format_inspect(r: dict[str, Any]) -> str:
     ]
     if r["conv_layers"]:
         lines.append(("conv layers", str(r["conv_layers"])))
+    blocks = r.get("unet_blocks") or {}
+    if 0 < len(blocks) <= 6:  # a LoRA confined to a few blocks (--lora_unet_blocks, B-LoRA); else just the count
+        blora = sorted(blocks) in (["up_blocks.0.attentions.0", "up_blocks.0.attentions.1"],
+                                   ["output_blocks.0.1", "output_blocks.1.1"])
+        lines.append(("unet blocks", ", ".join(blocks) + ("  (a B-LoRA: content, style)" if blora else "")))
+    elif blocks:
+        lines.append(("unet blocks", f"{len(blocks)}"))
     if "token_embeddings" in r:
         te = r["token_embeddings"]
         lines.append(("tokens", ", ".join(f"{k} -> {''.join(v)}" for k, v in te["tokens"].items())

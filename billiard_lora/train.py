@@ -168,6 +168,11 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     conv_kw = dict(conv_rank=config.conv_rank, conv_alpha=config.conv_alpha_value)  # the UNet's convolutions only
     torch.manual_seed(config.seed)  # the init draws random numbers: a resumed run must rebuild the same adapter
     targets = unet_lora_layers(config.lora_layers)
+    if config.unet_blocks:  # --lora_unet_blocks, --use_blora: those layers in those blocks only, by their full names
+        from .lora import modules_in_blocks
+
+        targets = modules_in_blocks(c.unet, targets, config.unet_blocks,
+                                    "--use_blora" if config.use_blora else "--lora_unet_blocks")
     try:
         add_lora(c.unet, target_modules=targets, **lora_kw, **conv_kw)
     except ValueError as exc:  # peft: no module matches at all, or an initialisation its layers do not have
@@ -1750,7 +1755,7 @@ def lora_signature(config: TrainConfig) -> dict:
             "lora_type": config.lora_type, "lokr_factor": config.lokr_factor, "conv_rank": config.conv_rank,
             "conv_alpha": config.conv_alpha_value,
             "init_lora_weights": config.init_lora_weights, "use_ema": config.use_ema,
-            "lora_layers": unet_lora_layers(config.lora_layers),
+            "lora_layers": unet_lora_layers(config.lora_layers), "lora_unet_blocks": config.unet_blocks or None,
             "train_text_encoder_ti": config.train_text_encoder_ti, "token_abstraction": config.token_abstraction,
             "num_new_tokens_per_abstraction": config.num_new_tokens_per_abstraction,
             "loraplus": config.loraplus_lr_ratio is not None,  # the optimizer's groups: one or two per model
@@ -1929,7 +1934,7 @@ def check_checkpoint_compatible(checkpoint: Path, config: TrainConfig) -> None:
 
     saved = {"use_ema": False, "train_text_encoder_ti": False, "lora_layers": UNET_TARGET_MODULES,  # from before
              "token_abstraction": "TOK", "num_new_tokens_per_abstraction": 2, "loraplus": False,
-             "lora_type": "lora", "lokr_factor": -1, "conv_rank": None, "conv_alpha": None,
+             "lora_type": "lora", "lokr_factor": -1, "conv_rank": None, "conv_alpha": None, "lora_unet_blocks": None,
              **json.loads((checkpoint / STATE_FILE).read_text()).get("signature", {})}
     now = lora_signature(config)
     diff = [k for k in now if k in saved and saved[k] != now[k]]
@@ -2085,7 +2090,7 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
 
 
 # settings the model card lists only where a run changed them
-SHOWN_IF_SET = ("lora_type", "lokr_factor", "conv_rank", "conv_alpha",
+SHOWN_IF_SET = ("lora_type", "lokr_factor", "conv_rank", "conv_alpha", "lora_unet_blocks", "use_blora",
                 "loraplus_lr_ratio", "masked_loss", "timestep_bias_strategy", "timestep_bias_multiplier",
                 "multires_noise_iterations", "input_perturbation", "noise_offset", "min_timestep", "max_timestep",
                 "debiased_estimation_loss", "shuffle_caption", "keep_tokens")
@@ -2113,7 +2118,8 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
         loader_args=f"config=\"{config.single_file_config}\", " if single and config.single_file_config else "",
         vae_note=f" (trained with the VAE `{vae}`)" if vae else "",
         ema_note=(f"\nThe weights are the moving average of training's (`--use_ema`); the last weights themselves "
-                  f"are in `{NO_EMA_DIR}/`." if config.use_ema else "") + _pivotal_note(out, config),
+                  f"are in `{NO_EMA_DIR}/`." if config.use_ema else "") + _pivotal_note(out, config)
+                 + _blocks_note(out, config),
         sample=f"![validation samples](validation/{grids[-1].name})\n" if grids else "(no validation prompt was set)\n",
         settings="\n".join(f"| `{k}` | `{v}` |" for k, v in config.to_dict().items()
                            if (k in shown and (config.use_ema or k != "ema_decay")
@@ -2161,6 +2167,17 @@ def _loading_notes(out: Path, config: TrainConfig) -> dict[str, str]:
                           f"load it with a LoRA\nloader node (ComfyUI) or `<lora:pytorch_lora_weights_kohya:1>` in the "
                           f"prompt (A1111). The diffusers-format file\n(`pytorch_lora_weights.safetensors`) is for "
                           f"diffusers; ComfyUI and A1111 read the kohya one."}
+
+
+def _blocks_note(out: Path, config: TrainConfig) -> str:
+    """The model card's word on a LoRA confined to some UNet blocks (--use_blora, --lora_unet_blocks)."""
+    if config.use_blora:
+        return (f"\nIt is a B-LoRA (arXiv 2403.14572): its layers lie in two UNet blocks only, `up_blocks.0.attentions.0`"
+                f" (the content) and `up_blocks.0.attentions.1` (the style). Take one of them with another B-LoRA's "
+                f"other: `python -m billiard_lora.generate --lora {out.name}@content --lora OTHER@style`.")
+    if config.unet_blocks:
+        return f"\nIts UNet layers lie in {', '.join(f'`{b}`' for b in config.unet_blocks)} only."
+    return ""
 
 
 def _pivotal_note(out: Path, config: TrainConfig) -> str:

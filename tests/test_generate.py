@@ -117,6 +117,15 @@ def test_parse_lora_arg_takes_a_trailing_number_as_scale():
         parse_lora_arg(":0.5")
 
 
+def test_parse_lora_arg_takes_blocks_after_an_at_sign():
+    """@content / @style (a B-LoRA's blocks) or UNet block names; any other @ belongs to the path."""
+    assert parse_lora_arg("runs/dog@content:0.8") == LoraSpec("runs/dog", 0.8, blocks=("up_blocks.0.attentions.0",))
+    assert parse_lora_arg("paint.safetensors@style").blocks == ("up_blocks.0.attentions.1",)
+    assert parse_lora_arg("x@unet.up_blocks.1, output_blocks.1.1").blocks == ("up_blocks.1", "output_blocks.1.1")
+    assert parse_lora_arg("runs/v1@2x") == LoraSpec("runs/v1@2x", 1.0)
+    assert parse_lora_arg("me@home/run:0.5") == LoraSpec("me@home/run", 0.5)
+
+
 def test_prompts_file_skips_blank_lines_and_comments(tmp_path):
     (tmp_path / "p.txt").write_text("# famous people\n\na photo of messi playing billiard\n  snooker final  \n")
     assert read_prompts_file(tmp_path / "p.txt") == [PROMPT, "snooker final"]

@@ -252,6 +252,65 @@ def test_conv_rank_and_alpha_give_the_convolutions_their_own_and_reload_everywhe
         tiny_config(tiny_model_dir, data, tmp_path / "x", conv_alpha=1)
 
 
+def test_blora_and_unet_blocks_confine_the_lora_and_generate_takes_content_and_style(tiny_model_dir, tmp_path):
+    """--use_blora / --lora_unet_blocks (diffusers' advanced script): only the chosen layers inside the chosen blocks
+    get a LoRA (diffusers' or the original UNet's block names); generate's --lora RUN@content / @style takes only
+    that block's layers, from either file format and for a LoKr too, as loading a hand-filtered file does."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from billiard_lora.generate import prepare_pipeline
+
+    data = make_images(tmp_path / "data")
+    content, style = "up_blocks.0.attentions.0.", "up_blocks.0.attentions.1."
+    runs = {}
+    for name, kw in {"a": dict(use_blora=True, output_kohya_format=True), "b": dict(use_blora=True, seed=1),
+                     "ff": dict(lora_unet_blocks="unet.output_blocks.1.1", lora_layers="attn,ff"),
+                     "lokr": dict(use_blora=True, lora_type="lokr")}.items():
+        runs[name] = train(tiny_config(tiny_model_dir, data, tmp_path / name, learning_rate=1e-2, **kw))
+    keys = lora_tensors(runs["a"])
+    assert {k[len("unet."):].split("transformer_blocks")[0] for k in keys} == {content, style}
+    assert len(keys) == 2 * 2 * 4 * 2 * 2  # 2 blocks x 2 attentions x 4 projections x (down, up) x 2 depth
+    ff = lora_tensors(runs["ff"])
+    assert all(k.startswith("unet." + style) for k in ff) and any(".ff.net.2." in k for k in ff)
+    assert "lora_unet_blocks" in (runs["ff"] / "README.md").read_text()
+    assert "@content" in (runs["a"] / "README.md").read_text()
+    from billiard_lora.lora_tools import format_inspect, inspect_lora
+
+    for run in (runs["a"], runs["a"] / "pytorch_lora_weights_kohya.safetensors", runs["lokr"]):
+        assert "up_blocks.0.attentions.0, up_blocks.0.attentions.1  (a B-LoRA" in format_inspect(inspect_lora(run))
+    lokr = load_file(str(runs["lokr"] / "pytorch_lora_weights.safetensors"))
+    assert lokr and all(k.startswith(("lora_unet_up_blocks_0_attentions_0_", "lora_unet_up_blocks_0_attentions_1_"))
+                        for k in lokr)
+
+    def images(loras=(), state_dicts=(), weights=()):
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+        prepare_pipeline(pipe, list(loras))
+        for i, sd in enumerate(state_dicts):  # diffusers' own loader on a filtered copy: the reference
+            pipe.load_lora_weights(dict(sd), adapter_name=f"ref{i}")
+        if state_dicts:
+            pipe.set_adapters([f"ref{i}" for i in range(len(state_dicts))], adapter_weights=list(weights))
+        return sample(pipe)
+
+    only = lambda run, block: {k: v for k, v in lora_tensors(run).items() if k.startswith("unet." + block)}  # noqa
+    full, base = images([str(runs["a"])]), images()
+    np.testing.assert_allclose(images([f"{runs['a']}@content", f"{runs['a']}@style"]), full, atol=1e-6)
+    mixed = images([f"{runs['a']}@content", f"{runs['b']}@style:0.5"])
+    np.testing.assert_allclose(mixed, images(state_dicts=[only(runs["a"], content), only(runs["b"], style)],
+                                             weights=[1.0, 0.5]), atol=1e-6)
+    assert np.abs(mixed - full).max() > 1e-4 and np.abs(mixed - base).max() > 1e-4
+    kohya = runs["a"] / "pytorch_lora_weights_kohya.safetensors"
+    np.testing.assert_allclose(images([f"{kohya}@output_blocks.0.1"]), images([f"{runs['a']}@content"]), atol=1e-6)
+    assert np.abs(images([f"{runs['lokr']}@style"]) - images([str(runs["lokr"])])).max() > 1e-5
+    with pytest.raises(UserError, match=r"none of its layers lies in down_blocks\.1 \(32 layers elsewhere\)"):
+        images([f"{runs['a']}@down_blocks.1"])
+    with pytest.raises(UserError, match="--use_blora trains the blocks"):
+        tiny_config(tiny_model_dir, data, tmp_path / "x", use_blora=True, lora_unet_blocks="mid_block")
+    with pytest.raises(UserError, match="--lora_unet_blocks: down_blocks.0 holds none of the UNet's to_k"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "x", lora_unet_blocks="down_blocks.0"))
+    with pytest.raises(UserError, match="adapts fewer of the UNet's layers than this run trains"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "y", init_lora=str(runs["a"])))
+
+
 def test_saved_keys_match_diffusers_naming_and_carry_the_config(tiny_model_dir, tmp_path):
     from billiard_lora.lora import read_metadata
 
