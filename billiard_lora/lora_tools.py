@@ -4,6 +4,7 @@
     python -m billiard_lora.lora convert FILE --to kohya|diffusers --out PATH
     python -m billiard_lora.lora resize FILE (--rank N | --energy 0.9) --out PATH
     python -m billiard_lora.lora merge FILE --model MODEL [--vae VAE] --out DIR [--scale 1.0]
+    python -m billiard_lora.lora extract --base MODEL --tuned MODEL (--rank N | --energy 0.9) --out PATH  (extract.py)
 
 FILE is a LoRA ``.safetensors`` file or a training output folder (one holding ``pytorch_lora_weights.safetensors``).
 
@@ -1575,6 +1576,35 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="precision of the saved weights")
     sp.add_argument("--overwrite", action="store_true",
                     help="replace --out if it holds an earlier merge's output (never any other folder)")
+    sp = sub.add_parser("extract", help="a LoRA from a fine-tuned model's difference to its base (kohya's "
+                                        "extract_lora_from_models.py): DreamBooth fine-tunes, merged or civitai models")
+    sp.add_argument("--base", required=True, metavar="MODEL",
+                    help="the base model: hub id, diffusers folder or single-file checkpoint (.safetensors)")
+    sp.add_argument("--tuned", required=True, metavar="MODEL", help="the fine-tuned model, in any of the same forms")
+    group = sp.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rank", type=int, help="keep this many directions of each layer's change (kohya's --dim)")
+    group.add_argument("--energy", type=float,
+                       help="per layer, the fewest directions holding this share of ||ΔW||² (e.g. 0.9)")
+    sp.add_argument("--conv_rank", type=int, default=None,
+                    help="also the UNet's convolutions, at this rank (kohya's --conv_dim; default: none)")
+    sp.add_argument("--lora_layers", default="attn,ff,proj",
+                    help="the UNet's layers, as training's --lora_layers (default attn,ff,proj: every Linear of the "
+                         "transformer blocks, as kohya's)")
+    sp.add_argument("--min_diff", type=float, default=0.01,
+                    help="a text encoder is extracted only if some weight changed by more (kohya's; default 0.01)")
+    sp.add_argument("--clamp_quantile", type=float, default=None,
+                    help="clip the factors' values at this quantile of their magnitudes (kohya's, who use 0.99; "
+                         "default: none)")
+    sp.add_argument("--format", choices=["kohya", "diffusers"], default="kohya",
+                    help="kohya (default: ComfyUI, A1111 and diffusers' load_lora_weights read it) or diffusers")
+    sp.add_argument("--load_dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                    help="precision the models load in (fp16: half the memory, exact for fp16 checkpoints)")
+    sp.add_argument("--single_file_config", default=None, metavar="FOLDER_OR_ID",
+                    help="for single-file models: a diffusers SDXL folder or hub id giving their layout")
+    sp.add_argument("--device", default=None, help="where the SVDs run (cuda is much faster; default cpu)")
+    sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
+    sp.add_argument("--quiet", action="store_true", help="only the summary, not one line per layer")
+    sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     args = p.parse_args(argv)
 
     if args.command is None:
@@ -1596,6 +1626,9 @@ def main(argv: list[str] | None = None) -> int:
         from .generate import parse_lora_arg
 
         specs = [parse_lora_arg(f) for f in args.files]
+        if parted := [s for s in specs if s.blocks]:
+            raise UserError(f"{parted[0].path}@{','.join(parted[0].blocks)}: combine takes whole LoRAs; the @blocks "
+                            f"part is for generate")
         out, n, top = combine_loras([(s.path, s.scale) for s in specs], args.out, rank=args.rank,
                                     energy=args.energy, overwrite=args.overwrite)
         print(f"wrote {out}: {len(specs)} LoRAs at weights {', '.join(f'{s.scale:g}' for s in specs)} as one, "
@@ -1606,6 +1639,15 @@ def main(argv: list[str] | None = None) -> int:
                          overwrite=args.overwrite, single_file_config=args.single_file_config)
         kind = "single-file checkpoint" if out.suffix == ".safetensors" else "standalone pipeline"
         print(f"wrote a {kind} with the LoRA fused in at scale {args.scale:g} to {out}")
+    elif args.command == "extract":
+        from .extract import extract_lora, format_extraction
+
+        result = extract_lora(args.base, args.tuned, args.out, rank=args.rank, energy=args.energy,
+                              conv_rank=args.conv_rank, lora_layers=args.lora_layers, min_diff=args.min_diff,
+                              clamp_quantile=args.clamp_quantile, to=args.format, device=args.device,
+                              torch_dtype={"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.load_dtype],
+                              single_file_config=args.single_file_config, overwrite=args.overwrite)
+        print(format_extraction(result, per_layer=not args.quiet))
     return 0
 
 
