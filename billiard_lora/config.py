@@ -132,6 +132,14 @@ class TrainConfig:
     output_dir: str = _f("lora-dreambooth-model", "Where the LoRA, checkpoints, samples and logs are written.")
     overwrite_output_dir: bool = _f(
         False, "(billiard-lora) Allow writing into a non-empty output_dir without resuming.")
+    push_to_hub: bool = _f(
+        False, "(diffusers' script) At the end, upload the output folder (the LoRA files, model card, config, "
+               "validation images; not checkpoints or logs) to a Hugging Face Hub model repo in one commit. The repo "
+               "is created before training, so a missing login (hf auth login, or HF_TOKEN) stops the run at once.")
+    hub_model_id: Optional[str] = _f(
+        None, "(diffusers' script) The repo --push_to_hub uploads to: owner/name, or name in your own namespace "
+              "(default: the output folder's name).")
+    hub_private_repo: bool = _f(False, "(transformers' Trainer) --push_to_hub creates the repo private.")
     seed: Optional[int] = _f(None, "Seed for reproducible training (None: a random seed, recorded in the config).")
     train_batch_size: int = _f(4, "Batch size per device.")
     num_train_epochs: int = _f(1, "Epochs; ignored when --max_train_steps is set.")
@@ -512,6 +520,9 @@ class TrainConfig:
 
         if not unet_lora_layers(self.lora_layers):
             raise UserError("--lora_layers is empty: give attn (the default), ff, proj or module names")
+        if (self.hub_model_id is not None or self.hub_private_repo) and not self.push_to_hub:
+            raise UserError("--hub_model_id and --hub_private_repo set the repo --push_to_hub uploads to: add "
+                            "--push_to_hub, or drop them")
         if self.use_blora and self.lora_unet_blocks:
             raise UserError(f"--use_blora trains the blocks {', '.join(BLORA_BLOCKS)}; --lora_unet_blocks="
                             f"{self.lora_unet_blocks} names others: give one of the two")
@@ -958,8 +969,6 @@ def build_parser(prog: str = "python -m billiard_lora.train") -> argparse.Argume
 
 # diffusers' train_dreambooth_lora_sdxl.py flags that are refused, and what to do instead
 UNSUPPORTED_FLAGS = {
-    "push_to_hub": "this trainer does not upload; after training run `hf upload REPO OUTPUT_DIR`",
-    "hub_model_id": "this trainer does not upload; after training run `hf upload REPO OUTPUT_DIR`",
     "hub_token": "a token on the command line ends up in shell history and logs; run `hf auth login` once",
     "dataset_config_name": "hub dataset configurations are not supported; give the dataset's folder or id instead",
     "do_edm_style_training": "EDM-style training (Playground v2.5) is not supported; train an SDXL base model",

@@ -113,3 +113,43 @@ def fetch_embeddings(repo: str, lora_file: Path) -> None:
             hf_hub_download(repo, name)
     except Exception:  # noqa: BLE001 - unreachable now: the LoRA loads with what the cache holds (said there)
         return
+
+
+# --push_to_hub: what of a run's output folder goes up. Not the checkpoints (optimizer state, resumable runs: for
+# this machine), the logs, generated class images or hidden files; the LoRA files, model card, config, validation
+# images, loss history and token embeddings do.
+UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", "logs/**", "class_images/**", ".*", "**/.*"]
+
+
+def create_upload_repo(repo: str, *, private: bool = False) -> str:
+    """The Hub model repo ``--push_to_hub`` uploads to, created (or found) now, before training: a missing login,
+    a name that is not the user's to write or no network stops the run at once, not after it. Returns its full id."""
+    from huggingface_hub import create_repo, get_token
+
+    if get_token() is None:
+        raise UserError("--push_to_hub needs a Hugging Face login that can write: run `hf auth login` once (or set "
+                        "HF_TOKEN), or drop --push_to_hub and upload the folder later with `hf upload`")
+    try:
+        return create_repo(repo, private=private, exist_ok=True, repo_type="model").repo_id
+    except Exception as exc:  # noqa: BLE001 - HFValidationError, HfHubHTTPError (401/403), offline, connection
+        raise UserError(f"--push_to_hub: the Hub repo '{repo}' could not be created or found ({type(exc).__name__}: "
+                        f"{_first_line(exc)}); check the name (--hub_model_id owner/name), `hf auth whoami` and the "
+                        f"connection, or drop --push_to_hub") from None
+
+
+def upload_run(out: Path, repo_id: str) -> str:
+    """Upload a finished run's folder (not what ``UPLOAD_IGNORE`` names) in one commit; returns the repo's URL."""
+    from huggingface_hub import upload_folder
+
+    try:
+        upload_folder(repo_id=repo_id, folder_path=str(out), commit_message="End of training",
+                      ignore_patterns=UPLOAD_IGNORE, repo_type="model")
+    except Exception as exc:  # noqa: BLE001 - network, permissions, quota: the run itself is safe on disk
+        raise UserError(f"training finished and the LoRA is saved in {out}, but uploading it to {repo_id} failed "
+                        f"({type(exc).__name__}: {_first_line(exc)}); upload it later with: hf upload {repo_id} "
+                        f"{out} --exclude 'checkpoint-*' 'logs/*'") from None
+    return f"https://huggingface.co/{repo_id}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]

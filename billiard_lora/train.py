@@ -111,6 +111,13 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     accelerator = make_accelerator(config, out)
     set_seed(config.seed)
     say = _printer(accelerator)
+    hub_repo = None
+    if config.push_to_hub and accelerator.is_main_process:  # made now: a missing login stops the run before training
+        from .hub import create_upload_repo
+
+        hub_repo = create_upload_repo(config.hub_model_id or out.name, private=config.hub_private_repo)
+        config = config.replace(hub_model_id=hub_repo)  # the full id (owner/name), for config.json and the card
+        say(f"--push_to_hub: the finished run goes to https://huggingface.co/{hub_repo}")
     for note in config.fallbacks:
         say(f"warning: {note}")
     for note in init_notes:
@@ -658,6 +665,10 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         if callback:
             callback({"event": "done", "output_dir": str(out), "summary": summary, "images": final_images})
     accelerator.end_training()
+    if hub_repo is not None:  # (a failed upload is one line that says how to upload later; the run is on disk)
+        from .hub import upload_run
+
+        say(f"uploaded to {upload_run(out, hub_repo)}")
     return out
 
 
@@ -2113,7 +2124,8 @@ def write_model_card(out: Path, config: TrainConfig) -> None:
 
     single = is_single_file(config.pretrained_model_name_or_path)  # a civitai-style checkpoint file
     text = template.substitute(
-        base_model=config.pretrained_model_name_or_path, instance_prompt=config.instance_prompt, folder=out.name,
+        base_model=config.pretrained_model_name_or_path, instance_prompt=config.instance_prompt,
+        folder=config.hub_model_id if config.push_to_hub else out.name,
         loader="from_single_file" if single else "from_pretrained", scheduler_line=_scheduler_line(config, single),
         loader_args=f"config=\"{config.single_file_config}\", " if single and config.single_file_config else "",
         vae_note=f" (trained with the VAE `{vae}`)" if vae else "",
@@ -2162,7 +2174,8 @@ def _loading_notes(out: Path, config: TrainConfig) -> dict[str, str]:
              "the kohya file (train with `--output_kohya_format`, or `python -m billiard_lora.lora convert "
              "pytorch_lora_weights.safetensors --to kohya --out .`)")
     return {"adapter_kind": "LoRA", "extra_tags": "",
-            "load_code": f"pipe.load_lora_weights(\"{out.name}\")  # this folder",
+            "load_code": (f"pipe.load_lora_weights(\"{config.hub_model_id}\")  # from the Hub" if config.push_to_hub
+                          else f"pipe.load_lora_weights(\"{out.name}\")  # this folder"),
             "webui_note": f"Copy {kohya} into `ComfyUI/models/loras/` or `stable-diffusion-webui/models/Lora/`, then "
                           f"load it with a LoRA\nloader node (ComfyUI) or `<lora:pytorch_lora_weights_kohya:1>` in the "
                           f"prompt (A1111). The diffusers-format file\n(`pytorch_lora_weights.safetensors`) is for "

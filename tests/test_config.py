@@ -126,7 +126,6 @@ def test_unknown_flag_suggests_the_closest(capsys):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--push_to_hub", "does not upload.*hf upload"),
     ("--hub_token=hf_secret123", "hf auth login"),
     ("--do_edm_style_training", "EDM-style"),
 ])
@@ -134,6 +133,11 @@ def test_diffusers_flags_we_refuse_say_what_to_do_instead(flag, message):
     with pytest.raises(UserError, match=message) as err:
         parse_args(["--instance_prompt=x", flag])
     assert "hf_secret123" not in str(err.value)  # a token is never echoed
+
+
+def test_push_to_hub_flags_parse_as_diffusers_spells_them():
+    c = parse_args(["--instance_prompt=x", "--push_to_hub", "--hub_model_id=me/billiard", "--hub_private_repo"])
+    assert (c.push_to_hub, c.hub_model_id, c.hub_private_repo) == (True, "me/billiard", True)
 
 
 def test_xformers_flag_is_accepted_and_noted():

@@ -311,6 +311,58 @@ def test_blora_and_unet_blocks_confine_the_lora_and_generate_takes_content_and_s
         train(tiny_config(tiny_model_dir, data, tmp_path / "y", init_lora=str(runs["a"])))
 
 
+def test_push_to_hub_makes_the_repo_before_training_and_uploads_the_run_without_checkpoints(tiny_model_dir, tmp_path,
+                                                                                            monkeypatch):
+    """--push_to_hub (diffusers' script): the repo is created before the first step (a missing login stops the run
+    before training), the finished folder goes up in one commit without checkpoints or logs, the model card loads
+    from the Hub; a failed upload is one line that says how to upload later, with the LoRA kept on disk. The Hub's
+    client is replaced by recorders here (no network): what is checked is what it would be asked to do."""
+    import types
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    events = []
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **kw: events.append(("create", repo, kw))
+                        or types.SimpleNamespace(repo_id=repo if "/" in repo else f"me/{repo}"))
+
+    def upload_folder(**kw):
+        files = [f.relative_to(kw["folder_path"]).as_posix() for f in Path(kw["folder_path"]).rglob("*") if f.is_file()]
+        events.append(("upload", kw["repo_id"], sorted(filter_repo_objects(files, ignore_patterns=kw["ignore_patterns"]))))
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    data = make_images(tmp_path / "data")
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "billiard-run", push_to_hub=True, hub_private_repo=True,
+                            checkpointing_steps=1, output_kohya_format=True),
+                callback=lambda e: e["event"] == "step" and events.append(("step",)))
+    assert events[0] == ("create", "billiard-run", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert events[1] == ("step",) and events[-1][:2] == ("upload", "me/billiard-run")
+    uploaded = events[-1][2]
+    assert {"pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "README.md",
+            "config.json"} <= set(uploaded)
+    assert list(out.glob("checkpoint-*")) and not any(f.startswith(("checkpoint-", "logs/")) for f in uploaded)
+    card = (out / "README.md").read_text()
+    assert 'pipe.load_lora_weights("me/billiard-run")' in card and "--lora me/billiard-run" in card
+    assert json.loads((out / "config.json").read_text())["hub_model_id"] == "me/billiard-run"
+
+    def offline(**kw):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", offline)
+    with pytest.raises(UserError, match=r"the LoRA is saved in .*again.* failed \(OSError: Network is unreachable\); "
+                                        r"upload it later with: hf upload owner/x .*again"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "again", push_to_hub=True, hub_model_id="owner/x",
+                          max_train_steps=1))
+    assert (tmp_path / "again" / "pytorch_lora_weights.safetensors").is_file()
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(UserError, match="--push_to_hub needs a Hugging Face login"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "nologin", push_to_hub=True))
+    assert not (tmp_path / "nologin" / "pytorch_lora_weights.safetensors").exists()
+    with pytest.raises(UserError, match="--hub_model_id and --hub_private_repo set the repo --push_to_hub"):
+        tiny_config(tiny_model_dir, data, tmp_path / "x", hub_model_id="me/x")
+
+
 def test_saved_keys_match_diffusers_naming_and_carry_the_config(tiny_model_dir, tmp_path):
     from billiard_lora.lora import read_metadata
 
