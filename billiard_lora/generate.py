@@ -45,6 +45,7 @@ DEFAULT_STRENGTH = 0.6  # image-to-image: enough noise for the LoRA's subject to
 DEFAULT_INPAINT_STRENGTH = 0.99  # inpainting: the masked area redrawn almost from noise (diffusers' SDXL default)
 DEFAULT_REFINER_START = 0.8  # --refiner: the share of the denoising the base model (and LoRA) does (diffusers' docs)
 DEFAULT_HIRES_STRENGTH = 0.5  # --hires_scale: how much of the upscaled image its second pass redraws
+DEFAULT_CONTROLNET_SCALE = 0.5  # diffusers' SDXL ControlNet examples' controlnet_conditioning_scale
 # "a photo of | messi | playing billiard": the first "... of" is the framing, then the subject, then the action.
 _SUBJECT_PATTERN = re.compile(r"^(?P<pre>.*?\bof\s+)?(?P<subject>.+?)\s+(?P<rest>playing\s+billiards?\b.*)$",
                               re.IGNORECASE)
@@ -190,7 +191,7 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
                              fp8_base: bool = False, cuda_graphs: bool = False, cpu_offload: bool = False,
                              vae_tiling: bool | int = False, scheduler: str = "default",
                              files: Sequence[Path] | None = None, refiner: str | None = None,
-                             single_file_config: str | None = None):
+                             single_file_config: str | None = None, controlnet: str | None = None):
     """SDXL, a separate VAE unless ``vae`` is None, and LoRAs loaded and weighted; cuda/fp16 if present, else cpu/fp32.
     ``model``: a Hub id, a diffusers folder or a single-file checkpoint (its layout from ``single_file_config``).
     ``scheduler``: the sampler, a key of ``SCHEDULERS`` (default: the model's own). ``files``: the LoRA files
@@ -214,6 +215,9 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
     ``refiner`` (e.g. ``models.SDXL_REFINER``): SDXL's refiner, sharing the second text encoder and the VAE, finishes
     every image ``generate`` makes, as diffusers' SDXL docs run base and refiner as an ensemble of experts: the base
     model with its LoRAs denoises the first ``refiner_start`` of the steps, the refiner the rest.
+
+    ``controlnet`` (e.g. ``diffusers/controlnet-canny-sdxl-1.0``, or a folder): an SDXL ControlNet, which
+    ``generate(control_image=...)`` then follows.
     """
     specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
     # fail on a typo before minutes of model loading
@@ -224,6 +228,9 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
         raise UserError("--refiner does not combine with --cpu_offload yet (the two pipelines share the text encoder "
                         "and VAE, which offloading moves for one of them): drop one; --fp8_base and --vae_tiling "
                         "also save memory")
+    if controlnet and (cpu_offload or cuda_graphs):
+        raise UserError(f"--controlnet does not combine with {'--cpu_offload' if cpu_offload else '--cuda_graphs'} "
+                        f"yet: drop one (--fp8_base and --vae_tiling also save memory)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch_dtype is None:
         torch_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
@@ -239,6 +246,29 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
         set_scheduler(finisher, scheduler)
         finisher.set_progress_bar_config(disable=True)
         pipe.billiard_refiner, pipe.billiard_refiner_name = finisher, refiner
+    if controlnet:
+        attach_controlnet(pipe, controlnet, torch_dtype=torch_dtype, device=device)
+    return pipe
+
+
+def attach_controlnet(pipe, controlnet: str, *, torch_dtype: torch.dtype | None = None,
+                      device: str | torch.device | None = None):
+    """Load an SDXL ControlNet (a Hub id or folder) for ``pipe``, which ``generate(control_image=...)`` then follows;
+    in the UNet's dtype and on its device unless given. UserError for one made for another model (SD 1.5's)."""
+    from .models import load_controlnet
+
+    if _is_offloaded(pipe) or getattr(pipe, "billiard_cuda_graphs", False):
+        raise UserError("--controlnet does not combine with --cpu_offload or --cuda_graphs yet: drop one (--fp8_base "
+                        "and --vae_tiling also save memory)")
+    # the pipeline's compute dtype: the text encoders' (the UNet's may be float8 storage, --fp8_base)
+    net = load_controlnet(controlnet, torch_dtype=torch_dtype or pipe.text_encoder_2.dtype)
+    if net.config.get("addition_embed_type") != "text_time" or \
+            net.config.get("cross_attention_dim") != pipe.unet.config.cross_attention_dim:
+        raise UserError(f"--controlnet {controlnet} is not an SDXL ControlNet (cross-attention width "
+                        f"{net.config.get('cross_attention_dim')}, SDXL's is {pipe.unet.config.cross_attention_dim}): "
+                        f"take one made for SDXL, e.g. diffusers/controlnet-canny-sdxl-1.0")
+    pipe.billiard_controlnet = net.to(device or pipe.unet.device)
+    pipe.billiard_controlnet_name = controlnet
     return pipe
 
 
@@ -629,6 +659,10 @@ class GeneratedImage:
     refiner_start: float | None = None  # where the refiner took over (a share of the denoising)
     hires_scale: float | None = None  # A1111's hires fix: upscaled by this, then redrawn by image-to-image
     hires_strength: float | None = None  # ... at this strength
+    controlnet: str = ""  # the ControlNet that steered the image, "" for none
+    control_image: str = ""  # ... what it followed (its file name, or "in-memory image")
+    controlnet_scale: float | None = None  # ... how strongly (controlnet_conditioning_scale)
+    canny: bool = False  # ... the control image's Canny edges rather than the image itself
 
     def metadata(self) -> dict[str, str]:
         """Settings as PNG text chunks (all strings; empty where not applicable)."""
@@ -639,7 +673,8 @@ class GeneratedImage:
             model=self.model, fused=self.fused, fp8_base=self.fp8_base, vae_tiling=self.vae_tiling,
             scheduler=self.scheduler, prompt_weighting=self.prompt_weighting, init_image=self.init_image,
             mask_image=self.mask_image, strength=self.strength, refiner=self.refiner, refiner_start=self.refiner_start,
-            hires_scale=self.hires_scale, hires_strength=self.hires_strength,
+            hires_scale=self.hires_scale, hires_strength=self.hires_strength, controlnet=self.controlnet,
+            control_image=self.control_image, controlnet_scale=self.controlnet_scale, canny=self.canny,
         )
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
@@ -651,7 +686,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
              init_image: str | Path | Image.Image | None = None, strength: float | None = None,
              mask_image: str | Path | Image.Image | None = None,
              refiner_start: float = DEFAULT_REFINER_START, hires_scale: float | None = None,
-             hires_strength: float = DEFAULT_HIRES_STRENGTH) -> list[GeneratedImage]:
+             hires_strength: float = DEFAULT_HIRES_STRENGTH, control_image: str | Path | Image.Image | None = None,
+             controlnet_scale: float = DEFAULT_CONTROLNET_SCALE, canny: bool = False) -> list[GeneratedImage]:
     """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight.
 
     ``cuda_graphs`` (default: what ``load_generation_pipeline`` was given): on a CUDA GPU, the UNet's forward is
@@ -672,6 +708,10 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     ``hires_scale`` (A1111's "hires. fix"): each finished image is upscaled by that factor (Lanczos, to multiples of
     8 pixels) and redrawn at ``hires_strength`` by image-to-image with the LoRA, for detail at sizes beyond what
     the model composes well in one pass.
+    ``control_image`` with a ControlNet loaded (``load_generation_pipeline(controlnet=...)``): the image follows it
+    (its edges, a pose, depth: what the ControlNet was trained on) at ``controlnet_scale``, through diffusers'
+    ``StableDiffusionXLControlNetPipeline`` on the same models, LoRAs included; ``canny``: the control is the
+    picture's Canny edges (OpenCV, thresholds 100 and 200 as diffusers' docs), for a canny ControlNet given a photo.
     """
     from tqdm.auto import tqdm
 
@@ -698,7 +738,19 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
         raise UserError("--mask_image (inpainting) does not combine with --refiner yet: drop one")
     if strength is None:
         strength = DEFAULT_INPAINT_STRENGTH if mask_image is not None else DEFAULT_STRENGTH
-    start = mask = None
+    start = mask = control = None
+    controlnet = getattr(pipe, "billiard_controlnet", None)
+    if control_image is not None or controlnet is not None:
+        check_control(controlnet is not None, control_image is not None, controlnet_scale, init_image is not None)
+        control = fit_init_image(pipe, control_image, height, width)
+        control = canny_edges(control) if canny else control
+        height, width = control.height, control.width
+        run = controlnet_pipeline(pipe)
+        image_kw = dict(image=control, controlnet_conditioning_scale=float(controlnet_scale), height=height,
+                        width=width)
+    elif canny:
+        raise UserError("--canny turns --control_image into edges for a ControlNet: add --controlnet and "
+                        "--control_image, or drop --canny")
     if init_image is not None:
         check_strength(strength, num_inference_steps)
         start = fit_init_image(pipe, init_image, height, width)
@@ -717,6 +769,9 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     results = []
     if cuda_graphs is None:
         cuda_graphs = getattr(pipe, "billiard_cuda_graphs", False)
+    if cuda_graphs and control is not None:
+        raise UserError("--cuda_graphs does not combine with --controlnet yet (the UNet then takes the ControlNet's "
+                        "residuals): drop one")
     if not prompt_weighting:
         for text, n in too_long(pipe, dict.fromkeys([*prompts, negative_prompt])):
             warnings.warn(f"prompt {text[:40]!r}... is {n} tokens: SDXL's text encoders read "
@@ -771,14 +826,56 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 lora_weights=tuple(s.scale for s in loras), model=getattr(pipe.config, "_name_or_path", ""),
                 fused=fused, fp8_base=fp8, vae_tiling=_decoded_in_tiles(pipe, image),
                 scheduler=getattr(pipe, "billiard_scheduler", "default"), prompt_weighting=prompt_weighting,
-                init_image=init_name, strength=strength if image_kw else None,
+                init_image=init_name, strength=strength if init_image is not None else None,
                 mask_image=("in-memory image" if isinstance(mask_image, Image.Image) else Path(mask_image).name)
                 if mask_image is not None else "",
                 refiner=getattr(pipe, "billiard_refiner_name", "") if refiner is not None else "",
                 refiner_start=refiner_start if refiner is not None else None,
                 hires_scale=hires_scale, hires_strength=hires_strength if hires_scale is not None else None,
+                controlnet=getattr(pipe, "billiard_controlnet_name", "") if control is not None else "",
+                control_image=("in-memory image" if isinstance(control_image, Image.Image) else
+                               Path(control_image).name) if control is not None else "",
+                controlnet_scale=controlnet_scale if control is not None else None, canny=canny,
             ))
     return results
+
+
+def check_control(loaded: bool, given: bool, scale: float, init_image: bool) -> None:
+    if given and not loaded:
+        raise UserError("--control_image steers a ControlNet: add --controlnet MODEL (e.g. "
+                        "diffusers/controlnet-canny-sdxl-1.0)")
+    if loaded and not given:
+        raise UserError("--controlnet needs --control_image FILE: what the images follow (edges, a pose, depth; "
+                        "--canny makes edges of a photo)")
+    if not 0.0 <= scale <= 2.0:
+        raise UserError(f"--controlnet_scale={scale} must be in [0, 2]: how strongly the images follow the control "
+                        f"image (0.5 is diffusers' example, 1.0 follows it closely)")
+    if init_image:
+        raise UserError("--control_image does not combine with --init_image yet: drop one")
+
+
+def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+    """The picture's Canny edges as an RGB image (white on black): what canny ControlNets were trained on, made as
+    diffusers' SDXL ControlNet docs make it (OpenCV's Canny, thresholds 100 and 200)."""
+    import numpy as np
+
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("--canny needs OpenCV: pip install opencv-python-headless (in requirements.txt), or pass an "
+                        "edge image as --control_image without --canny") from None
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)
+    return Image.fromarray(np.stack([edges] * 3, axis=-1))
+
+
+def controlnet_pipeline(pipe):
+    """diffusers' SDXL ControlNet pipeline on ``pipe``'s own models (LoRAs, scheduler, float8 weights) and the
+    ControlNet ``load_generation_pipeline`` loaded, built from its components as ``image_to_image`` builds its."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    made = StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=pipe.billiard_controlnet)
+    made.set_progress_bar_config(disable=True)
+    return made
 
 
 def check_strength(strength: float, steps: int) -> None:
@@ -1108,6 +1205,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refiner_start", type=float, default=DEFAULT_REFINER_START,
                    help=f"with --refiner: the share of the denoising the base model does (default "
                         f"{DEFAULT_REFINER_START})")
+    p.add_argument("--controlnet", default=None, metavar="MODEL",
+                   help="an SDXL ControlNet (hub id or folder, e.g. diffusers/controlnet-canny-sdxl-1.0) that the "
+                        "images follow: their composition from --control_image, the LoRA's subject in it")
+    p.add_argument("--control_image", metavar="FILE",
+                   help="what the --controlnet follows (edges, a pose, depth), fitted to the size as --init_image is")
+    p.add_argument("--canny", action="store_true",
+                   help="use --control_image's Canny edges (OpenCV, as diffusers' docs): a photo for a canny "
+                        "ControlNet")
+    p.add_argument("--controlnet_scale", type=float, default=DEFAULT_CONTROLNET_SCALE,
+                   help=f"how strongly the images follow --control_image, 0-2 (default {DEFAULT_CONTROLNET_SCALE})")
     p.add_argument("--scheduler", default="default", choices=list(SCHEDULERS),
                    help="the sampler, as A1111 and ComfyUI name them, built from the model's own scheduler settings "
                         "(default: the model's own, Euler for SDXL base)")
@@ -1156,6 +1263,13 @@ def _check_args(args: argparse.Namespace) -> None:
                 load_image(picture)
         default = DEFAULT_INPAINT_STRENGTH if args.mask_image else DEFAULT_STRENGTH
         check_strength(args.strength if args.strength is not None else default, args.steps)
+    if args.controlnet or args.control_image or args.canny or args.controlnet_scale != DEFAULT_CONTROLNET_SCALE:
+        if args.canny and not args.control_image:
+            raise UserError("--canny turns --control_image into edges: add --control_image FILE, or drop --canny")
+        check_control(bool(args.controlnet), bool(args.control_image), args.controlnet_scale, bool(args.init_image))
+        from .data import load_image
+
+        load_image(args.control_image)  # an unreadable one says so now, before the models load
     if args.scales is not None and not args.sweep:
         raise UserError("--scales sets the LoRA scales of --sweep: add --sweep (or give one scale as --lora DIR:SCALE)")
     args.scales = args.scales or list(DEFAULT_SCALES)
@@ -1224,7 +1338,7 @@ def main(argv: list[str] | None = None) -> int:
                                     fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs,
                                     cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
                                     scheduler=args.scheduler, files=lora_files, refiner=args.refiner,
-                                    single_file_config=args.single_file_config)
+                                    single_file_config=args.single_file_config, controlnet=args.controlnet)
     if getattr(args, "noise_schedule", None):
         from .models import with_noise_schedule
 
@@ -1235,14 +1349,17 @@ def main(argv: list[str] | None = None) -> int:
               **({"hires_scale": args.hires_scale, "hires_strength": args.hires_strength}
                  if args.hires_scale is not None else {}),
               **({"init_image": args.init_image, "strength": args.strength, "mask_image": args.mask_image}
-                 if args.init_image else {}))
+                 if args.init_image else {}),
+              **({"control_image": args.control_image, "controlnet_scale": args.controlnet_scale,
+                  "canny": args.canny} if args.controlnet else {}))
     out = Path(args.out)
     # Grids carry the settings that made them; single images carry their own (GeneratedImage.metadata).
     settings = {**{k: v for k, v in kw.items() if v is not None and v is not False}, "model": args.model,
                 "loras": args.lora,
                 "prompts": prompts, **({"fp8_base": True} if args.fp8_base else {}),
                 **({"vae_tiling": args.vae_tiling} if args.vae_tiling else {}),
-                **({"scheduler": args.scheduler} if args.scheduler != "default" else {})}
+                **({"scheduler": args.scheduler} if args.scheduler != "default" else {}),
+                **({"controlnet": args.controlnet} if args.controlnet else {})}
 
     def save_grid(grid: Image.Image, name: str, **extra) -> Path:
         return save_image(grid, _free_path(out / name), {**settings, **extra})

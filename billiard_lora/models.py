@@ -54,7 +54,10 @@ def _friendly_errors(what: str, name: str) -> Iterator[None]:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        if _is_local(name):
+        if _is_local(name) and "ControlNet" in what:
+            hint = (f"the folder exists but is not a diffusers {what} (config.json and "
+                    f"diffusion_pytorch_model.safetensors)")
+        elif _is_local(name):
             hint = (f"the folder exists but is not a complete diffusers {what} "
                     f"(a pipeline folder has model_index.json and unet/, vae/, text_encoder/ ... subfolders)")
         elif os.path.exists(os.path.expanduser(name)):
@@ -308,6 +311,16 @@ def load_refiner(name: str, base, *, torch_dtype: torch.dtype | None = None, cac
     with _friendly_errors("SDXL refiner", name):
         return StableDiffusionXLImg2ImgPipeline.from_pretrained(
             name, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=base.vae, **kw)
+
+
+def load_controlnet(name: str, *, torch_dtype: torch.dtype | None = None, cache_dir: str | None = None):
+    """An SDXL ControlNet (``diffusers/controlnet-canny-sdxl-1.0``, ``xinsir/controlnet-openpose-sdxl-1.0``, a
+    folder) as diffusers' ``ControlNetModel``."""
+    from diffusers import ControlNetModel
+
+    kw: dict[str, Any] = dict(cache_dir=cache_dir, use_safetensors=True, **_dtype_kw(torch_dtype))
+    with _friendly_errors("SDXL ControlNet", name):
+        return ControlNetModel.from_pretrained(name, **kw)
 
 
 def pipeline_from_components(components: Components, *, unet=None, text_encoder_one=None, text_encoder_two=None,

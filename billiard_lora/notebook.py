@@ -65,6 +65,19 @@ def model_and_vae() -> tuple[str, str | None]:
     return str(tiny), str(tiny / "vae")
 
 
+def controlnet() -> str:
+    """A canny SDXL ControlNet (diffusers/controlnet-canny-sdxl-1.0), or in smoke mode a tiny one for the tiny
+    model, built once by our code."""
+    if not is_smoke():
+        return "diffusers/controlnet-canny-sdxl-1.0"
+    from .tiny import save_tiny_controlnet
+
+    tiny = workdir() / "tiny-controlnet"
+    if not (tiny / "config.json").exists():
+        save_tiny_controlnet(tiny)
+    return str(tiny)
+
+
 def billiards_dataset() -> str:
     """The billiards photos to use: $BILLIARD_LORA_DATA, the team's Kaggle-layout copy, a Kaggle download, or
     the embedded default scenes, in that order of preference."""

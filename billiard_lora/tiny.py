@@ -281,6 +281,27 @@ def save_tiny_refiner(out_dir: str | Path, *, seed: int = 0, shape: str = "tiny"
     return out
 
 
+def save_tiny_controlnet(out_dir: str | Path, *, seed: int = 0, shape: str = "tiny") -> Path:
+    """An SDXL ControlNet folder for the tiny pipeline of ``shape`` and ``seed`` (``python -m billiard_lora.tiny OUT
+    --controlnet``): diffusers' ``ControlNetModel.from_unet`` of its UNet, as ControlNets start, with the zero
+    convolutions (the control image's way in, the residuals' way out) drawn at random instead of zero, so that the
+    control image changes the images (as a trained ControlNet's do)."""
+    from diffusers import ControlNetModel
+
+    out = Path(out_dir)
+    controlnet = ControlNetModel.from_unet(build_components(SHAPES[shape], seed=seed)["unet"])
+    generator = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        embedding = [m for m in controlnet.controlnet_cond_embedding.modules() if isinstance(m, torch.nn.Conv2d)]
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, *embedding]:
+            # He's scale: the control image's signal neither fades nor grows through the embedding's eight convs
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2 / conv.weight[0].numel()) ** 0.5)
+    controlnet.save_pretrained(out, safe_serialization=True)
+    (out / TINY_MARKER).write_text(json.dumps({"shape": shape, "seed": seed, "random_weights": True,
+                                               "kind": "controlnet"}))
+    return out
+
+
 def check_tiny_out(out_dir: str | Path) -> Path:
     """The folder ``tiny`` writes into: new, empty, or an earlier tiny pipeline's; never a real model's (its weights
     would be replaced by random ones) or a training run's."""
@@ -304,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="where to build it (cuda is much faster for --shape full)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="precision of the saved weights")
     p.add_argument("--refiner", action="store_true", help="an SDXL refiner's architecture instead (generate --refiner)")
+    p.add_argument("--controlnet", action="store_true",
+                   help="an SDXL ControlNet for the tiny pipeline of the same --seed instead (generate --controlnet)")
     p.add_argument("--single_file", action="store_true",
                    help="also the same model as one single-file checkpoint, OUT_DIR/tiny-sdxl.safetensors (train "
                         "--pretrained_model_name_or_path OUT_DIR/tiny-sdxl.safetensors --single_file_config OUT_DIR)")
@@ -318,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         file = save_tiny_single_file(out)
         print(f"wrote a tiny SDXL pipeline (random weights, seed {args.seed}) to {out} and as one single-file "
               f"checkpoint to {file}: pass --single_file_config {out} with it")
+        return 0
+    if args.controlnet:
+        if args.shape == "full" or args.refiner or args.dtype != "fp32" or args.device != "cpu":
+            from .errors import UserError
+
+            raise UserError("--controlnet writes a tiny or small ControlNet in fp32 on the CPU (for tests and demos)")
+        out = save_tiny_controlnet(args.out_dir, seed=args.seed, shape=args.shape)
+        print(f"wrote {args.shape} SDXL ControlNet (random weights, seed {args.seed}) to {out}")
         return 0
     if args.refiner:
         if args.shape == "full" or args.dtype != "fp32" or args.device != "cpu":
