@@ -23,7 +23,8 @@ from typing import Any, Literal, Optional
 from .errors import UserError
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-OPTIMIZERS = ("adamw", "prodigy", "adamw_schedulefree", "adamwschedulefree")  # (the last: kohya's spelling)
+OPTIMIZERS = ("adamw", "prodigy", "adamw_schedulefree", "adamwschedulefree",  # (the last: kohya's spelling)
+              "adafactor", "lion", "lion8bit")
 SCHEDULE_FREE = ("adamw_schedulefree", "adamwschedulefree")
 COMPILE_MODES = ("none", "regional", "full")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -285,10 +286,14 @@ class TrainConfig:
     lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.")
     lr_power: float = _f(1.0, "Power of the polynomial scheduler.")
     optimizer: str = _f(
-        "AdamW", "AdamW, Prodigy, or AdamW_ScheduleFree (schedule-free AdamW, arXiv 2405.15682, the schedulefree "
+        "AdamW", "AdamW, Prodigy, AdamW_ScheduleFree (schedule-free AdamW, arXiv 2405.15682, the schedulefree "
                  "package: no learning-rate schedule, its own warm-up with --lr_scheduler constant_with_warmup "
                  "--lr_warmup_steps N; the LoRA files and validation images "
-                 "hold its averaged weights; try a higher --learning_rate than AdamW's, e.g. 1e-3).")
+                 "hold its averaged weights; try a higher --learning_rate than AdamW's, e.g. 1e-3), Adafactor "
+                 "(transformers', at the fixed --learning_rate as kohya's SDXL recipes run it: relative_step, "
+                 "scale_parameter and warmup_init off; factored second moments, less memory), Lion or Lion8bit "
+                 "(bitsandbytes', arXiv 2302.06675: the update's sign, one state; a learning rate 3-10x below "
+                 "AdamW's and a weight decay as many times higher).")
     use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes, stepped over a few flat buffers instead of "
                                     "tensor by tensor (the same update); falls back to AdamW where it has no backend.")
     adam_beta1: float = _f(0.9, "Adam beta1.")
@@ -448,7 +453,8 @@ class TrainConfig:
             raise UserError("--fp8_base does not combine with --use_dora (DoRA sets its magnitudes from the weights "
                             "before rounding): drop one of the two")
         if self.optimizer.lower() not in OPTIMIZERS:
-            raise UserError(f"unknown --optimizer={self.optimizer!r}; choose AdamW, Prodigy or AdamW_ScheduleFree")
+            raise UserError(f"unknown --optimizer={self.optimizer!r}; choose AdamW, Prodigy, AdamW_ScheduleFree, "
+                            f"Adafactor, Lion or Lion8bit")
         if self.schedule_free:
             if self.lr_scheduler not in ("constant", "constant_with_warmup"):
                 raise UserError(f"--optimizer={self.optimizer} needs no learning-rate schedule (it averages the "

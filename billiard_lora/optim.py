@@ -1,4 +1,5 @@
-"""The optimizer over the LoRA parameters: torch's fused AdamW, bitsandbytes' 8-bit AdamW, or Prodigy.
+"""The optimizer over the LoRA parameters: torch's fused AdamW, bitsandbytes' 8-bit AdamW, Prodigy; schedule-free
+AdamW, transformers' Adafactor and bitsandbytes' Lion as their packages give them.
 
 bitsandbytes steps its 8-bit AdamW one tensor at a time and waits for the GPU after each one
 (``bitsandbytes.utils.sync_gpu`` calls ``torch.cuda.synchronize()`` per parameter). SDXL's rank-4 UNet LoRA is
@@ -61,6 +62,16 @@ def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_proce
         # warm-up as the schedules it replaces: --lr_scheduler constant has none, constant_with_warmup its steps
         warmup = config.lr_warmup_steps if config.lr_scheduler == "constant_with_warmup" else 0
         return AdamWScheduleFree(groups, lr=lr, betas=betas, eps=config.adam_epsilon, warmup_steps=warmup)
+    if name == "adafactor":  # kohya's SDXL recipe: the fixed learning rate, no relative step or parameter scale
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if name in ("lion", "lion8bit"):
+        import bitsandbytes as bnb
+
+        # (Lion's own betas, 0.9 and 0.99: Adam's --adam_beta2 0.999 would make its momentum far slower)
+        lion = bnb.optim.Lion8bit if name == "lion8bit" else bnb.optim.Lion
+        return lion(groups, lr=lr, betas=(config.adam_beta1, 0.99))
     if config.use_8bit_adam:
         return FlatAdamW8bit(groups, lr=lr, betas=betas, eps=config.adam_epsilon)
     # torch's fused AdamW: one kernel for all ~1,100 LoRA tensors instead of a few per tensor (SDXL's rank-4 LoRA

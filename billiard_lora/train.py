@@ -1226,9 +1226,10 @@ def resolve_hardware(config: TrainConfig) -> TrainConfig:
                      "backward (more memory than without fp8); training with checkpointing (or pass "
                      "--auto_gradient_checkpointing to let a trial step decide)")
         changes["gradient_checkpointing"] = True
-    if config.schedule_free and config.use_8bit_adam:
-        notes.append(f"--use_8bit_adam is for AdamW: --optimizer={config.optimizer} keeps its 32-bit states (a LoRA's "
-                     f"are small: SDXL's rank-4 UNet LoRA, 46 MB)")
+    if config.use_8bit_adam and config.optimizer.lower() in ("adamw_schedulefree", "adamwschedulefree", "adafactor",
+                                                             "lion", "lion8bit"):
+        notes.append(f"--use_8bit_adam is for AdamW: --optimizer={config.optimizer} keeps its own states (Lion8bit is "
+                     f"Lion's 8-bit form; a LoRA's states are small: SDXL's rank-4 UNet LoRA, 46 MB for AdamW)")
         changes["use_8bit_adam"] = False
     if config.optimizer.lower() == "prodigy":  # what runs, as config.json records it
         if config.use_8bit_adam:
@@ -1772,7 +1773,8 @@ def lora_signature(config: TrainConfig) -> dict:
             "loraplus": config.loraplus_lr_ratio is not None,  # the optimizer's groups: one or two per model
             # the optimizer's saved state only fits the same optimizer
             "optimizer": "AdamW8bit" if adam8 else "AdamWScheduleFree" if config.schedule_free else
-            {"adamw": "AdamW"}.get(config.optimizer.lower(), "Prodigy")}
+            {"adamw": "AdamW", "adafactor": "Adafactor", "lion": "Lion", "lion8bit": "Lion8bit"}.get(
+                config.optimizer.lower(), "Prodigy")}
 
 
 @contextlib.contextmanager

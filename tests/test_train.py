@@ -2632,6 +2632,28 @@ def test_schedule_free_saves_its_averaged_weights_validates_them_and_resumes_exa
     assert any(not torch.equal(saved[k], adamw[k]) for k in saved)
 
 
+@pytest.mark.parametrize("optimizer", ["Adafactor", "Lion8bit"])
+def test_adafactor_and_lion_train_and_resume_exactly(tiny_model_dir, tmp_path, optimizer):
+    """kohya's --optimizer_type AdaFactor / Lion8bit: each trains the LoRA its own way (not AdamW's), and a run that
+    crashed after a checkpoint and resumed ends bit for bit where an uninterrupted one ends (its state restored)."""
+    data = make_images(tmp_path / "data", n=3)
+    kw = dict(max_train_steps=4, optimizer=optimizer, learning_rate=1e-3, checkpointing_steps=2, use_8bit_adam=True)
+    whole = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "whole", **kw)))
+    with pytest.raises(Crash):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "crashed", **kw), callback=crash_at_step(3))
+    resumed = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "crashed",
+                                             resume_from_checkpoint="latest", **kw)))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    saved = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert saved["use_8bit_adam"] is False and any("--use_8bit_adam is for AdamW" in n for n in saved["fallbacks"])
+    adamw = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "adamw", max_train_steps=4,
+                                           learning_rate=1e-3)))
+    assert any(not torch.equal(whole[k], adamw[k]) for k in whole)
+    with pytest.raises(UserError, match="was made with optimizer="):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "crashed", resume_from_checkpoint="latest",
+                          max_train_steps=6, learning_rate=1e-3, checkpointing_steps=2))
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(lr_scheduler="cosine"), "needs no learning-rate schedule"),
     (dict(use_ema=True), "already averages the weights: drop --use_ema"),
