@@ -1266,6 +1266,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.controlnet or args.control_image or args.canny or args.controlnet_scale != DEFAULT_CONTROLNET_SCALE:
         if args.canny and not args.control_image:
             raise UserError("--canny turns --control_image into edges: add --control_image FILE, or drop --canny")
+        if not args.controlnet and not args.control_image:
+            raise UserError("--controlnet_scale sets how strongly the images follow a ControlNet: add --controlnet "
+                            "and --control_image, or drop --controlnet_scale")
         check_control(bool(args.controlnet), bool(args.control_image), args.controlnet_scale, bool(args.init_image))
         from .data import load_image
 

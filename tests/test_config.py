@@ -94,7 +94,7 @@ def test_config_file_values_are_read_as_their_flags_would_be(tmp_path):
     (["--class_prompt=a dog"], "only used with --with_prior_preservation"),
     (["--with_prior_preservation"], "needs --class_prompt"),
     (["--lr_scheduler=cosin"], "did you mean 'cosine'"),
-    (["--optimizer=lion"], "choose AdamW, Prodigy or AdamW_ScheduleFree"),
+    (["--optimizer=sgd"], "choose AdamW, Prodigy, AdamW_ScheduleFree, Adafactor, Lion or Lion8bit"),
     (["--rank=0"], "--rank=0 must be at least 1"),
     (["--fp8_base", "--use_dora"], "--fp8_base does not combine with --use_dora .*drop one"),
     (["--ema_decay=0.99"], "--ema_decay=0.99 only applies with --use_ema"),

@@ -121,7 +121,7 @@ def test_controlnet_settings_no_run_can_use_are_one_line(tiny_model_dir, control
         _pipe(tiny_model_dir, sd15)
 
 
-def test_cli_controlnet_with_canny_and_the_tiny_writer(tiny_model_dir, pictures, tmp_path):
+def test_cli_controlnet_with_canny_and_the_tiny_writer(tiny_model_dir, pictures, tmp_path, capsys):
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"}
     r = subprocess.run([sys.executable, "-m", "billiard_lora.tiny", str(tmp_path / "cn"), "--controlnet"],
                        capture_output=True, text=True, cwd=REPO, env=env)
@@ -140,3 +140,8 @@ def test_cli_controlnet_with_canny_and_the_tiny_writer(tiny_model_dir, pictures,
                         "--prompt", PROMPT, "--control_image", str(pictures[0]), "--out", str(tmp_path / "g2")],
                        capture_output=True, text=True, cwd=REPO, env=env)
     assert r.returncode == 2 and "--control_image steers a ControlNet: add --controlnet MODEL" in r.stderr
+    from billiard_lora.generate import main
+
+    assert main(["--model", str(tiny_model_dir), "--prompt", PROMPT, "--controlnet_scale", "0.9", "--out",
+                 str(tmp_path / "g3")]) == 2  # (refused before any model loads)
+    assert "--controlnet_scale sets how strongly the images follow a ControlNet" in capsys.readouterr().err
