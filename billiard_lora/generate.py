@@ -318,6 +318,11 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
                                                             "use_karras_sigmas": True}),
     "ddim": ("DDIMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    # few-step LoRAs stacked with yours: LCM-LoRA (latent-consistency/lcm-lora-sdxl: 4-8 steps, --guidance 1-2),
+    # SDXL-Lightning / DMD2 (their model cards: Euler with trailing timesteps, --guidance 0), Hyper-SD and TCD (TCD)
+    "lcm": ("LCMScheduler", {}),
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 
@@ -659,6 +664,7 @@ class GeneratedImage:
     refiner_start: float | None = None  # where the refiner took over (a share of the denoising)
     hires_scale: float | None = None  # A1111's hires fix: upscaled by this, then redrawn by image-to-image
     hires_strength: float | None = None  # ... at this strength
+    guidance_rescale: float = 0.0  # the guided prediction's spread rescaled toward the conditional one's (0: not)
     controlnet: str = ""  # the ControlNet that steered the image, "" for none
     control_image: str = ""  # ... what it followed (its file name, or "in-memory image")
     controlnet_scale: float | None = None  # ... how strongly (controlnet_conditioning_scale)
@@ -673,7 +679,8 @@ class GeneratedImage:
             model=self.model, fused=self.fused, fp8_base=self.fp8_base, vae_tiling=self.vae_tiling,
             scheduler=self.scheduler, prompt_weighting=self.prompt_weighting, init_image=self.init_image,
             mask_image=self.mask_image, strength=self.strength, refiner=self.refiner, refiner_start=self.refiner_start,
-            hires_scale=self.hires_scale, hires_strength=self.hires_strength, controlnet=self.controlnet,
+            hires_scale=self.hires_scale, hires_strength=self.hires_strength, guidance_rescale=self.guidance_rescale,
+            controlnet=self.controlnet,
             control_image=self.control_image, controlnet_scale=self.controlnet_scale, canny=self.canny,
         )
         return {k: "" if v is None else str(v) for k, v in values.items()}
@@ -687,7 +694,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
              mask_image: str | Path | Image.Image | None = None,
              refiner_start: float = DEFAULT_REFINER_START, hires_scale: float | None = None,
              hires_strength: float = DEFAULT_HIRES_STRENGTH, control_image: str | Path | Image.Image | None = None,
-             controlnet_scale: float = DEFAULT_CONTROLNET_SCALE, canny: bool = False) -> list[GeneratedImage]:
+             controlnet_scale: float = DEFAULT_CONTROLNET_SCALE, canny: bool = False,
+             guidance_rescale: float = 0.0) -> list[GeneratedImage]:
     """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight.
 
     ``cuda_graphs`` (default: what ``load_generation_pipeline`` was given): on a CUDA GPU, the UNet's forward is
@@ -712,6 +720,9 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     (its edges, a pose, depth: what the ControlNet was trained on) at ``controlnet_scale``, through diffusers'
     ``StableDiffusionXLControlNetPipeline`` on the same models, LoRAs included; ``canny``: the control is the
     picture's Canny edges (OpenCV, thresholds 100 and 200 as diffusers' docs), for a canny ControlNet given a photo.
+    ``guidance_rescale`` (A1111's CFG rescale; arXiv 2305.08891 section 3.4, 0.7 there): the guided noise prediction
+    rescaled toward the conditional one's standard deviation, against the over-exposure strong guidance gives a
+    zero-terminal-SNR / v-prediction model.
     """
     from tqdm.auto import tqdm
 
@@ -769,6 +780,11 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     results = []
     if cuda_graphs is None:
         cuda_graphs = getattr(pipe, "billiard_cuda_graphs", False)
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise UserError(f"--guidance_rescale={guidance_rescale} must be in [0, 1] (0.7 is the paper's, 0 is off)")
+    if guidance_rescale and control is not None:
+        raise UserError("--guidance_rescale does not combine with --controlnet (diffusers' SDXL ControlNet pipeline "
+                        "has no such setting): drop one")
     if cuda_graphs and control is not None:
         raise UserError("--cuda_graphs does not combine with --controlnet yet (the UNet then takes the ControlNet's "
                         "residuals): drop one")
@@ -796,7 +812,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
             generator = torch.Generator("cpu").manual_seed(seed)
             try:
                 common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              generator=generator)
+                              generator=generator, **({"guidance_rescale": guidance_rescale} if guidance_rescale else {}))
                 size = {} if image_kw else dict(height=height, width=width)
                 if refiner is None:
                     image = run(**text_inputs(prompt), **image_kw, **common, **size).images[0]
@@ -832,7 +848,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 refiner=getattr(pipe, "billiard_refiner_name", "") if refiner is not None else "",
                 refiner_start=refiner_start if refiner is not None else None,
                 hires_scale=hires_scale, hires_strength=hires_strength if hires_scale is not None else None,
-                controlnet=getattr(pipe, "billiard_controlnet_name", "") if control is not None else "",
+                guidance_rescale=guidance_rescale, controlnet=getattr(pipe, "billiard_controlnet_name", "") if control is not None else "",
                 control_image=("in-memory image" if isinstance(control_image, Image.Image) else
                                Path(control_image).name) if control is not None else "",
                 controlnet_scale=controlnet_scale if control is not None else None, canny=canny,
@@ -1176,6 +1192,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one image per prompt and seed; the same seed gives the same image (default: 0)")
     p.add_argument("--steps", type=int, default=30, help="inference steps (default: 30)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5.0)")
+    p.add_argument("--guidance_rescale", type=float, default=0.0, metavar="PHI",
+                   help="A1111's CFG rescale (arXiv 2305.08891: 0.7): against over-exposed images from a v-prediction / "
+                        "zero-terminal-SNR model at strong --guidance (default 0: off)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's, 1024 "
                                               "for SDXL)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
@@ -1347,6 +1366,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pipe.scheduler = with_noise_schedule(pipe.scheduler, **args.noise_schedule)
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+              guidance_rescale=args.guidance_rescale,
               height=args.height, width=args.width, prompt_weighting=args.prompt_weighting,
               **({"refiner_start": args.refiner_start} if args.refiner else {}),
               **({"hires_scale": args.hires_scale, "hires_strength": args.hires_strength}

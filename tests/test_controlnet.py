@@ -98,6 +98,8 @@ def test_controlnet_settings_no_run_can_use_are_one_line(tiny_model_dir, control
         generate(pipe, PROMPT, 0, **KW)
     with pytest.raises(UserError, match=r"--controlnet_scale=3.0 must be in \[0, 2\]"):
         generate(pipe, PROMPT, 0, control_image=pictures[0], controlnet_scale=3.0, **KW)
+    with pytest.raises(UserError, match="--guidance_rescale does not combine with --controlnet"):
+        generate(pipe, PROMPT, 0, control_image=pictures[0], guidance_rescale=0.7, **KW)
     with pytest.raises(UserError, match="--control_image does not combine with --init_image"):
         generate(pipe, PROMPT, 0, control_image=pictures[0], init_image=pictures[1], **KW)
     bare = _pipe(tiny_model_dir)

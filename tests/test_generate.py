@@ -278,7 +278,8 @@ def test_schedulers_keep_the_models_schedule_and_default_puts_its_own_back(tiny_
         made[name] = _px(first)
     assert np.array_equal(made["default"], _px(base))
     for a, b in [("dpm++_2m", "dpm++_2m_karras"), ("euler", "euler_a"), ("dpm++_2m_karras", "dpm++_2m_sde_karras"),
-                 ("euler", "ddim"), ("euler", "unipc")]:  # (2 steps of UniPC are 2 of DPM++ 2M)
+                 ("euler", "ddim"), ("euler", "unipc"), ("euler", "euler_trailing"), ("euler", "lcm"),
+                 ("lcm", "tcd")]:  # (2 steps of UniPC are 2 of DPM++ 2M)
         assert not np.array_equal(made[a], made[b]), (a, b)
     set_scheduler(pipe, "dpm++_2m")  # built from the model's own settings, not from the last scheduler's
     assert set(made) == set(SCHEDULERS) and pipe.scheduler.config.use_karras_sigmas is False
@@ -287,6 +288,20 @@ def test_schedulers_keep_the_models_schedule_and_default_puts_its_own_back(tiny_
                                                                   _px(base))
     with pytest.raises(UserError, match="unknown scheduler 'euler-a' \\(did you mean 'euler_a'\\?\\)"):
         set_scheduler(pipe, "euler-a")
+
+
+def test_guidance_rescale_is_diffusers_and_recorded(tiny_model_dir, lora_run):
+    """--guidance_rescale (A1111's CFG rescale, arXiv 2305.08891): diffusers' own guidance_rescale, in the image's
+    settings; 0 is off."""
+    pipe = _pipe(tiny_model_dir, loras=[str(lora_run)])
+    ours = generate(pipe, PROMPT, 0, guidance_rescale=0.7, **FAST)[0]
+    theirs = pipe(PROMPT, num_inference_steps=2, height=SIZE, width=SIZE, guidance_scale=5.0, guidance_rescale=0.7,
+                  generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.array_equal(_px(ours), _px(theirs)) and ours.metadata()["guidance_rescale"] == "0.7"
+    plain = generate(pipe, PROMPT, 0, **FAST)[0]
+    assert np.abs(_px(plain) - _px(ours)).max() > 1 and plain.metadata()["guidance_rescale"] == "0.0"
+    with pytest.raises(UserError, match=r"--guidance_rescale=1.5 must be in \[0, 1\]"):
+        generate(pipe, PROMPT, 0, guidance_rescale=1.5, **FAST)
 
 
 def test_lora_scale_zero_is_the_base_model_and_one_is_the_default(tiny_model_dir, lora_run):
