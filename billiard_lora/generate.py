@@ -93,6 +93,13 @@ class LoraSpec:
     scale: float = 1.0
     name: str | None = None  # adapter name; derived from the path when None
     blocks: tuple[str, ...] = ()  # only its layers in these UNet blocks (``@content``, ``@style``, ``@up_blocks.1``)
+    block_weights: tuple[float, ...] = ()  # each block's own weight (``@up_blocks.0=0.5,mid_block``); (): all 1
+
+    @property
+    def blocks_text(self) -> str:
+        """The @ part as given: ``up_blocks.0=0.5+mid_block`` (for file names and PNG settings)."""
+        weights = self.block_weights or (1.0,) * len(self.blocks)
+        return "+".join(b if w == 1.0 else f"{b}={w:g}" for b, w in zip(self.blocks, weights))
 
 
 _BLOCK_NAME = re.compile(r"(unet\.)?(down_blocks|up_blocks|mid_block|input_blocks|middle_block|output_blocks)"
@@ -111,13 +118,25 @@ def parse_lora_arg(text: str) -> LoraSpec:
             path, scale = head, float(tail)
         except ValueError:  # "C:\\runs\\x" or "run:v2": the colon belongs to the path
             pass
-    blocks: tuple[str, ...] = ()
+    blocks, weights = [], []
     head, sep, tail = path.rpartition("@")
-    if sep and tail.strip() in BLORA_PARTS:
-        path, blocks = head, BLORA_PARTS[tail.strip()]
-    elif sep and tail.strip() and all(_BLOCK_NAME.fullmatch(b) for b in parse_unet_blocks(tail)):
-        path, blocks = head, tuple(parse_unet_blocks(tail))
-    return _nonempty(LoraSpec(path, scale, blocks=blocks), text)
+    items = [item.partition("=") for item in tail.split(",")] if sep else []
+    names = [parse_unet_blocks(name) for name, _, _ in items]
+    if items and all(len(n) == 1 and (n[0] in BLORA_PARTS or _BLOCK_NAME.fullmatch(n[0])) for n in names):
+        for (name, eq, weight), (block,) in zip(items, names):
+            try:
+                value = float(weight) if eq else 1.0
+            except ValueError:
+                raise UserError(f"--lora '{text}': the weight of {block} is {weight!r}, not a number; write "
+                                f"BLOCK=0.5 (A1111's LoRA block weight), e.g. {head}@up_blocks.0=0.5,mid_block") from None
+            for part in BLORA_PARTS.get(block, (block,)):
+                blocks.append(part)
+                weights.append(value)
+        path = head
+    if len(set(blocks)) < len(blocks):
+        raise UserError(f"--lora '{text}': a block is named twice in the @ part")
+    return _nonempty(LoraSpec(path, scale, blocks=tuple(blocks),
+                              block_weights=tuple(weights) if any(w != 1.0 for w in weights) else ()), text)
 
 
 def _nonempty(spec: LoraSpec, text: str) -> LoraSpec:
@@ -433,13 +452,14 @@ def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool 
         reason = (f"only {loaded} of its {expected} LoRA layers exist in this model" if loaded
                   else "none of its LoRA layers exist in this model")
         raise _does_not_fit(pipe, file, reason)
-    if spec.blocks and not keep_blocks(pipe, name, spec.blocks):
+    if spec.blocks and not keep_blocks(pipe, name, spec.blocks, spec.block_weights):
         unload_lora(pipe, name)
-        raise UserError(f"--lora {spec.path}@{','.join(spec.blocks)}: none of its layers lies in "
-                        f"{', '.join(spec.blocks)} ({loaded} layers elsewhere); leave out the @ part to use them")
+        raise UserError(f"--lora {spec.path}@{spec.blocks_text}: none of its layers lies in "
+                        f"{', '.join(spec.blocks)}{' at a weight above 0' if spec.block_weights else ''} ({loaded} "
+                        f"layers elsewhere); leave out the @ part to use them")
     if not hasattr(pipe, "billiard_loras"):
         pipe.billiard_loras = {}  # adapter name -> LoraSpec: the weights set_adapters was given, for restoring
-    pipe.billiard_loras[name] = LoraSpec(str(spec.path), spec.scale, name, spec.blocks)
+    pipe.billiard_loras[name] = LoraSpec(str(spec.path), spec.scale, name, spec.blocks, spec.block_weights)
     embeddings = find_embeddings(file)
     if embeddings is not None:  # trained with --train_text_encoder_ti: its tokens come with it while it is active
         # read once, here (a damaged file says so now, not at the first image); a few KB, kept for each activation
@@ -450,10 +470,11 @@ def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool 
     return name
 
 
-def keep_blocks(pipe, name: str, blocks: Sequence[str]) -> int:
+def keep_blocks(pipe, name: str, blocks: Sequence[str], weights: Sequence[float] = ()) -> int:
     """Adapter ``name`` keeps only its layers inside these UNet blocks (diffusers' or the original UNet's names; a
     B-LoRA's content or style block): the others, its text-encoder layers too, are taken off their modules, as the
-    B-LoRA loaders of diffusers' docs and ComfyUI filter the file. Returns how many layers stay."""
+    B-LoRA loaders of diffusers' docs and ComfyUI filter the file. ``weights``: each block's own (A1111's LoRA Block
+    Weight), multiplied into its layers' ΔW (0: taken off too). Returns how many layers stay."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from .lora import block_of
@@ -467,13 +488,33 @@ def keep_blocks(pipe, name: str, blocks: Sequence[str]) -> int:
             if not isinstance(module, BaseTunerLayer) or not any(
                     name in getattr(module, attr, {}) for attr in module.adapter_layer_names):  # (LoKr: w1 or w1_a)
                 continue
-            if component == "unet" and block_of(module_name, list(blocks), sgm):
+            block = block_of(module_name, list(blocks), sgm) if component == "unet" else None
+            weight = weights[list(blocks).index(block)] if block is not None and weights else 1.0
+            if block is not None and weight != 0.0:
+                if weight != 1.0:
+                    _scale_adapter_layer(module, name, weight, module_name)
                 kept += 1
                 continue
             with warnings.catch_warnings():  # "Adapter X was active which is now deleted": set_adapters follows
                 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
                 module.delete_adapter(name)
     return kept
+
+
+def _scale_adapter_layer(module, name: str, weight: float, module_name: str) -> None:
+    """Multiply one adapted layer's ΔW by ``weight``, in the factor it is linear in: LoRA's B, LoHa's first
+    Hadamard factor (w1_a), LoKr's first Kronecker factor (w1, or its w1_a)."""
+    if name in getattr(module, "lora_magnitude_vector", {}):
+        raise UserError(f"a block weight other than 0 or 1 scales a LoRA's ΔW, which a DoRA's normalised magnitude "
+                        f"undoes ({module_name}): give its blocks 0 or 1")
+    for attr in ("lora_B", "hada_w1_a", "lokr_w1", "lokr_w1_a"):
+        holder = getattr(module, attr, {})
+        if name in holder:
+            target = holder[name]
+            with torch.no_grad():
+                (target.weight if hasattr(target, "weight") else target).mul_(weight)
+            return
+    raise UserError(f"internal: no factor to weight in {module_name} ({type(module).__name__})")
 
 
 def sync_embeddings(pipe, *, lora_scale: float | None = None) -> None:
@@ -837,7 +878,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
             results.append(GeneratedImage(
                 image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=num_inference_steps,
                 guidance_scale=guidance_scale, lora_scale=recorded_scale,
-                lora_names=tuple(s.name + (f"@{'+'.join(s.blocks)}" if s.blocks else "") for s in loras),
+                lora_names=tuple(s.name + (f"@{s.blocks_text}" if s.blocks else "") for s in loras),
                 width=image.width, height=image.height,
                 lora_weights=tuple(s.scale for s in loras), model=getattr(pipe.config, "_name_or_path", ""),
                 fused=fused, fp8_base=fp8, vae_tiling=_decoded_in_tiles(pipe, image),
@@ -1181,7 +1222,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(owner/name or owner/name/FILE.safetensors, kept in the Hub's cache), optional weight; "
                         "repeatable. @content or @style: only a B-LoRA's content or style block (--use_blora), e.g. "
                         "--lora dog_run@content --lora painting_run@style; @BLOCK,BLOCK: only its layers in those "
-                        "UNet blocks (up_blocks.0, output_blocks.1.1, ...)")
+                        "UNet blocks (up_blocks.0, output_blocks.1.1, ...); @BLOCK=0.5,...: each block at its own "
+                        "weight (A1111's LoRA Block Weight)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     p.add_argument("--prompts_file", help="text file, one prompt per line")
     p.add_argument("--instance_prompt",

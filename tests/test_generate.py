@@ -124,6 +124,12 @@ def test_parse_lora_arg_takes_blocks_after_an_at_sign():
     assert parse_lora_arg("x@unet.up_blocks.1, output_blocks.1.1").blocks == ("up_blocks.1", "output_blocks.1.1")
     assert parse_lora_arg("runs/v1@2x") == LoraSpec("runs/v1@2x", 1.0)
     assert parse_lora_arg("me@home/run:0.5") == LoraSpec("me@home/run", 0.5)
+    weighted = parse_lora_arg("x@content=0.5,mid_block:0.8")  # A1111's LoRA Block Weight: a weight per block
+    assert (weighted.blocks, weighted.block_weights, weighted.scale) == (
+        ("up_blocks.0.attentions.0", "mid_block"), (0.5, 1.0), 0.8)
+    assert weighted.blocks_text == "up_blocks.0.attentions.0=0.5+mid_block"
+    with pytest.raises(UserError, match="the weight of mid_block is 'half', not a number"):
+        parse_lora_arg("x@mid_block=half")
 
 
 def test_prompts_file_skips_blank_lines_and_comments(tmp_path):

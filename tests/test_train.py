@@ -301,6 +301,12 @@ def test_blora_and_unet_blocks_confine_the_lora_and_generate_takes_content_and_s
     kohya = runs["a"] / "pytorch_lora_weights_kohya.safetensors"
     np.testing.assert_allclose(images([f"{kohya}@output_blocks.0.1"]), images([f"{runs['a']}@content"]), atol=1e-6)
     assert np.abs(images([f"{runs['lokr']}@style"]) - images([str(runs["lokr"])])).max() > 1e-5
+    # A1111's LoRA Block Weight: a block's weight multiplies its layers' ΔW
+    np.testing.assert_allclose(images([f"{runs['a']}@content=0.5,style"]),
+                               images(state_dicts=[only(runs["a"], content), only(runs["a"], style)],
+                                      weights=[0.5, 1.0]), atol=1e-6)
+    np.testing.assert_allclose(images([f"{runs['lokr']}@style=0.5"]), images([f"{runs['lokr']}@style:0.5"]), atol=1e-6)
+    np.testing.assert_allclose(images([f"{runs['a']}@content=0,style"]), images([f"{runs['a']}@style"]), atol=1e-6)
     with pytest.raises(UserError, match=r"none of its layers lies in down_blocks\.1 \(32 layers elsewhere\)"):
         images([f"{runs['a']}@down_blocks.1"])
     with pytest.raises(UserError, match="--use_blora trains the blocks"):
