@@ -103,7 +103,7 @@ class LoraSpec:
 
 
 _BLOCK_NAME = re.compile(r"(unet\.)?(down_blocks|up_blocks|mid_block|input_blocks|middle_block|output_blocks)"
-                         r"(\.(attentions|resnets|\d+))*")
+                         r"(\.(attentions|resnets|\d+))*|unet|te")  # unet: all of it; te: the text encoders
 
 
 def parse_lora_arg(text: str) -> LoraSpec:
@@ -473,8 +473,9 @@ def load_lora(pipe, spec: LoraSpec, *, file: Path | None = None, activate: bool 
 def keep_blocks(pipe, name: str, blocks: Sequence[str], weights: Sequence[float] = ()) -> int:
     """Adapter ``name`` keeps only its layers inside these UNet blocks (diffusers' or the original UNet's names; a
     B-LoRA's content or style block): the others, its text-encoder layers too, are taken off their modules, as the
-    B-LoRA loaders of diffusers' docs and ComfyUI filter the file. ``weights``: each block's own (A1111's LoRA Block
-    Weight), multiplied into its layers' ΔW (0: taken off too). Returns how many layers stay."""
+    B-LoRA loaders of diffusers' docs and ComfyUI filter the file; ``unet`` names all of the UNet, ``te`` the text
+    encoders. ``weights``: each block's own (A1111's LoRA Block Weight), multiplied into its layers' ΔW (0: taken
+    off too). Returns how many layers stay."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from .lora import block_of
@@ -488,7 +489,11 @@ def keep_blocks(pipe, name: str, blocks: Sequence[str], weights: Sequence[float]
             if not isinstance(module, BaseTunerLayer) or not any(
                     name in getattr(module, attr, {}) for attr in module.adapter_layer_names):  # (LoKr: w1 or w1_a)
                 continue
-            block = block_of(module_name, list(blocks), sgm) if component == "unet" else None
+            if component != "unet":  # "te" names the text encoders (A1111's block weights' first, BASE)
+                block = "te" if "te" in blocks else None
+            else:
+                # the block named for it, else "unet" where that is given (a block's own weight wins)
+                block = block_of(module_name, list(blocks), sgm) or ("unet" if "unet" in blocks else None)
             weight = weights[list(blocks).index(block)] if block is not None and weights else 1.0
             if block is not None and weight != 0.0:
                 if weight != 1.0:
@@ -1222,8 +1227,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(owner/name or owner/name/FILE.safetensors, kept in the Hub's cache), optional weight; "
                         "repeatable. @content or @style: only a B-LoRA's content or style block (--use_blora), e.g. "
                         "--lora dog_run@content --lora painting_run@style; @BLOCK,BLOCK: only its layers in those "
-                        "UNet blocks (up_blocks.0, output_blocks.1.1, ...); @BLOCK=0.5,...: each block at its own "
-                        "weight (A1111's LoRA Block Weight)")
+                        "UNet blocks (up_blocks.0, output_blocks.1.1, ...; unet: all of it, te: the text encoders); "
+                        "@BLOCK=0.5,...: each block at its own weight (A1111's LoRA Block Weight)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     p.add_argument("--prompts_file", help="text file, one prompt per line")
     p.add_argument("--instance_prompt",

@@ -132,6 +132,25 @@ def test_parse_lora_arg_takes_blocks_after_an_at_sign():
         parse_lora_arg("x@mid_block=half")
 
 
+def test_block_weights_unet_and_te_are_diffusers_per_component_weights(tiny_model_dir, tmp_path):
+    """@unet,te=0.5 (A1111's block weights' BASE: the text encoders): diffusers' own per-component adapter weights;
+    @unet alone drops the text-encoder layers; a block's own weight wins over unet's."""
+    run = _train(tiny_model_dir, tmp_path / "te-run", train_text_encoder=True, text_encoder_lr=5e-2, max_train_steps=3)
+    reference = _pipe(tiny_model_dir, loras=[str(run)])
+    name = next(iter(reference.billiard_loras))
+    reference.set_adapters([name], adapter_weights=[{"unet": 1.0, "text_encoder": 0.5, "text_encoder_2": 0.5}])
+    want = generate(reference, PROMPT, 0, **FAST)[0]
+    got = generate(_pipe(tiny_model_dir, loras=[f"{run}@unet,te=0.5"]), PROMPT, 0, **FAST)[0]
+    assert np.abs(_px(got) - _px(want)).max() <= 1 and got.lora_names[0].endswith("@unet+te=0.5")
+    reference.set_adapters([name], adapter_weights=[{"unet": 1.0, "text_encoder": 0.0, "text_encoder_2": 0.0}])
+    unet_only = generate(_pipe(tiny_model_dir, loras=[f"{run}@unet"]), PROMPT, 0, **FAST)[0]
+    assert np.abs(_px(unet_only) - _px(generate(reference, PROMPT, 0, **FAST)[0])).max() <= 1
+    assert np.abs(_px(unet_only) - _px(want)).max() > 1
+    mixed = generate(_pipe(tiny_model_dir, loras=[f"{run}@unet=0,up_blocks,te"]), PROMPT, 0, **FAST)[0]
+    only_up = generate(_pipe(tiny_model_dir, loras=[f"{run}@up_blocks,te"]), PROMPT, 0, **FAST)[0]
+    assert np.array_equal(_px(mixed), _px(only_up))
+
+
 def test_prompts_file_skips_blank_lines_and_comments(tmp_path):
     (tmp_path / "p.txt").write_text("# famous people\n\na photo of messi playing billiard\n  snooker final  \n")
     assert read_prompts_file(tmp_path / "p.txt") == [PROMPT, "snooker final"]
