@@ -2249,6 +2249,14 @@ def ensure_class_images(config: TrainConfig, c, accelerator, weight_dtype) -> li
     from .models import pipeline_from_components
 
     class_dir = Path(config.class_data_dir or Path(config.output_dir) / "class_images")
+    if config.class_data_dir and class_dir.is_dir():
+        from .data import _kohya_layout_source, is_kohya_layout
+
+        if is_kohya_layout(class_dir):  # kohya's --reg_data_dir: N_words/ folders, all of their images, N times each
+            examples = _kohya_layout_source(class_dir).examples
+            return [TrainImage(load_image(e.path), config.class_prompt if e.caption is None else e.caption,
+                               hashlib.sha256(e.path.read_bytes()).hexdigest()[:16])
+                    for e in examples for _ in range(e.repeats)]
     exts = {".jpg", ".jpeg", ".png", ".webp"}
     existing = lambda: sorted(p for p in class_dir.glob("*") if p.suffix.lower() in exts and not p.name.startswith("."))
     missing = config.num_class_images - len(existing()) if class_dir.is_dir() else config.num_class_images

@@ -2681,6 +2681,27 @@ def test_kohya_folder_repeats_make_an_epoch(tiny_model_dir, tmp_path):
     assert len((out / "loss_history.csv").read_text().strip().splitlines()) == 1 + 7
 
 
+def test_a_kohya_regularisation_folder_gives_the_class_images_and_their_prompts(tiny_model_dir, tmp_path):
+    """--class_data_dir in kohya's layout (its --reg_data_dir): every image, N times, prompted by its .txt or its
+    folder's words; no --class_prompt needed, nothing generated."""
+    reg = tmp_path / "reg"
+    make_images(reg / "2_a photo of a man", n=2)
+    make_images(reg / "1_woman", n=1, size=40)  # (other bytes than the man folder's first image)
+    (reg / "1_woman" / "img_0.txt").write_text("a woman at a billiard table")
+    before = sorted(p.name for p in reg.rglob("*"))
+    cfg = tiny_config(tiny_model_dir, make_images(tmp_path / "data", n=2), tmp_path / "out",
+                      with_prior_preservation=True, class_data_dir=str(reg), max_train_steps=1)
+    assert cfg.class_prompt is None and cfg.kohya_class_folder
+    images = train_mod.ensure_class_images(cfg, None, None, None)
+    assert sorted(im.caption for im in images) == ["a photo of a man"] * 4 + ["a woman at a billiard table"]
+    assert len({im.key for im in images}) == 3
+    train(cfg)
+    assert sorted(p.name for p in reg.rglob("*")) == before  # used as they are
+    with pytest.raises(UserError, match="needs --class_prompt .* or a --class_data_dir in kohya's layout"):
+        tiny_config(tiny_model_dir, tmp_path, tmp_path / "x", with_prior_preservation=True,
+                    class_data_dir=str(tmp_path / "data"))
+
+
 # ---------------------------------------------------------------- --report_to wandb
 def test_report_to_wandb_logs_losses_and_validation_images_offline(tiny_model_dir, tmp_path, monkeypatch):
     """diffusers' README runs with --report_to="wandb": the run goes to Weights & Biases (here WANDB_MODE=offline,
