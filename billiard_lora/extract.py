@@ -106,15 +106,10 @@ def extract_lora(base: str, tuned: str, out: str | Path, *, rank: int | None = N
     module's docstring. Every argument is checked before a model loads."""
     from .io import save_safetensors
     from .lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, unet_lora_layers
-    from .lora_tools import (ResizedLayer, _most_common, _output_file, load_lora_file, lora_config_dict, to_kohya,
-                             write_lora)
+    from .lora_tools import (ResizedLayer, _most_common, _output_file, check_rank_or_energy, load_lora_file,
+                             lora_config_dict, to_kohya, write_lora)
 
-    if (rank is None) == (energy is None):
-        raise UserError("give exactly one of --rank N or --energy F")
-    if rank is not None and rank < 1:
-        raise UserError(f"--rank must be at least 1, got {rank}")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise UserError(f"--energy is the fraction of each layer's ||ΔW||² to keep, in (0, 1]; got {energy}")
+    check_rank_or_energy(rank, energy)
     if conv_rank is not None and conv_rank < 1:
         raise UserError(f"--conv_rank must be at least 1, got {conv_rank}")
     if clamp_quantile is not None and not 0.0 < clamp_quantile <= 1.0:

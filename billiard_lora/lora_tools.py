@@ -1147,6 +1147,16 @@ def resize_layer(layer: Layer, *, rank: int | None = None, energy: float | None 
     return down.contiguous(), up.contiguous(), ResizedLayer(layer.name, layer.rank, k, kept, s)
 
 
+def check_rank_or_energy(rank: int | None, energy: float | None, *, required: bool = True) -> None:
+    """--rank N (at least 1) or --energy F (in (0, 1]): exactly one where ``required``, else at most one."""
+    if required and (rank is None) == (energy is None):
+        raise UserError("give exactly one of --rank N or --energy F")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise UserError(f"--energy is the fraction of each layer's ||ΔW||² to keep, in (0, 1]; got {energy}")
+
+
 def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, energy: float | None = None,
                 overwrite: bool = False) -> tuple[Path, list[ResizedLayer]]:
     """SVD-resize every layer and write the result in the input's own format (so it loads where the input did)."""
@@ -1154,12 +1164,7 @@ def resize_lora(path: str | Path, out: str | Path, *, rank: int | None = None, e
 
     from .io import save_safetensors
 
-    if (rank is None) == (energy is None):
-        raise UserError("give exactly one of --rank N or --energy F")
-    if rank is not None and rank < 1:
-        raise UserError(f"--rank must be at least 1, got {rank}")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise UserError(f"--energy is the fraction of ||ΔW||² to keep, in (0, 1]; got {energy}")
+    check_rank_or_energy(rank, energy)
     if _is_lycoris_file(path):  # a LoHa/LoKr: its layers' ΔW, SVD-truncated, become a LoRA every loader reads
         from .lycoris import lycoris_to_lora
 
@@ -1253,10 +1258,7 @@ def combine_loras(sources: Sequence[tuple[str | Path, float]], out: str | Path, 
     kohya file). Returns (file, layers, largest rank)."""
     if len(sources) < 2:
         raise UserError("combine needs at least two LoRAs: FILE[:WEIGHT] FILE[:WEIGHT] ...")
-    if rank is not None and rank < 1:
-        raise UserError(f"--rank must be at least 1, got {rank}")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise UserError(f"--energy is the fraction of ||ΔW||² to keep, in (0, 1]; got {energy}")
+    check_rank_or_energy(rank, energy, required=False)
     files = [(load_lora_file(path), float(weight)) for path, weight in sources]
     families = {detect_base_model(lora)[0] for lora, _ in files}
     if len(families) > 1:
