@@ -69,9 +69,11 @@ def _layer_weights(pipe, lora_layers: str, conv: bool) -> dict[str, dict[str, to
 
 def _load(model: str, what: str, torch_dtype, single_file_config, lora_layers: str, conv: bool):
     from .models import load_pipeline
+    from .single_file import is_single_file
 
     print(f"loading the {what} model {model}", flush=True)
-    pipe = load_pipeline(model, torch_dtype=torch_dtype, single_file_config=single_file_config)
+    pipe = load_pipeline(model, torch_dtype=torch_dtype,  # (the layout only for a single file: the other may not be)
+                         single_file_config=single_file_config if is_single_file(model) else None)
     return _layer_weights(pipe, lora_layers, conv)
 
 
@@ -123,6 +125,10 @@ def extract_lora(base: str, tuned: str, out: str | Path, *, rank: int | None = N
     for name, model in (("--base", base), ("--tuned", tuned)):
         if Path(model).expanduser().resolve() == Path(out).expanduser().resolve():
             raise UserError(f"--out {out} is the {name} model; write the LoRA somewhere else")
+    for name, model in (("--base", base), ("--tuned", tuned)):  # before minutes of loading the other one
+        if not Path(model).expanduser().exists() and (str(model).startswith(("/", "./", "../", "~", ".\\"))
+                                                      or str(model).endswith((".safetensors", ".ckpt"))):
+            raise UserError(f"{name} {model}: no such file or folder")
     if str(base) == str(tuned) or (Path(base).exists() and Path(base).resolve() == Path(tuned).resolve()):
         raise UserError(f"--base and --tuned are the same model ({base}): give the fine-tuned one as --tuned")
     out_file = _output_file(out, KOHYA_WEIGHT_NAME if to == "kohya" else LORA_WEIGHT_NAME, Path(tuned), "extracted",

@@ -75,6 +75,9 @@ def test_from_single_files_with_energy_in_diffusers_format(tuned, tmp_path):
     change and none of float32's rounding; diffusers' format; text encoders changed by less than --min_diff are left
     out."""
     folder, single, merged, merged_file = tuned
+    mixed = extract_lora(str(folder), str(merged_file), tmp_path / "mixed.safetensors", rank=1,  # (a folder too)
+                         single_file_config=str(folder))
+    assert mixed.infos
     result = extract_lora(str(single), str(merged_file), tmp_path / "x.safetensors", energy=0.9999, conv_rank=4,
                           single_file_config=str(folder), to="diffusers", min_diff=1.0)
     assert result.skipped == ["text_encoder", "text_encoder_2"] and "left out" in format_extraction(result)
@@ -106,6 +109,8 @@ def test_a_lower_rank_keeps_the_strongest_directions_and_bad_input_is_one_line(t
         extract_lora(str(folder), str(merged), tmp_path / "y.safetensors")
     with pytest.raises(UserError, match="--base and --tuned are the same model"):
         extract_lora(str(folder), str(folder), tmp_path / "y.safetensors", rank=1)
+    with pytest.raises(UserError, match="--tuned .*nowhere: no such file or folder"):
+        extract_lora(str(folder), str(tmp_path / "nowhere"), tmp_path / "y.safetensors", rank=1)
     with pytest.raises(UserError, match="--clamp_quantile is a quantile"):
         extract_lora(str(folder), str(merged), tmp_path / "y.safetensors", rank=1, clamp_quantile=2)
     assert not (tmp_path / "y.safetensors").exists() and not (tmp_path / "same.safetensors").exists()
