@@ -67,11 +67,8 @@ def make_optimizer(config: TrainConfig, unet, text_encoders: Sequence, num_proce
 
         return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
     if name in ("lion", "lion8bit"):
-        import bitsandbytes as bnb
-
         # (Lion's own betas, 0.9 and 0.99: Adam's --adam_beta2 0.999 would make its momentum far slower)
-        lion = bnb.optim.Lion8bit if name == "lion8bit" else bnb.optim.Lion
-        return lion(groups, lr=lr, betas=(config.adam_beta1, 0.99))
+        return FlatLion(groups, lr=lr, betas=(config.adam_beta1, 0.99), bits=8 if name == "lion8bit" else 32)
     if config.use_8bit_adam:
         return FlatAdamW8bit(groups, lr=lr, betas=betas, eps=config.adam_epsilon)
     # torch's fused AdamW: one kernel for all ~1,100 LoRA tensors instead of a few per tensor (SDXL's rank-4 LoRA
@@ -341,14 +338,21 @@ def _bnb_adamw8bit():
     """bitsandbytes' AdamW8bit, whose groups marked ``small`` keep 32-bit states (tensors under 4,096 numbers)."""
     import bitsandbytes as bnb
 
-    class AdamW8bitGroups(bnb.optim.AdamW8bit):
+    return _small_groups_32bit(bnb.optim.AdamW8bit)
+
+
+def _small_groups_32bit(cls):
+    """A bitsandbytes 8-bit optimizer class whose groups marked ``small`` keep 32-bit states, as bitsandbytes gives
+    each tensor under ``min_8bit_size`` numbers (a flat buffer of many small tensors is larger than that)."""
+
+    class SmallGroups32bit(cls):
         def get_config(self, gindex, pindex, group):
             config = super().get_config(gindex, pindex, group)
             if group.get("small"):
                 config["optim_bits"] = 32
             return config
 
-    return AdamW8bitGroups
+    return SmallGroups32bit
 
 
 class ScheduleFreeAverage:
@@ -433,3 +437,36 @@ class AdapterEMA:
                             "targets or --train_text_encoder): resume with the same settings")
         self.ema.load_state_dict(state)
         self.ema.to(device=self.device)  # accelerate loads it onto the CPU
+
+
+class FlatLion(_FlatOptimizer):
+    """bitsandbytes' ``Lion`` (``bits=32``) or ``Lion8bit`` over flat buffers: the same update bit for bit (tested),
+    without the per-tensor GPU synchronisation of bitsandbytes' step (see the module's docstring). As for
+    ``FlatAdamW8bit``, 8-bit states go in whole 256-number blocks per tensor and tensors under 4,096 numbers keep
+    32-bit states in a buffer of their own."""
+
+    MARKER = "flat_lion"
+    SYNCED = ("lr", "betas", "weight_decay")
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, bits: int = 8,
+                 min_8bit_size: int | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+        self.bits, self.NAME = bits, f"bitsandbytes' {'8-bit ' if bits == 8 else ''}Lion"
+        self.min_8bit_size = MIN_8BIT_SIZE if min_8bit_size is None else min_8bit_size
+
+    def _small(self, p) -> bool:
+        return self.bits == 8 and p.numel() < self.min_8bit_size
+
+    def _block(self, small: bool) -> int:
+        return STATE_BLOCK if self.bits == 8 and not small else 1
+
+    def _make_inner(self, groups):
+        import bitsandbytes as bnb
+
+        with contextlib.redirect_stdout(io.StringIO()):  # (bitsandbytes prints its setup on first use)
+            if self.bits == 8:
+                return _small_groups_32bit(bnb.optim.Lion8bit)(groups, min_8bit_size=self.min_8bit_size)
+            return bnb.optim.Lion(groups)
+
+    def _from_per_tensor(self, state_dict: dict) -> dict:
+        raise self._unfit()  # (no billiard-lora version saved Lion per tensor)

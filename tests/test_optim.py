@@ -58,6 +58,28 @@ def test_flat_8bit_adamw_steps_exactly_as_bitsandbytes_per_tensor():
     assert torch.equal(b[3], params()[3])  # never given a gradient: never moved, not even by weight decay
 
 
+@pytest.mark.parametrize("bits", [8, 32])
+def test_flat_lion_steps_and_resumes_exactly_as_bitsandbytes_per_tensor(bits):
+    """--optimizer Lion8bit / Lion: bitsandbytes' Lion over flat buffers, the same bits as per tensor (8-bit states
+    from 4,096 numbers, 32-bit under), and its state saved and loaded mid-way goes on exactly."""
+    from billiard_lora.optim import FlatLion
+
+    a, b = params(), params()
+    reference = (bnb.optim.Lion8bit if bits == 8 else bnb.optim.Lion)(groups(a), lr=1e-3)
+    flat = FlatLion(groups(b), lr=1e-3, bits=bits)
+    g = torch.Generator().manual_seed(2)
+    step_both(reference, flat, a, b, 6, g, lr_at=lambda s: 1e-3 / (1 + s))
+    assert_same(a, b)
+    kinds = sorted(str(s["state1"].dtype) for s in flat._inner.state.values())
+    assert kinds == (["torch.float32", "torch.float32", "torch.uint8", "torch.uint8"] if bits == 8
+                     else ["torch.float32", "torch.float32"])
+    c = [torch.nn.Parameter(p.detach().clone()) for p in b]
+    resumed = FlatLion(groups(c), lr=1.0, bits=bits)
+    resumed.load_state_dict(flat.state_dict())
+    step_both(reference, resumed, a, c, 6, g, start=6)
+    assert_same(a, c)
+
+
 def test_without_padding_to_whole_blocks_the_8bit_states_would_differ(monkeypatch):
     """What makes the flat form exact: each 256-number block holds one tensor's numbers only."""
     monkeypatch.setattr(optim, "STATE_BLOCK", 1)
