@@ -6,7 +6,7 @@
 The LoRA's tensor shapes come from SDXL base 1.0's architecture built on the meta device (no weights, seconds);
 the parameters and gradients are random. For each optimizer (bitsandbytes' AdamW8bit tensor by tensor, as
 diffusers' script uses it; ours over flat buffers; torch's fused AdamW; Prodigy per tensor and ours over flat
-buffers) it prints one JSON line: ms per step
+buffers; bitsandbytes' Lion8bit per tensor and ours over flat buffers) it prints one JSON line: ms per step
 (median of ``--steps``), host synchronisations per step (on CUDA: calls of ``torch.cuda.synchronize``) and, on
 CUDA, the GPU's kernel time and kernels per step from torch's profiler, and whether the flat form's parameters
 equal the per-tensor form's after the timed steps. No assertions: numbers to read and record.
@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from billiard_lora.lora import add_lora  # noqa: E402
-from billiard_lora.optim import FlatAdamW8bit, FlatProdigy  # noqa: E402
+from billiard_lora.optim import FlatAdamW8bit, FlatLion, FlatProdigy  # noqa: E402
 from billiard_lora.tiny import FULL, SHAPES, build_components  # noqa: E402
 from common import device_name, emit  # noqa: E402
 
@@ -67,6 +67,10 @@ def build(name: str, params):
         return bnb.optim.AdamW8bit(groups, lr=1e-4)
     if name == "ours_flat_8bit":
         return FlatAdamW8bit(groups, lr=1e-4)
+    if name == "lion8bit_per_tensor":
+        return bnb.optim.Lion8bit(groups, lr=1e-4)
+    if name == "ours_flat_lion8bit":
+        return FlatLion(groups, lr=1e-4, bits=8)
     if name in ("prodigy_per_tensor", "ours_flat_prodigy"):  # one learning rate for all groups, as Prodigy wants
         for g in groups:
             g["lr"] = 1.0
@@ -137,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--optimizers", nargs="+", default=["bnb_per_tensor", "ours_flat_8bit", "torch_fused_adamw",
-                                                       "prodigy_per_tensor", "ours_flat_prodigy"])
+                                                       "prodigy_per_tensor", "ours_flat_prodigy",
+                                                       "lion8bit_per_tensor", "ours_flat_lion8bit"])
     p.add_argument("--json", help="also append the results to this file")
     args = p.parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -150,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         row, finals[name] = run(name, groups, args)
         results.append(row)
-    for per_tensor, flat in (("bnb_per_tensor", "ours_flat_8bit"), ("prodigy_per_tensor", "ours_flat_prodigy")):
+    for per_tensor, flat in (("bnb_per_tensor", "ours_flat_8bit"), ("prodigy_per_tensor", "ours_flat_prodigy"),
+                             ("lion8bit_per_tensor", "ours_flat_lion8bit")):
         if per_tensor in finals and flat in finals:
             a = [p for g in finals[per_tensor] for p in g]
             b = [p for g in finals[flat] for p in g]
