@@ -1343,20 +1343,6 @@ def check_merge_out(out: Path, model: str, overwrite: bool = False) -> None:
                         if overwrite else f"--out {out} is not empty: give a new folder{extra}")
 
 
-class _LycorisSource:
-    """What merge_lora needs of a LyCORIS file: its path, layers and training config."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        from .lycoris import count_layers
-
-        with safe_open(str(path), framework="pt") as f:
-            header, keys = dict(f.metadata() or {}), list(f.keys())
-        self.path, self.layers = path, range(count_layers(keys))
-        self.training_config = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
-
-
 def merge_lora(path: str | Path, model: str, out: str | Path, *, vae: str | None = None, scale: float = 1.0,
                torch_dtype: torch.dtype | None = None, overwrite: bool = False,
                single_file_config: str | None = None) -> Path:
@@ -1367,40 +1353,23 @@ def merge_lora(path: str | Path, model: str, out: str | Path, *, vae: str | None
     be a new or empty folder (``overwrite``: or an earlier merge's output) or a new file (``overwrite``: any), checked
     before anything is loaded. ``model`` may itself be a single-file checkpoint (layout: ``single_file_config``).
     """
+    from .generate import LoraSpec, _quiet_loading, load_lora, parse_lora_arg
     from .io import publish_dir
+    from .lora import read_metadata
     from .models import load_pipeline
 
     out = Path(out).expanduser()
     check_merge_out(out, model, overwrite)
-    lycoris = _is_lycoris_file(path)
-    lora = _LycorisSource(resolve_lora_path(path)) if lycoris else load_lora_file(path)
+    spec = LoraSpec(str(path)) if isinstance(path, Path) else parse_lora_arg(path)  # FILE[@BLOCKS][:SCALE]
+    file = resolve_lora_path(spec.path)
     pipe = load_pipeline(model, pretrained_vae_model_name_or_path=vae, single_file_config=single_file_config)
-    from .generate import _quiet_loading
-
-    try:
-        with _quiet_loading():  # "No LoRA keys associated to CLIPTextModel": what loaded is counted just below
-            if lycoris:  # LoHa/LoKr: our loader, as generate's (diffusers' SDXL loader reads none)
-                from .lycoris import load_lycoris
-
-                load_lycoris(pipe, lora.path, "merge")
-            else:
-                pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name="merge")
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"diffusers could not load {lora.path} into {model}: {str(exc).strip()[:200]}") from None
-    if lycoris:
-        from .lycoris import count_loaded
-
-        loaded = count_loaded(pipe, "merge")
-    else:
-        loaded = sum(count_lora_layers(pipe).values())
-    if loaded != len(lora.layers):
-        raise UserError(f"only {loaded} of the {len(lora.layers)} LoRA layers in {lora.path} found a module in "
-                        f"{model}; is it the base model the LoRA was trained on?")
+    # generate's loader: a LoRA or a LyCORIS LoHa/LoKr, every layer placed or one line; only some blocks, weighted
+    load_lora(pipe, LoraSpec(str(file), 1.0, "merge", spec.blocks, spec.block_weights), file=file)
     with _quiet_loading():
-        pipe.fuse_lora(lora_scale=scale, adapter_names=["merge"])
+        pipe.fuse_lora(lora_scale=scale * spec.scale, adapter_names=["merge"])
         pipe.unload_lora_weights()  # drops the adapter modules; the fused weights stay
-    record = {"base_model": model, "vae": vae, "lora": str(lora.path), "scale": scale,
-              "training_config": lora.training_config}
+    record = {"base_model": model, "vae": vae, "lora": str(file) + (f"@{spec.blocks_text}" if spec.blocks else ""),
+              "scale": scale * spec.scale, "training_config": read_metadata(file) or None}
     if out.suffix.lower() == ".safetensors":
         from .single_file import save_single_file
 
@@ -1565,7 +1534,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
     sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     sp = sub.add_parser("merge", help="fuse into the base model and save a standalone pipeline (safetensors)")
-    sp.add_argument("file", metavar="FILE", help=lora_file)
+    sp.add_argument("file", metavar="FILE[@BLOCKS][:SCALE]",
+                    help=lora_file + "; @BLOCKS as generate's --lora takes them (@content, @up_blocks.0=0.5,...)")
     sp.add_argument("--model", required=True,
                     help="base model: hub id, local diffusers folder or single-file checkpoint (.safetensors)")
     sp.add_argument("--vae", default=None, help="a separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")

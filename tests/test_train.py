@@ -307,6 +307,11 @@ def test_blora_and_unet_blocks_confine_the_lora_and_generate_takes_content_and_s
                                       weights=[0.5, 1.0]), atol=1e-6)
     np.testing.assert_allclose(images([f"{runs['lokr']}@style=0.5"]), images([f"{runs['lokr']}@style:0.5"]), atol=1e-6)
     np.testing.assert_allclose(images([f"{runs['a']}@content=0,style"]), images([f"{runs['a']}@style"]), atol=1e-6)
+    from billiard_lora.lora_tools import merge_lora  # lora merge takes the same @ part
+
+    merged = merge_lora(f"{runs['a']}@content=0.5:2", str(tiny_model_dir), tmp_path / "merged")
+    np.testing.assert_allclose(sample(StableDiffusionXLPipeline.from_pretrained(str(merged))),
+                               images([f"{runs['a']}@content"]), atol=1e-5)
     with pytest.raises(UserError, match=r"none of its layers lies in down_blocks\.1 \(32 layers elsewhere\)"):
         images([f"{runs['a']}@down_blocks.1"])
     with pytest.raises(UserError, match="--use_blora trains the blocks"):
