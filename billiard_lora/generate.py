@@ -715,6 +715,7 @@ class GeneratedImage:
     control_image: str = ""  # ... what it followed (its file name, or "in-memory image")
     controlnet_scale: float | None = None  # ... how strongly (controlnet_conditioning_scale)
     canny: bool = False  # ... the control image's Canny edges rather than the image itself
+    control_end: float | None = None  # ... for this share of the steps
 
     def metadata(self) -> dict[str, str]:
         """Settings as PNG text chunks (all strings; empty where not applicable)."""
@@ -728,6 +729,7 @@ class GeneratedImage:
             hires_scale=self.hires_scale, hires_strength=self.hires_strength, guidance_rescale=self.guidance_rescale,
             controlnet=self.controlnet,
             control_image=self.control_image, controlnet_scale=self.controlnet_scale, canny=self.canny,
+            control_end=self.control_end,
         )
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
@@ -741,7 +743,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
              refiner_start: float = DEFAULT_REFINER_START, hires_scale: float | None = None,
              hires_strength: float = DEFAULT_HIRES_STRENGTH, control_image: str | Path | Image.Image | None = None,
              controlnet_scale: float = DEFAULT_CONTROLNET_SCALE, canny: bool = False,
-             guidance_rescale: float = 0.0) -> list[GeneratedImage]:
+             control_end: float = 1.0, guidance_rescale: float = 0.0) -> list[GeneratedImage]:
     """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight.
 
     ``cuda_graphs`` (default: what ``load_generation_pipeline`` was given): on a CUDA GPU, the UNet's forward is
@@ -766,6 +768,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     (its edges, a pose, depth: what the ControlNet was trained on) at ``controlnet_scale``, through diffusers'
     ``StableDiffusionXLControlNetPipeline`` on the same models, LoRAs included; ``canny``: the control is the
     picture's Canny edges (OpenCV, thresholds 100 and 200 as diffusers' docs), for a canny ControlNet given a photo.
+    ``control_end`` (A1111's "ending control step"): the share of the steps the ControlNet steers; the rest are free
+    to refine details (diffusers' ``control_guidance_end``).
     ``guidance_rescale`` (A1111's CFG rescale; arXiv 2305.08891 section 3.4, 0.7 there): the guided noise prediction
     rescaled toward the conditional one's standard deviation, against the over-exposure strong guidance gives a
     zero-terminal-SNR / v-prediction model.
@@ -803,8 +807,11 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
         control = canny_edges(control) if canny else control
         height, width = control.height, control.width
         run = controlnet_pipeline(pipe)
+        if not 0.0 < control_end <= 1.0:
+            raise UserError(f"--control_end={control_end} must be in (0, 1]: the share of the steps the ControlNet "
+                            f"steers (1: all of them)")
         image_kw = dict(image=control, controlnet_conditioning_scale=float(controlnet_scale), height=height,
-                        width=width)
+                        width=width, control_guidance_end=float(control_end))
     elif canny:
         raise UserError("--canny turns --control_image into edges for a ControlNet: add --controlnet and "
                         "--control_image, or drop --canny")
@@ -898,6 +905,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 control_image=("in-memory image" if isinstance(control_image, Image.Image) else
                                Path(control_image).name) if control is not None else "",
                 controlnet_scale=controlnet_scale if control is not None else None, canny=canny,
+                control_end=control_end if control is not None else None,
             ))
     return results
 
@@ -1279,6 +1287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canny", action="store_true",
                    help="use --control_image's Canny edges (OpenCV, as diffusers' docs): a photo for a canny "
                         "ControlNet")
+    p.add_argument("--control_end", type=float, default=1.0, metavar="SHARE",
+                   help="the share of the steps the ControlNet steers, A1111's 'ending control step' (default 1: all; "
+                        "0.6 leaves the last steps free to refine details)")
     p.add_argument("--controlnet_scale", type=float, default=DEFAULT_CONTROLNET_SCALE,
                    help=f"how strongly the images follow --control_image, 0-2 (default {DEFAULT_CONTROLNET_SCALE})")
     p.add_argument("--scheduler", default="default", choices=list(SCHEDULERS),
@@ -1329,12 +1340,13 @@ def _check_args(args: argparse.Namespace) -> None:
                 load_image(picture)
         default = DEFAULT_INPAINT_STRENGTH if args.mask_image else DEFAULT_STRENGTH
         check_strength(args.strength if args.strength is not None else default, args.steps)
-    if args.controlnet or args.control_image or args.canny or args.controlnet_scale != DEFAULT_CONTROLNET_SCALE:
+    if args.controlnet or args.control_image or args.canny or args.controlnet_scale != DEFAULT_CONTROLNET_SCALE \
+            or args.control_end != 1.0:
         if args.canny and not args.control_image:
             raise UserError("--canny turns --control_image into edges: add --control_image FILE, or drop --canny")
         if not args.controlnet and not args.control_image:
-            raise UserError("--controlnet_scale sets how strongly the images follow a ControlNet: add --controlnet "
-                            "and --control_image, or drop --controlnet_scale")
+            raise UserError("--controlnet_scale and --control_end set how the images follow a ControlNet: add "
+                            "--controlnet and --control_image, or drop them")
         check_control(bool(args.controlnet), bool(args.control_image), args.controlnet_scale, bool(args.init_image))
         from .data import load_image
 
@@ -1421,7 +1433,7 @@ def main(argv: list[str] | None = None) -> int:
               **({"init_image": args.init_image, "strength": args.strength, "mask_image": args.mask_image}
                  if args.init_image else {}),
               **({"control_image": args.control_image, "controlnet_scale": args.controlnet_scale,
-                  "canny": args.canny} if args.controlnet else {}))
+                  "canny": args.canny, "control_end": args.control_end} if args.controlnet else {}))
     out = Path(args.out)
     # Grids carry the settings that made them; single images carry their own (GeneratedImage.metadata).
     settings = {**{k: v for k, v in kw.items() if v is not None and v is not False}, "model": args.model,

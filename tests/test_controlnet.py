@@ -73,6 +73,13 @@ def test_the_images_follow_the_control_image_as_diffusers_controlnet_pipeline_ma
     off = generate(pipe, PROMPT, 0, control_image=pictures[0], controlnet_scale=0.0, **KW)[0]
     plain = generate(_pipe(tiny_model_dir, loras=[str(lora_run)]), PROMPT, 0, **KW)[0]
     assert np.abs(_px(off) - _px(plain)).max() <= 1
+    # --control_end: diffusers' control_guidance_end (the ControlNet steers the first share of the steps)
+    early = generate(pipe, PROMPT, 0, control_image=pictures[0], controlnet_scale=0.7, control_end=0.5, **KW)[0]
+    direct = reference(PROMPT, image=control, controlnet_conditioning_scale=0.7, control_guidance_end=0.5,
+                       num_inference_steps=3, height=32, width=32,
+                       generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.array_equal(_px(early), _px(direct)) and not np.array_equal(_px(early), _px(ours))
+    assert early.metadata()["control_end"] == "0.5"
 
 
 def test_canny_makes_edges_of_a_photo_as_diffusers_docs_do(tiny_model_dir, controlnet_dir, pictures):
@@ -96,6 +103,8 @@ def test_controlnet_settings_no_run_can_use_are_one_line(tiny_model_dir, control
     pipe = _pipe(tiny_model_dir, controlnet_dir)
     with pytest.raises(UserError, match="--controlnet needs --control_image FILE"):
         generate(pipe, PROMPT, 0, **KW)
+    with pytest.raises(UserError, match=r"--control_end=0.0 must be in \(0, 1\]"):
+        generate(pipe, PROMPT, 0, control_image=pictures[0], control_end=0.0, **KW)
     with pytest.raises(UserError, match=r"--controlnet_scale=3.0 must be in \[0, 2\]"):
         generate(pipe, PROMPT, 0, control_image=pictures[0], controlnet_scale=3.0, **KW)
     with pytest.raises(UserError, match="--guidance_rescale does not combine with --controlnet"):
@@ -146,4 +155,4 @@ def test_cli_controlnet_with_canny_and_the_tiny_writer(tiny_model_dir, pictures,
 
     assert main(["--model", str(tiny_model_dir), "--prompt", PROMPT, "--controlnet_scale", "0.9", "--out",
                  str(tmp_path / "g3")]) == 2  # (refused before any model loads)
-    assert "--controlnet_scale sets how strongly the images follow a ControlNet" in capsys.readouterr().err
+    assert "--controlnet_scale and --control_end set how the images follow a ControlNet" in capsys.readouterr().err
