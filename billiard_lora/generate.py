@@ -46,6 +46,7 @@ DEFAULT_INPAINT_STRENGTH = 0.99  # inpainting: the masked area redrawn almost fr
 DEFAULT_REFINER_START = 0.8  # --refiner: the share of the denoising the base model (and LoRA) does (diffusers' docs)
 DEFAULT_HIRES_STRENGTH = 0.5  # --hires_scale: how much of the upscaled image its second pass redraws
 DEFAULT_CONTROLNET_SCALE = 0.5  # diffusers' SDXL ControlNet examples' controlnet_conditioning_scale
+DEFAULT_IP_SCALE = 0.6  # diffusers' IP-Adapter docs' scale for SDXL: the prompt still has its say
 # "a photo of | messi | playing billiard": the first "... of" is the framing, then the subject, then the action.
 _SUBJECT_PATTERN = re.compile(r"^(?P<pre>.*?\bof\s+)?(?P<subject>.+?)\s+(?P<rest>playing\s+billiards?\b.*)$",
                               re.IGNORECASE)
@@ -210,7 +211,8 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
                              fp8_base: bool = False, cuda_graphs: bool = False, cpu_offload: bool = False,
                              vae_tiling: bool | int = False, scheduler: str = "default",
                              files: Sequence[Path] | None = None, refiner: str | None = None,
-                             single_file_config: str | None = None, controlnet: str | None = None):
+                             single_file_config: str | None = None, controlnet: str | None = None,
+                             ip_adapter: str | None = None, ip_image_encoder: str | None = None):
     """SDXL, a separate VAE unless ``vae`` is None, and LoRAs loaded and weighted; cuda/fp16 if present, else cpu/fp32.
     ``model``: a Hub id, a diffusers folder or a single-file checkpoint (its layout from ``single_file_config``).
     ``scheduler``: the sampler, a key of ``SCHEDULERS`` (default: the model's own). ``files``: the LoRA files
@@ -237,6 +239,8 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
 
     ``controlnet`` (e.g. ``diffusers/controlnet-canny-sdxl-1.0``, or a folder): an SDXL ControlNet, which
     ``generate(control_image=...)`` then follows.
+    ``ip_adapter`` (``h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors``, or such a file): an IP-Adapter, whose
+    image ``generate(ip_image=...)`` then takes as a second prompt (``attach_ip_adapter``).
     """
     specs = [parse_lora_arg(s) if isinstance(s, str) else s for s in loras]
     # fail on a typo before minutes of model loading
@@ -247,9 +251,12 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
         raise UserError("--refiner does not combine with --cpu_offload yet (the two pipelines share the text encoder "
                         "and VAE, which offloading moves for one of them): drop one; --fp8_base and --vae_tiling "
                         "also save memory")
-    if controlnet and (cpu_offload or cuda_graphs):
-        raise UserError(f"--controlnet does not combine with {'--cpu_offload' if cpu_offload else '--cuda_graphs'} "
-                        f"yet: drop one (--fp8_base and --vae_tiling also save memory)")
+    for flag, given in (("--controlnet", controlnet), ("--ip_adapter", ip_adapter)):
+        if given and (cpu_offload or cuda_graphs):
+            raise UserError(f"{flag} does not combine with {'--cpu_offload' if cpu_offload else '--cuda_graphs'} "
+                            f"yet: drop one (--fp8_base and --vae_tiling also save memory)")
+    if ip_adapter:
+        ip_adapter_location(ip_adapter)  # a malformed name says so before minutes of loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch_dtype is None:
         torch_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
@@ -267,6 +274,50 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
         pipe.billiard_refiner, pipe.billiard_refiner_name = finisher, refiner
     if controlnet:
         attach_controlnet(pipe, controlnet, torch_dtype=torch_dtype, device=device)
+    if ip_adapter:
+        attach_ip_adapter(pipe, ip_adapter, image_encoder=ip_image_encoder)
+    return pipe
+
+
+def ip_adapter_location(spec: str) -> tuple[str, str, str]:
+    """(folder or repo id, subfolder, file) of an IP-Adapter's weights: a local .safetensors file, or
+    ``owner/name/SUBFOLDER/FILE.safetensors`` on the Hub (h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors)."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".bin":
+        raise UserError(f"--ip_adapter {spec}: a .bin file is a pickle, which can run code when loaded; take the "
+                        f".safetensors file beside it (h94/IP-Adapter has both)")
+    if path.is_file():
+        return str(path.parent), "", path.name
+    parts = spec.split("/")
+    if path.suffix == ".safetensors" and len(parts) >= 3 and not spec.startswith(("/", ".", "~")):
+        return "/".join(parts[:2]), "/".join(parts[2:-1]), parts[-1]
+    raise UserError(f"--ip_adapter {spec}: give the IP-Adapter's .safetensors file, a local one or on the Hub as "
+                    f"owner/name/SUBFOLDER/FILE, e.g. h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors")
+
+
+def attach_ip_adapter(pipe, spec: str, *, image_encoder: str | None = None):
+    """Load an IP-Adapter onto ``pipe`` through diffusers' ``load_ip_adapter``: its image projection and each
+    cross-attention's image keys and values, and the CLIP image encoder (``image_encoder``: a folder or Hub id;
+    default: ``image_encoder/`` beside the weights, as h94/IP-Adapter lays them out). ``generate(ip_image=...)``
+    then prompts with a picture as well as words. LoRAs loaded before or after work alongside."""
+    from .models import _friendly_errors
+
+    if _is_offloaded(pipe) or getattr(pipe, "billiard_cuda_graphs", False):
+        raise UserError("--ip_adapter does not combine with --cpu_offload or --cuda_graphs yet: drop one")
+    folder, subfolder, weight_name = ip_adapter_location(spec)
+    if image_encoder is not None and getattr(pipe, "image_encoder", None) is None:
+        from transformers import CLIPVisionModelWithProjection
+
+        with _friendly_errors("IP-Adapter image encoder", image_encoder):
+            encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=pipe.text_encoder_2.dtype)
+        pipe.register_modules(image_encoder=encoder.to(pipe.unet.device))
+    with _friendly_errors("IP-Adapter", folder), _quiet_loading():
+        try:
+            pipe.load_ip_adapter(folder, subfolder=subfolder, weight_name=weight_name)
+        except (KeyError, RuntimeError) as exc:  # weights of another model's layout (an SD 1.5 IP-Adapter)
+            raise UserError(f"--ip_adapter {spec} does not fit this model ({_first_line(exc)}): take one made for "
+                            f"SDXL (h94/IP-Adapter/sdxl_models/...)") from None
+    pipe.billiard_ip_adapter = spec
     return pipe
 
 
@@ -716,6 +767,9 @@ class GeneratedImage:
     controlnet_scale: float | None = None  # ... how strongly (controlnet_conditioning_scale)
     canny: bool = False  # ... the control image's Canny edges rather than the image itself
     control_end: float | None = None  # ... for this share of the steps
+    ip_adapter: str = ""  # the IP-Adapter that took ip_image as a prompt, "" for none
+    ip_image: str = ""  # ... the picture (its file name, or "in-memory image")
+    ip_scale: float | None = None  # ... how strongly
 
     def metadata(self) -> dict[str, str]:
         """Settings as PNG text chunks (all strings; empty where not applicable)."""
@@ -729,7 +783,8 @@ class GeneratedImage:
             hires_scale=self.hires_scale, hires_strength=self.hires_strength, guidance_rescale=self.guidance_rescale,
             controlnet=self.controlnet,
             control_image=self.control_image, controlnet_scale=self.controlnet_scale, canny=self.canny,
-            control_end=self.control_end,
+            control_end=self.control_end, ip_adapter=self.ip_adapter, ip_image=self.ip_image,
+            ip_scale=self.ip_scale,
         )
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
@@ -743,7 +798,9 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
              refiner_start: float = DEFAULT_REFINER_START, hires_scale: float | None = None,
              hires_strength: float = DEFAULT_HIRES_STRENGTH, control_image: str | Path | Image.Image | None = None,
              controlnet_scale: float = DEFAULT_CONTROLNET_SCALE, canny: bool = False,
-             control_end: float = 1.0, guidance_rescale: float = 0.0) -> list[GeneratedImage]:
+             control_end: float = 1.0, guidance_rescale: float = 0.0,
+             ip_image: str | Path | Image.Image | None = None,
+             ip_scale: float = DEFAULT_IP_SCALE) -> list[GeneratedImage]:
     """One image per (prompt, seed), prompts outer, seeds inner; ``lora_scale`` multiplies each active LoRA's weight.
 
     ``cuda_graphs`` (default: what ``load_generation_pipeline`` was given): on a CUDA GPU, the UNet's forward is
@@ -770,6 +827,8 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     picture's Canny edges (OpenCV, thresholds 100 and 200 as diffusers' docs), for a canny ControlNet given a photo.
     ``control_end`` (A1111's "ending control step"): the share of the steps the ControlNet steers; the rest are free
     to refine details (diffusers' ``control_guidance_end``).
+    ``ip_image`` with an IP-Adapter loaded (``load_generation_pipeline(ip_adapter=...)``): a picture as a second
+    prompt, at ``ip_scale`` (diffusers' ``set_ip_adapter_scale``; 0.6 by default, the words still count).
     ``guidance_rescale`` (A1111's CFG rescale; arXiv 2305.08891 section 3.4, 0.7 there): the guided noise prediction
     rescaled toward the conditional one's standard deviation, against the over-exposure strong guidance gives a
     zero-terminal-SNR / v-prediction model.
@@ -833,6 +892,14 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     results = []
     if cuda_graphs is None:
         cuda_graphs = getattr(pipe, "billiard_cuda_graphs", False)
+    ip_kw, ip_picture = {}, None
+    if ip_image is not None or getattr(pipe, "billiard_ip_adapter", None):
+        check_ip(bool(getattr(pipe, "billiard_ip_adapter", None)), ip_image is not None, ip_scale)
+        from .data import load_image
+
+        ip_picture = ip_image if isinstance(ip_image, Image.Image) else load_image(ip_image)
+        pipe.set_ip_adapter_scale(float(ip_scale))
+        ip_kw = dict(ip_adapter_image=ip_picture)
     if not 0.0 <= guidance_rescale <= 1.0:
         raise UserError(f"--guidance_rescale={guidance_rescale} must be in [0, 1] (0.7 is the paper's, 0 is off)")
     if guidance_rescale and control is not None:
@@ -868,17 +935,17 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                               generator=generator, **({"guidance_rescale": guidance_rescale} if guidance_rescale else {}))
                 size = {} if image_kw else dict(height=height, width=width)
                 if refiner is None:
-                    image = run(**text_inputs(prompt), **image_kw, **common, **size).images[0]
+                    image = run(**text_inputs(prompt), **image_kw, **common, **size, **ip_kw).images[0]
                     if mask is not None:  # the unmasked pixels exactly as they were
                         image = run.image_processor.apply_overlay(mask, start, image)
                 else:  # base (and LoRA) for the noisy part, then the refiner on its latents
-                    latents = run(**text_inputs(prompt), **image_kw, **common, **size, denoising_end=refiner_start,
-                                  output_type="latent").images
+                    latents = run(**text_inputs(prompt), **image_kw, **common, **size, **ip_kw,
+                                  denoising_end=refiner_start, output_type="latent").images
                     image = refiner(**text_inputs(prompt, for_refiner=True), image=latents,
                                     denoising_start=refiner_start, **common).images[0]
                 if hires_scale is not None:  # the same generator goes on: the image stays a function of the seed
                     image = upscaler(**text_inputs(prompt), image=upscaled(image, hires_scale),
-                                     strength=hires_strength, **common).images[0]
+                                     strength=hires_strength, **common, **ip_kw).images[0]
                 if (run is not pipe or hires_scale is not None) and _is_offloaded(pipe):  # (hooks: pipe's)
                     pipe.maybe_free_model_hooks()
             except OUT_OF_MEMORY as exc:
@@ -906,8 +973,23 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                                Path(control_image).name) if control is not None else "",
                 controlnet_scale=controlnet_scale if control is not None else None, canny=canny,
                 control_end=control_end if control is not None else None,
+                ip_adapter=getattr(pipe, "billiard_ip_adapter", "") if ip_kw else "",
+                ip_image=("in-memory image" if isinstance(ip_image, Image.Image) else Path(ip_image).name)
+                if ip_kw else "", ip_scale=ip_scale if ip_kw else None,
             ))
     return results
+
+
+def check_ip(loaded: bool, given: bool, scale: float) -> None:
+    if given and not loaded:
+        raise UserError("--ip_image is a picture prompt for an IP-Adapter: add --ip_adapter FILE (e.g. "
+                        "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors)")
+    if loaded and not given:
+        raise UserError("--ip_adapter needs --ip_image FILE: the picture the images take after (its subject, style, "
+                        "colours)")
+    if not 0.0 <= scale <= 2.0:
+        raise UserError(f"--ip_scale={scale} must be in [0, 2]: how strongly the images take after --ip_image "
+                        f"(0.6 is diffusers' example for SDXL, 1.0 follows it closely)")
 
 
 def check_control(loaded: bool, given: bool, scale: float, init_image: bool) -> None:
@@ -1287,6 +1369,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canny", action="store_true",
                    help="use --control_image's Canny edges (OpenCV, as diffusers' docs): a photo for a canny "
                         "ControlNet")
+    p.add_argument("--ip_adapter", default=None, metavar="FILE",
+                   help="an SDXL IP-Adapter's .safetensors, local or owner/name/SUBFOLDER/FILE on the Hub (e.g. "
+                        "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors): --ip_image becomes a picture prompt")
+    p.add_argument("--ip_image", metavar="FILE", help="the picture the images take after (with --ip_adapter)")
+    p.add_argument("--ip_scale", type=float, default=DEFAULT_IP_SCALE,
+                   help=f"how strongly the images take after --ip_image, 0-2 (default {DEFAULT_IP_SCALE})")
+    p.add_argument("--ip_image_encoder", default=None, metavar="FOLDER_OR_ID",
+                   help="the IP-Adapter's CLIP image encoder where it is not image_encoder/ beside the weights (the "
+                        "plus / ViT-H adapters: h94/IP-Adapter's models/image_encoder, downloaded as a folder)")
     p.add_argument("--control_end", type=float, default=1.0, metavar="SHARE",
                    help="the share of the steps the ControlNet steers, A1111's 'ending control step' (default 1: all; "
                         "0.6 leaves the last steps free to refine details)")
@@ -1351,6 +1442,17 @@ def _check_args(args: argparse.Namespace) -> None:
         from .data import load_image
 
         load_image(args.control_image)  # an unreadable one says so now, before the models load
+    if args.ip_adapter or args.ip_image or args.ip_scale != DEFAULT_IP_SCALE or args.ip_image_encoder:
+        if args.ip_image_encoder and not args.ip_adapter:
+            raise UserError("--ip_image_encoder goes with --ip_adapter: add it, or drop --ip_image_encoder")
+        if not args.ip_adapter and not args.ip_image:
+            raise UserError("--ip_scale sets how strongly the images take after --ip_image: add --ip_adapter and "
+                            "--ip_image, or drop --ip_scale")
+        check_ip(bool(args.ip_adapter), bool(args.ip_image), args.ip_scale)
+        ip_adapter_location(args.ip_adapter)
+        from .data import load_image
+
+        load_image(args.ip_image)  # an unreadable one says so now, before the models load
     if args.scales is not None and not args.sweep:
         raise UserError("--scales sets the LoRA scales of --sweep: add --sweep (or give one scale as --lora DIR:SCALE)")
     args.scales = args.scales or list(DEFAULT_SCALES)
@@ -1419,7 +1521,8 @@ def main(argv: list[str] | None = None) -> int:
                                     fp8_base=args.fp8_base, cuda_graphs=args.cuda_graphs,
                                     cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
                                     scheduler=args.scheduler, files=lora_files, refiner=args.refiner,
-                                    single_file_config=args.single_file_config, controlnet=args.controlnet)
+                                    single_file_config=args.single_file_config, controlnet=args.controlnet,
+                                    ip_adapter=args.ip_adapter, ip_image_encoder=args.ip_image_encoder)
     if getattr(args, "noise_schedule", None):
         from .models import with_noise_schedule
 
@@ -1433,7 +1536,8 @@ def main(argv: list[str] | None = None) -> int:
               **({"init_image": args.init_image, "strength": args.strength, "mask_image": args.mask_image}
                  if args.init_image else {}),
               **({"control_image": args.control_image, "controlnet_scale": args.controlnet_scale,
-                  "canny": args.canny, "control_end": args.control_end} if args.controlnet else {}))
+                  "canny": args.canny, "control_end": args.control_end} if args.controlnet else {}),
+              **({"ip_image": args.ip_image, "ip_scale": args.ip_scale} if args.ip_adapter else {}))
     out = Path(args.out)
     # Grids carry the settings that made them; single images carry their own (GeneratedImage.metadata).
     settings = {**{k: v for k, v in kw.items() if v is not None and v is not False}, "model": args.model,
@@ -1441,7 +1545,8 @@ def main(argv: list[str] | None = None) -> int:
                 "prompts": prompts, **({"fp8_base": True} if args.fp8_base else {}),
                 **({"vae_tiling": args.vae_tiling} if args.vae_tiling else {}),
                 **({"scheduler": args.scheduler} if args.scheduler != "default" else {}),
-                **({"controlnet": args.controlnet} if args.controlnet else {})}
+                **({"controlnet": args.controlnet} if args.controlnet else {}),
+                **({"ip_adapter": args.ip_adapter} if args.ip_adapter else {})}
 
     def save_grid(grid: Image.Image, name: str, **extra) -> Path:
         return save_image(grid, _free_path(out / name), {**settings, **extra})

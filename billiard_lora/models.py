@@ -57,6 +57,8 @@ def _friendly_errors(what: str, name: str) -> Iterator[None]:
         if _is_local(name) and "ControlNet" in what:
             hint = (f"the folder exists but is not a diffusers {what} (config.json and "
                     f"diffusion_pytorch_model.safetensors)")
+        elif _is_local(name) and "IP-Adapter" in what:
+            hint = f"the folder exists but does not hold an {what} as diffusers loads it"
         elif _is_local(name):
             hint = (f"the folder exists but is not a complete diffusers {what} "
                     f"(a pipeline folder has model_index.json and unet/, vae/, text_encoder/ ... subfolders)")

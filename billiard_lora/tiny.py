@@ -302,6 +302,44 @@ def save_tiny_controlnet(out_dir: str | Path, *, seed: int = 0, shape: str = "ti
     return out
 
 
+IP_ADAPTER_FILE = "ip-adapter_sdxl.safetensors"  # (h94/IP-Adapter's name for SDXL's, in sdxl_models/)
+
+
+def save_tiny_ip_adapter(out_dir: str | Path, *, seed: int = 0, shape: str = "tiny") -> Path:
+    """An IP-Adapter for the tiny pipeline of ``shape`` (``python -m billiard_lora.tiny OUT --ip_adapter``), laid out
+    as h94/IP-Adapter's ``sdxl_models/``: ``ip-adapter_sdxl.safetensors`` (the image projection to 4 tokens, and each
+    cross-attention's ``to_k_ip``/``to_v_ip``, numbered as the original's) beside ``image_encoder/``, a tiny CLIP
+    vision model. Random weights: for tests and demos of ``generate --ip_adapter``."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    out = Path(out_dir)
+    unet = build_components(SHAPES[shape], seed=seed)["unet"]
+    generator = torch.Generator().manual_seed(seed + 3)
+    random = lambda *size: torch.randn(*size, generator=generator) / size[-1] ** 0.5  # noqa: E731
+    torch.manual_seed(seed + 3)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+        projection_dim=32)).eval()
+    cross = unet.config.cross_attention_dim
+    tensors = {"image_proj.proj.weight": random(cross * 4, encoder.config.projection_dim),
+               "image_proj.proj.bias": torch.zeros(cross * 4), "image_proj.norm.weight": torch.ones(cross),
+               "image_proj.norm.bias": torch.zeros(cross)}
+    key_id = 1
+    for name in unet.attn_processors:  # diffusers' order, the original's numbering: every other index, from 1
+        if name.endswith("attn2.processor"):
+            to_k = unet.get_submodule(name.removesuffix(".processor")).to_k
+            for part in ("to_k_ip", "to_v_ip"):
+                tensors[f"ip_adapter.{key_id}.{part}.weight"] = random(to_k.out_features, to_k.in_features) * 4
+            key_id += 2
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / IP_ADAPTER_FILE))
+    encoder.save_pretrained(out / "image_encoder", safe_serialization=True)
+    (out / TINY_MARKER).write_text(json.dumps({"shape": shape, "seed": seed, "random_weights": True,
+                                               "kind": "ip-adapter"}))
+    return out
+
+
 def check_tiny_out(out_dir: str | Path) -> Path:
     """The folder ``tiny`` writes into: new, empty, or an earlier tiny pipeline's; never a real model's (its weights
     would be replaced by random ones) or a training run's."""
@@ -327,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refiner", action="store_true", help="an SDXL refiner's architecture instead (generate --refiner)")
     p.add_argument("--controlnet", action="store_true",
                    help="an SDXL ControlNet for the tiny pipeline of the same --seed instead (generate --controlnet)")
+    p.add_argument("--ip_adapter", action="store_true",
+                   help="an IP-Adapter for the tiny pipeline of the same --seed instead (generate --ip_adapter "
+                        "OUT_DIR/ip-adapter_sdxl.safetensors)")
     p.add_argument("--single_file", action="store_true",
                    help="also the same model as one single-file checkpoint, OUT_DIR/tiny-sdxl.safetensors (train "
                         "--pretrained_model_name_or_path OUT_DIR/tiny-sdxl.safetensors --single_file_config OUT_DIR)")
@@ -341,6 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         file = save_tiny_single_file(out)
         print(f"wrote a tiny SDXL pipeline (random weights, seed {args.seed}) to {out} and as one single-file "
               f"checkpoint to {file}: pass --single_file_config {out} with it")
+        return 0
+    if args.ip_adapter:
+        if args.shape == "full" or args.refiner or args.controlnet or args.dtype != "fp32" or args.device != "cpu":
+            from .errors import UserError
+
+            raise UserError("--ip_adapter writes a tiny or small IP-Adapter in fp32 on the CPU (for tests and demos)")
+        out = save_tiny_ip_adapter(args.out_dir, seed=args.seed, shape=args.shape)
+        print(f"wrote {args.shape} SDXL IP-Adapter (random weights, seed {args.seed}) to {out / IP_ADAPTER_FILE}")
         return 0
     if args.controlnet:
         if args.shape == "full" or args.refiner or args.dtype != "fp32" or args.device != "cpu":
