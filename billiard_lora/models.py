@@ -321,6 +321,17 @@ def load_controlnet(name: str, *, torch_dtype: torch.dtype | None = None, cache_
     from diffusers import ControlNetModel
 
     kw: dict[str, Any] = dict(cache_dir=cache_dir, use_safetensors=True, **_dtype_kw(torch_dtype))
+    if torch_dtype == torch.float16:  # the half-size files where the repo has them (2.5 GB, not 5: diffusers' own)
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # ("An error occurred ...": a missing variant)
+        try:
+            return ControlNetModel.from_pretrained(name, variant="fp16", **kw)
+        except (OSError, ValueError):
+            pass  # no fp16 variant (or no such model: said below)
+        finally:
+            diffusers_logging.set_verbosity(level)
     with _friendly_errors("SDXL ControlNet", name):
         return ControlNetModel.from_pretrained(name, **kw)
 

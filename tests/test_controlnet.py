@@ -132,6 +132,19 @@ def test_controlnet_settings_no_run_can_use_are_one_line(tiny_model_dir, control
         _pipe(tiny_model_dir, sd15)
 
 
+def test_in_fp16_the_fp16_files_are_read_where_a_repo_has_them(controlnet_dir, tmp_path):
+    """diffusers/controlnet-canny-sdxl-1.0 keeps a 2.5 GB fp16 copy beside its 5 GB fp32 files: in fp16 that one is
+    read (here a folder holding only the fp16 files loads), and a folder without them still loads."""
+    from diffusers import ControlNetModel
+
+    from billiard_lora.models import load_controlnet
+
+    ControlNetModel.from_pretrained(controlnet_dir).save_pretrained(tmp_path / "fp16-only", variant="fp16")
+    assert not (tmp_path / "fp16-only" / "diffusion_pytorch_model.safetensors").exists()
+    assert load_controlnet(str(tmp_path / "fp16-only"), torch_dtype=torch.float16).dtype == torch.float16
+    assert load_controlnet(str(controlnet_dir), torch_dtype=torch.float16).dtype == torch.float16
+
+
 def test_cli_controlnet_with_canny_and_the_tiny_writer(tiny_model_dir, pictures, tmp_path, capsys):
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"}
     r = subprocess.run([sys.executable, "-m", "billiard_lora.tiny", str(tmp_path / "cn"), "--controlnet"],
