@@ -31,9 +31,11 @@ def test_optimizer_benchmark_reports_each_form_and_whether_flat_equals_per_tenso
                           "--json", str(tmp_path / "r.jsonl")])
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r["optimizer"] for r in rows] == ["bnb_per_tensor", "ours_flat_8bit", "torch_fused_adamw",
-                                             "prodigy_per_tensor", "ours_flat_prodigy"]
+                                             "prodigy_per_tensor", "ours_flat_prodigy", "lion8bit_per_tensor",
+                                             "ours_flat_lion8bit"]
     assert rows[0]["tensors"] == rows[1]["tensors"] > 0 and rows[0]["groups"] == 2
     assert rows[1]["max_abs_diff_vs_per_tensor"] == 0.0 and all(r["ms_per_step"] > 0 for r in rows)
+    assert rows[6]["max_abs_diff_vs_per_tensor"] == 0.0
 
 
 def test_optimizer_benchmark_skips_with_a_reason_what_it_cannot_import(tmp_path, capsys, monkeypatch):
@@ -51,7 +53,8 @@ def test_optimizer_benchmark_skips_with_a_reason_what_it_cannot_import(tmp_path,
     assert bench_optimizer.main(["--shape", "tiny", "--warmup", "1", "--steps", "1", "--json",
                                  str(tmp_path / "r.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert [r["optimizer"] for r in rows] == ["bnb_per_tensor", "ours_flat_8bit", "torch_fused_adamw"]
+    assert [r["optimizer"] for r in rows] == ["bnb_per_tensor", "ours_flat_8bit", "torch_fused_adamw",
+                                             "lion8bit_per_tensor", "ours_flat_lion8bit"]
     assert "skipping prodigy_per_tensor: prodigyopt is not installed" in capsys.readouterr().err
 
 
