@@ -861,7 +861,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     start = mask = control = None
     controlnet = getattr(pipe, "billiard_controlnet", None)
     if control_image is not None or controlnet is not None:
-        check_control(controlnet is not None, control_image is not None, controlnet_scale, init_image is not None)
+        check_control(controlnet is not None, control_image is not None, controlnet_scale, mask_image is not None)
         control = fit_init_image(pipe, control_image, height, width)
         control = canny_edges(control) if canny else control
         height, width = control.height, control.width
@@ -877,7 +877,11 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     if init_image is not None:
         check_strength(strength, num_inference_steps)
         start = fit_init_image(pipe, init_image, height, width)
-        run, image_kw = image_to_image(pipe), dict(image=start, strength=strength)
+        if control is not None:  # ControlNet image-to-image: the picture noised, the control image steering
+            run = controlnet_pipeline(pipe, image_to_image=True)
+            image_kw = dict(image_kw, image=start, control_image=control, strength=strength)
+        else:
+            run, image_kw = image_to_image(pipe), dict(image=start, strength=strength)
         if mask_image is not None:  # the mask fitted as the picture is, white where it is redrawn
             mask = fit_init_image(pipe, mask_image, start.height, start.width).convert("L")
             run = image_to_image(pipe, inpaint=True)
@@ -992,7 +996,7 @@ def check_ip(loaded: bool, given: bool, scale: float) -> None:
                         f"(0.6 is diffusers' example for SDXL, 1.0 follows it closely)")
 
 
-def check_control(loaded: bool, given: bool, scale: float, init_image: bool) -> None:
+def check_control(loaded: bool, given: bool, scale: float, inpaint: bool) -> None:
     if given and not loaded:
         raise UserError("--control_image steers a ControlNet: add --controlnet MODEL (e.g. "
                         "diffusers/controlnet-canny-sdxl-1.0)")
@@ -1002,8 +1006,8 @@ def check_control(loaded: bool, given: bool, scale: float, init_image: bool) -> 
     if not 0.0 <= scale <= 2.0:
         raise UserError(f"--controlnet_scale={scale} must be in [0, 2]: how strongly the images follow the control "
                         f"image (0.5 is diffusers' example, 1.0 follows it closely)")
-    if init_image:
-        raise UserError("--control_image does not combine with --init_image yet: drop one")
+    if inpaint:
+        raise UserError("--control_image does not combine with --mask_image (inpainting) yet: drop one")
 
 
 def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
@@ -1020,12 +1024,14 @@ def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Im
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
-def controlnet_pipeline(pipe):
-    """diffusers' SDXL ControlNet pipeline on ``pipe``'s own models (LoRAs, scheduler, float8 weights) and the
-    ControlNet ``load_generation_pipeline`` loaded, built from its components as ``image_to_image`` builds its."""
-    from diffusers import StableDiffusionXLControlNetPipeline
+def controlnet_pipeline(pipe, *, image_to_image: bool = False):
+    """diffusers' SDXL ControlNet pipeline (``image_to_image``: its image-to-image one) on ``pipe``'s own models
+    (LoRAs, scheduler, float8 weights) and the ControlNet ``load_generation_pipeline`` loaded, built from its
+    components as ``image_to_image`` builds its."""
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetPipeline
 
-    made = StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=pipe.billiard_controlnet)
+    cls = StableDiffusionXLControlNetImg2ImgPipeline if image_to_image else StableDiffusionXLControlNetPipeline
+    made = cls(**pipe.components, controlnet=pipe.billiard_controlnet)
     made.set_progress_bar_config(disable=True)
     return made
 
@@ -1438,7 +1444,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if not args.controlnet and not args.control_image:
             raise UserError("--controlnet_scale and --control_end set how the images follow a ControlNet: add "
                             "--controlnet and --control_image, or drop them")
-        check_control(bool(args.controlnet), bool(args.control_image), args.controlnet_scale, bool(args.init_image))
+        check_control(bool(args.controlnet), bool(args.control_image), args.controlnet_scale, bool(args.mask_image))
         from .data import load_image
 
         load_image(args.control_image)  # an unreadable one says so now, before the models load

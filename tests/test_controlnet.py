@@ -82,6 +82,29 @@ def test_the_images_follow_the_control_image_as_diffusers_controlnet_pipeline_ma
     assert early.metadata()["control_end"] == "0.5"
 
 
+def test_with_init_image_it_is_diffusers_controlnet_image_to_image(tiny_model_dir, controlnet_dir, lora_run, pictures):
+    """--init_image with --control_image: the picture noised by --strength, the control image steering, as diffusers'
+    StableDiffusionXLControlNetImg2ImgPipeline makes it on the same models."""
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+    from billiard_lora.generate import fit_init_image
+
+    pipe = _pipe(tiny_model_dir, controlnet_dir, loras=[str(lora_run)])
+    ours = generate(pipe, PROMPT, 0, control_image=pictures[0], init_image=pictures[1], strength=0.7,
+                    controlnet_scale=0.8, **KW)[0]
+    reference = StableDiffusionXLControlNetImg2ImgPipeline(**pipe.components, controlnet=pipe.billiard_controlnet)
+    theirs = reference(PROMPT, image=fit_init_image(pipe, pictures[1], 32, 32),
+                       control_image=fit_init_image(pipe, pictures[0], 32, 32), strength=0.7,
+                       controlnet_conditioning_scale=0.8, num_inference_steps=3, height=32, width=32,
+                       generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.array_equal(_px(ours), _px(theirs))
+    meta = ours.metadata()
+    assert (meta["init_image"], meta["strength"], meta["control_image"]) == ("table_1.png", "0.7", "table_0.png")
+    plain = generate(_pipe(tiny_model_dir, loras=[str(lora_run)]), PROMPT, 0, init_image=pictures[1], strength=0.7,
+                     **KW)[0]
+    assert np.abs(_px(ours) - _px(plain)).max() > 2  # the control image steers it
+
+
 def test_canny_makes_edges_of_a_photo_as_diffusers_docs_do(tiny_model_dir, controlnet_dir, pictures):
     import cv2
 
@@ -109,8 +132,8 @@ def test_controlnet_settings_no_run_can_use_are_one_line(tiny_model_dir, control
         generate(pipe, PROMPT, 0, control_image=pictures[0], controlnet_scale=3.0, **KW)
     with pytest.raises(UserError, match="--guidance_rescale does not combine with --controlnet"):
         generate(pipe, PROMPT, 0, control_image=pictures[0], guidance_rescale=0.7, **KW)
-    with pytest.raises(UserError, match="--control_image does not combine with --init_image"):
-        generate(pipe, PROMPT, 0, control_image=pictures[0], init_image=pictures[1], **KW)
+    with pytest.raises(UserError, match="--control_image does not combine with --mask_image"):
+        generate(pipe, PROMPT, 0, control_image=pictures[0], init_image=pictures[1], mask_image=pictures[0], **KW)
     bare = _pipe(tiny_model_dir)
     with pytest.raises(UserError, match="--control_image steers a ControlNet: add --controlnet MODEL"):
         generate(bare, PROMPT, 0, control_image=pictures[0], **KW)
