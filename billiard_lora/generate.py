@@ -861,7 +861,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     start = mask = control = None
     controlnet = getattr(pipe, "billiard_controlnet", None)
     if control_image is not None or controlnet is not None:
-        check_control(controlnet is not None, control_image is not None, controlnet_scale, mask_image is not None)
+        check_control(controlnet is not None, control_image is not None, controlnet_scale)
         control = fit_init_image(pipe, control_image, height, width)
         control = canny_edges(control) if canny else control
         height, width = control.height, control.width
@@ -884,7 +884,7 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
             run, image_kw = image_to_image(pipe), dict(image=start, strength=strength)
         if mask_image is not None:  # the mask fitted as the picture is, white where it is redrawn
             mask = fit_init_image(pipe, mask_image, start.height, start.width).convert("L")
-            run = image_to_image(pipe, inpaint=True)
+            run = controlnet_pipeline(pipe, inpaint=True) if control is not None else image_to_image(pipe, inpaint=True)
             image_kw = dict(image_kw, mask_image=mask, height=start.height, width=start.width)
         height, width = start.height, start.width  # (the image-to-image pipeline takes its size from the image)
         init_name = Path(init_image).name if not isinstance(init_image, Image.Image) else "in-memory image"
@@ -996,7 +996,7 @@ def check_ip(loaded: bool, given: bool, scale: float) -> None:
                         f"(0.6 is diffusers' example for SDXL, 1.0 follows it closely)")
 
 
-def check_control(loaded: bool, given: bool, scale: float, inpaint: bool) -> None:
+def check_control(loaded: bool, given: bool, scale: float) -> None:
     if given and not loaded:
         raise UserError("--control_image steers a ControlNet: add --controlnet MODEL (e.g. "
                         "diffusers/controlnet-canny-sdxl-1.0)")
@@ -1006,8 +1006,6 @@ def check_control(loaded: bool, given: bool, scale: float, inpaint: bool) -> Non
     if not 0.0 <= scale <= 2.0:
         raise UserError(f"--controlnet_scale={scale} must be in [0, 2]: how strongly the images follow the control "
                         f"image (0.5 is diffusers' example, 1.0 follows it closely)")
-    if inpaint:
-        raise UserError("--control_image does not combine with --mask_image (inpainting) yet: drop one")
 
 
 def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
@@ -1024,13 +1022,15 @@ def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Im
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
-def controlnet_pipeline(pipe, *, image_to_image: bool = False):
-    """diffusers' SDXL ControlNet pipeline (``image_to_image``: its image-to-image one) on ``pipe``'s own models
-    (LoRAs, scheduler, float8 weights) and the ControlNet ``load_generation_pipeline`` loaded, built from its
-    components as ``image_to_image`` builds its."""
-    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetPipeline
+def controlnet_pipeline(pipe, *, image_to_image: bool = False, inpaint: bool = False):
+    """diffusers' SDXL ControlNet pipeline (``image_to_image``, ``inpaint``: its image-to-image and inpainting ones) on
+    ``pipe``'s own models (LoRAs, scheduler, float8 weights) and the ControlNet ``load_generation_pipeline`` loaded,
+    built from its components as ``image_to_image`` builds its."""
+    from diffusers import (StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetInpaintPipeline,
+                           StableDiffusionXLControlNetPipeline)
 
-    cls = StableDiffusionXLControlNetImg2ImgPipeline if image_to_image else StableDiffusionXLControlNetPipeline
+    cls = (StableDiffusionXLControlNetInpaintPipeline if inpaint else
+           StableDiffusionXLControlNetImg2ImgPipeline if image_to_image else StableDiffusionXLControlNetPipeline)
     made = cls(**pipe.components, controlnet=pipe.billiard_controlnet)
     made.set_progress_bar_config(disable=True)
     return made
@@ -1444,7 +1444,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if not args.controlnet and not args.control_image:
             raise UserError("--controlnet_scale and --control_end set how the images follow a ControlNet: add "
                             "--controlnet and --control_image, or drop them")
-        check_control(bool(args.controlnet), bool(args.control_image), args.controlnet_scale, bool(args.mask_image))
+        check_control(bool(args.controlnet), bool(args.control_image), args.controlnet_scale)
         from .data import load_image
 
         load_image(args.control_image)  # an unreadable one says so now, before the models load

@@ -82,9 +82,9 @@ def test_the_images_follow_the_control_image_as_diffusers_controlnet_pipeline_ma
     assert early.metadata()["control_end"] == "0.5"
 
 
-def test_with_init_image_it_is_diffusers_controlnet_image_to_image(tiny_model_dir, controlnet_dir, lora_run, pictures):
+def test_with_init_image_and_mask_it_is_diffusers_controlnet_image_to_image_and_inpainting(tiny_model_dir, controlnet_dir, lora_run, pictures):
     """--init_image with --control_image: the picture noised by --strength, the control image steering, as diffusers'
-    StableDiffusionXLControlNetImg2ImgPipeline makes it on the same models."""
+    StableDiffusionXLControlNetImg2ImgPipeline makes it on the same models; with --mask_image, its inpainting one."""
     from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
 
     from billiard_lora.generate import fit_init_image
@@ -103,6 +103,20 @@ def test_with_init_image_it_is_diffusers_controlnet_image_to_image(tiny_model_di
     plain = generate(_pipe(tiny_model_dir, loras=[str(lora_run)]), PROMPT, 0, init_image=pictures[1], strength=0.7,
                      **KW)[0]
     assert np.abs(_px(ours) - _px(plain)).max() > 2  # the control image steers it
+    # with --mask_image: diffusers' ControlNet inpainting pipeline, the unmasked pixels pasted back as they were
+    from diffusers import StableDiffusionXLControlNetInpaintPipeline
+
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    painted = generate(pipe, PROMPT, 0, control_image=pictures[0], init_image=pictures[1], mask_image=mask,
+                       strength=0.9, controlnet_scale=0.8, **KW)[0]
+    inpainter = StableDiffusionXLControlNetInpaintPipeline(**pipe.components, controlnet=pipe.billiard_controlnet)
+    start = fit_init_image(pipe, pictures[1], 32, 32)
+    direct = inpainter(PROMPT, image=start, mask_image=mask, control_image=fit_init_image(pipe, pictures[0], 32, 32),
+                       strength=0.9, controlnet_conditioning_scale=0.8, num_inference_steps=3, height=32, width=32,
+                       generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.array_equal(_px(painted), _px(inpainter.image_processor.apply_overlay(mask, start, direct)))
+    assert np.array_equal(_px(painted)[:8], _px(start)[:8])  # outside the mask: the picture itself
 
 
 def test_canny_makes_edges_of_a_photo_as_diffusers_docs_do(tiny_model_dir, controlnet_dir, pictures):
@@ -132,8 +146,6 @@ def test_controlnet_settings_no_run_can_use_are_one_line(tiny_model_dir, control
         generate(pipe, PROMPT, 0, control_image=pictures[0], controlnet_scale=3.0, **KW)
     with pytest.raises(UserError, match="--guidance_rescale does not combine with --controlnet"):
         generate(pipe, PROMPT, 0, control_image=pictures[0], guidance_rescale=0.7, **KW)
-    with pytest.raises(UserError, match="--control_image does not combine with --mask_image"):
-        generate(pipe, PROMPT, 0, control_image=pictures[0], init_image=pictures[1], mask_image=pictures[0], **KW)
     bare = _pipe(tiny_model_dir)
     with pytest.raises(UserError, match="--control_image steers a ControlNet: add --controlnet MODEL"):
         generate(bare, PROMPT, 0, control_image=pictures[0], **KW)
