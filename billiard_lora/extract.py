@@ -122,10 +122,9 @@ def extract_lora(base: str, tuned: str, out: str | Path, *, rank: int | None = N
         raise UserError(f"--format must be kohya or diffusers, not {to!r}")
     if not unet_lora_layers(lora_layers):
         raise UserError("--lora_layers is empty: give attn, ff, proj (the default: all three) or module names")
-    for name, model in (("--base", base), ("--tuned", tuned)):
+    for name, model in (("--base", base), ("--tuned", tuned)):  # before minutes of loading the other one
         if Path(model).expanduser().resolve() == Path(out).expanduser().resolve():
             raise UserError(f"--out {out} is the {name} model; write the LoRA somewhere else")
-    for name, model in (("--base", base), ("--tuned", tuned)):  # before minutes of loading the other one
         if not Path(model).expanduser().exists() and (str(model).startswith(("/", "./", "../", "~", ".\\"))
                                                       or str(model).endswith((".safetensors", ".ckpt"))):
             raise UserError(f"{name} {model}: no such file or folder")
