@@ -306,10 +306,9 @@ def attach_ip_adapter(pipe, spec: str, *, image_encoder: str | None = None):
         raise UserError("--ip_adapter does not combine with --cpu_offload or --cuda_graphs yet: drop one")
     folder, subfolder, weight_name = ip_adapter_location(spec)
     if image_encoder is not None and getattr(pipe, "image_encoder", None) is None:
-        from transformers import CLIPVisionModelWithProjection
+        from .models import load_image_encoder
 
-        with _friendly_errors("IP-Adapter image encoder", image_encoder):
-            encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=pipe.text_encoder_2.dtype)
+        encoder = load_image_encoder(image_encoder, torch_dtype=pipe.text_encoder_2.dtype)
         pipe.register_modules(image_encoder=encoder.to(pipe.unet.device))
     with _friendly_errors("IP-Adapter", folder), _quiet_loading():
         try:

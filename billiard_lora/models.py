@@ -336,6 +336,15 @@ def load_controlnet(name: str, *, torch_dtype: torch.dtype | None = None, cache_
         return ControlNetModel.from_pretrained(name, **kw)
 
 
+def load_image_encoder(name: str, *, torch_dtype: torch.dtype | None = None):
+    """An IP-Adapter's CLIP image encoder (a folder or Hub id, e.g. h94/IP-Adapter's ``models/image_encoder``
+    downloaded as a folder) as transformers' ``CLIPVisionModelWithProjection``."""
+    from transformers import CLIPVisionModelWithProjection
+
+    with _friendly_errors("IP-Adapter image encoder", name):
+        return CLIPVisionModelWithProjection.from_pretrained(name, **({"dtype": torch_dtype} if torch_dtype else {}))
+
+
 def pipeline_from_components(components: Components, *, unet=None, text_encoder_one=None, text_encoder_two=None,
                              scheduler_config: dict | None = None):
     """A ``StableDiffusionXLPipeline`` sharing already-loaded modules (validation during training loads nothing)."""

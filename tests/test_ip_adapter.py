@@ -71,6 +71,19 @@ def test_the_picture_prompts_as_diffusers_load_ip_adapter_makes_it(tiny_model_di
     assert hires.image.size == (48, 48)
 
 
+def test_an_image_encoder_given_apart_is_the_one_beside_the_weights(tiny_model_dir, ip_dir, pictures, tmp_path):
+    """--ip_image_encoder (the plus adapters keep theirs elsewhere): the encoder it names is the one that runs."""
+    import shutil
+
+    elsewhere = shutil.copytree(ip_dir / "image_encoder", tmp_path / "encoder")
+    given = generate(_pipe(tiny_model_dir, ip_dir, ip_image_encoder=str(elsewhere)), PROMPT, 0, ip_image=pictures[0],
+                     **KW)[0]
+    beside = generate(_pipe(tiny_model_dir, ip_dir), PROMPT, 0, ip_image=pictures[0], **KW)[0]
+    assert np.array_equal(_px(given), _px(beside))
+    with pytest.raises(UserError, match="could not load IP-Adapter image encoder .*no such folder"):
+        _pipe(tiny_model_dir, ip_dir, ip_image_encoder=str(tmp_path / "nowhere"))
+
+
 def test_ip_adapter_settings_no_run_can_use_are_one_line(tiny_model_dir, ip_dir, pictures, tmp_path):
     pipe = _pipe(tiny_model_dir, ip_dir)
     with pytest.raises(UserError, match="--ip_adapter needs --ip_image FILE"):
