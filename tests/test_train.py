@@ -891,9 +891,10 @@ def _unet_step(unet, seed=0):
     return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
 
 
+# Each case traces the tiny UNet anew (dynamo: ~40 s of CPU per case), so the settings are crossed rather than
+# multiplied: both scopes, both intervals, fused and peft's layers, each selective level, each at least once.
 @pytest.mark.parametrize("mode, interval, fused, selective", [
-    ("regional", 1, False, "off"), ("full", 1, False, "off"), ("regional", 2, False, "off"), ("full", 2, False, "off"),
-    ("regional", 1, True, "off"), ("regional", 1, False, "products"), ("full", 2, False, "costly")])
+    ("regional", 1, False, "off"), ("full", 2, False, "costly"), ("regional", 2, True, "products")])
 def test_compile_keeps_the_math_and_the_lora_keys(tiny_components, monkeypatch, mode, interval, fused, selective):
     """--torch_compile compiles in place (regions, or the whole UNet), checkpointed as train() does (every block,
     or every 2nd), without a graph break: same loss and LoRA gradients as the eager UNet without checkpointing, same
@@ -1639,11 +1640,15 @@ def test_fp8_base_trains_the_float8_rounded_model_exactly(tiny_model_dir, tmp_pa
     for k, v in stored.items():
         assert torch.equal(state[k].to(FP8).view(torch.uint8), v.view(torch.uint8)), f"{k} moved in training"
         state[k].copy_(v.float())  # the same model, rounded, in fp32
-    out = train(tiny_config(tiny_model_dir, data, tmp_path / "ref", **kw), components=ref,
+    # (the reference runs eager, which saves a second trace: the losses come out the same, the LoRA's last bits not)
+    out = train(tiny_config(tiny_model_dir, data, tmp_path / "ref", **{**kw, "torch_compile": "none"}), components=ref,
                 callback=lambda e: e["event"] == "step" and losses.append(e["loss"]))
     assert losses8 == losses and all(np.isfinite(losses))
     a, b = lora_tensors(out8), lora_tensors(out)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and a
+    exact = compile == "none"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
     used = json.loads((out8 / "config.json").read_text())
     assert used["fp8_base"] is True and used["gradient_checkpointing"] is checkpointing
