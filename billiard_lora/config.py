@@ -309,6 +309,13 @@ class TrainConfig:
     adam_weight_decay_text_encoder: float = _f(1e-3, "Weight decay of the text-encoder LoRA.")
     adam_epsilon: float = _f(1e-8, "Adam epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    scale_weight_norms: Optional[float] = _f(
+        None, "(kohya's) Max-norm regularization: after every optimizer step, each adapted layer whose weight change "
+              "(the LoRA's scale x B x A; a LoHa's or LoKr's product) has a Frobenius norm above this is scaled back "
+              "to it, which keeps a LoRA from overcooking and stays usable at higher strengths; 1.0 is usual. Each "
+              "step logs the layers scaled (keys_scaled) and the mean and largest norm (mean_key_norm, "
+              "max_key_norm; also in loss_history.csv): many layers scaled early says the learning rate or alpha "
+              "is high.")
     use_ema: bool = _f(
         False, "(billiard-lora) Keep an exponential moving average of the LoRA weights (diffusers' EMAModel, as "
                "SimpleTuner's --use_ema) and save that: the LoRA files, each checkpoint's LoRA and the validation "
@@ -410,6 +417,11 @@ class TrainConfig:
                        "keeps the run on disk), all (both), or none.")
     logging_dir: str = _f("logs", "TensorBoard folder, relative to output_dir.")
     output_kohya_format: bool = _f(False, "Also write the LoRA in kohya/webui format (ComfyUI, A1111).")
+    save_precision: Literal["fp32", "fp16", "bf16", "float"] = _f(
+        "fp32", "(kohya's) Precision of the saved LoRA files (the final ones, no_ema/'s and each checkpoint's): fp32 "
+                "(or float), as the LoRA trains; fp16 or bf16 halve the files, which ComfyUI, A1111 and diffusers "
+                "load alike. Values beyond fp16's range keep the file in fp32, values below its smallest are saved "
+                "as 0, each with a warning. Checkpoints' training state stays fp32, so resuming is exact.")
 
     # Filled in by train(): what the hardware could not do, recorded in the saved config (not a CLI flag).
     fallbacks: list[str] = field(default_factory=list, metadata={"help": "not a flag"})
@@ -453,6 +465,17 @@ class TrainConfig:
                             f"choose one of {', '.join(TORCH_COMPILE_MODES)}")
         if self.torch_compile not in COMPILE_MODES:
             raise UserError(f"unknown --torch_compile={self.torch_compile!r}; choose none, regional or full")
+        if self.scale_weight_norms is not None:
+            if self.use_dora:
+                raise UserError("--scale_weight_norms caps a LoRA's weight change, which DoRA rescales by its "
+                                "magnitudes: drop --use_dora or --scale_weight_norms")
+            if self.init_lora_weights.lower().startswith(("pissa", "olora")):
+                raise UserError(f"--scale_weight_norms caps each layer's B x A, which --init_lora_weights="
+                                f"{self.init_lora_weights} starts at the weights' principal part: use the gaussian "
+                                f"init, or drop --scale_weight_norms")
+            if self.schedule_free:
+                raise UserError(f"--scale_weight_norms rescales the weights between steps, behind the back of "
+                                f"--optimizer={self.optimizer}'s averaged sequences: choose another optimizer")
         if self.fp8_base and self.use_dora:
             raise UserError("--fp8_base does not combine with --use_dora (DoRA sets its magnitudes from the weights "
                             "before rounding): drop one of the two")
@@ -688,6 +711,8 @@ class TrainConfig:
             ("timestep_bias_portion", self.timestep_bias_portion, 0 < self.timestep_bias_portion <= 1,
              "in (0, 1] (0.25: a quarter of the timesteps)"),
             ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "positive (1.0 is usual)"),
+            ("scale_weight_norms", self.scale_weight_norms, self.scale_weight_norms is None or
+             self.scale_weight_norms > 0, "positive (1.0 is usual; leave it out for no max-norm regularization)"),
             ("validation_guidance_scale", self.validation_guidance_scale, self.validation_guidance_scale >= 0,
              "0 or more (1 or less turns guidance off; 5 is SDXL's default)"),
             ("ema_decay", self.ema_decay, 0.0 <= self.ema_decay <= 1.0, "in [0, 1] (e.g. 0.9999, or 0.99 for a "

@@ -103,9 +103,10 @@ def extract_lora(base: str, tuned: str, out: str | Path, *, rank: int | None = N
                  conv_rank: int | None = None, lora_layers: str = DEFAULT_LAYERS, min_diff: float = 0.01,
                  clamp_quantile: float | None = None, torch_dtype: torch.dtype | None = None,
                  single_file_config: str | None = None, to: str = "kohya", device: str | None = None,
-                 overwrite: bool = False) -> Extraction:
-    """Extract a LoRA of ``tuned`` - ``base`` and write it to ``out`` (a .safetensors path or a folder); see the
-    module's docstring. Every argument is checked before a model loads."""
+                 overwrite: bool = False, precision: str | None = None) -> Extraction:
+    """Extract a LoRA of ``tuned`` - ``base`` and write it to ``out`` (a .safetensors path or a folder), its weights
+    in ``precision`` (fp32, fp16, bf16; default fp32); see the module's docstring. Every argument is checked before
+    a model loads."""
     from .io import save_safetensors
     from .lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, unet_lora_layers
     from .lora_tools import (ResizedLayer, _most_common, _output_file, check_rank_or_energy, load_lora_file,
@@ -185,7 +186,7 @@ def extract_lora(base: str, tuned: str, out: str | Path, *, rank: int | None = N
               "text_encoders_skipped": result.skipped}
     header = {"billiard_lora.extracted": json.dumps(record)}
     if to == "diffusers":
-        write_lora(out_file, layers, configs, header=header)
+        write_lora(out_file, layers, configs, header=header, precision=precision)
         return result
     import tempfile
 
@@ -193,7 +194,7 @@ def extract_lora(base: str, tuned: str, out: str | Path, *, rank: int | None = N
     with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".extract-") as tmp:
         written = write_lora(Path(tmp) / LORA_WEIGHT_NAME, layers, configs, header=header)
         tensors, kohya_header = to_kohya(load_lora_file(written))
-    save_safetensors(tensors, out_file, metadata={**kohya_header, **header})
+    save_safetensors(tensors, out_file, metadata={**kohya_header, **header}, precision=precision)
     return result
 
 

@@ -67,12 +67,66 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` made atomic."""
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None,
+                     precision: str | None = None) -> None:
+    """``safetensors.torch.save_file`` made atomic; ``precision`` (fp32, fp16, bf16): the floating-point tensors
+    saved in that precision (see ``in_precision``), else as they are."""
     from safetensors.torch import save_file
 
+    if precision is not None:
+        tensors = in_precision(tensors, precision, path)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+# a weight file's precision by its usual names (kohya's --save_precision says "float" for fp32)
+PRECISIONS = ("fp32", "fp16", "bf16", "float")
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def in_precision(tensors: dict, precision: str, name: str | Path) -> dict:
+    """The floating-point tensors of ``tensors`` cast to ``precision`` (fp32, fp16, bf16), to be saved as ``name``.
+
+    fp16 ends at ±65504: where a finite value lies beyond, casting would write infinities, so all the tensors stay
+    as they are, with a warning. Values below a half float's smallest (6e-8) are written as 0 (kohya's issue #93):
+    a warning counts them."""
+    import warnings
+
+    import torch
+
+    dtype = torch_dtype(precision)
+    floats = {k: v for k, v in tensors.items() if v.is_floating_point() and v.dtype != dtype}
+    cast = {k: v.to(dtype) for k, v in floats.items()}
+    overflow = [k for k in floats if bool((torch.isinf(cast[k]) & torch.isfinite(floats[k])).any())]
+    if overflow:
+        top = max(float(floats[k].abs().nan_to_num(0, 0, 0).max()) for k in overflow)
+        kept = sorted({str(v.dtype).removeprefix("torch.") for v in floats.values()})
+        warnings.warn(f"{name}: values up to {top:.3g} ({overflow[0]}) lie beyond {precision}'s range (±"
+                      f"{torch.finfo(dtype).max:g}): saved in {'/'.join(kept)} instead (bf16 keeps fp32's range)")
+        return dict(tensors)
+    lost = sum(int(((cast[k] == 0) & (floats[k] != 0)).sum()) for k in floats)
+    if lost:
+        total = sum(int((v != 0).sum()) for v in floats.values())
+        warnings.warn(f"{name}: {lost} of {total} non-zero values are below {precision}'s smallest "
+                      f"({torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps:.1e}) and are saved as 0 "
+                      f"(bf16 or fp32 keeps them)")
+    return {**tensors, **cast}
+
+
+def recast_safetensors(path: str | Path, precision: str) -> Path:
+    """Rewrite a .safetensors file (header kept) with its floating-point tensors in ``precision``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_safetensors(tensors, path, metadata=header, precision=precision)
+    return Path(path)
 
 
 def publish_dir(tmp_dir: Path, final_dir: Path) -> None:

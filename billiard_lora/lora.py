@@ -364,6 +364,75 @@ def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if p.requires_grad]
 
 
+class MaxNorm:
+    """kohya's --scale_weight_norms (max-norm regularization, Srivastava et al. 2014, "Dropout", section 5.1):
+    after each optimizer step, every adapted layer whose weight change ΔW -- a LoRA's scale·B·A, a LoHa's or LoKr's
+    product -- has a Frobenius norm above ``limit`` is scaled back to it. ``step()`` returns, as kohya logs them,
+    the number of layers scaled ("keys scaled") and the mean and largest norm after scaling.
+
+    ΔW is multilinear in a layer's adapter tensors, each of which appears once (LoRA: A, B; LoHa: its four or six;
+    LoKr: two to five), so multiplying each of the d tensors by ratio^(1/d) multiplies ΔW by ratio (kohya scales a
+    LoRA's up and down by sqrt(ratio)). A LoRA's norm comes from the rank x rank products BᵀB and AAᵀ
+    (||BA||² = Σ (BᵀB) ⊙ (AAᵀ)), never from the full out x in matrix; LoHa/LoKr layers build their ΔW (peft's
+    ``get_delta_weight``). One read of the GPU per step, where the loss is read anyway."""
+
+    TOLERANCE = 1e-5  # a norm within float32's rounding of the limit counts as at it
+
+    def __init__(self, models, limit: float):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.limit = float(limit)
+        self.layers: list[tuple[torch.nn.Module, list[torch.nn.Parameter], bool]] = []  # (layer, tensors, is LoRA)
+        for model in models:
+            for module in _unwrap(model).modules():
+                if not isinstance(module, BaseTunerLayer) or "default" not in getattr(module, "active_adapters", ()):
+                    continue
+                tensors = []
+                for name in type(module).adapter_layer_names:
+                    container = getattr(module, name, None)  # a ModuleDict or ParameterDict, by adapter name
+                    if container is None or "default" not in container:
+                        continue
+                    held = container["default"]
+                    if name == "lora_magnitude_vector":
+                        raise UserError("--scale_weight_norms does not apply to DoRA (--use_dora): drop one of the two")
+                    found = list(held.parameters()) if isinstance(held, torch.nn.Module) else [held]
+                    tensors += [t for t in found if t.requires_grad]
+                if tensors:
+                    self.layers.append((module, tensors, hasattr(module, "lora_A")))
+
+    @torch.no_grad()
+    def norms(self) -> torch.Tensor:
+        """Each layer's ||ΔW||_F, stacked (on the adapters' device)."""
+        out = []
+        for layer, tensors, is_lora in self.layers:
+            if is_lora:
+                a = layer.lora_A["default"].weight.float().flatten(1)  # (r, in) or (r, in·k·k)
+                b = layer.lora_B["default"].weight.float().flatten(1)  # (out, r)
+                squared = ((b.T @ b) * (a @ a.T)).sum().clamp(min=0)
+                out.append(squared.sqrt() * abs(float(layer.scaling["default"])))
+            else:
+                out.append(layer.get_delta_weight("default").float().norm())
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def step(self) -> tuple[int, float, float]:
+        """Scale the layers above the limit back to it; (layers scaled, mean norm, largest norm), after scaling."""
+        if not self.layers:
+            return 0, 0.0, 0.0
+        norms = self.norms()
+        # (a layer scaled back to the limit is not scaled again by rounding next step)
+        ratio = torch.where(norms > self.limit * (1 + self.TOLERANCE), self.limit / norms, 1.0)
+        after = norms * ratio
+        *ratios, mean, largest = torch.cat([ratio, after.mean()[None], after.max()[None]]).tolist()
+        scaled = 0
+        for (layer, tensors, _), r in zip(self.layers, ratios):
+            if r < 1.0:
+                scaled += 1
+                for t in tensors:
+                    t.mul_(r ** (1.0 / len(tensors)))
+        return scaled, mean, largest
+
+
 def peft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights with peft's key names (``...to_q.lora_A.weight``)."""
     from peft.utils import get_peft_model_state_dict
@@ -378,8 +447,10 @@ def _unwrap(model):
 
 def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encoder_two=None,
               metadata: dict[str, Any] | None = None, kohya: bool = False,
-              weight_name: str = LORA_WEIGHT_NAME, pissa_initial: dict[str, dict] | None = None) -> Path:
-    """Write the LoRA in diffusers format (what ``pipe.load_lora_weights(dir)`` reads), optionally kohya too.
+              weight_name: str = LORA_WEIGHT_NAME, pissa_initial: dict[str, dict] | None = None,
+              precision: str | None = None) -> Path:
+    """Write the LoRA in diffusers format (what ``pipe.load_lora_weights(dir)`` reads), optionally kohya too;
+    ``precision`` (--save_precision: fp32, fp16, bf16): the weights' precision in the files, else the adapters' own.
 
     Keys and the peft adapter metadata come from diffusers' own ``save_lora_weights``; we add the training config
     to the safetensors header and write each file atomically. ``pissa_initial`` (component -> adapter state right
@@ -395,28 +466,29 @@ def save_lora(output_dir: str | Path, *, unet, text_encoder_one=None, text_encod
         from .lora_tools import save_pissa_lora
 
         save_pissa_lora(output_dir, pissa_initial, metadata=metadata, weight_name=weight_name, unet=unet,
-                        text_encoder=text_encoder_one, text_encoder_2=text_encoder_two)
+                        text_encoder=text_encoder_one, text_encoder_2=text_encoder_two, precision=precision)
     elif adapter_type(unet) != "lora":  # LoHa/LoKr: LyCORIS' own format (diffusers' has none for them)
 
         factor = int((metadata or {}).get("lokr_factor", -1))
         save_lycoris(output_dir / weight_name, {"unet": unet, "text_encoder": text_encoder_one,
-                                                "text_encoder_2": text_encoder_two}, metadata=extra, factor=factor)
+                                                "text_encoder_2": text_encoder_two}, metadata=extra, factor=factor,
+                     precision=precision)
         if kohya:  # that file already is kohya's format; a LoRA's kohya file an earlier run left here is not this
             (output_dir / KOHYA_WEIGHT_NAME).unlink(missing_ok=True)
         return output_dir / weight_name
     else:
-        _save_diffusers(output_dir, weight_name, unet, text_encoder_one, text_encoder_two, extra)
+        _save_diffusers(output_dir, weight_name, unet, text_encoder_one, text_encoder_two, extra, precision)
     if kohya:
         # per component, with the webui key names (ComfyUI, A1111) and each layer's true alpha
         from .lora_tools import load_lora_file, to_kohya
 
         kohya_sd, header = to_kohya(load_lora_file(output_dir / weight_name))
-        save_safetensors(kohya_sd, output_dir / KOHYA_WEIGHT_NAME, metadata={**header, **extra})
+        save_safetensors(kohya_sd, output_dir / KOHYA_WEIGHT_NAME, metadata={**header, **extra}, precision=precision)
     return output_dir / weight_name
 
 
 def _save_diffusers(output_dir: Path, weight_name: str, unet, text_encoder_one, text_encoder_two,
-                    extra: dict[str, str]) -> None:
+                    extra: dict[str, str], precision: str | None = None) -> None:
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
 
@@ -436,7 +508,7 @@ def _save_diffusers(output_dir: Path, weight_name: str, unet, text_encoder_one, 
         with safe_open(Path(tmp) / weight_name, framework="pt") as f:
             header = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_safetensors(tensors, output_dir / weight_name, metadata={**header, **extra})
+    save_safetensors(tensors, output_dir / weight_name, metadata={**header, **extra}, precision=precision)
 
 
 def diffusers_names(state: dict[str, Any]) -> dict[str, Any]:

@@ -909,11 +909,13 @@ def lora_config_dict(ranks: Mapping[str, int], alphas: Mapping[str, float], *, b
 
 
 def write_lora(out_file: str | Path, layers: Mapping[str, Mapping[str, torch.Tensor]],
-               configs: Mapping[str, Mapping[str, Any]], *, header: Mapping[str, str] | None = None) -> Path:
+               configs: Mapping[str, Mapping[str, Any]], *, header: Mapping[str, str] | None = None,
+               precision: str | None = None) -> Path:
     """Write a diffusers-format LoRA through diffusers' ``save_lora_weights``.
 
     ``layers``: component -> peft state dict (``module.lora_A.weight`` / ``lora_B``), ``configs``: component ->
-    LoraConfig dict; ``header`` entries are added to the safetensors header (e.g. the training config).
+    LoraConfig dict; ``header`` entries are added to the safetensors header (e.g. the training config);
+    ``precision``: fp32, fp16 or bf16 (default: the tensors' own).
     """
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
@@ -933,7 +935,7 @@ def write_lora(out_file: str | Path, layers: Mapping[str, Mapping[str, torch.Ten
         with safe_open(str(Path(tmp) / out_file.name), framework="pt") as f:
             written = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_safetensors(tensors, out_file, metadata={**(header or {}), **written})
+    save_safetensors(tensors, out_file, metadata={**(header or {}), **written}, precision=precision)
     return out_file
 
 
@@ -1481,8 +1483,9 @@ def mutated_init_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def save_pissa_lora(output_dir: str | Path, initial: Mapping[str, Mapping[str, torch.Tensor]], *,
                     metadata: Mapping[str, Any] | None = None, weight_name: str = LORA_WEIGHT_NAME,
-                    **models: Any) -> Path:
-    """Save PiSSA/OLoRA-trained adapters as an ordinary diffusers LoRA for the unmodified base model.
+                    precision: str | None = None, **models: Any) -> Path:
+    """Save PiSSA/OLoRA-trained adapters as an ordinary diffusers LoRA for the unmodified base model (its weights in
+    ``precision`` where given).
 
     ``initial``: component -> peft state dict taken right after ``add_lora`` (before the first optimiser step);
     ``models``: ``unet=``, ``text_encoder=``, ``text_encoder_2=`` with their trained adapters.
@@ -1499,10 +1502,28 @@ def save_pissa_lora(output_dir: str | Path, initial: Mapping[str, Mapping[str, t
         layers[comp] = pissa_to_lora(initial[comp], peft_state_dict(model))
         configs[comp] = mutated_init_config(model.peft_config["default"].to_dict())
     header = {METADATA_KEY: json.dumps(dict(metadata), default=str)} if metadata else {}
-    return write_lora(Path(output_dir) / weight_name, layers, configs, header=header)
+    return write_lora(Path(output_dir) / weight_name, layers, configs, header=header, precision=precision)
 
 
 # ============================================================================ command line
+def add_precision(parser, default: str) -> None:
+    """--save_precision (kohya's name): the written file's precision."""
+    from .io import PRECISIONS
+
+    parser.add_argument("--save_precision", choices=PRECISIONS, default=None,
+                        help=f"precision of the written weights: fp32 (or float), fp16 or bf16, which halve the file "
+                             f"(default: {default})")
+
+
+def recast(out: Path, precision: str | None) -> Path:
+    """The written file ``out`` in ``precision`` (None: as written)."""
+    if precision is not None:
+        from .io import recast_safetensors
+
+        recast_safetensors(out, precision)
+    return out
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m billiard_lora.lora", description=__doc__.splitlines()[0])
@@ -1515,6 +1536,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("file", metavar="FILE", help=lora_file)
     sp.add_argument("--to", required=True, choices=["kohya", "diffusers"])
     sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
+    add_precision(sp, "the input's")
     sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     sp = sub.add_parser("resize", help="SVD to a lower rank (or the rank that keeps a fraction of the energy); a "
                                        "LyCORIS LoHa/LoKr becomes a LoRA (kohya format) that diffusers loads too")
@@ -1525,6 +1547,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="per layer, keep the fewest singular values holding this share of ||ΔW||² (e.g. 0.9)")
     sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
     sp.add_argument("--quiet", action="store_true", help="only the summary line, not one line per layer")
+    add_precision(sp, "the input's")
     sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     sp = sub.add_parser("combine", help="several LoRAs (with weights) as one file, exactly, or SVD-resized")
     sp.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]", help=lora_file + "; WEIGHT (default 1) multiplies it")
@@ -1532,6 +1555,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--rank", type=int, help="SVD-resize each combined layer to this rank (default: the sum)")
     group.add_argument("--energy", type=float, help="or keep the fewest directions holding this share of ||ΔW||²")
     sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
+    add_precision(sp, "fp32")
     sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     sp = sub.add_parser("merge", help="fuse into the base model and save a standalone pipeline (safetensors)")
     sp.add_argument("file", metavar="FILE[@BLOCKS][:SCALE]",
@@ -1576,6 +1600,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--device", default=None, help="where the SVDs run (cuda is much faster; default cpu)")
     sp.add_argument("--out", required=True, metavar="PATH", help="a .safetensors file, or a folder to write into")
     sp.add_argument("--quiet", action="store_true", help="only the summary, not one line per layer")
+    add_precision(sp, "fp32")
     sp.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     args = p.parse_args(argv)
 
@@ -1586,13 +1611,14 @@ def main(argv: list[str] | None = None) -> int:
         report = inspect_lora(args.file)
         print(json.dumps(report, indent=2, default=str) if args.json else format_inspect(report))
     elif args.command == "convert":
-        out = convert_lora(args.file, args.to, args.out, overwrite=args.overwrite)
+        out = recast(convert_lora(args.file, args.to, args.out, overwrite=args.overwrite), args.save_precision)
         print(f"wrote {out}")
         converted = load_lora_file(out)
         if args.to == "kohya" and detect_base_model(converted)[0] == "SDXL":
             print(f"{kohya_key_report(converted.tensors).summary()} (checked against the SDXL base 1.0 layout)")
     elif args.command == "resize":
         out, infos = resize_lora(args.file, args.out, rank=args.rank, energy=args.energy, overwrite=args.overwrite)
+        recast(out, args.save_precision)
         print(format_resize(infos, out, per_layer=not args.quiet))
     elif args.command == "combine":
         from .generate import parse_lora_arg
@@ -1603,6 +1629,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"part is for generate")
         out, n, top = combine_loras([(s.path, s.scale) for s in specs], args.out, rank=args.rank,
                                     energy=args.energy, overwrite=args.overwrite)
+        recast(out, args.save_precision)
         print(f"wrote {out}: {len(specs)} LoRAs at weights {', '.join(f'{s.scale:g}' for s in specs)} as one, "
               f"{n} layers, rank up to {top}" + ("" if args.rank or args.energy else " (exact)"))
     elif args.command == "merge":
@@ -1618,7 +1645,8 @@ def main(argv: list[str] | None = None) -> int:
                               conv_rank=args.conv_rank, lora_layers=args.lora_layers, min_diff=args.min_diff,
                               clamp_quantile=args.clamp_quantile, to=args.format, device=args.device,
                               torch_dtype={"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.load_dtype],
-                              single_file_config=args.single_file_config, overwrite=args.overwrite)
+                              single_file_config=args.single_file_config, overwrite=args.overwrite,
+                              precision=args.save_precision)
         print(format_extraction(result, per_layer=not args.quiet))
     return 0
 

@@ -154,12 +154,14 @@ def kohya_header(summary: Mapping[str, Any], *, factor: int = -1) -> dict[str, s
 
 
 def save_lycoris(path: str | Path, models: Mapping[str, torch.nn.Module], *, metadata: Mapping[str, str] | None = None,
-                 factor: int = -1) -> Path:
-    """Write the LoHa/LoKr of ``models`` as one LyCORIS file (atomically), with kohya's ``ss_`` header."""
+                 factor: int = -1, precision: str | None = None) -> Path:
+    """Write the LoHa/LoKr of ``models`` as one LyCORIS file (atomically), with kohya's ``ss_`` header; its weights
+    in ``precision`` (fp32, fp16, bf16) where given."""
     from .io import save_safetensors
 
     tensors, summary = lycoris_state_dict(models)
-    save_safetensors(tensors, path, metadata={**kohya_header(summary, factor=factor), **(metadata or {})})
+    save_safetensors(tensors, path, metadata={**kohya_header(summary, factor=factor), **(metadata or {})},
+                     precision=precision)
     return Path(path)
 
 

@@ -165,7 +165,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
 
     class_images = ensure_class_images(config, c, accelerator, weight_dtype) if config.with_prior_preservation else []
 
-    from .lora import add_lora, peft_state_dict, run_adapters_fused, set_input_casting, unmatched_targets
+    from .lora import MaxNorm, add_lora, peft_state_dict, run_adapters_fused, set_input_casting, unmatched_targets
     from .models import run_norms_in_half
     from .lora_tools import is_mutating_init, validate_init_lora_weights
 
@@ -236,6 +236,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         fused_ops = run_adapters_fused(trainable, half_copies=weight_dtype != torch.float32
                                        and config.torch_compile == "none")
         undo.append(fused_ops)
+    # --scale_weight_norms: each layer's weight change capped after every optimizer step (kohya's max-norm)
+    max_norm = MaxNorm(trainable, config.scale_weight_norms) if config.scale_weight_norms is not None else None
     # PiSSA/OLoRA moved part of each base weight into the adapter: what we save is the change training makes
     # relative to this starting point, a LoRA that fits the unmodified base model.
     pissa_initial = None
@@ -595,6 +597,8 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                         raise TrainingDiverged(global_step, out, config)
                     accelerator.clip_grad_norm_(adapters, config.max_grad_norm)
                 optimizer.step()
+                if max_norm is not None and accelerator.sync_gradients:
+                    norm_stats = dict(zip(NORM_COLUMNS, max_norm.step()))
                 if fused_ops is not None and accelerator.sync_gradients:
                     fused_ops.refresh()  # the adapters' half-precision copies (a replayed graph reads them)
                 lr_scheduler.step()
@@ -608,12 +612,13 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             global_step += 1
             timer.step(bsz * accum_n * accelerator.num_processes)
             row = {"step": global_step, "epoch": epoch, "loss": float(accum_loss) / accum_n,
-                   "lr": lr_scheduler.get_last_lr()[0]}
+                   "lr": lr_scheduler.get_last_lr()[0], **(norm_stats if max_norm is not None else {})}
             accum_loss, accum_n = 0.0, 0
             history.append(row)
             progress.update(1)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-            accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=global_step)
+            progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", **(
+                {"keys scaled": row["keys_scaled"], "avg key norm": f"{row['mean_key_norm']:.3g}"} if max_norm else {}))
+            accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=global_step)
             if callback and accelerator.is_main_process:
                 callback({"event": "step", **row})
             if global_step == ti_stop and global_step < max_train_steps:
@@ -1814,7 +1819,8 @@ def _save_checkpoint(accelerator, out: Path, step: int, config: TrainConfig, une
         # a ready-to-use LoRA file in each checkpoint, so generation can compare how training evolved
         with averaged():
             save_lora(tmp, unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
-                      metadata={**config.to_dict(), "global_step": step}, pissa_initial=pissa_initial)
+                      metadata={**config.to_dict(), "global_step": step}, pissa_initial=pissa_initial,
+                      precision=config.save_precision)
             if pivotal is not None:
                 from .pivotal import embeddings_file
 
@@ -2037,9 +2043,14 @@ def on_device(modules: Sequence[torch.nn.Module], device) -> Iterator[None]:
             m.to(d)
 
 
+# --scale_weight_norms' numbers per step, as kohya logs them (after the step's scaling)
+NORM_COLUMNS = ("keys_scaled", "mean_key_norm", "max_key_norm")
+
+
 def _write_history(folder: Path, history: list[dict]) -> None:
     buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "lr"])
+    w = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "lr"] + [
+        c for c in NORM_COLUMNS if any(c in row for row in history)], restval="")
     w.writeheader()
     w.writerows(history)
     atomic_write_text(folder / "loss_history.csv", buf.getvalue())
@@ -2053,7 +2064,8 @@ def load_history(out: Path) -> list[dict]:
     if not p.exists():
         return []
     with open(p) as fh:
-        return [{"step": int(r["step"]), "epoch": int(r["epoch"]), "loss": float(r["loss"]), "lr": float(r["lr"])}
+        return [{"step": int(r["step"]), "epoch": int(r["epoch"]), "loss": float(r["loss"]), "lr": float(r["lr"]),
+                 **{c: (int if c == "keys_scaled" else float)(r[c]) for c in NORM_COLUMNS if r.get(c)}}
                 for r in csv.DictReader(fh)]
 
 
@@ -2083,7 +2095,7 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
     # beside the new LoRA: written again, so both files always hold the same LoRA
     kohya = config.output_kohya_format or (out / KOHYA_WEIGHT_NAME).is_file()
     lora = dict(unet=accelerator.unwrap_model(unet), text_encoder_one=te[0], text_encoder_two=te[1],
-                pissa_initial=pissa_initial)
+                pissa_initial=pissa_initial, precision=config.save_precision)
     with writing(out):
         if ema is not None:
             save_lora(out / NO_EMA_DIR, metadata={**config.to_dict(), "ema": "no: the last weights"}, **lora)
@@ -2106,7 +2118,7 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
 SHOWN_IF_SET = ("lora_type", "lokr_factor", "conv_rank", "conv_alpha", "lora_unet_blocks", "use_blora",
                 "loraplus_lr_ratio", "masked_loss", "timestep_bias_strategy", "timestep_bias_multiplier",
                 "multires_noise_iterations", "input_perturbation", "noise_offset", "min_timestep", "max_timestep",
-                "debiased_estimation_loss", "shuffle_caption", "keep_tokens")
+                "debiased_estimation_loss", "shuffle_caption", "keep_tokens", "save_precision", "scale_weight_norms")
 
 
 def write_model_card(out: Path, config: TrainConfig) -> None:

@@ -125,8 +125,12 @@ def test_a_model_of_another_layout_is_refused(tuned, tiny_model_dir, tmp_path):
 def test_cli_prints_each_layer_and_the_summary(tuned, tmp_path, capsys):
     folder, _, merged, _ = tuned
     assert main(["extract", "--base", str(folder), "--tuned", str(merged), "--rank", "2", "--clamp_quantile", "0.99",
-                 "--out", str(tmp_path)]) == 0
+                 "--out", str(tmp_path), "--save_precision", "fp16"]) == 0
     out = capsys.readouterr().out
     assert "rank" in out and "-> 2" in out and "wrote" in out and "pytorch_lora_weights_kohya.safetensors" in out
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(str(tmp_path / "pytorch_lora_weights_kohya.safetensors")).values()} == \
+        {torch.float16}  # (--save_precision: half the file)
     assert main(["extract", "--base", str(folder), "--tuned", str(merged), "--rank", "2", "--out", str(tmp_path)]) == 2
     assert "exists" in capsys.readouterr().err

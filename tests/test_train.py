@@ -817,12 +817,13 @@ def test_seed_command_runs_unchanged_on_the_tiny_model(tiny_model_dir, shared_bi
         assert any("fp16" in f for f in saved["fallbacks"]), "the fp16 fallback must be recorded"
 
 
-@pytest.mark.parametrize("extra", [[], ["--fp8_base", "--use_8bit_adam"],
+@pytest.mark.parametrize("extra", [[], ["--fp8_base", "--use_8bit_adam", "--save_precision=bf16"],
                                    ["--use_ema", "--train_text_encoder_ti", "--instance_prompt=TOK billiard"],
                                    ["--optimizer=AdamW_ScheduleFree", "--loraplus_lr_ratio=8", "--masked_loss",
                                     "--shuffle_caption", "--multires_noise_iterations=4", "--input_perturbation=0.1",
                                     "--timestep_bias_strategy=later", "--instance_prompt=sks billiard, green felt"],
-                                   ["--lora_type=lokr", "--lokr_factor=4", "--lora_layers=attn,conv", "--conv_rank=2"]])
+                                   ["--lora_type=lokr", "--lokr_factor=4", "--lora_layers=attn,conv", "--conv_rank=2",
+                                    "--scale_weight_norms=0.01", "--learning_rate=1e-2"]])
 def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra):
     from diffusers import StableDiffusionXLPipeline
 
@@ -851,6 +852,11 @@ def test_accelerate_launch_two_processes_on_cpu(tiny_model_dir, tmp_path, extra)
     assert (out / "checkpoint-2" / "custom_checkpoint_0.pkl").is_file() == ema
     # the token embeddings live outside DDP's modules: their gradients are averaged by hand (a collective of both)
     assert (out / "ddp_emb.safetensors").is_file() == ("--train_text_encoder_ti" in extra)
+    if "--scale_weight_norms=0.01" in extra:  # each process scales its copy of the adapters alike
+        rows = [r.split(",") for r in (out / "loss_history.csv").read_text().splitlines()[1:]]
+        assert any(int(r[4]) > 0 for r in rows) and all(float(r[6]) <= 0.01 * (1 + 1e-5) for r in rows)
+    if "--save_precision=bf16" in extra:
+        assert {v.dtype for v in lora_tensors(out).values()} == {torch.bfloat16}
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
     load_lora(pipe, LoraSpec(str(out)))  # diffusers' load_lora_weights, or ours for the LoKr
     assert np.isfinite(sample(pipe)).all()
