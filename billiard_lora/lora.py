@@ -373,8 +373,10 @@ class MaxNorm:
     ΔW is multilinear in a layer's adapter tensors, each of which appears once (LoRA: A, B; LoHa: its four or six;
     LoKr: two to five), so multiplying each of the d tensors by ratio^(1/d) multiplies ΔW by ratio (kohya scales a
     LoRA's up and down by sqrt(ratio)). A LoRA's norm comes from the rank x rank products BᵀB and AAᵀ
-    (||BA||² = Σ (BᵀB) ⊙ (AAᵀ)), never from the full out x in matrix; LoHa/LoKr layers build their ΔW (peft's
-    ``get_delta_weight``). One read of the GPU per step, where the loss is read anyway."""
+    (||BA||² = Σ (BᵀB) ⊙ (AAᵀ)), batched over the layers of one shape, never from the full out x in matrix;
+    LoHa/LoKr layers build their ΔW (peft's ``get_delta_weight``). One read of the GPU per step, where the loss is
+    read anyway. On SDXL's rank-4 attention LoRA (CPU, 2 threads) that is 7.4 ms per step against 974 ms for kohya's
+    per-layer full products, and closer to the float64 norm (1.5e-7 against 6.6e-5; benchmarks/bench_max_norm.py)."""
 
     TOLERANCE = 1e-5  # a norm within float32's rounding of the limit counts as at it
 
@@ -400,19 +402,41 @@ class MaxNorm:
                 if tensors:
                     self.layers.append((module, tensors, hasattr(module, "lora_A")))
 
+        # LoRA layers of the same shapes, in stacks of at most STACK_BYTES: one batched product per stack instead of
+        # a few kernels per layer (SDXL's rank-4 attention LoRA: 560 layers in 4 stacks)
+        groups: dict[tuple, list[int]] = {}
+        for i, (layer, _, is_lora) in enumerate(self.layers):
+            if is_lora:
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                groups.setdefault((a.shape, b.shape, a.device, a.dtype), []).append(i)
+        self.stacks: list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]] = []
+        for (a_shape, b_shape, device, dtype), members in groups.items():
+            per_layer = (a_shape.numel() + b_shape.numel()) * dtype.itemsize
+            size = max(1, self.STACK_BYTES // per_layer)
+            for start in range(0, len(members), size):
+                part = members[start:start + size]
+                layers = [self.layers[i][0] for i in part]
+                self.stacks.append(([m.lora_A["default"].weight for m in layers],
+                                    [m.lora_B["default"].weight for m in layers],
+                                    torch.tensor(part, device=device),
+                                    torch.tensor([abs(float(m.scaling["default"])) for m in layers], device=device)))
+        self.others = [i for i, (_, _, is_lora) in enumerate(self.layers) if not is_lora]
+
+    STACK_BYTES = 64 * 2**20
+
     @torch.no_grad()
     def norms(self) -> torch.Tensor:
         """Each layer's ||ΔW||_F, stacked (on the adapters' device)."""
-        out = []
-        for layer, tensors, is_lora in self.layers:
-            if is_lora:
-                a = layer.lora_A["default"].weight.float().flatten(1)  # (r, in) or (r, in·k·k)
-                b = layer.lora_B["default"].weight.float().flatten(1)  # (out, r)
-                squared = ((b.T @ b) * (a @ a.T)).sum().clamp(min=0)
-                out.append(squared.sqrt() * abs(float(layer.scaling["default"])))
-            else:
-                out.append(layer.get_delta_weight("default").float().norm())
-        return torch.stack(out)
+        device = self.layers[0][1][0].device
+        out = torch.empty(len(self.layers), device=device)
+        for a_list, b_list, index, scale in self.stacks:
+            a = torch.stack(a_list).float().flatten(2)  # (n, r, in) or (n, r, in·k·k)
+            b = torch.stack(b_list).float().flatten(2)  # (n, out, r)
+            squared = (torch.bmm(b.transpose(1, 2), b) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+            out.index_copy_(0, index.to(device), squared.clamp(min=0).sqrt() * scale.to(device))  # (to ~1e-7)
+        for i in self.others:
+            out[i] = self.layers[i][0].get_delta_weight("default").float().norm()
+        return out
 
     @torch.no_grad()
     def step(self) -> tuple[int, float, float]:

@@ -25,7 +25,7 @@ def _delta_norms(model) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("lora_type", ["lora", "loha", "lokr"])
-def test_layers_above_the_limit_are_scaled_back_to_it_and_the_others_kept(tiny_components, lora_type):
+def test_layers_above_the_limit_are_scaled_back_to_it_and_the_others_kept(tiny_components, lora_type, monkeypatch):
     unet = tiny_components.unet
     add_lora(unet, rank=4, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
              lora_type=lora_type)
@@ -40,6 +40,12 @@ def test_layers_above_the_limit_are_scaled_back_to_it_and_the_others_kept(tiny_c
     assert any(t.ndim == 4 for _, ts, _ in regularizer.layers for t in ts) or lora_type != "lora"  # convolutions
     # the cheap norms (rank x rank products for a LoRA) are the full ΔW's
     torch.testing.assert_close(regularizer.norms(), torch.tensor(list(before.values())), rtol=1e-4, atol=1e-6)
+    if lora_type == "lora":  # layers of one shape are stacked, in stacks of a bounded size: the same norms
+        assert len(regularizer.stacks) < len(regularizer.layers)
+        monkeypatch.setattr(MaxNorm, "STACK_BYTES", 1)
+        one_by_one = MaxNorm([unet], limit=0)
+        assert len(one_by_one.stacks) == len(one_by_one.layers)
+        torch.testing.assert_close(one_by_one.norms(), regularizer.norms())
     limit = sorted(before.values())[len(before) // 2]  # half the layers above
     regularizer.limit = limit
     kept = {n: p.clone() for n, p in unet.named_parameters() if p.requires_grad}
