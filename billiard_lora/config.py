@@ -393,6 +393,10 @@ class TrainConfig:
 
     # ---- outputs, checkpoints, validation, logging
     checkpointing_steps: int = _f(500, "Save a full training-state checkpoint every N optimizer steps.")
+    checkpointing_epochs: Optional[int] = _f(
+        None, "(kohya's --save_every_n_epochs) Also save a checkpoint at the end of every N epochs (each holds that "
+              "epoch's LoRA, which generate --checkpoints and evaluate compare); for small sets, where an epoch is "
+              "a few steps, with a large --checkpointing_steps.")
     checkpoints_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints (oldest removed).")
     resume_from_checkpoint: Optional[str] = _f(None, "A checkpoint folder, or 'latest'.")
     validation_prompt: Optional[str] = _f(None, "Prompt for validation images (also a baseline before training).")
@@ -502,6 +506,9 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name}={getattr(self, name)} must be at least 1")
+        if self.checkpointing_epochs is not None and self.checkpointing_epochs < 1:
+            raise UserError(f"--checkpointing_epochs={self.checkpointing_epochs} must be at least 1 (leave it out to "
+                            f"checkpoint by --checkpointing_steps alone)")
         if self.gradient_checkpointing_interval < 1:
             raise UserError(f"--gradient_checkpointing_interval={self.gradient_checkpointing_interval} must be at "
                             f"least 1 (1: every block recomputed)")

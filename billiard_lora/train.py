@@ -625,7 +625,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
                 freeze_embeddings()
                 say(f"--train_text_encoder_ti_frac={config.train_text_encoder_ti_frac}: the token embeddings stay as "
                     f"they are from step {global_step} on")
-            if global_step % config.checkpointing_steps == 0:
+            if should_checkpoint(config, global_step, steps_per_epoch):
                 save_checkpoint(accelerator, out, global_step, config, unet, text_encoders, history, pissa_initial,
                                 averaged, pivotal)
             if validating and should_validate(config, global_step, steps_per_epoch):
@@ -633,7 +633,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
             if global_step >= max_train_steps:
                 break
             if stop.agreed(accelerator):
-                if global_step % config.checkpointing_steps:  # (else saved just above)
+                if not should_checkpoint(config, global_step, steps_per_epoch):  # (else saved just above)
                     save_checkpoint(accelerator, out, global_step, config, unet, text_encoders, history,
                                     pissa_initial, averaged, pivotal)
                 progress.close()
@@ -1964,6 +1964,12 @@ def check_checkpoint_compatible(checkpoint: Path, config: TrainConfig) -> None:
 
 
 # ============================================================================ validation and outputs
+def should_checkpoint(config: TrainConfig, step: int, steps_per_epoch: int) -> bool:
+    """Every --checkpointing_steps steps, and at the end of every --checkpointing_epochs epochs."""
+    return step % config.checkpointing_steps == 0 or bool(
+        config.checkpointing_epochs and step % (config.checkpointing_epochs * steps_per_epoch) == 0)
+
+
 def should_validate(config: TrainConfig, step: int, steps_per_epoch: int) -> bool:
     if config.validation_steps:
         return step % config.validation_steps == 0

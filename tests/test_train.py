@@ -622,6 +622,24 @@ def test_checkpoints_total_limit_keeps_the_newest(tiny_model_dir, tmp_path):
     assert (out / "checkpoint-4" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_checkpointing_epochs_saves_at_each_epochs_end_beside_the_steps(tiny_model_dir, tmp_path):
+    """5 images, batch 2: 3 steps an epoch; --checkpointing_epochs 2 saves after steps 6 and 12, besides every
+    --checkpointing_steps 4; each checkpoint's history ends at its step, and the run resumes from the last one."""
+    data = make_images(tmp_path / "data", n=5)
+    kw = dict(max_train_steps=13, checkpointing_steps=4, checkpointing_epochs=2)
+    with pytest.raises(Crash):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "out", **kw), callback=crash_at_step(13))
+    out = tmp_path / "out"
+    assert sorted((p.name for p in out.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1])) == \
+        [f"checkpoint-{n}" for n in (4, 6, 8, 12)]
+    rows = (out / "checkpoint-6" / "loss_history.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows][-1] == ["6", "1"]  # step 6 closes epoch 1 (counted from 0)
+    resumed = train(tiny_config(tiny_model_dir, data, out, resume_from_checkpoint="latest", **kw))
+    assert len((resumed / "loss_history.csv").read_text().splitlines()) == 1 + 13
+    with pytest.raises(UserError, match="--checkpointing_epochs=0 must be at least 1"):
+        tiny_config(tiny_model_dir, data, out, checkpointing_epochs=0)
+
+
 def test_prior_preservation_generates_class_images_once(tiny_model_dir, tmp_path):
     data = make_images(tmp_path / "data", n=2)
     class_dir = tmp_path / "class"
