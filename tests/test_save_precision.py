@@ -63,6 +63,15 @@ def test_bf16_lokr_and_the_precision_choice_is_checked(tiny_model_dir, tmp_path)
     out = train(tiny_config(tiny_model_dir, make_images(tmp_path / "data", n=2), tmp_path / "o", lora_type="lokr",
                             max_train_steps=1, save_precision="bf16"))
     assert _dtypes(out / "pytorch_lora_weights.safetensors") == {torch.bfloat16}
+    from diffusers import StableDiffusionXLPipeline
+
+    from billiard_lora.generate import LoraSpec, load_lora
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    base = sample(pipe)
+    load_lora(pipe, LoraSpec(str(out)))  # the LyCORIS loader takes the bf16 factors into the fp32 model
+    changed = sample(pipe)
+    assert np.isfinite(changed).all() and np.abs(changed - base).max() > 1e-5
     with pytest.raises(UserError, match="--save_precision='half' must be one of fp32, fp16, bf16, float"):
         tiny_config(tiny_model_dir, tmp_path, tmp_path / "o2", save_precision="half")
 
