@@ -211,8 +211,8 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
                              fp8_base: bool = False, cuda_graphs: bool = False, cpu_offload: bool = False,
                              vae_tiling: bool | int = False, scheduler: str = "default",
                              files: Sequence[Path] | None = None, refiner: str | None = None,
-                             single_file_config: str | None = None, controlnet: str | None = None,
-                             ip_adapter: str | None = None, ip_image_encoder: str | None = None):
+                             single_file_config: str | None = None,
+                             controlnet: str | Sequence[str] | None = None, ip_adapter: str | None = None, ip_image_encoder: str | None = None):
     """SDXL, a separate VAE unless ``vae`` is None, and LoRAs loaded and weighted; cuda/fp16 if present, else cpu/fp32.
     ``model``: a Hub id, a diffusers folder or a single-file checkpoint (its layout from ``single_file_config``).
     ``scheduler``: the sampler, a key of ``SCHEDULERS`` (default: the model's own). ``files``: the LoRA files
@@ -238,7 +238,7 @@ def load_generation_pipeline(model: str = SDXL_BASE, *, vae: str | None = SDXL_V
     model with its LoRAs denoises the first ``refiner_start`` of the steps, the refiner the rest.
 
     ``controlnet`` (e.g. ``diffusers/controlnet-canny-sdxl-1.0``, or a folder): an SDXL ControlNet, which
-    ``generate(control_image=...)`` then follows.
+    ``generate(control_image=...)`` then follows; several (a list): all of them, each its own control image.
     ``ip_adapter`` (``h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors``, or such a file): an IP-Adapter, whose
     image ``generate(ip_image=...)`` then takes as a second prompt (``attach_ip_adapter``).
     """
@@ -320,24 +320,37 @@ def attach_ip_adapter(pipe, spec: str, *, image_encoder: str | None = None):
     return pipe
 
 
-def attach_controlnet(pipe, controlnet: str, *, torch_dtype: torch.dtype | None = None,
+def attach_controlnet(pipe, controlnet: str | Sequence[str], *, torch_dtype: torch.dtype | None = None,
                       device: str | torch.device | None = None):
     """Load an SDXL ControlNet (a Hub id or folder) for ``pipe``, which ``generate(control_image=...)`` then follows;
-    in the UNet's dtype and on its device unless given. UserError for one made for another model (SD 1.5's)."""
+    in the UNet's dtype and on its device unless given. UserError for one made for another model (SD 1.5's).
+    Several (a list, e.g. a canny and a depth ControlNet): diffusers' ``MultiControlNetModel``, whose residuals add
+    up; ``generate`` then takes one control image for each, in the same order."""
     from .models import load_controlnet
 
     if _is_offloaded(pipe) or getattr(pipe, "billiard_cuda_graphs", False):
         raise UserError("--controlnet does not combine with --cpu_offload or --cuda_graphs yet: drop one (--fp8_base "
                         "and --vae_tiling also save memory)")
-    # the pipeline's compute dtype: the text encoders' (the UNet's may be float8 storage, --fp8_base)
-    net = load_controlnet(controlnet, torch_dtype=torch_dtype or pipe.text_encoder_2.dtype)
-    if net.config.get("addition_embed_type") != "text_time" or \
-            net.config.get("cross_attention_dim") != pipe.unet.config.cross_attention_dim:
-        raise UserError(f"--controlnet {controlnet} is not an SDXL ControlNet (cross-attention width "
-                        f"{net.config.get('cross_attention_dim')}, SDXL's is {pipe.unet.config.cross_attention_dim}): "
-                        f"take one made for SDXL, e.g. diffusers/controlnet-canny-sdxl-1.0")
-    pipe.billiard_controlnet = net.to(device or pipe.unet.device)
-    pipe.billiard_controlnet_name = controlnet
+    names = [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet)
+    nets = []
+    for name in names:
+        # the pipeline's compute dtype: the text encoders' (the UNet's may be float8 storage, --fp8_base)
+        net = load_controlnet(name, torch_dtype=torch_dtype or pipe.text_encoder_2.dtype)
+        if net.config.get("addition_embed_type") != "text_time" or \
+                net.config.get("cross_attention_dim") != pipe.unet.config.cross_attention_dim:
+            raise UserError(f"--controlnet {name} is not an SDXL ControlNet (cross-attention width "
+                            f"{net.config.get('cross_attention_dim')}, SDXL's is "
+                            f"{pipe.unet.config.cross_attention_dim}): take one made for SDXL, e.g. "
+                            f"diffusers/controlnet-canny-sdxl-1.0")
+        nets.append(net.to(device or pipe.unet.device))
+    if len(nets) == 1:
+        pipe.billiard_controlnet = nets[0]
+    else:
+        from diffusers import MultiControlNetModel
+
+        pipe.billiard_controlnet = MultiControlNetModel(nets)
+    pipe.billiard_controlnet_name = ", ".join(map(str, names))
+    pipe.billiard_controlnet_count = len(nets)
     return pipe
 
 
@@ -761,9 +774,9 @@ class GeneratedImage:
     hires_scale: float | None = None  # A1111's hires fix: upscaled by this, then redrawn by image-to-image
     hires_strength: float | None = None  # ... at this strength
     guidance_rescale: float = 0.0  # the guided prediction's spread rescaled toward the conditional one's (0: not)
-    controlnet: str = ""  # the ControlNet that steered the image, "" for none
-    control_image: str = ""  # ... what it followed (its file name, or "in-memory image")
-    controlnet_scale: float | None = None  # ... how strongly (controlnet_conditioning_scale)
+    controlnet: str = ""  # the ControlNet(s) that steered the image (comma-separated), "" for none
+    control_image: str = ""  # ... what each followed (its file name, or "in-memory image")
+    controlnet_scale: float | str | None = None  # ... how strongly (controlnet_conditioning_scale; "a, b" for several)
     canny: bool = False  # ... the control image's Canny edges rather than the image itself
     control_end: float | None = None  # ... for this share of the steps
     ip_adapter: str = ""  # the IP-Adapter that took ip_image as a prompt, "" for none
@@ -795,8 +808,9 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
              init_image: str | Path | Image.Image | None = None, strength: float | None = None,
              mask_image: str | Path | Image.Image | None = None,
              refiner_start: float = DEFAULT_REFINER_START, hires_scale: float | None = None,
-             hires_strength: float = DEFAULT_HIRES_STRENGTH, control_image: str | Path | Image.Image | None = None,
-             controlnet_scale: float = DEFAULT_CONTROLNET_SCALE, canny: bool = False,
+             hires_strength: float = DEFAULT_HIRES_STRENGTH,
+             control_image: str | Path | Image.Image | Sequence[str | Path | Image.Image] | None = None,
+             controlnet_scale: float | Sequence[float] = DEFAULT_CONTROLNET_SCALE, canny: bool = False,
              control_end: float = 1.0, guidance_rescale: float = 0.0,
              ip_image: str | Path | Image.Image | None = None,
              ip_scale: float = DEFAULT_IP_SCALE) -> list[GeneratedImage]:
@@ -860,15 +874,26 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
     start = mask = control = None
     controlnet = getattr(pipe, "billiard_controlnet", None)
     if control_image is not None or controlnet is not None:
-        check_control(controlnet is not None, control_image is not None, controlnet_scale)
-        control = fit_init_image(pipe, control_image, height, width)
-        control = canny_edges(control) if canny else control
-        height, width = control.height, control.width
+        given = [] if control_image is None else list(control_image) if isinstance(control_image, (list, tuple)) \
+            else [control_image]
+        scales = [float(s) for s in (controlnet_scale if isinstance(controlnet_scale, (list, tuple))
+                                     else [controlnet_scale])]
+        for one in scales:
+            check_control(controlnet is not None, bool(given), one)
+        count = getattr(pipe, "billiard_controlnet_count", 1)
+        check_control_counts(count, len(given), len(scales))
+        controls = []
+        for picture in given:  # the first fixes the size the others are fitted to
+            fitted = fit_init_image(pipe, picture, height, width)
+            height, width = fitted.height, fitted.width
+            controls.append(canny_edges(fitted) if canny else fitted)
+        control = controls[0] if count == 1 else controls
+        control_scale = scales[0] if count == 1 else scales * count if len(scales) == 1 else scales
         run = controlnet_pipeline(pipe)
         if not 0.0 < control_end <= 1.0:
             raise UserError(f"--control_end={control_end} must be in (0, 1]: the share of the steps the ControlNet "
                             f"steers (1: all of them)")
-        image_kw = dict(image=control, controlnet_conditioning_scale=float(controlnet_scale), height=height,
+        image_kw = dict(image=control, controlnet_conditioning_scale=control_scale, height=height,
                         width=width, control_guidance_end=float(control_end))
     elif canny:
         raise UserError("--canny turns --control_image into edges for a ControlNet: add --controlnet and "
@@ -972,9 +997,11 @@ def generate(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *, 
                 refiner_start=refiner_start if refiner is not None else None,
                 hires_scale=hires_scale, hires_strength=hires_strength if hires_scale is not None else None,
                 guidance_rescale=guidance_rescale, controlnet=getattr(pipe, "billiard_controlnet_name", "") if control is not None else "",
-                control_image=("in-memory image" if isinstance(control_image, Image.Image) else
-                               Path(control_image).name) if control is not None else "",
-                controlnet_scale=controlnet_scale if control is not None else None, canny=canny,
+                control_image=", ".join("in-memory image" if isinstance(c, Image.Image) else Path(c).name
+                                        for c in given) if control is not None else "",
+                controlnet_scale=(control_scale if isinstance(control_scale, float)
+                                  else ", ".join(f"{s:g}" for s in control_scale))
+                if control is not None else None, canny=canny,
                 control_end=control_end if control is not None else None,
                 ip_adapter=getattr(pipe, "billiard_ip_adapter", "") if ip_kw else "",
                 ip_image=("in-memory image" if isinstance(ip_image, Image.Image) else Path(ip_image).name)
@@ -993,6 +1020,16 @@ def check_ip(loaded: bool, given: bool, scale: float) -> None:
     if not 0.0 <= scale <= 2.0:
         raise UserError(f"--ip_scale={scale} must be in [0, 2]: how strongly the images take after --ip_image "
                         f"(0.6 is diffusers' example for SDXL, 1.0 follows it closely)")
+
+
+def check_control_counts(controlnets: int, images: int, scales: int) -> None:
+    """One control image per ControlNet, and one --controlnet_scale for all of them or one for each."""
+    if images != controlnets:
+        raise UserError(f"--control_image given {images} time(s) for {controlnets} --controlnet: give one for each "
+                        f"ControlNet, in the same order")
+    if scales not in (1, controlnets):
+        raise UserError(f"--controlnet_scale given {scales} times for {controlnets} --controlnet: give one for all of "
+                        f"them, or one for each, in the same order")
 
 
 def check_control(loaded: bool, given: bool, scale: float) -> None:
@@ -1366,11 +1403,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refiner_start", type=float, default=DEFAULT_REFINER_START,
                    help=f"with --refiner: the share of the denoising the base model does (default "
                         f"{DEFAULT_REFINER_START})")
-    p.add_argument("--controlnet", default=None, metavar="MODEL",
+    p.add_argument("--controlnet", action="append", default=None, metavar="MODEL",
                    help="an SDXL ControlNet (hub id or folder, e.g. diffusers/controlnet-canny-sdxl-1.0) that the "
-                        "images follow: their composition from --control_image, the LoRA's subject in it")
-    p.add_argument("--control_image", metavar="FILE",
-                   help="what the --controlnet follows (edges, a pose, depth), fitted to the size as --init_image is")
+                        "images follow: their composition from --control_image, the LoRA's subject in it; repeatable "
+                        "(Multi-ControlNet, e.g. canny and depth: one --control_image each, in the same order)")
+    p.add_argument("--control_image", action="append", default=None, metavar="FILE",
+                   help="what the --controlnet follows (edges, a pose, depth), fitted to the size as --init_image is "
+                        "(the later ones to the first one's size); one per --controlnet")
     p.add_argument("--canny", action="store_true",
                    help="use --control_image's Canny edges (OpenCV, as diffusers' docs): a photo for a canny "
                         "ControlNet")
@@ -1386,8 +1425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control_end", type=float, default=1.0, metavar="SHARE",
                    help="the share of the steps the ControlNet steers, A1111's 'ending control step' (default 1: all; "
                         "0.6 leaves the last steps free to refine details)")
-    p.add_argument("--controlnet_scale", type=float, default=DEFAULT_CONTROLNET_SCALE,
-                   help=f"how strongly the images follow --control_image, 0-2 (default {DEFAULT_CONTROLNET_SCALE})")
+    p.add_argument("--controlnet_scale", type=float, action="append", default=None,
+                   help=f"how strongly the images follow --control_image, 0-2 (default {DEFAULT_CONTROLNET_SCALE}); "
+                        f"with several ControlNets, one for all or one each, in their order")
     p.add_argument("--scheduler", default="default", choices=list(SCHEDULERS),
                    help="the sampler, as A1111 and ComfyUI name them, built from the model's own scheduler settings "
                         "(default: the model's own, Euler for SDXL base)")
@@ -1436,17 +1476,21 @@ def _check_args(args: argparse.Namespace) -> None:
                 load_image(picture)
         default = DEFAULT_INPAINT_STRENGTH if args.mask_image else DEFAULT_STRENGTH
         check_strength(args.strength if args.strength is not None else default, args.steps)
-    if args.controlnet or args.control_image or args.canny or args.controlnet_scale != DEFAULT_CONTROLNET_SCALE \
+    if args.controlnet or args.control_image or args.canny or args.controlnet_scale is not None \
             or args.control_end != 1.0:
         if args.canny and not args.control_image:
             raise UserError("--canny turns --control_image into edges: add --control_image FILE, or drop --canny")
         if not args.controlnet and not args.control_image:
             raise UserError("--controlnet_scale and --control_end set how the images follow a ControlNet: add "
                             "--controlnet and --control_image, or drop them")
-        check_control(bool(args.controlnet), bool(args.control_image), args.controlnet_scale)
+        args.controlnet_scale = args.controlnet_scale or [DEFAULT_CONTROLNET_SCALE]
+        for scale in args.controlnet_scale:
+            check_control(bool(args.controlnet), bool(args.control_image), scale)
+        check_control_counts(len(args.controlnet), len(args.control_image), len(args.controlnet_scale))
         from .data import load_image
 
-        load_image(args.control_image)  # an unreadable one says so now, before the models load
+        for picture in args.control_image:  # an unreadable one says so now, before the models load
+            load_image(picture)
     if args.ip_adapter or args.ip_image or args.ip_scale != DEFAULT_IP_SCALE or args.ip_image_encoder:
         if args.ip_image_encoder and not args.ip_adapter:
             raise UserError("--ip_image_encoder goes with --ip_adapter: add it, or drop --ip_image_encoder")

@@ -136,6 +136,55 @@ def test_canny_makes_edges_of_a_photo_as_diffusers_docs_do(tiny_model_dir, contr
     assert np.abs(_px(with_canny) - _px(generate(pipe, PROMPT, 0, control_image=pictures[0], **KW)[0])).max() > 2
 
 
+def test_several_controlnets_each_follow_their_own_image_as_diffusers_multi_controlnet(tiny_model_dir, controlnet_dir,
+                                                                                      pictures, tmp_path, capsys):
+    """--controlnet twice (Multi-ControlNet, e.g. canny and depth): one control image and scale each, in order; the
+    images diffusers' pipeline makes with the list of ControlNets; a ControlNet at scale 0 adds nothing, so the
+    other one's order is checked; counts that do not match are one line, before any model loads."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from billiard_lora.generate import fit_init_image, main
+    from billiard_lora.tiny import save_tiny_controlnet
+
+    second = save_tiny_controlnet(tmp_path / "second-controlnet", seed=1)
+    pipe = load_generation_pipeline(str(tiny_model_dir), vae=None, device="cpu",
+                                    controlnet=[str(controlnet_dir), str(second)])
+    ours = generate(pipe, PROMPT, 0, control_image=pictures, controlnet_scale=[0.7, 0.4], **KW)[0]
+    reference = StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=pipe.billiard_controlnet)
+    controls = [fit_init_image(pipe, p, 32, 32) for p in pictures]
+    theirs = reference(PROMPT, image=controls, controlnet_conditioning_scale=[0.7, 0.4], num_inference_steps=3,
+                       height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="pil").images[0]
+    assert np.array_equal(_px(ours.image), _px(theirs))
+    meta = ours.metadata()
+    assert (meta["controlnet"], meta["control_image"], meta["controlnet_scale"]) == \
+        (f"{controlnet_dir}, {second}", "table_0.png, table_1.png", "0.7, 0.4")
+    # one scale: for each of them
+    both = generate(pipe, PROMPT, 0, control_image=pictures, controlnet_scale=0.4, **KW)[0]
+    assert np.array_equal(_px(both.image), _px(generate(pipe, PROMPT, 0, control_image=pictures,
+                                                         controlnet_scale=[0.4, 0.4], **KW)[0].image))
+    # the second at 0: the first alone, with its own image
+    alone = generate(_pipe(tiny_model_dir, controlnet_dir), PROMPT, 0, control_image=pictures[0],
+                     controlnet_scale=0.7, **KW)[0]
+    first_only = generate(pipe, PROMPT, 0, control_image=pictures, controlnet_scale=[0.7, 0.0], **KW)[0]
+    np.testing.assert_allclose(_px(first_only.image), _px(alone.image), atol=1)
+    assert not np.array_equal(_px(first_only.image), _px(ours.image))
+    with pytest.raises(UserError, match=r"--control_image given 1 time\(s\) for 2 --controlnet: give one for each"):
+        generate(pipe, PROMPT, 0, control_image=pictures[0], **KW)
+    with pytest.raises(UserError, match="--controlnet_scale given 3 times for 2 --controlnet"):
+        generate(pipe, PROMPT, 0, control_image=pictures, controlnet_scale=[0.5, 0.5, 0.5], **KW)
+    assert main(["--model", str(tiny_model_dir), "--prompt", PROMPT, "--controlnet", str(controlnet_dir),
+                 "--controlnet", str(second), "--control_image", str(pictures[0]), "--out",
+                 str(tmp_path / "g")]) == 2  # (refused before any model loads)
+    assert "--control_image given 1 time(s) for 2 --controlnet" in capsys.readouterr().err
+    assert main(["--model", str(tiny_model_dir), "--vae", "none", "--device", "cpu", "--prompt", PROMPT, "--steps",
+                 "2", "--height", "32", "--width", "32", "--controlnet", str(controlnet_dir), "--controlnet",
+                 str(second), "--control_image", str(pictures[0]), "--control_image", str(pictures[1]),
+                 "--controlnet_scale", "0.6", "--out", str(tmp_path / "cli")]) == 0
+    (png,) = (tmp_path / "cli").glob("*.png")
+    text = Image.open(png).text
+    assert (text["control_image"], text["controlnet_scale"]) == ("table_0.png, table_1.png", "0.6, 0.6")
+
+
 def test_controlnet_settings_no_run_can_use_are_one_line(tiny_model_dir, controlnet_dir, pictures, tmp_path):
     pipe = _pipe(tiny_model_dir, controlnet_dir)
     with pytest.raises(UserError, match="--controlnet needs --control_image FILE"):
