@@ -22,7 +22,9 @@ from typing import Any, Literal, Optional
 
 from .errors import UserError
 
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "cosine_with_min_lr", "warmup_stable_decay")
+MIN_LR_SCHEDULERS = ("cosine_with_min_lr", "warmup_stable_decay")  # (transformers' schedules with a floor)
 OPTIMIZERS = ("adamw", "prodigy", "adamw_schedulefree", "adamwschedulefree",  # (the last: kohya's spelling)
               "adafactor", "lion", "lion8bit")
 SCHEDULE_FREE = ("adamw_schedulefree", "adamwschedulefree")
@@ -288,6 +290,14 @@ class TrainConfig:
     lr_warmup_steps: int = _f(500, "Warm-up steps of the learning-rate scheduler.")
     lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.")
     lr_power: float = _f(1.0, "Power of the polynomial scheduler.")
+    lr_scheduler_min_lr_ratio: Optional[float] = _f(
+        None, "(kohya's) The floor of --lr_scheduler cosine_with_min_lr (default 0.1: the learning rate ends at a "
+              "tenth of --learning_rate instead of 0) and warmup_stable_decay (default 0), a share of the learning "
+              "rate.")
+    lr_decay_steps: Optional[int] = _f(
+        None, "(kohya's) --lr_scheduler warmup_stable_decay (WSD, arXiv 2404.06395): the last steps, in which the "
+              "learning rate decays (cosine) to the floor after warm-up and a constant stretch (default: a fifth of "
+              "the steps).")
     optimizer: str = _f(
         "AdamW", "AdamW, Prodigy, AdamW_ScheduleFree (schedule-free AdamW, arXiv 2405.15682, the schedulefree "
                  "package: no learning-rate schedule, its own warm-up with --lr_scheduler constant_with_warmup "
@@ -464,6 +474,19 @@ class TrainConfig:
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise UserError(f"unknown --lr_scheduler={self.lr_scheduler!r}{_closest(self.lr_scheduler, LR_SCHEDULERS)}; "
                             f"choose one of {', '.join(LR_SCHEDULERS)}")
+        if self.lr_scheduler_min_lr_ratio is not None:
+            if self.lr_scheduler not in MIN_LR_SCHEDULERS:
+                raise UserError(f"--lr_scheduler_min_lr_ratio sets the floor of --lr_scheduler cosine_with_min_lr or "
+                                f"warmup_stable_decay, not {self.lr_scheduler}: choose one of those, or drop it")
+            if not 0.0 <= self.lr_scheduler_min_lr_ratio < 1.0:
+                raise UserError(f"--lr_scheduler_min_lr_ratio={self.lr_scheduler_min_lr_ratio} must be in [0, 1) (a "
+                                f"share of --learning_rate; 0.1 is usual)")
+        if self.lr_decay_steps is not None:
+            if self.lr_scheduler != "warmup_stable_decay":
+                raise UserError(f"--lr_decay_steps sets the decay of --lr_scheduler warmup_stable_decay, not "
+                                f"{self.lr_scheduler}: choose that, or drop it")
+            if self.lr_decay_steps < 1:
+                raise UserError(f"--lr_decay_steps={self.lr_decay_steps} must be at least 1")
         if self.torch_compile_mode not in TORCH_COMPILE_MODES:
             raise UserError(f"unknown --torch_compile_mode={self.torch_compile_mode!r}; "
                             f"choose one of {', '.join(TORCH_COMPILE_MODES)}")

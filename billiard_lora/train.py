@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .caches import LatentCache, LatentStore, PromptCache, TimeIdCache, count_views
 from .conditioning import compute_time_ids, encode_prompt, tokenize
-from .config import TrainConfig, parse_args, same_setting
+from .config import MIN_LR_SCHEDULERS, TrainConfig, parse_args, same_setting
 from .errors import OUT_OF_MEMORY, UserError, cli_entry, out_of_memory_detail
 from .graphs import MicroStepGraph
 from .io import atomic_write_json, atomic_write_text, nearest_existing, publish_dir
@@ -344,15 +344,7 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     optimizer = make_optimizer(config, c.unet, text_encoders, accelerator.num_processes,
                                embeddings=pivotal.params() if pivotal else ())
-    from diffusers.optimization import get_scheduler
-
-    # accelerate steps a prepared scheduler once per process, hence the factor (as in diffusers' script)
-    # (schedule-free AdamW has no schedule: a constant one, its warm-up inside the optimizer)
-    lr_scheduler = get_scheduler("constant" if config.schedule_free else config.lr_scheduler, optimizer,
-                                 num_warmup_steps=0 if config.schedule_free else
-                                 config.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes,
-                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
+    lr_scheduler = make_lr_scheduler(config, optimizer, max_train_steps, accelerator.num_processes)
     if config.fp8_base and accelerator.num_processes > 1:
         # DDP would broadcast every weight from process 0 at start; the float8 ones are frozen and loaded alike by
         # every process, and gloo cannot send float8 at all
@@ -1964,6 +1956,35 @@ def check_checkpoint_compatible(checkpoint: Path, config: TrainConfig) -> None:
 
 
 # ============================================================================ validation and outputs
+def make_lr_scheduler(config: TrainConfig, optimizer, max_train_steps: int, processes: int):
+    """--lr_scheduler: diffusers' schedules, and transformers' cosine_with_min_lr and warmup_stable_decay (with a
+    floor, --lr_scheduler_min_lr_ratio). accelerate steps a prepared scheduler once per process, hence the factor (as
+    in diffusers' script); schedule-free AdamW has no schedule: a constant one, its warm-up inside the optimizer."""
+    name = "constant" if config.schedule_free else config.lr_scheduler
+    warmup = 0 if config.schedule_free else config.lr_warmup_steps
+    if name in MIN_LR_SCHEDULERS:
+        from transformers import get_scheduler as transformers_scheduler
+
+        floor = config.lr_scheduler_min_lr_ratio
+        if name == "cosine_with_min_lr":
+            kwargs = {"min_lr_rate": 0.1 if floor is None else floor}
+        else:
+            decay = config.lr_decay_steps or max(1, max_train_steps // 5)
+            if warmup + decay > max_train_steps:
+                raise UserError(f"--lr_scheduler warmup_stable_decay: --lr_warmup_steps {warmup} and "
+                                f"--lr_decay_steps {decay} are more than the run's {max_train_steps} steps: shorten "
+                                f"them")
+            kwargs = {"num_decay_steps": decay * processes, "min_lr_ratio": floor or 0.0}
+        return transformers_scheduler(name, optimizer, num_warmup_steps=warmup * processes,
+                                      num_training_steps=max_train_steps * processes,
+                                      scheduler_specific_kwargs=kwargs)
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup * processes,
+                         num_training_steps=max_train_steps * processes, num_cycles=config.lr_num_cycles,
+                         power=config.lr_power)
+
+
 def should_checkpoint(config: TrainConfig, step: int, steps_per_epoch: int) -> bool:
     """Every --checkpointing_steps steps, and at the end of every --checkpointing_epochs epochs."""
     return step % config.checkpointing_steps == 0 or bool(

@@ -640,6 +640,41 @@ def test_checkpointing_epochs_saves_at_each_epochs_end_beside_the_steps(tiny_mod
         tiny_config(tiny_model_dir, data, out, checkpointing_epochs=0)
 
 
+def _lrs(out: Path) -> list[float]:
+    return [float(r.split(",")[3]) for r in (out / "loss_history.csv").read_text().splitlines()[1:]]
+
+
+def test_schedules_with_a_floor_cosine_with_min_lr_and_warmup_stable_decay(tiny_model_dir, tmp_path):
+    """transformers' cosine_with_min_lr (kohya's) ends at --lr_scheduler_min_lr_ratio of the learning rate, not 0;
+    warmup_stable_decay warms up, holds the learning rate, then decays over --lr_decay_steps to its floor; it
+    resumes where it was."""
+    data = make_images(tmp_path / "data", n=2)
+    kw = dict(max_train_steps=10, train_batch_size=1, learning_rate=1e-3, lr_warmup_steps=2, checkpointing_steps=5)
+    cosine = _lrs(train(tiny_config(tiny_model_dir, data, tmp_path / "cos", lr_scheduler="cosine_with_min_lr",
+                                    lr_scheduler_min_lr_ratio=0.2, **kw)))
+    plain = _lrs(train(tiny_config(tiny_model_dir, data, tmp_path / "plain", lr_scheduler="cosine", **kw)))
+    assert cosine[:2] == pytest.approx([5e-4, 1e-3]) and plain[:2] == pytest.approx([5e-4, 1e-3])  # the warm-up
+    assert cosine[-1] == pytest.approx(2e-4) and plain[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(cosine[1:], cosine[2:])) and min(cosine) >= 2e-4 * (1 - 1e-6)
+    wsd_kw = dict(kw, lr_scheduler="warmup_stable_decay", lr_decay_steps=3, lr_scheduler_min_lr_ratio=0.1)
+    wsd = train(tiny_config(tiny_model_dir, data, tmp_path / "wsd", **wsd_kw))
+    lrs = _lrs(wsd)
+    assert lrs[1:7] == pytest.approx([1e-3] * 6)  # held from the warm-up's end to the decay
+    assert lrs[7] < 1e-3 and lrs[-1] == pytest.approx(1e-4) and lrs[7] > lrs[8] > lrs[9]
+    with pytest.raises(Crash):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "wsd2", **wsd_kw), callback=crash_at_step(7))
+    resumed = train(tiny_config(tiny_model_dir, data, tmp_path / "wsd2", resume_from_checkpoint="latest", **wsd_kw))
+    assert _lrs(resumed) == lrs
+    with pytest.raises(UserError, match="--lr_warmup_steps 2 and --lr_decay_steps 9 are more than the run's 10"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "long", **dict(wsd_kw, lr_decay_steps=9)))
+    for bad, message in ((dict(lr_scheduler="cosine", lr_scheduler_min_lr_ratio=0.1), "not cosine: choose one of"),
+                         (dict(lr_scheduler="cosine_with_min_lr", lr_scheduler_min_lr_ratio=1.5),
+                          r"must be in \[0, 1\)"),
+                         (dict(lr_scheduler="cosine", lr_decay_steps=3), "--lr_decay_steps sets the decay of")):
+        with pytest.raises(UserError, match=message):
+            tiny_config(tiny_model_dir, data, tmp_path / "x", **bad)
+
+
 def test_prior_preservation_generates_class_images_once(tiny_model_dir, tmp_path):
     data = make_images(tmp_path / "data", n=2)
     class_dir = tmp_path / "class"
