@@ -261,6 +261,9 @@ class TrainConfig:
     huber_c: float = _f(0.1, "(billiard-lora) The pseudo-Huber c of --loss_type huber/smooth_l1 (see "
                              "--huber_schedule), in (0, 1].")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
+    noise_offset_random_strength: bool = _f(
+        False, "(kohya's) Each batch's --noise_offset drawn uniformly between 0 and the value given, from --seed, "
+               "instead of always the value itself.")
     multires_noise_iterations: int = _f(
         0, "(kohya's) Multi-resolution ('pyramid') noise: add this many levels of noise drawn at ever coarser "
            "resolutions (random 2-4x steps), rescaled to unit variance, so that the LoRA also learns large areas' "
@@ -272,6 +275,9 @@ class TrainConfig:
         0.0, "(diffusers' text-to-image scripts, SimpleTuner) Input perturbation (arXiv 2301.11706): the model sees "
              "latents noised with noise + this x fresh noise while learning to predict the noise alone, against "
              "the exposure bias of sampling; 0.1 is usual, 0 turns it off.")
+    input_perturbation_random_strength: bool = _f(
+        False, "(kohya's --ip_noise_gamma_random_strength) Each batch's --input_perturbation drawn uniformly between "
+               "0 and the value given, from --seed.")
     timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = _f(
         "none", "(diffusers' train_text_to_image_sdxl.py) Draw some timesteps more often: later (the noisiest "
                 "--timestep_bias_portion: composition and colour), earlier (the least noisy: fine detail), range "
@@ -487,6 +493,11 @@ class TrainConfig:
                                 f"{self.lr_scheduler}: choose that, or drop it")
             if self.lr_decay_steps < 1:
                 raise UserError(f"--lr_decay_steps={self.lr_decay_steps} must be at least 1")
+        for flag, base in (("noise_offset_random_strength", "noise_offset"),
+                           ("input_perturbation_random_strength", "input_perturbation")):
+            if getattr(self, flag) and not getattr(self, base):
+                raise UserError(f"--{flag} draws each batch's --{base} below the value given: give --{base} (e.g. "
+                                f"0.1), or drop --{flag}")
         if self.torch_compile_mode not in TORCH_COMPILE_MODES:
             raise UserError(f"unknown --torch_compile_mode={self.torch_compile_mode!r}; "
                             f"choose one of {', '.join(TORCH_COMPILE_MODES)}")

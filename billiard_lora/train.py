@@ -503,15 +503,20 @@ def _train(config: TrainConfig, components, callback: Callback | None, undo: lis
         noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
         if config.noise_offset:
             # https://www.crosslabs.org//blog/diffusion-with-offset-noise: learn overall brightness too
-            noise += config.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
-                                                       generator=gen, device=device, dtype=latents.dtype)
+            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=device,
+                                 dtype=latents.dtype)
+            if config.noise_offset_random_strength:  # (a draw only such runs make: other runs' draws unchanged)
+                offset *= torch.rand((), generator=gen, device=device, dtype=latents.dtype)
+            noise += config.noise_offset * offset
         timesteps = draw_timesteps(latents.shape[0], config.min_timestep, max_timestep, bias, gen, device)
         if config.multires_noise_iterations:
             noise = multires_noise(noise, gen, config.multires_noise_iterations, config.multires_noise_discount)
         noised_with = noise
         if config.input_perturbation:
-            noised_with = noise + config.input_perturbation * torch.randn(
-                latents.shape, generator=gen, device=device, dtype=latents.dtype)
+            extra = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
+            if config.input_perturbation_random_strength:
+                extra *= torch.rand((), generator=gen, device=device, dtype=latents.dtype)
+            noised_with = noise + config.input_perturbation * extra
         return latents, noise, timesteps, noised_with
 
     fold = config.gradient_accumulation_steps // config.micro_steps
@@ -2145,7 +2150,8 @@ def save_final(out: Path, config: TrainConfig, unet, text_encoders, history, acc
 SHOWN_IF_SET = ("lora_type", "lokr_factor", "conv_rank", "conv_alpha", "lora_unet_blocks", "use_blora",
                 "loraplus_lr_ratio", "masked_loss", "timestep_bias_strategy", "timestep_bias_multiplier",
                 "multires_noise_iterations", "input_perturbation", "noise_offset", "min_timestep", "max_timestep",
-                "debiased_estimation_loss", "shuffle_caption", "keep_tokens", "save_precision", "scale_weight_norms")
+                "debiased_estimation_loss", "shuffle_caption", "keep_tokens", "save_precision", "scale_weight_norms",
+                "noise_offset_random_strength", "input_perturbation_random_strength")
 
 
 def write_model_card(out: Path, config: TrainConfig) -> None:

@@ -93,7 +93,8 @@ def test_noise_recipes_change_the_lora_and_resume_bit_for_bit(tiny_model_dir, tm
     data = make_images(tmp_path / "data", n=5)
     kw = dict(max_train_steps=6, gradient_accumulation_steps=2, checkpointing_steps=3, random_flip=True,
               noise_offset=0.05, multires_noise_iterations=4, input_perturbation=0.1,
-              timestep_bias_strategy="later", timestep_bias_multiplier=2.0)
+              timestep_bias_strategy="later", timestep_bias_multiplier=2.0, noise_offset_random_strength=True,
+              input_perturbation_random_strength=True)
     full = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "full", **kw)))
     card = (tmp_path / "full" / "README.md").read_text()  # the model card lists the settings a run changed
     assert "| `timestep_bias_strategy` | `later` |" in card and "| `multires_noise_iterations` | `4` |" in card
@@ -103,11 +104,15 @@ def test_noise_recipes_change_the_lora_and_resume_bit_for_bit(tiny_model_dir, tm
     resumed = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / "resumed",
                                              resume_from_checkpoint="latest", **kw)))
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
-    for flag in ("multires_noise_iterations", "input_perturbation", "timestep_bias_strategy"):
+    for flag in ("multires_noise_iterations", "input_perturbation", "timestep_bias_strategy",
+                 "noise_offset_random_strength", "input_perturbation_random_strength"):
         plain = {**kw, flag: {"multires_noise_iterations": 0, "input_perturbation": 0.0,
-                              "timestep_bias_strategy": "none"}[flag]}
+                              "timestep_bias_strategy": "none", "noise_offset_random_strength": False,
+                              "input_perturbation_random_strength": False}[flag]}
         if flag == "timestep_bias_strategy":
             plain.pop("timestep_bias_multiplier")
+        if flag == "input_perturbation":
+            plain.pop("input_perturbation_random_strength")
         other = lora_tensors(train(tiny_config(tiny_model_dir, data, tmp_path / flag, **plain)))
         assert any(not torch.equal(full[k], other[k]) for k in full), f"--{flag} changed nothing"
 
@@ -117,6 +122,9 @@ def test_noise_recipes_change_the_lora_and_resume_bit_for_bit(tiny_model_dir, tm
     (dict(multires_noise_iterations=-1), "--multires_noise_iterations=-1 must be 0 or more"),
     (dict(multires_noise_iterations=6, multires_noise_discount=1.5), "--multires_noise_discount=1.5 must be in (0, 1)"),
     (dict(input_perturbation=-0.1), "--input_perturbation=-0.1 must be 0 or more"),
+    (dict(noise_offset_random_strength=True), "--noise_offset_random_strength draws each batch's --noise_offset"),
+    (dict(input_perturbation_random_strength=True), "--input_perturbation_random_strength draws each batch's "
+                                                    "--input_perturbation below the value given"),
     (dict(timestep_bias_strategy="sooner"), "--timestep_bias_strategy='sooner' must be one of none, earlier"),
     (dict(timestep_bias_multiplier=2.0), "--timestep_bias_multiplier only applies with --timestep_bias_strategy"),
     (dict(timestep_bias_strategy="later", timestep_bias_multiplier=0.0), "--timestep_bias_multiplier=0.0 must be "
